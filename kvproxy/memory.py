@@ -1,0 +1,64 @@
+"""KV-cache byte accounting: pure functions of a model's attention shape and the KV element types.
+
+The element sizes come from ggml's own block table (``gguf.constants.GGML_QUANT_SIZES``): a q4_0
+block stores 32 values in 18 bytes, q8_0 32 values in 34 bytes, f16 one value in 2 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kvproxy.config import KVCacheType
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the KV cache of one model holds per token, per layer (read from GGUF metadata)."""
+
+    n_layers: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    sliding_window: int | None = None
+    # Indices of layers that use sliding-window attention (they keep at most `sliding_window`
+    # tokens); every other layer keeps the whole context.
+    swa_layers: frozenset[int] = frozenset()
+
+
+def ggml_type(cache_type: KVCacheType) -> GGMLQuantizationType:
+    return GGMLQuantizationType[cache_type.name]
+
+
+def row_bytes(cache_type: KVCacheType, n_elements: int) -> int:
+    """Bytes ggml uses for one row of ``n_elements`` values of this type (whole blocks)."""
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type(cache_type)]
+    if n_elements % block_size:
+        raise ValueError(f"{n_elements} values do not fill whole {cache_type} blocks of {block_size}")
+    return n_elements // block_size * type_size
+
+
+def bits_per_value(cache_type: KVCacheType) -> float:
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type(cache_type)]
+    return 8.0 * type_size / block_size
+
+
+def layer_bytes_per_token(shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType) -> int:
+    """K plus V bytes one layer stores for one token."""
+    return shape.n_head_kv * (row_bytes(type_k, shape.head_dim_k) + row_bytes(type_v, shape.head_dim_v))
+
+
+def kv_bytes_per_token(shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType) -> int:
+    """Bytes one more token costs while the context is within every layer's window."""
+    return shape.n_layers * layer_bytes_per_token(shape, type_k, type_v)
+
+
+def kv_cache_bytes(
+    shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_tokens: int
+) -> int:
+    """Bytes the KV cache needs to hold ``n_tokens`` tokens; sliding-window layers cap at the window."""
+    per_layer = layer_bytes_per_token(shape, type_k, type_v)
+    n_swa = len(shape.swa_layers)
+    swa_tokens = min(n_tokens, shape.sliding_window) if shape.sliding_window else n_tokens
+    return per_layer * ((shape.n_layers - n_swa) * n_tokens + n_swa * swa_tokens)

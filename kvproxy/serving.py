@@ -1,0 +1,329 @@
+"""Serving logic between the thin routes and a backend: OpenAI requests in, OpenAI responses out.
+
+Here a validated request becomes prompt tokens and a token budget (checked against the context
+size), the backend's event stream becomes either one response object or a stream of SSE chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from kvproxy import __version__
+from kvproxy.backends.base import (
+    Backend,
+    BackendError,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
+from kvproxy.chat_template import ChatTemplateError
+from kvproxy.errors import OpenAIError, context_length_exceeded, model_loading, model_not_found
+from kvproxy.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from kvproxy.protocol import TokenLogprob as WireTokenLogprob
+from kvproxy.protocol import TopLogprob as WireTopLogprob
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel | dict[str, object], *, exclude: set[str] | None = None) -> bytes:
+    if isinstance(payload, BaseModel):
+        body = payload.model_dump_json(exclude=exclude)
+    else:
+        body = json.dumps(payload)
+    return b"data: " + body.encode() + b"\n\n"
+
+
+def _wire_logprob(lp: TokenLogprob) -> WireTokenLogprob:
+    return WireTokenLogprob(
+        token=lp.token.decode("utf-8", errors="replace"),
+        logprob=lp.logprob,
+        bytes=list(lp.token),
+        top_logprobs=[
+            WireTopLogprob(
+                token=t.token.decode("utf-8", errors="replace"), logprob=t.logprob, bytes=list(t.token)
+            )
+            for t in lp.top
+        ],
+    )
+
+
+def _usage(done: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_k=req.top_k if req.top_k is not None else defaults.top_k,
+        min_p=req.min_p if req.min_p is not None else defaults.min_p,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        repeat_penalty=req.repeat_penalty if req.repeat_penalty is not None else 1.0,
+        seed=req.seed,
+    )
+
+
+@dataclass
+class _Collected:
+    text: str
+    logprobs: list[TokenLogprob]
+    done: Finished
+
+
+async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> _Collected:
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+                logprobs.extend(event.logprobs)
+            else:
+                return _Collected("".join(parts), logprobs, event)
+    raise BackendError("the backend ended without finishing the generation")
+
+
+def _backend_failure(exc: BackendError) -> OpenAIError:
+    return OpenAIError(500, f"The backend failed: {exc}", type="server_error", code="backend_error")
+
+
+class OpenAIServing:
+    """Chat completions, completions and the model list for one backend."""
+
+    def __init__(self, backend: Backend, *, kv_label: str = "") -> None:
+        self.backend = backend
+        self.fingerprint = f"kvproxy-{__version__}" + (f"-{kv_label}" if kv_label else "")
+
+    def _check(self, model: str) -> None:
+        if not self.backend.ready:
+            raise model_loading()
+        if model != self.backend.model_name:
+            raise model_not_found(model)
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.backend.model_name, created=int(time.time()))])
+
+    def _budget(self, prompt: Sequence[int], requested: int | None) -> int:
+        n_ctx = self.backend.n_ctx
+        if len(prompt) >= n_ctx or (requested is not None and len(prompt) + requested > n_ctx):
+            raise context_length_exceeded(n_ctx, len(prompt), requested)
+        return requested if requested is not None else n_ctx - len(prompt)
+
+    # ---- /v1/chat/completions ---------------------------------------------------------------
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+        self._check(req.model)
+        try:
+            prompt_text = self.backend.render_chat([m.template_dict() for m in req.messages])
+        except ChatTemplateError as exc:
+            raise OpenAIError(400, str(exc), param="messages") from exc
+        prompt = self.backend.tokenize(prompt_text, add_bos=True)
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=self._budget(prompt, req.completion_limit),
+            sampling=_sampling(req),
+            stop=req.stop_sequences(),
+            top_logprobs=req.top_logprobs_count,
+        )
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+        gen = self.prepare_chat(req)
+        try:
+            got = await _collect(self.backend.generate(gen))
+        except BackendError as exc:
+            raise _backend_failure(exc) from exc
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=got.text),
+                    logprobs=ChoiceLogprobs(content=[_wire_logprob(lp) for lp in got.logprobs])
+                    if req.logprobs
+                    else None,
+                    finish_reason=got.done.finish_reason,
+                )
+            ],
+            usage=_usage(got.done),
+        )
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        """Validate and start generating, then return the SSE byte stream.
+
+        The first event is awaited here, before any byte is sent, so that a request that fails at
+        once still gets a proper HTTP status instead of a 200 stream carrying an error.
+        """
+        gen = self.prepare_chat(req)
+        events = self.backend.generate(gen)
+        try:
+            first = await anext(events)
+        except BackendError as exc:
+            raise _backend_failure(exc) from exc
+        return self._chat_chunks(req, events, first)
+
+    async def _chat_chunks(
+        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None], first: GenerationEvent
+    ) -> AsyncIterator[bytes]:
+        chunk = ChatCompletionChunk(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+        )
+        no_usage = {"usage"}
+        yield sse(chunk, exclude=no_usage)
+
+        async def all_events() -> AsyncIterator[GenerationEvent]:
+            yield first
+            async for event in events:
+                yield event
+
+        try:
+            async for event in all_events():
+                if isinstance(event, TextDelta):
+                    lp = (
+                        ChoiceLogprobs(content=[_wire_logprob(x) for x in event.logprobs])
+                        if req.logprobs
+                        else None
+                    )
+                    chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
+                    yield sse(chunk, exclude=no_usage)
+                    continue
+                chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=event.finish_reason)]
+                yield sse(chunk, exclude=no_usage)
+                if req.include_usage:
+                    chunk.choices = []
+                    chunk.usage = _usage(event)
+                    yield sse(chunk)
+                yield SSE_DONE
+                return
+        except BackendError as exc:
+            yield sse(_backend_failure(exc).body())
+        finally:
+            await events.aclose()
+
+    # ---- /v1/completions --------------------------------------------------------------------
+
+    def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
+        self._check(req.model)
+        if isinstance(req.prompt, str):
+            prompt = self.backend.tokenize(req.prompt, add_bos=True)
+        elif isinstance(req.prompt[0], str):
+            prompt = self.backend.tokenize(str(req.prompt[0]), add_bos=True)
+        else:
+            prompt = [int(t) for t in req.prompt]
+        if not prompt:
+            raise OpenAIError(400, "The prompt is empty.", param="prompt")
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=self._budget(prompt, req.max_tokens),
+            sampling=_sampling(req),
+            stop=req.stop_sequences(),
+            top_logprobs=req.logprobs,
+        )
+
+    def _completion(self, text: str, finish: str | None, logprobs: CompletionLogprobs | None) -> Completion:
+        return Completion(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _legacy_logprobs(entries: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+        tokens = [lp.token.decode("utf-8", errors="replace") for lp in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in entries],
+            top_logprobs=[
+                {t.token.decode("utf-8", errors="replace"): t.logprob for t in lp.top} for lp in entries
+            ],
+            text_offset=offsets,
+        )
+
+    async def completion(self, req: CompletionRequest) -> Completion:
+        gen = self.prepare_completion(req)
+        try:
+            got = await _collect(self.backend.generate(gen))
+        except BackendError as exc:
+            raise _backend_failure(exc) from exc
+        lp = self._legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
+        out = self._completion(got.text, got.done.finish_reason, lp)
+        out.usage = _usage(got.done)
+        return out
+
+    async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        gen = self.prepare_completion(req)
+        events = self.backend.generate(gen)
+        try:
+            first = await anext(events)
+        except BackendError as exc:
+            raise _backend_failure(exc) from exc
+        return self._completion_chunks(req, events, first)
+
+    async def _completion_chunks(
+        self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None], first: GenerationEvent
+    ) -> AsyncIterator[bytes]:
+        offset = 0
+        event = first
+        try:
+            while True:
+                if isinstance(event, TextDelta):
+                    lp = self._legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
+                    offset += len(event.text)
+                    yield sse(self._completion(event.text, None, lp), exclude={"usage"})
+                else:
+                    yield sse(self._completion("", event.finish_reason, None), exclude={"usage"})
+                    if req.include_usage:
+                        final = self._completion("", None, None)
+                        final.choices = []
+                        final.usage = _usage(event)
+                        yield sse(final)
+                    yield SSE_DONE
+                    return
+                event = await anext(events)
+        except BackendError as exc:
+            yield sse(_backend_failure(exc).body())
+        finally:
+            await events.aclose()

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real bundled Gemma 3 270M and a real ``kvproxy serve`` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvproxy.backends.embedded import bundled_model_path
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    return bundled_model_path()
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    model: str
+    process: subprocess.Popen[str]
+    output: list[str]
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+READY = re.compile(r"ready: (http://\S+)/v1 serving model '(.+)'")
+
+
+def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> RunningServer:
+    """Run ``python -m kvproxy serve --port 0 ARGS`` and wait for its ready line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvproxy", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    output: list[str] = []
+    found: list[tuple[str, str]] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            m = READY.search(line)
+            if m:
+                found.append((m.group(1), m.group(2)))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("kvproxy serve did not become ready:\n" + "".join(output))
+        time.sleep(0.05)
+    return RunningServer(found[0][0], found[0][1], proc, output)
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    """The embedded default (Gemma 3 270M, q4_0 K and V) with a 2048-token context."""
+    srv = start_server("--ctx-size", "2048")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture()
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
