@@ -35,7 +35,7 @@ def create_app(
             await backend.load()
         except Exception as exc:
             log.error("loading %s failed: %s", backend.info.path, exc)
-            app.state.load_error = str(exc)
+            serving.load_error = str(exc)
             if on_load_failed is not None:
                 on_load_failed(exc)
             return
@@ -52,8 +52,8 @@ def create_app(
             backend.close()
 
     app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
-    app.state.serving = OpenAIServing(backend, kv_label=str(backend.kv))
-    app.state.load_error = None
+    serving = OpenAIServing(backend, kv_label=str(backend.kv))
+    app.state.serving = serving
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)

@@ -71,15 +71,17 @@ class ChatTemplate:
         if gguf_template:
             return cls(gguf_template, "gguf", bos_token, eos_token)
         if architecture in FAMILY_TEMPLATES:
-            return cls(FAMILY_TEMPLATES[architecture], f"{architecture} family (the GGUF has none)",
-                       bos_token, eos_token)
+            return cls(
+                FAMILY_TEMPLATES[architecture],
+                f"{architecture} family (the GGUF has none)",
+                bos_token,
+                eos_token,
+            )
         return cls(CHATML_TEMPLATE, "chatml fallback (the GGUF has none)", bos_token, eos_token)
 
     @cached_property
     def _formatter(self) -> Jinja2ChatFormatter:  # compiles the template once
-        return Jinja2ChatFormatter(
-            template=self.template, eos_token=self.eos_token, bos_token=self.bos_token
-        )
+        return Jinja2ChatFormatter(template=self.template, eos_token=self.eos_token, bos_token=self.bos_token)
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         try:

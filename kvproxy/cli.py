@@ -19,7 +19,11 @@ from kvproxy import __version__
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.gguf_info import ModelInfo
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvproxy: serve llama.cpp with a quantized KV cache and measure what it costs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="kvproxy: serve llama.cpp with a quantized KV cache and measure what it costs.",
+)
 
 _TYPES = ", ".join(t.value for t in KVCacheType)
 
@@ -73,23 +77,69 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Option(help=f"GGUF file to serve; default: the bundled Gemma 3 270M. {_env('MODEL')}")] = None,
-    alias: Annotated[str | None, typer.Option(help=f"Model name clients send; default: the GGUF's name. {_env('ALIAS')}")] = None,
-    cache_type_k: Annotated[KVCacheType | None, typer.Option("--cache-type-k", "-ctk", help=f"KV cache type for K ({_TYPES}); default q4_0. {_env('CACHE_TYPE_K')}")] = None,
-    cache_type_v: Annotated[KVCacheType | None, typer.Option("--cache-type-v", "-ctv", help=f"KV cache type for V; default q4_0. {_env('CACHE_TYPE_V')}")] = None,
-    flash_attn: Annotated[bool | None, typer.Option("--flash-attn/--no-flash-attn", help=f"Flash attention (needed for a quantized V cache); default on. {_env('FLASH_ATTN')}")] = None,
-    ctx_size: Annotated[int | None, typer.Option("--ctx-size", "-c", help=f"Context size in tokens; default 4096. {_env('CTX_SIZE')}")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=f"Prompt batch size; default 512. {_env('BATCH_SIZE')}")] = None,
-    host: Annotated[str | None, typer.Option(help=f"Address to listen on; default 127.0.0.1. {_env('HOST')}")] = None,
-    port: Annotated[int | None, typer.Option(help=f"Port; default 8000 (0 picks a free one). {_env('PORT')}")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help=f"CPU threads for llama.cpp; default all. {_env('THREADS')}")] = None,
-    log_level: Annotated[str | None, typer.Option(help=f"debug, info, warning or error. {_env('LOG_LEVEL')}")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help=f"GGUF file to serve; default: the bundled Gemma 3 270M. {_env('MODEL')}"),
+    ] = None,
+    alias: Annotated[
+        str | None, typer.Option(help=f"Model name clients send; default: the GGUF's name. {_env('ALIAS')}")
+    ] = None,
+    cache_type_k: Annotated[
+        KVCacheType | None,
+        typer.Option(
+            "--cache-type-k",
+            "-ctk",
+            help=f"KV cache type for K ({_TYPES}); default q4_0. {_env('CACHE_TYPE_K')}",
+        ),
+    ] = None,
+    cache_type_v: Annotated[
+        KVCacheType | None,
+        typer.Option(
+            "--cache-type-v", "-ctv", help=f"KV cache type for V; default q4_0. {_env('CACHE_TYPE_V')}"
+        ),
+    ] = None,
+    flash_attn: Annotated[
+        bool | None,
+        typer.Option(
+            "--flash-attn/--no-flash-attn",
+            help=f"Flash attention (needed for a quantized V cache); default on. {_env('FLASH_ATTN')}",
+        ),
+    ] = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option("--ctx-size", "-c", help=f"Context size in tokens; default 4096. {_env('CTX_SIZE')}"),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", help=f"Prompt batch size; default 512. {_env('BATCH_SIZE')}"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help=f"Address to listen on; default 127.0.0.1. {_env('HOST')}")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help=f"Port; default 8000 (0 picks a free one). {_env('PORT')}")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", "-t", help=f"CPU threads for llama.cpp; default all. {_env('THREADS')}"),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help=f"debug, info, warning or error. {_env('LOG_LEVEL')}")
+    ] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache."""
     settings = load_settings(
-        model=model, alias=alias, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-        flash_attn=flash_attn, ctx_size=ctx_size, batch_size=batch_size, host=host, port=port,
-        threads=threads, log_level=log_level,
+        model=model,
+        alias=alias,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        flash_attn=flash_attn,
+        ctx_size=ctx_size,
+        batch_size=batch_size,
+        host=host,
+        port=port,
+        threads=threads,
+        log_level=log_level,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
@@ -122,7 +172,10 @@ def serve(
     backend = EmbeddedBackend(settings, info)
     asgi = create_app(backend, on_ready=on_ready, on_load_failed=on_load_failed)
     config = uvicorn.Config(
-        asgi, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        asgi,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
         access_log=False,
     )
     server = uvicorn.Server(config)

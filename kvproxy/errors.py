@@ -35,13 +35,17 @@ class OpenAIError(Exception):
 
 
 def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(
-        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-    )
+    return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
 def model_loading() -> OpenAIError:
     return OpenAIError(503, "Loading model", type="unavailable_error", code="model_loading")
+
+
+def model_load_failed(reason: str) -> OpenAIError:
+    return OpenAIError(
+        500, f"The model failed to load: {reason}", type="server_error", code="model_load_failed"
+    )
 
 
 def context_length_exceeded(n_ctx: int, prompt_tokens: int, completion_tokens: int | None) -> OpenAIError:
@@ -63,23 +67,42 @@ def context_length_exceeded(n_ctx: int, prompt_tokens: int, completion_tokens: i
     )
 
 
+_BRANCH_TAGS = ("list[", "dict[", "str", "int", "float", "bool", "function-", "constrained-", "literal[")
+
+
+def _is_branch_tag(part: object) -> bool:
+    """pydantic names the union member it tried inside ``loc`` ("str", "list[str]", ...)."""
+    return isinstance(part, str) and part.startswith(_BRANCH_TAGS)
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # pydantic appends the union member it tried (e.g. "str", "list[str]"); keep the field path
-    parts = [p for p in parts if not (p.startswith(("list[", "str", "int", "function-after")))]
+    parts = [str(p) for p in loc if p != "body" and not _is_branch_tag(p)]
     return ".".join(parts) or None
 
 
+def _branch_matches_input(error: Any) -> bool:
+    """True when the error comes from the union member of the same JSON type as the input.
+
+    For ``stop: ["a", ..., "e"]`` pydantic reports both "not a string" and "at most 4 items"; the
+    second is what the client needs to read.
+    """
+    tags = [p for p in error.get("loc", ()) if _is_branch_tag(p)]
+    if not tags:
+        return True
+    return str(tags[-1]).startswith(type(error.get("input")).__name__)
+
+
 def validation_error(exc: RequestValidationError) -> OpenAIError:
-    errors = exc.errors()
+    errors = list(exc.errors())
     if not errors:
         return OpenAIError(400, "Invalid request body.")
+    errors.sort(key=lambda e: not _branch_matches_input(e))  # stable: keeps pydantic's order otherwise
     first = errors[0]
     kind = first.get("type", "")
     if kind == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "invalid JSON")
         return OpenAIError(
-            400, f"We could not parse the JSON body of your request: {first.get('ctx', {}).get('error', 'invalid JSON')}",
-            code="invalid_json",
+            400, f"We could not parse the JSON body of your request: {reason}", code="invalid_json"
         )
     param = _param_from_loc(tuple(first.get("loc", ())))
     if kind == "extra_forbidden":
@@ -87,8 +110,9 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if kind == "model_attributes_type" and param is None:
         return OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    others = {_param_from_loc(tuple(e.get("loc", ()))) for e in errors} - {param}
+    if others:
+        message += f" (and problems with: {', '.join(sorted(str(o) for o in others))})"
     return OpenAIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param)
 
 

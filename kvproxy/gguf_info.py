@@ -69,11 +69,7 @@ def read_model_info(path: Path) -> ModelInfo:
     head_dim_v = int(hp("attention.value_length") or default_head_dim)
     window = hp("attention.sliding_window")
     window = int(window) if window else None
-    swa = (
-        _swa_layers(n_layers, hp("attention.sliding_window_pattern"), arch)
-        if window
-        else frozenset()
-    )
+    swa = _swa_layers(n_layers, hp("attention.sliding_window_pattern"), arch) if window else frozenset()
     ctx = hp("context_length")
     template = _field(reader, "tokenizer.chat_template")
     return ModelInfo(

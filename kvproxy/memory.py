@@ -54,9 +54,7 @@ def kv_bytes_per_token(shape: AttentionShape, type_k: KVCacheType, type_v: KVCac
     return shape.n_layers * layer_bytes_per_token(shape, type_k, type_v)
 
 
-def kv_cache_bytes(
-    shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_tokens: int
-) -> int:
+def kv_cache_bytes(shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_tokens: int) -> int:
     """Bytes the KV cache needs to hold ``n_tokens`` tokens; sliding-window layers cap at the window."""
     per_layer = layer_bytes_per_token(shape, type_k, type_v)
     n_swa = len(shape.swa_layers)

@@ -27,7 +27,13 @@ from kvproxy.backends.base import (
     TokenLogprob,
 )
 from kvproxy.chat_template import ChatTemplateError
-from kvproxy.errors import OpenAIError, context_length_exceeded, model_loading, model_not_found
+from kvproxy.errors import (
+    OpenAIError,
+    context_length_exceeded,
+    model_load_failed,
+    model_loading,
+    model_not_found,
+)
 from kvproxy.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,6 +47,7 @@ from kvproxy.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    FinishReason,
     ModelCard,
     ModelList,
     Usage,
@@ -52,10 +59,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def sse(payload: BaseModel | dict[str, object], *, exclude: set[str] | None = None) -> bytes:
-    if isinstance(payload, BaseModel):
-        body = payload.model_dump_json(exclude=exclude)
-    else:
-        body = json.dumps(payload)
+    """One server-sent event carrying a JSON payload."""
+    body = payload.model_dump_json(exclude=exclude) if isinstance(payload, BaseModel) else json.dumps(payload)
     return b"data: " + body.encode() + b"\n\n"
 
 
@@ -124,9 +129,12 @@ class OpenAIServing:
 
     def __init__(self, backend: Backend, *, kv_label: str = "") -> None:
         self.backend = backend
+        self.load_error: str | None = None  # set when the backend failed to load
         self.fingerprint = f"kvproxy-{__version__}" + (f"-{kv_label}" if kv_label else "")
 
     def _check(self, model: str) -> None:
+        if self.load_error is not None:
+            raise model_load_failed(self.load_error)
         if not self.backend.ready:
             raise model_loading()
         if model != self.backend.model_name:
@@ -196,7 +204,10 @@ class OpenAIServing:
         return self._chat_chunks(req, events, first)
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None], first: GenerationEvent
+        self,
+        req: ChatCompletionRequest,
+        events: AsyncGenerator[GenerationEvent, None],
+        first: GenerationEvent,
     ) -> AsyncIterator[bytes]:
         chunk = ChatCompletionChunk(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -257,13 +268,15 @@ class OpenAIServing:
             top_logprobs=req.logprobs,
         )
 
-    def _completion(self, text: str, finish: str | None, logprobs: CompletionLogprobs | None) -> Completion:
+    def _completion(
+        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None
+    ) -> Completion:
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.backend.model_name,
             system_fingerprint=self.fingerprint,
-            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
         )
 
     @staticmethod

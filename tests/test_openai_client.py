@@ -88,7 +88,9 @@ def test_usage_matches_the_tokenizer(
         model=server.model, messages=PROMPT, temperature=0, max_tokens=10, logprobs=True
     )
     # Gemma's own turn format (the GGUF carries no template), tokenized independently.
-    prompt = "<bos><start_of_turn>user\nWrite one sentence about the sea.<end_of_turn>\n<start_of_turn>model\n"
+    prompt = (
+        "<bos><start_of_turn>user\nWrite one sentence about the sea.<end_of_turn>\n<start_of_turn>model\n"
+    )
     expected_prompt_tokens = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
     assert out.usage is not None
     assert out.usage.prompt_tokens == expected_prompt_tokens
@@ -144,13 +146,21 @@ def test_logprobs_have_the_requested_shape(client: openai.OpenAI, server: Runnin
 
 
 def test_streamed_logprobs_match(client: openai.OpenAI, server: RunningServer) -> None:
-    kwargs = {"model": server.model, "messages": PROMPT, "temperature": 0, "max_tokens": 8,
-              "logprobs": True, "top_logprobs": 2}
+    kwargs = {
+        "model": server.model,
+        "messages": PROMPT,
+        "temperature": 0,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]  # type: ignore[call-overload]
     streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
     assert [e.token for e in streamed] == [e.token for e in whole.choices[0].logprobs.content]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content])
+    assert [e.logprob for e in streamed] == pytest.approx(
+        [e.logprob for e in whole.choices[0].logprobs.content]
+    )
 
 
 def test_completions_route(client: openai.OpenAI, server: RunningServer) -> None:
@@ -169,10 +179,14 @@ def test_completions_route(client: openai.OpenAI, server: RunningServer) -> None
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
-def test_completions_take_token_ids(client: openai.OpenAI, server: RunningServer, vocab: llama_cpp.Llama) -> None:
+def test_completions_take_token_ids(
+    client: openai.OpenAI, server: RunningServer, vocab: llama_cpp.Llama
+) -> None:
     ids = vocab.tokenize(b"The capital of France is", add_bos=True, special=True)
     by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=6, temperature=0)
-    by_text = client.completions.create(model=server.model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    by_text = client.completions.create(
+        model=server.model, prompt="The capital of France is", max_tokens=6, temperature=0
+    )
     assert by_ids.choices[0].text == by_text.choices[0].text
 
 
@@ -187,13 +201,20 @@ def test_async_client_two_concurrent_streams(server: RunningServer) -> None:
 
         async def streamed(messages: list[dict[str, str]]) -> str:
             stream = await aclient.chat.completions.create(
-                model=server.model, messages=messages, temperature=0, max_tokens=24, stream=True  # type: ignore[arg-type]
+                model=server.model,
+                messages=messages,
+                temperature=0,
+                max_tokens=24,
+                stream=True,  # type: ignore[arg-type]
             )
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         async def whole(messages: list[dict[str, str]]) -> str | None:
             out = await aclient.chat.completions.create(
-                model=server.model, messages=messages, temperature=0, max_tokens=24  # type: ignore[arg-type]
+                model=server.model,
+                messages=messages,
+                temperature=0,
+                max_tokens=24,  # type: ignore[arg-type]
             )
             return out.choices[0].message.content
 

@@ -33,7 +33,9 @@ def _serving(request: Request) -> OpenAIServing:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> ChatCompletion | StreamingResponse:
     serving = _serving(request)
     if body.stream:
         chunks = await serving.chat_stream(body)

@@ -35,7 +35,7 @@ from kvproxy.backends.base import (
 )
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
-from kvproxy.gguf_info import ModelInfo, read_model_info
+from kvproxy.gguf_info import ModelInfo
 from kvproxy.memory import ggml_type
 from kvproxy.textstream import StopTextAssembler
 
@@ -61,7 +61,7 @@ def resolve_model_path(configured: Path | None) -> Path:
 
 def log_softmax_row(row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Stable log-softmax of one logits row (max-shifted, the sum accumulated in float64)."""
-    shifted = row - row.max()
+    shifted: npt.NDArray[np.float32] = row - row.max()
     return shifted - np.float32(np.log(np.exp(shifted).sum(dtype=np.float64)))
 
 

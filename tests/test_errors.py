@@ -1,0 +1,158 @@
+"""Every refusal has OpenAI's error shape and the right status, from a real running server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import RunningServer
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def assert_openai_error(
+    resp: httpx.Response,
+    status: int,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    contains: str = "",
+) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == ("invalid_request_error" if status < 500 else err["type"])
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    assert contains in err["message"]
+    return err
+
+
+def chat(http: httpx.Client, server: RunningServer, **body: Any) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": server.model, "messages": MSG, **body})
+
+
+def test_unknown_model_is_404(http: httpx.Client) -> None:
+    resp = http.post("/v1/chat/completions", json={"model": "gpt-5", "messages": MSG})
+    assert_openai_error(resp, 404, param="model", code="model_not_found", contains="gpt-5")
+    resp = http.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"})
+    assert_openai_error(resp, 404, param="model", code="model_not_found")
+
+
+def test_invalid_json_is_400(http: httpx.Client) -> None:
+    resp = http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(resp, 400, code="invalid_json", contains="JSON")
+    resp = http.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "contains"),
+    [
+        ({"model": None, "messages": MSG}, "model", "Field required"),
+        ({"messages": None}, "messages", "Field required"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": MSG, "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"messages": MSG, "max_tokens": "many"}, "max_tokens", "integer"),
+        ({"messages": MSG, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs", "20"),
+        ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
+        ({"messages": MSG, "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
+    ],
+)
+def test_schema_violations_are_400(
+    http: httpx.Client, server: RunningServer, body: dict[str, Any], param: str, contains: str
+) -> None:
+    # None marks a field left out of the request
+    body = {k: v for k, v in {"model": server.model, **body}.items() if v is not None}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert_openai_error(resp, 400, param=param, contains=contains)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "contains"),
+    [
+        ({"n": 2}, "n", "n > 1 is not supported"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+            "tools is not supported",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
+        ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
+    ],
+)
+def test_parameters_that_cannot_be_honoured_are_400(
+    http: httpx.Client, server: RunningServer, extra: dict[str, Any], param: str | None, contains: str
+) -> None:
+    assert_openai_error(chat(http, server, **extra), 400, param=param, contains=contains)
+
+
+def test_completion_parameters_that_cannot_be_honoured(http: httpx.Client, server: RunningServer) -> None:
+    for extra, param in (
+        ({"echo": True}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+        ({"n": 3}, "n"),
+    ):
+        resp = http.post("/v1/completions", json={"model": server.model, "prompt": "x", **extra})
+        assert_openai_error(resp, 400, param=param, contains="not supported")
+
+
+def test_roles_that_do_not_alternate_are_400(http: httpx.Client, server: RunningServer) -> None:
+    resp = chat(http, server, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert_openai_error(resp, 400, param="messages", contains="alternate")
+
+
+def test_context_overflow_is_400_with_the_limits(http: httpx.Client, server: RunningServer) -> None:
+    long = [{"role": "user", "content": "word " * 3000}]
+    err = assert_openai_error(chat(http, server, messages=long), 400, code="context_length_exceeded")
+    assert "2048" in err["message"] and "3" in err["message"]
+    err = assert_openai_error(
+        chat(http, server, max_tokens=4000),
+        400,
+        param="max_tokens",
+        code="context_length_exceeded",
+        contains="2048",
+    )
+    assert "4000 for the completion" in err["message"]
+    # streaming requests are refused before any byte of a stream is sent
+    resp = chat(http, server, messages=long, stream=True)
+    assert_openai_error(resp, 400, code="context_length_exceeded")
+
+
+def test_unknown_route_and_method(http: httpx.Client) -> None:
+    assert_openai_error(http.get("/v1/nothing"), 404)
+    assert_openai_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_official_client_raises_typed_errors(server: RunningServer) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=server.model, messages=MSG, n=2)  # type: ignore[arg-type]
+    assert bad.value.param == "n"
+
+
+def test_health_is_200_when_ready(http: httpx.Client) -> None:
+    resp = http.get("/health")
+    assert resp.status_code == 200 and resp.json() == {"status": "ok"}

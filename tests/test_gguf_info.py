@@ -1,0 +1,51 @@
+"""GGUF metadata: the bundled Gemma, a second architecture written with gguf's own writer, junk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from kvproxy.gguf_info import read_model_info
+
+
+def test_bundled_gemma(gemma_path: Path) -> None:
+    info = read_model_info(gemma_path)
+    assert info.name == "Gemma 3 270m" and info.architecture == "gemma3"
+    assert info.context_length == 32768 and info.chat_template is None
+    a = info.attention
+    assert (a.n_layers, a.n_head_kv, a.head_dim_k, a.head_dim_v) == (18, 1, 256, 256)
+    assert a.sliding_window == 512
+    assert sorted(set(range(18)) - a.swa_layers) == [5, 11, 17]  # llama.cpp's gemma3 pattern
+
+
+def test_llama_style_gqa_without_head_lengths(tmp_path: Path) -> None:
+    path = tmp_path / "tiny-llama.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_block_count(4)
+    writer.add_embedding_length(512)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(2048)
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 512), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = read_model_info(path)
+    assert info.name == "tiny llama" and info.architecture == "llama"
+    assert info.chat_template == "{{ messages }}"
+    a = info.attention
+    assert (a.n_layers, a.n_head_kv, a.head_dim_k, a.head_dim_v) == (4, 2, 64, 64)
+    assert a.sliding_window is None and a.swa_layers == frozenset()
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        read_model_info(junk)

@@ -1,0 +1,158 @@
+"""Start-up: settings from flags and environment, clear refusals, and readiness while loading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvproxy import __version__
+from kvproxy.app import create_app
+from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.config import KVCacheType, Settings
+from kvproxy.gguf_info import read_model_info
+from tests.conftest import serve_in_thread, start_server, stop_server
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "kvproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_defaults_are_the_embedded_q4_0_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODEL", "CACHE_TYPE_K", "CACHE_TYPE_V", "HOST", "PORT", "CTX_SIZE"):
+        monkeypatch.delenv(f"KVPROXY_{name}", raising=False)
+    s = Settings()
+    assert s.model is None
+    assert (s.cache_type_k, s.cache_type_v) == (KVCacheType.Q4_0, KVCacheType.Q4_0)
+    assert s.flash_attn is True
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+
+
+def test_environment_then_explicit_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVPROXY_CACHE_TYPE_K", "q8_0")
+    monkeypatch.setenv("KVPROXY_CTX_SIZE", "1024")
+    s = Settings()
+    assert s.cache_type_k is KVCacheType.Q8_0 and s.ctx_size == 1024
+    assert Settings(ctx_size=512).ctx_size == 512  # what the CLI passes wins over the environment
+
+
+def test_quantized_v_without_flash_attention_is_refused() -> None:
+    with pytest.raises(ValueError, match="flash attention"):
+        Settings(cache_type_v=KVCacheType.Q4_0, flash_attn=False)
+    assert Settings(cache_type_v=KVCacheType.F16, flash_attn=False).flash_attn is False
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--model", "/nonexistent/model.gguf"], {}, "does not exist"),
+        (["--cache-type-k", "q3_k"], {}, "q3_k"),
+        ([], {"KVPROXY_CACHE_TYPE_K": "q3_k"}, "cache_type_k"),
+        ([], {"KVPROXY_PORT": "http"}, "port"),
+        (["--no-flash-attn"], {}, "flash attention"),
+        (["--ctx-size", "4"], {}, "ctx_size"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict[str, str], message: str) -> None:
+    result = run_cli("serve", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"not a gguf file at all" * 10)
+    result = run_cli("serve", "--model", str(bogus))
+    assert result.returncode == 2
+    assert "not a readable GGUF" in result.stderr
+
+
+def test_environment_and_flags_configure_a_real_server() -> None:
+    srv = start_server(
+        "--cache-type-v",
+        "q8_0",
+        "--ctx-size",
+        "1024",
+        env={"KVPROXY_CACHE_TYPE_K": "q8_0", "KVPROXY_CACHE_TYPE_V": "f16", "KVPROXY_ALIAS": "gemma-test"},
+    )
+    try:
+        out = "".join(srv.output)
+        assert "K=q8_0 V=q8_0" in out  # the flag beat KVPROXY_CACHE_TYPE_V
+        assert "9,792 per token (f16 would be 18,432" in out
+        assert "template: gemma3 family" in out
+        assert srv.model == "gemma-test"
+        with httpx.Client(base_url=srv.base_url, timeout=60) as http:
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["gemma-test"]
+            resp = http.post(
+                "/v1/chat/completions", json={"model": "gemma-test", "messages": MSG, "max_tokens": 3}
+            )
+            assert resp.status_code == 200
+            assert resp.json()["system_fingerprint"] == f"kvproxy-{__version__}-q8_0"
+    finally:
+        stop_server(srv)
+
+
+class GatedBackend(EmbeddedBackend):
+    """Fault injection: the real backend, but loading waits for a gate (or fails on purpose)."""
+
+    def __init__(self, *args: object, fail: bool = False) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def _load_blocking(self) -> None:
+        self.gate.wait(timeout=60)
+        if self.fail:
+            raise RuntimeError("injected load failure")
+        super()._load_blocking()
+
+
+def test_503_while_loading_then_200(gemma_path: Path) -> None:
+    settings = Settings(ctx_size=512)
+    backend = GatedBackend(settings, read_model_info(gemma_path))
+    ready = threading.Event()
+    with serve_in_thread(create_app(backend, on_ready=ready.set)) as url, httpx.Client(base_url=url) as http:
+        health = http.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["code"] == "model_loading"
+        chat = http.post("/v1/chat/completions", json={"model": "Gemma 3 270m", "messages": MSG})
+        assert chat.status_code == 503 and chat.json()["error"]["type"] == "unavailable_error"
+        backend.gate.set()
+        assert ready.wait(timeout=60)
+        assert http.get("/health").status_code == 200
+        chat = http.post(
+            "/v1/chat/completions", json={"model": "Gemma 3 270m", "messages": MSG, "max_tokens": 2}
+        )
+        assert chat.status_code == 200
+
+
+def test_a_failed_load_is_reported_not_hidden(gemma_path: Path) -> None:
+    backend = GatedBackend(Settings(ctx_size=512), read_model_info(gemma_path), fail=True)
+    failures: list[BaseException] = []
+    backend.gate.set()
+    app = create_app(backend, on_load_failed=failures.append)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        deadline = time.monotonic() + 30
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert failures and "injected load failure" in str(failures[0])
+        health = http.get("/health")
+        assert health.status_code == 500
+        assert health.json()["error"]["code"] == "model_load_failed"
+        chat = http.post("/v1/chat/completions", json={"model": "Gemma 3 270m", "messages": MSG})
+        assert chat.status_code == 500 and "injected load failure" in chat.json()["error"]["message"]
