@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from kvproxy import __version__
-from kvproxy.api import health, openai
-from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.api import admin, health, openai
+from kvproxy.deployment import Deployment
 from kvproxy.errors import install_error_handlers
 from kvproxy.serving import OpenAIServing
 
@@ -23,18 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    backend: EmbeddedBackend,
+    deployment: Deployment,
     *,
     on_ready: Callable[[], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """Build the ASGI app around ``backend``; the backend is loaded (and closed) by the app's lifespan."""
+    """Build the ASGI app around ``deployment``, which the app's lifespan loads, starts and closes."""
 
     async def load() -> None:
         try:
-            await backend.load()
+            await deployment.start()
         except Exception as exc:
-            log.error("loading %s failed: %s", backend.info.path, exc)
+            log.error("loading %s failed: %s", deployment.backend.info.path, exc)
             serving.load_error = str(exc)
             if on_load_failed is not None:
                 on_load_failed(exc)
@@ -49,12 +49,14 @@ def create_app(
             yield
         finally:
             await asyncio.shield(loading)  # never free the model while the loader thread runs
-            backend.close()
+            await deployment.stop()
+            deployment.close()
 
     app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
-    serving = OpenAIServing(backend, kv_label=str(backend.kv))
+    serving = OpenAIServing(deployment)
     app.state.serving = serving
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     return app

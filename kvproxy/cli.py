@@ -71,6 +71,9 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"{per_token / f16_per_token:.1%}){swa}",
             f"             {at_ctx / 2**20:.1f} MiB for the {settings.ctx_size:,}-token context",
             f"  threads    {settings.threads}",
+            f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
+            f"{settings.reference_cache_type.value} KV reference on the same weights "
+            f"(status: /kvproxy/v1/status)",
         ]
     )
 
@@ -144,7 +147,8 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     from kvproxy.app import create_app
-    from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
+    from kvproxy.backends.embedded import resolve_model_path
+    from kvproxy.deployment import embedded_deployment
     from kvproxy.gguf_info import read_model_info
 
     try:
@@ -169,8 +173,9 @@ def serve(
         typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
         server.should_exit = True
 
-    backend = EmbeddedBackend(settings, info)
-    asgi = create_app(backend, on_ready=on_ready, on_load_failed=on_load_failed)
+    deployment = embedded_deployment(settings, info)
+    backend = deployment.backend
+    asgi = create_app(deployment, on_ready=on_ready, on_load_failed=on_load_failed)
     config = uvicorn.Config(
         asgi,
         host=settings.host,

@@ -62,6 +62,24 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
     threads: int = Field(default_factory=default_threads, ge=1, description="CPU threads for llama.cpp.")
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    shadow_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of requests shadow-scored against the reference (0 turns scoring off).",
+    )
+    reference_cache_type: KVCacheType = Field(
+        default=KVCacheType.F16, description="KV cache type (K and V) of the reference that scores."
+    )
+    shadow_queue_size: int = Field(
+        default=64, ge=1, description="Shadow jobs waiting at most; more are dropped."
+    )
+    shadow_chunk: int = Field(
+        default=8, ge=1, le=256, description="Positions scored per chunk (bounds the scorer's memory)."
+    )
+    status_window: int = Field(
+        default=4096, ge=16, description="Scored tokens in the status endpoint's recent window."
+    )
 
     @model_validator(mode="after")
     def _quantized_v_needs_flash_attention(self) -> Self:

@@ -27,6 +27,7 @@ from kvproxy.backends.base import (
     TokenLogprob,
 )
 from kvproxy.chat_template import ChatTemplateError
+from kvproxy.deployment import Deployment
 from kvproxy.errors import (
     OpenAIError,
     context_length_exceeded,
@@ -54,6 +55,7 @@ from kvproxy.protocol import (
 )
 from kvproxy.protocol import TokenLogprob as WireTokenLogprob
 from kvproxy.protocol import TopLogprob as WireTopLogprob
+from kvproxy.shadow import SHADOW_HEADER, ShadowDirective, ShadowTicket, parse_shadow_header
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -124,13 +126,42 @@ def _backend_failure(exc: BackendError) -> OpenAIError:
     return OpenAIError(500, f"The backend failed: {exc}", type="server_error", code="backend_error")
 
 
-class OpenAIServing:
-    """Chat completions, completions and the model list for one backend."""
+def shadow_directive(header: str | None) -> ShadowDirective | None:
+    """The ``X-KVProxy-Shadow`` request header, or a 400 naming it."""
+    try:
+        return parse_shadow_header(header)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param=SHADOW_HEADER) from exc
 
-    def __init__(self, backend: Backend, *, kv_label: str = "") -> None:
-        self.backend = backend
+
+class OpenAIServing:
+    """Chat completions, completions and the model list for one deployment."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.backend: Backend = deployment.backend
         self.load_error: str | None = None  # set when the backend failed to load
-        self.fingerprint = f"kvproxy-{__version__}" + (f"-{kv_label}" if kv_label else "")
+        self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
+
+    def _ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
+        d = self.deployment
+        return d.pool.ticket() if d.sampler.decide(directive) else None
+
+    async def _events(
+        self, gen: GenerationRequest, ticket: ShadowTicket | None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """The backend's events; a finished generation hands its tokens to the shadow path.
+
+        The hand-over is a non-blocking queue put: the client's response never waits on scoring.
+        """
+        try:
+            async for event in self.backend.generate(gen):
+                if ticket is not None and isinstance(event, Finished):
+                    ticket.submit(gen.prompt_tokens, event.token_ids)
+                yield event
+        finally:
+            if ticket is not None:
+                ticket.abandon()  # a no-op once submitted
 
     def _check(self, model: str) -> None:
         if self.load_error is not None:
@@ -166,10 +197,10 @@ class OpenAIServing:
             top_logprobs=req.top_logprobs_count,
         )
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+    async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
         gen = self.prepare_chat(req)
         try:
-            got = await _collect(self.backend.generate(gen))
+            got = await _collect(self._events(gen, self._ticket(shadow)))
         except BackendError as exc:
             raise _backend_failure(exc) from exc
         return ChatCompletion(
@@ -189,14 +220,16 @@ class OpenAIServing:
             usage=_usage(got.done),
         )
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def chat_stream(
+        self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
         """Validate and start generating, then return the SSE byte stream.
 
         The first event is awaited here, before any byte is sent, so that a request that fails at
         once still gets a proper HTTP status instead of a 200 stream carrying an error.
         """
         gen = self.prepare_chat(req)
-        events = self.backend.generate(gen)
+        events = self._events(gen, self._ticket(shadow))
         try:
             first = await anext(events)
         except BackendError as exc:
@@ -295,10 +328,10 @@ class OpenAIServing:
             text_offset=offsets,
         )
 
-    async def completion(self, req: CompletionRequest) -> Completion:
+    async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
         gen = self.prepare_completion(req)
         try:
-            got = await _collect(self.backend.generate(gen))
+            got = await _collect(self._events(gen, self._ticket(shadow)))
         except BackendError as exc:
             raise _backend_failure(exc) from exc
         lp = self._legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
@@ -306,9 +339,11 @@ class OpenAIServing:
         out.usage = _usage(got.done)
         return out
 
-    async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+    async def completion_stream(
+        self, req: CompletionRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
         gen = self.prepare_completion(req)
-        events = self.backend.generate(gen)
+        events = self._events(gen, self._ticket(shadow))
         try:
             first = await anext(events)
         except BackendError as exc:

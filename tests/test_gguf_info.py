@@ -49,3 +49,20 @@ def test_not_a_gguf(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable GGUF"):
         read_model_info(junk)
+
+
+def test_fast_header_reader_agrees_with_gguf_reader(gemma_path: Path) -> None:
+    """The reference library reads the same header (slowly: it parses the 262k-token arrays)."""
+    from gguf import GGUFReader
+
+    from kvproxy.gguf_info import MAX_ARRAY, read_metadata
+
+    fast = read_metadata(gemma_path)
+    reader = GGUFReader(gemma_path)
+    assert set(fast) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for key, value in fast.items():
+        expected = reader.fields[key].contents()
+        if value is None:
+            assert isinstance(expected, list) and len(expected) > MAX_ARRAY
+        else:
+            assert value == pytest.approx(expected) if isinstance(value, float) else value == expected

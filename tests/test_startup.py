@@ -15,6 +15,7 @@ from kvproxy import __version__
 from kvproxy.app import create_app
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType, Settings
+from kvproxy.deployment import embedded_deployment
 from kvproxy.gguf_info import read_model_info
 from tests.conftest import serve_in_thread, start_server, stop_server
 
@@ -124,9 +125,11 @@ class GatedBackend(EmbeddedBackend):
 
 def test_503_while_loading_then_200(gemma_path: Path) -> None:
     settings = Settings(ctx_size=512)
-    backend = GatedBackend(settings, read_model_info(gemma_path))
+    info = read_model_info(gemma_path)
+    backend = GatedBackend(settings, info)
     ready = threading.Event()
-    with serve_in_thread(create_app(backend, on_ready=ready.set)) as url, httpx.Client(base_url=url) as http:
+    app = create_app(embedded_deployment(settings, info, backend), on_ready=ready.set)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
         health = http.get("/health")
         assert health.status_code == 503
         assert health.json()["error"]["code"] == "model_loading"
@@ -142,10 +145,12 @@ def test_503_while_loading_then_200(gemma_path: Path) -> None:
 
 
 def test_a_failed_load_is_reported_not_hidden(gemma_path: Path) -> None:
-    backend = GatedBackend(Settings(ctx_size=512), read_model_info(gemma_path), fail=True)
+    settings = Settings(ctx_size=512)
+    info = read_model_info(gemma_path)
+    backend = GatedBackend(settings, info, fail=True)
     failures: list[BaseException] = []
     backend.gate.set()
-    app = create_app(backend, on_load_failed=failures.append)
+    app = create_app(embedded_deployment(settings, info, backend), on_load_failed=failures.append)
     with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
         deadline = time.monotonic() + 30
         while not failures and time.monotonic() < deadline:

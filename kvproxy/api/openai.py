@@ -13,7 +13,8 @@ from kvproxy.protocol import (
     ErrorResponse,
     ModelList,
 )
-from kvproxy.serving import OpenAIServing
+from kvproxy.serving import OpenAIServing, shadow_directive
+from kvproxy.shadow import SHADOW_HEADER
 
 router = APIRouter(
     prefix="/v1",
@@ -37,19 +38,21 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> ChatCompletion | StreamingResponse:
     serving = _serving(request)
+    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
     if body.stream:
-        chunks = await serving.chat_stream(body)
+        chunks = await serving.chat_stream(body, shadow)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await serving.chat(body)
+    return await serving.chat(body, shadow)
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     serving = _serving(request)
+    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
     if body.stream:
-        chunks = await serving.completion_stream(body)
+        chunks = await serving.completion_stream(body, shadow)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await serving.completion(body)
+    return await serving.completion(body, shadow)
 
 
 @router.get("/models", response_model=ModelList)

@@ -33,6 +33,7 @@ from kvproxy.backends.base import (
     TokenLogprob,
     TopLogprob,
 )
+from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
 from kvproxy.gguf_info import ModelInfo
@@ -133,6 +134,22 @@ class EmbeddedBackend:
             eos_token=self._piece_text(llama.token_eos(), special=True),
         )
         self._llama = llama
+
+    def make_scorer(self, reference: KVConfig) -> EmbeddedScorer:
+        """Scoring contexts (this KV config and ``reference``) on the weights already loaded."""
+        if self._llama is None:
+            raise BackendError("model not loaded")
+        s = self._settings
+        return EmbeddedScorer(
+            self._llama._model,
+            primary=self.kv,
+            reference=reference,
+            n_ctx=s.ctx_size,
+            threads=s.threads,
+            flash_attn=s.flash_attn,
+            chunk=s.shadow_chunk,
+            batch=min(s.batch_size, s.ctx_size),
+        )
 
     def close(self) -> None:
         def _free() -> None:

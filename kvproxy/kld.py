@@ -1,0 +1,238 @@
+"""KL divergence between a reference and a primary next-token distribution: pure numpy, no I/O.
+
+Definitions match llama-perplexity's ``--kl-divergence``: per position i, P is the reference's
+distribution and Q the primary's, ``KLD_i = sum_v P(v) (log P(v) - log Q(v))``; "same top" means
+``argmax P == argmax Q``; ``Δp_i = Q(t_i) - P(t_i)`` for the token t_i actually emitted. The summary
+statistics (mean ± standard error, median, linear-interpolation percentiles, same-top rate ± binomial
+error, RMS Δp) are computed the way llama-perplexity prints them.
+
+Two estimators:
+
+* :func:`exact_kld` from two full logit rows per position (any vocabulary size, vectorized over a
+  chunk of positions, float64 log-softmax). Memory: a few float64 copies of the chunk, so callers
+  bound it by the chunk size.
+* :func:`coarse_kld` when a side only reports its top-K logprobs: both distributions are coarse-grained
+  onto the tokens both sides report plus one "rest" bucket holding the remaining mass. By the
+  data-processing inequality this is a lower bound of the exact KLD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+def log_softmax(logits: npt.ArrayLike) -> FloatArray:
+    """Row-wise log-softmax in float64, shifted by the row maximum (stable for any logit scale)."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class PositionScores:
+    """Per-position results for a run of positions (all arrays have one entry per position)."""
+
+    kld: FloatArray
+    same_top: BoolArray
+    p_ref: FloatArray  # P(t_i): the reference's probability of the emitted token
+    p_primary: FloatArray  # Q(t_i)
+
+    @property
+    def delta_p(self) -> FloatArray:
+        return self.p_primary - self.p_ref
+
+    def __len__(self) -> int:
+        return int(self.kld.shape[0])
+
+    @staticmethod
+    def concat(parts: list[PositionScores]) -> PositionScores:
+        if not parts:
+            empty = np.zeros(0)
+            return PositionScores(empty, np.zeros(0, dtype=bool), empty, empty)
+        return PositionScores(
+            np.concatenate([p.kld for p in parts]),
+            np.concatenate([p.same_top for p in parts]),
+            np.concatenate([p.p_ref for p in parts]),
+            np.concatenate([p.p_primary for p in parts]),
+        )
+
+
+def exact_kld(
+    ref_logits: npt.ArrayLike, primary_logits: npt.ArrayLike, tokens: npt.ArrayLike
+) -> PositionScores:
+    """Exact KL(P_ref || Q_primary) per position from full logit rows, shape (n, vocab) each.
+
+    ``tokens[i]`` is the token emitted at position i (for Δp). Invariant to adding a constant to
+    a row's logits; 0 for identical rows.
+    """
+    lp = log_softmax(ref_logits)
+    lq = log_softmax(primary_logits)
+    if lp.shape != lq.shape or lp.ndim != 2:
+        raise ValueError(f"logit shapes differ or are not (positions, vocab): {lp.shape} vs {lq.shape}")
+    toks = np.asarray(tokens, dtype=np.int64)
+    if toks.shape != (lp.shape[0],):
+        raise ValueError(f"need one token per position: {toks.shape} for {lp.shape[0]} positions")
+    p = np.exp(lp)
+    # Terms with P(v) == 0 contribute 0 (the limit of p log p); exp underflow gives exactly 0 there.
+    kld = np.einsum("ij,ij->i", p, lp - lq)
+    rows = np.arange(lp.shape[0])
+    return PositionScores(
+        kld=np.maximum(kld, 0.0),  # tiny negative values are rounding, KL is never below 0
+        same_top=lp.argmax(axis=1) == lq.argmax(axis=1),
+        p_ref=p[rows, toks],
+        p_primary=np.exp(lq[rows, toks]),
+    )
+
+
+def _rest_log(known_logprobs: FloatArray) -> float:
+    """log of the mass not covered by the known tokens (clamped: rounding can make it <= 0)."""
+    mass = float(np.exp(known_logprobs).sum()) if known_logprobs.size else 0.0
+    return math.log(max(1.0 - mass, 1e-12))
+
+
+def coarse_kld_row(
+    ref_ids: npt.ArrayLike,
+    ref_logprobs: npt.ArrayLike,
+    primary_ids: npt.ArrayLike,
+    primary_logprobs: npt.ArrayLike,
+) -> float:
+    """KL of the coarse-grained pair for one position: shared tokens plus one "rest" bucket.
+
+    Each side gives the tokens it knows with their (normalised, natural-log) probabilities; a side
+    that knows the full distribution simply passes every token. Tokens known on only one side go
+    into the rest bucket on both sides, so both sides use the same partition and the result is a
+    lower bound of the exact KL (data-processing inequality).
+    """
+    r_ids = np.asarray(ref_ids, dtype=np.int64)
+    r_lp = np.asarray(ref_logprobs, dtype=np.float64)
+    q_ids = np.asarray(primary_ids, dtype=np.int64)
+    q_lp = np.asarray(primary_logprobs, dtype=np.float64)
+    _, ri, qi = np.intersect1d(r_ids, q_ids, assume_unique=True, return_indices=True)
+    lp, lq = r_lp[ri], q_lp[qi]
+    kl = float(np.sum(np.exp(lp) * (lp - lq)))
+    lp_rest, lq_rest = _rest_log(lp), _rest_log(lq)
+    p_rest = math.exp(lp_rest)
+    if p_rest > 1e-12:
+        kl += p_rest * (lp_rest - lq_rest)
+    return max(kl, 0.0)
+
+
+def coarse_kld_full_reference(
+    ref_logprobs_row: npt.ArrayLike, primary_ids: npt.ArrayLike, primary_logprobs: npt.ArrayLike
+) -> float:
+    """Coarse-grained KL when the reference's full distribution is known and the primary gave top-K."""
+    row = np.asarray(ref_logprobs_row, dtype=np.float64)
+    ids = np.asarray(primary_ids, dtype=np.int64)
+    return coarse_kld_row(ids, row[ids], ids, primary_logprobs)
+
+
+# ---- summary statistics ---------------------------------------------------------------------
+
+
+def mean_and_error(sum_x: float, sum_x2: float, count: int) -> tuple[float, float]:
+    """Mean and its standard error sqrt(var / (N - 1)), as llama-perplexity computes them.
+
+    llama-perplexity reports no error (0) for ten or fewer values.
+    """
+    if count < 1:
+        return 0.0, 0.0
+    mean = sum_x / count
+    var = sum_x2 / count - mean * mean
+    err = math.sqrt(var / (count - 1)) if var > 0 and count > 10 else 0.0
+    return mean, err
+
+
+def percentile(sorted_values: npt.ArrayLike, fraction: float) -> float:
+    """Linear interpolation at ``fraction * (n - 1)``, llama-perplexity's rule."""
+    v = np.asarray(sorted_values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    pos = fraction * (v.size - 1)
+    lo = int(pos)
+    frac = pos - lo
+    return float((1 - frac) * v[lo] + frac * v[min(lo + 1, v.size - 1)])
+
+
+def median(sorted_values: npt.ArrayLike) -> float:
+    v = np.asarray(sorted_values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan
+    mid = v.size // 2
+    return float(v[mid]) if v.size % 2 else float(0.5 * (v[mid - 1] + v[mid]))
+
+
+@dataclass(frozen=True)
+class KLDSummary:
+    tokens: int
+    mean: float
+    mean_error: float
+    median: float
+    p90: float
+    p95: float
+    p99: float
+    p999: float
+    max: float
+    same_top: float
+    same_top_error: float
+    rms_delta_p: float
+    rms_delta_p_error: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+def same_top_rate(n_same: int, count: int) -> tuple[float, float]:
+    """Same-top rate and its binomial error sqrt(p(1-p)/(N-1))."""
+    if count < 1:
+        return math.nan, math.nan
+    p = n_same / count
+    return p, (math.sqrt(p * (1 - p) / (count - 1)) if count > 1 else 0.0)
+
+
+def rms_and_error(sum_d2: float, sum_d4: float, count: int) -> tuple[float, float]:
+    """RMS Δp and its error (from the error of the mean of Δp², as llama-perplexity does)."""
+    mse, mse_err = mean_and_error(sum_d2, sum_d4, count)
+    if count < 1:
+        return math.nan, math.nan
+    rms = math.sqrt(mse)
+    return rms, (0.5 / rms * mse_err if rms > 0 else 0.0)
+
+
+def summarize(scores: PositionScores) -> KLDSummary:
+    """llama-perplexity's statistics over a set of scored positions."""
+    kld = np.asarray(scores.kld, dtype=np.float64)
+    dp = scores.delta_p
+    n = int(kld.size)
+    mean, err = mean_and_error(float(kld.sum()), float((kld * kld).sum()), n)
+    top, top_err = same_top_rate(int(np.count_nonzero(scores.same_top)), n)
+    dp2 = dp * dp
+    rms, rms_err = rms_and_error(float(dp2.sum()), float((dp2 * dp2).sum()), n)
+    s = np.sort(kld)
+    return KLDSummary(
+        tokens=n,
+        mean=mean if n else math.nan,
+        mean_error=err if n else math.nan,
+        median=median(s),
+        p90=percentile(s, 0.90),
+        p95=percentile(s, 0.95),
+        p99=percentile(s, 0.99),
+        p999=percentile(s, 0.999),
+        max=float(s[-1]) if n else math.nan,
+        same_top=top,
+        same_top_error=top_err,
+        rms_delta_p=rms,
+        rms_delta_p_error=rms_err,
+    )

@@ -1,0 +1,175 @@
+"""The shadow path: decide which requests are scored, queue their tokens, score them off the request path.
+
+* :class:`ShadowSampler` decides at once, per request (a rate, or the ``X-KVProxy-Shadow`` header).
+* A sampled request holds a :class:`ShadowTicket`; when its response has ended the ticket submits a
+  :class:`ShadowJob` (prompt token ids, generated token ids) to the :class:`ShadowPool` with a
+  non-blocking put, so the client's response never waits on the shadow path. A response that did not
+  finish (client gone, backend error) or a full queue drops the job, and the drop is counted.
+* The pool's workers score jobs through a :class:`Scorer` and feed the deployment's
+  :class:`~kvproxy.quality.QualityTracker`. A scorer failure is counted, logged and never reaches
+  a client.
+
+Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from kvproxy.kld import PositionScores
+from kvproxy.quality import QualityTracker
+
+log = logging.getLogger(__name__)
+
+SHADOW_HEADER = "X-KVProxy-Shadow"
+ShadowDirective = Literal["force", "skip"]
+
+
+def parse_shadow_header(value: str | None) -> ShadowDirective | None:
+    """``force`` / ``skip`` (any case); None when absent. Anything else is a ValueError."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v == "force" or v == "skip":
+        return v  # type: ignore[return-value]
+    raise ValueError(f"{SHADOW_HEADER} must be 'force' or 'skip', not {value!r}")
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    prompt_tokens: tuple[int, ...]
+    token_ids: tuple[int, ...]  # every token the primary produced, end-of-generation included
+    ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
+
+
+class Scorer(Protocol):
+    async def score(self, job: ShadowJob) -> PositionScores: ...
+
+
+@dataclass
+class ShadowCounters:
+    sampled: int = 0
+    scored: int = 0
+    failed: int = 0
+    dropped: int = 0
+    scored_tokens: int = 0
+    last_lag_seconds: float | None = None  # response end -> score done, for the last job
+
+
+class ShadowSampler:
+    def __init__(self, rate: float, rng: random.Random | None = None) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"shadow rate must be within 0..1, not {rate}")
+        self.rate = rate
+        self._rng = rng or random.Random()
+
+    def decide(self, directive: ShadowDirective | None) -> bool:
+        if directive == "force":
+            return True
+        if directive == "skip":
+            return False
+        return self.rate >= 1.0 or (self.rate > 0.0 and self._rng.random() < self.rate)
+
+
+class ShadowPool:
+    """A bounded queue and ``concurrency`` worker tasks in front of one scorer."""
+
+    def __init__(
+        self, scorer: Scorer, tracker: QualityTracker, *, queue_size: int = 64, concurrency: int = 1
+    ) -> None:
+        self.scorer = scorer
+        self.tracker = tracker
+        self.counters = ShadowCounters()
+        self.concurrency = concurrency
+        self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
+        self._workers: list[asyncio.Task[None]] = []
+        self.in_flight = 0
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._work(), name=f"kvproxy-shadow-{i}") for i in range(self.concurrency)
+            ]
+
+    async def stop(self) -> None:
+        """Stop the workers; jobs still queued are counted as dropped."""
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self.counters.dropped += 1
+
+    def ticket(self) -> ShadowTicket:
+        self.counters.sampled += 1
+        return ShadowTicket(self)
+
+    def _offer(self, job: ShadowJob) -> bool:
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.counters.dropped += 1
+            log.debug("shadow queue full: job dropped")
+            return False
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            self.in_flight += 1
+            try:
+                scores = await self.scorer.score(job)
+            except asyncio.CancelledError:
+                self.counters.dropped += 1
+                raise
+            except Exception:
+                self.counters.failed += 1
+                log.exception("shadow scoring failed")
+            else:
+                self.tracker.add(scores)
+                self.counters.scored += 1
+                self.counters.scored_tokens += len(scores)
+                self.counters.last_lag_seconds = time.monotonic() - job.ended_at
+            finally:
+                self.in_flight -= 1
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Wait until nothing is queued or being scored (tests, graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.qsize() or self.in_flight:
+            if time.monotonic() > deadline:
+                raise TimeoutError("shadow jobs still pending")
+            await asyncio.sleep(0.01)
+
+
+class ShadowTicket:
+    """One sampled request's claim on the shadow path: submitted once, or dropped (and counted)."""
+
+    def __init__(self, pool: ShadowPool) -> None:
+        self._pool = pool
+        self._settled = False
+
+    def submit(self, prompt_tokens: list[int], token_ids: tuple[int, ...]) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._pool._offer(ShadowJob(tuple(prompt_tokens), token_ids))
+
+    def abandon(self) -> None:
+        """The response did not finish: nothing to score."""
+        if not self._settled:
+            self._settled = True
+            self._pool.counters.dropped += 1
