@@ -9,16 +9,20 @@ export KVPROXY_CACHE
 PIP := $(VENV)/bin/python -m pip
 PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 
-.PHONY: serve test lint install install-test clean
+.PHONY: serve test llama-tools install install-test clean
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/kvproxy serve
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test llama-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) $(VENV)/bin/pytest
+
+# llama-server and llama-perplexity from the pinned llama.cpp source, cached in $(KVPROXY_CACHE)
+llama-tools: $(VENV)/.installed
+	scripts/build-llama-tools.sh $(VENV)/bin/python
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
