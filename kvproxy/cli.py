@@ -129,6 +129,22 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help=f"debug, info, warning or error. {_env('LOG_LEVEL')}")
     ] = None,
+    shadow_rate: Annotated[
+        float | None,
+        typer.Option(help=f"Fraction of requests shadow-scored, 0..1; default 0.5. {_env('SHADOW_RATE')}"),
+    ] = None,
+    reference_cache_type: Annotated[
+        KVCacheType | None,
+        typer.Option(
+            help=f"KV type (K and V) of the scoring reference; default f16. {_env('REFERENCE_CACHE_TYPE')}"
+        ),
+    ] = None,
+    shadow_queue_size: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Shadow jobs queued at most, more are dropped; default 64. {_env('SHADOW_QUEUE_SIZE')}"
+        ),
+    ] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache."""
     settings = load_settings(
@@ -143,6 +159,9 @@ def serve(
         port=port,
         threads=threads,
         log_level=log_level,
+        shadow_rate=shadow_rate,
+        reference_cache_type=reference_cache_type,
+        shadow_queue_size=shadow_queue_size,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 

@@ -18,6 +18,8 @@ def llama_bin() -> Path:
         return Path(given)
     out = subprocess.run(
         [str(ROOT / "scripts" / "build-llama-tools.sh"), sys.executable],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])

@@ -64,8 +64,13 @@ def real_logits(gemma_path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     llm = llama_cpp.Llama(str(gemma_path), n_ctx=256, verbose=False)
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. It was a sunny day in the park.")
     scorer = EmbeddedScorer(
-        llm._model, primary=KVConfig(T.Q4_0, T.Q4_0), reference=KVConfig(T.F16, T.F16),
-        n_ctx=256, threads=2, flash_attn=True, chunk=64,
+        llm._model,
+        primary=KVConfig(T.Q4_0, T.Q4_0),
+        reference=KVConfig(T.F16, T.F16),
+        n_ctx=256,
+        threads=2,
+        flash_attn=True,
+        chunk=64,
     )
     rows: dict[str, np.ndarray] = {}
     for name, ctx in (("ref", scorer._ctx_reference), ("pri", scorer._ctx_primary)):
@@ -77,7 +82,9 @@ def real_logits(gemma_path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return rows["ref"][:-1], rows["pri"][:-1], toks[1:]
 
 
-def test_exact_matches_brute_force_on_real_logits(real_logits: tuple[np.ndarray, np.ndarray, list[int]]) -> None:
+def test_exact_matches_brute_force_on_real_logits(
+    real_logits: tuple[np.ndarray, np.ndarray, list[int]],
+) -> None:
     ref, pri, toks = real_logits
     got = kld.exact_kld(ref, pri, toks)
     for i in (0, len(toks) // 2, len(toks) - 1):
@@ -85,7 +92,9 @@ def test_exact_matches_brute_force_on_real_logits(real_logits: tuple[np.ndarray,
     assert got.kld.mean() > 0  # q4_0 really differs from f16
 
 
-def test_coarse_is_a_lower_bound_on_real_logits(real_logits: tuple[np.ndarray, np.ndarray, list[int]]) -> None:
+def test_coarse_is_a_lower_bound_on_real_logits(
+    real_logits: tuple[np.ndarray, np.ndarray, list[int]],
+) -> None:
     ref, pri, toks = real_logits
     exact = kld.exact_kld(ref, pri, toks).kld
     lref, lpri = kld.log_softmax(ref), kld.log_softmax(pri)

@@ -39,9 +39,21 @@ def read_base_tokens(path: Path) -> tuple[int, int, np.ndarray]:
 
 def perplexity(*args: str) -> str:
     result = subprocess.run(
-        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", "2",
-         "-fa", "on", *args],
-        capture_output=True, text=True, timeout=900,
+        [
+            str(llama_bin() / "llama-perplexity"),
+            "-c",
+            str(N_CTX),
+            "--chunks",
+            str(N_CHUNKS),
+            "-t",
+            "2",
+            "-fa",
+            "on",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -54,9 +66,29 @@ def test_mean_kld_and_same_top_match_llama_perplexity(gemma_path: Path, tmp_path
     text = tmp_path / "text.txt"
     text.write_text(english_text())
     base = tmp_path / "base.kld"
-    perplexity("-m", str(gemma_path), "-f", str(text), "-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(base))
-    out = perplexity("-m", str(gemma_path), "-ctk", "q4_0", "-ctv", "q4_0",
-                     "--kl-divergence-base", str(base), "--kl-divergence")
+    perplexity(
+        "-m",
+        str(gemma_path),
+        "-f",
+        str(text),
+        "-ctk",
+        "f16",
+        "-ctv",
+        "f16",
+        "--kl-divergence-base",
+        str(base),
+    )
+    out = perplexity(
+        "-m",
+        str(gemma_path),
+        "-ctk",
+        "q4_0",
+        "-ctv",
+        "q4_0",
+        "--kl-divergence-base",
+        str(base),
+        "--kl-divergence",
+    )
     mean = re.search(r"Mean\s+KLD:\s+([0-9.]+)\s+±\s+([0-9.]+)", out)
     same = re.search(r"Same top p:\s+([0-9.]+)\s+±\s+([0-9.]+)\s+%", out)
     assert mean and same, out[-2000:]
@@ -67,8 +99,12 @@ def test_mean_kld_and_same_top_match_llama_perplexity(gemma_path: Path, tmp_path
     llm = llama_cpp.Llama(str(gemma_path), n_ctx=64, verbose=False)
     bos = llm.token_bos()
     scorer = EmbeddedScorer(
-        llm._model, primary=KVConfig(T.Q4_0, T.Q4_0), reference=KVConfig(T.F16, T.F16),
-        n_ctx=N_CTX, threads=2, flash_attn=True,
+        llm._model,
+        primary=KVConfig(T.Q4_0, T.Q4_0),
+        reference=KVConfig(T.F16, T.F16),
+        n_ctx=N_CTX,
+        threads=2,
+        flash_attn=True,
     )
     first = n_ctx // 2
     parts = []
@@ -80,8 +116,10 @@ def test_mean_kld_and_same_top_match_llama_perplexity(gemma_path: Path, tmp_path
     llm.close()
     mine = summarize(PositionScores.concat(parts))
     assert mine.tokens == n_chunk * (n_ctx - 1 - first)
-    print(f"llama-perplexity: mean KLD {gold_mean:.6f}, same top {gold_same:.4f}; "
-          f"kvproxy: mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f}, same top {mine.same_top:.4f}")
+    print(
+        f"llama-perplexity: mean KLD {gold_mean:.6f}, same top {gold_same:.4f}; "
+        f"kvproxy: mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f}, same top {mine.same_top:.4f}"
+    )
     assert mine.mean == pytest.approx(gold_mean, rel=0.05)
     assert abs(mine.same_top - gold_same) <= 0.015
     assert 0.05 < mine.mean < 0.5  # q4_0 K/V on Gemma 3 270M really loses this much (DESIGN.md: 0.13)

@@ -13,7 +13,10 @@ def scores(n: int, seed: int) -> PositionScores:
     rng = np.random.default_rng(seed)
     p_ref = rng.uniform(size=n)
     return PositionScores(
-        rng.lognormal(-3, 1.5, n), rng.uniform(size=n) < 0.85, p_ref, np.clip(p_ref + rng.normal(0, 0.1, n), 0, 1)
+        rng.lognormal(-3, 1.5, n),
+        rng.uniform(size=n) < 0.85,
+        p_ref,
+        np.clip(p_ref + rng.normal(0, 0.1, n), 0, 1),
     )
 
 
@@ -25,7 +28,15 @@ def test_since_start_equals_the_summary_of_everything() -> None:
     exact = summarize(PositionScores.concat(batches))
     got = tracker.since_start()
     assert got.tokens == exact.tokens == 3001
-    for field in ("mean", "mean_error", "max", "same_top", "same_top_error", "rms_delta_p", "rms_delta_p_error"):
+    for field in (
+        "mean",
+        "mean_error",
+        "max",
+        "same_top",
+        "same_top_error",
+        "rms_delta_p",
+        "rms_delta_p_error",
+    ):
         assert getattr(got, field) == pytest.approx(getattr(exact, field), rel=1e-9), field
     for field in ("median", "p90", "p95", "p99"):  # from the log-spaced histogram: within a bin
         assert getattr(got, field) == pytest.approx(getattr(exact, field), rel=0.03), field
