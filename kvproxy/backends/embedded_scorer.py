@@ -6,12 +6,13 @@ position the full-vocabulary KL(P_reference || Q_primary) is computed. The weigh
 (the contexts share the primary's ``llama_model``).
 
 Memory stays bounded whatever the vocabulary and sequence length: the prompt prefix is decoded
-without logits, and the scored part in chunks of ``chunk`` positions, each side's logits copied out
-once per chunk. Extra memory per chunk, for vocabulary V: llama.cpp's two output buffers
-(2 x chunk x V x 4 bytes) plus one float32 copy and the float64 work arrays of
-:func:`kvproxy.kld.exact_kld` (about 4 x chunk x V x 8 bytes): for Gemma (V = 262,144) and
-chunk = 8, about 24 MiB + 8 MiB + 64 MiB, under 100 MiB, independent of sequence length. The two
-contexts' KV caches add their own, fixed at creation (reported at start-up).
+without logits, and the scored part in chunks of ``chunk`` positions. Per chunk, for vocabulary V,
+about 36 bytes per logit: in each of the two contexts llama.cpp's output tensor and output buffer
+(2 x 2 x 4 bytes), one float32 copy of the reference's rows (4) and the four float32 temporaries of
+:func:`kvproxy.kld.exact_kld` (16). For Gemma (V = 262,144) and the default chunk of 8 that is
+72 MiB, independent of sequence length; `benchmarks/kld_throughput.py` measured 74 MiB (chunk 8)
+and 263 MiB (chunk 32, bound 288). The two scoring contexts' KV caches come on top, fixed at
+creation (32 MiB measured for n_ctx 1024).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def scoring_chunk_bytes(chunk: int, n_vocab: int) -> int:
     """Upper bound of the extra bytes one scoring chunk needs (see the module docstring)."""
-    return chunk * n_vocab * (2 * 4 + 4 + 4 * 8)
+    return chunk * n_vocab * (2 * 2 * 4 + 4 + 4 * 4)
 
 
 class EmbeddedScorer:
