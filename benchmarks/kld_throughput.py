@@ -99,7 +99,8 @@ def main() -> None:
     floor = bw / (8 * args.vocab)
     print(f"memory bandwidth (numpy copy, read+write): {bw / 1e9:.2f} GB/s")
     print(
-        f"bandwidth floor for exact KLD at V={args.vocab:,}: {floor:,.0f} positions/s (reading 2 float32 rows)\n"
+        f"bandwidth floor for exact KLD at V={args.vocab:,}: {floor:,.0f} positions/s"
+        " (reading 2 float32 rows)\n"
     )
     print(f"{'chunk':>6} {'positions/s':>12} {'ms/position':>12} {'of floor':>9}")
     for chunk in chunks:
@@ -108,7 +109,8 @@ def main() -> None:
 
     if not args.skip_memory:
         print(
-            "\nshadow path peak extra memory (Gemma 3 270M, q4_0 primary vs f16 reference, n_ctx 1024, 600 positions)"
+            "\nshadow path peak extra memory"
+            " (Gemma 3 270M, q4_0 primary vs f16 reference, n_ctx 1024, 600 positions)"
         )
         print(
             f"{'chunk':>6} {'contexts MiB':>13} {'scoring MiB':>12} {'total MiB':>10} {'chunk bound MiB':>16}"

@@ -108,7 +108,7 @@ def exact_kld(
 
 def sq_at(x: npt.NDArray[np.float32], rows: IntArray, toks: IntArray, top: IntArray) -> FloatArray:
     """The shifted logit ``x[i, tok_i] - max_i`` in float64."""
-    return x[rows, toks].astype(np.float64) - x[rows, top].astype(np.float64)  # type: ignore[no-any-return]
+    return x[rows, toks].astype(np.float64) - x[rows, top].astype(np.float64)
 
 
 def _rest_log(known_logprobs: FloatArray) -> float:
