@@ -122,6 +122,17 @@ async def _collect(events: AsyncGenerator[GenerationEvent, None]) -> _Collected:
     raise BackendError("the backend ended without finishing the generation")
 
 
+async def _prepend(
+    first: GenerationEvent, rest: AsyncGenerator[GenerationEvent, None]
+) -> AsyncGenerator[GenerationEvent, None]:
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()
+
+
 def _backend_failure(exc: BackendError) -> OpenAIError:
     return OpenAIError(500, f"The backend failed: {exc}", type="server_error", code="backend_error")
 
@@ -174,6 +185,28 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.backend.model_name, created=int(time.time()))])
 
+    async def _collected(self, gen: GenerationRequest, shadow: ShadowDirective | None) -> _Collected:
+        try:
+            return await _collect(self._events(gen, self._ticket(shadow)))
+        except BackendError as exc:
+            raise _backend_failure(exc) from exc
+
+    async def _started(
+        self, gen: GenerationRequest, shadow: ShadowDirective | None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Start generating and wait for the first event, before any byte of a stream is sent.
+
+        A request that fails at once (backend error) then still gets a proper HTTP status instead of
+        a 200 stream carrying an error. Returns the events, the first one included.
+        """
+        events = self._events(gen, self._ticket(shadow))
+        try:
+            first = await anext(events)
+        except BackendError as exc:
+            await events.aclose()
+            raise _backend_failure(exc) from exc
+        return _prepend(first, events)
+
     def _budget(self, prompt: Sequence[int], requested: int | None) -> int:
         n_ctx = self.backend.n_ctx
         if len(prompt) >= n_ctx or (requested is not None and len(prompt) + requested > n_ctx):
@@ -198,11 +231,7 @@ class OpenAIServing:
         )
 
     async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
-        gen = self.prepare_chat(req)
-        try:
-            got = await _collect(self._events(gen, self._ticket(shadow)))
-        except BackendError as exc:
-            raise _backend_failure(exc) from exc
+        got = await self._collected(self.prepare_chat(req), shadow)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -223,24 +252,10 @@ class OpenAIServing:
     async def chat_stream(
         self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
     ) -> AsyncIterator[bytes]:
-        """Validate and start generating, then return the SSE byte stream.
-
-        The first event is awaited here, before any byte is sent, so that a request that fails at
-        once still gets a proper HTTP status instead of a 200 stream carrying an error.
-        """
-        gen = self.prepare_chat(req)
-        events = self._events(gen, self._ticket(shadow))
-        try:
-            first = await anext(events)
-        except BackendError as exc:
-            raise _backend_failure(exc) from exc
-        return self._chat_chunks(req, events, first)
+        return self._chat_chunks(req, await self._started(self.prepare_chat(req), shadow))
 
     async def _chat_chunks(
-        self,
-        req: ChatCompletionRequest,
-        events: AsyncGenerator[GenerationEvent, None],
-        first: GenerationEvent,
+        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None]
     ) -> AsyncIterator[bytes]:
         chunk = ChatCompletionChunk(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -251,14 +266,8 @@ class OpenAIServing:
         )
         no_usage = {"usage"}
         yield sse(chunk, exclude=no_usage)
-
-        async def all_events() -> AsyncIterator[GenerationEvent]:
-            yield first
-            async for event in events:
-                yield event
-
         try:
-            async for event in all_events():
+            async for event in events:
                 if isinstance(event, TextDelta):
                     lp = (
                         ChoiceLogprobs(content=[_wire_logprob(x) for x in event.logprobs])
@@ -329,11 +338,7 @@ class OpenAIServing:
         )
 
     async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
-        gen = self.prepare_completion(req)
-        try:
-            got = await _collect(self._events(gen, self._ticket(shadow)))
-        except BackendError as exc:
-            raise _backend_failure(exc) from exc
+        got = await self._collected(self.prepare_completion(req), shadow)
         lp = self._legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
         out = self._completion(got.text, got.done.finish_reason, lp)
         out.usage = _usage(got.done)
@@ -342,35 +347,27 @@ class OpenAIServing:
     async def completion_stream(
         self, req: CompletionRequest, shadow: ShadowDirective | None = None
     ) -> AsyncIterator[bytes]:
-        gen = self.prepare_completion(req)
-        events = self._events(gen, self._ticket(shadow))
-        try:
-            first = await anext(events)
-        except BackendError as exc:
-            raise _backend_failure(exc) from exc
-        return self._completion_chunks(req, events, first)
+        return self._completion_chunks(req, await self._started(self.prepare_completion(req), shadow))
 
     async def _completion_chunks(
-        self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None], first: GenerationEvent
+        self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None]
     ) -> AsyncIterator[bytes]:
         offset = 0
-        event = first
         try:
-            while True:
+            async for event in events:
                 if isinstance(event, TextDelta):
                     lp = self._legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
                     offset += len(event.text)
                     yield sse(self._completion(event.text, None, lp), exclude={"usage"})
-                else:
-                    yield sse(self._completion("", event.finish_reason, None), exclude={"usage"})
-                    if req.include_usage:
-                        final = self._completion("", None, None)
-                        final.choices = []
-                        final.usage = _usage(event)
-                        yield sse(final)
-                    yield SSE_DONE
-                    return
-                event = await anext(events)
+                    continue
+                yield sse(self._completion("", event.finish_reason, None), exclude={"usage"})
+                if req.include_usage:
+                    final = self._completion("", None, None)
+                    final.choices = []
+                    final.usage = _usage(event)
+                    yield sse(final)
+                yield SSE_DONE
+                return
         except BackendError as exc:
             yield sse(_backend_failure(exc).body())
         finally:
