@@ -1,7 +1,7 @@
-"""The application factory: wires settings, backend, serving logic and routes together.
+"""The application factory: wires deployments, the router and the routes together.
 
-The server starts listening at once and loads the model in the background, so ``/health`` can say
-503 while loading (as llama-server does) and orchestrators see a live process from the start.
+The server starts listening at once and loads embedded models in the background, so ``/health`` can
+say 503 while loading (as llama-server does) and orchestrators see a live process from the start.
 """
 
 from __future__ import annotations
@@ -10,53 +10,90 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
-from kvproxy.api import admin, health, openai
-from kvproxy.deployment import Deployment
+from kvproxy.api import admin, health, openai, score
+from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
+from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
+from kvproxy.router import Router
 from kvproxy.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    deployment: Deployment,
+    deployments: Deployment | list[Deployment],
     *,
     on_ready: Callable[[], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """Build the ASGI app around ``deployment``, which the app's lifespan loads, starts and closes."""
+    """Build the ASGI app; its lifespan starts (loads) and stops every deployment."""
+    deps = deployments if isinstance(deployments, list) else [deployments]
+    router = Router(deps)
 
-    async def load() -> None:
+    async def start(d: Deployment) -> None:
         try:
-            await deployment.start()
+            await d.start()
         except Exception as exc:
-            log.error("loading %s failed: %s", deployment.backend.info.path, exc)
-            serving.load_error = str(exc)
+            log.error("starting deployment %s failed: %s", d.name, exc)
+            for serving in router.embedded_servings():
+                if serving.deployment is d:
+                    serving.load_error = str(exc)
             if on_load_failed is not None:
                 on_load_failed(exc)
-            return
-        if on_ready is not None:
+            raise
+
+    async def start_all() -> None:
+        results = await asyncio.gather(*(start(d) for d in deps), return_exceptions=True)
+        if on_ready is not None and not any(isinstance(r, BaseException) for r in results):
             on_ready()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load(), name="kvproxy-load-model")
+        loading = asyncio.create_task(start_all(), name="kvproxy-start")
         try:
             yield
         finally:
-            await asyncio.shield(loading)  # never free the model while the loader thread runs
-            await deployment.stop()
-            deployment.close()
+            await asyncio.shield(loading)  # never free a model while its loader thread runs
+            for d in deps:
+                await d.stop()
+                d.close()
 
     app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
-    serving = OpenAIServing(deployment)
-    app.state.serving = serving
+    app.state.router = router
+    app.state.deployments = deps
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    if any(isinstance(d, EmbeddedDeployment) for d in deps):
+        app.include_router(score.router)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Request bodies are validated after routing (per deployment kind), so FastAPI does not see
+    them; add their schemas to the OpenAPI document by hand."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            _, defs = models_json_schema(
+                [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+                ref_template="#/components/schemas/{model}",
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["OpenAIServing", "create_app"]

@@ -1,56 +1,72 @@
-"""A deployment: the model name clients use, its primary backend, its reference, and its shadow path."""
+"""Deployments: the model name clients use, its primary, its reference, and its shadow path.
+
+Two kinds share the shadow machinery (sampler, bounded queue, tracker) and the status shape:
+:class:`EmbeddedDeployment` (llama.cpp in process, exact scoring on the same weights) and
+:class:`HttpDeployment` (llama-server replicas for the primary; the reference either a plain
+llama-server, scored per position from its top-K, or a kvproxy scoring server, scored exactly).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.backends.embedded_scorer import ThreadedScorer
+from kvproxy.backends.llama_server import (
+    LlamaServerPrimary,
+    LlamaServerReference,
+    prompt_tokens_chat,
+    prompt_tokens_text,
+)
+from kvproxy.backends.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.config import Settings
 from kvproxy.gguf_info import ModelInfo
+from kvproxy.kld import PositionScores
 from kvproxy.quality import QualityTracker
-from kvproxy.shadow import ShadowPool, ShadowSampler
+from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
+from kvproxy.upstream import ReplicaPool
+
+
+def _kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
+    if kv is None:
+        return None
+    return {"cache_type_k": kv.cache_type_k.value, "cache_type_v": kv.cache_type_v.value}
 
 
 @dataclass
-class Deployment:
-    backend: EmbeddedBackend
-    reference_kv: KVConfig
+class DeploymentBase:
+    name: str
+    primary_kv: KVConfig | None
+    reference_kv: KVConfig | None
     sampler: ShadowSampler
     tracker: QualityTracker
-    pool: ShadowPool
-    scorer: ThreadedScorer
-    estimator: str = (
-        "exact"  # exact full-vocabulary KLD (embedded); "top-K" estimators come with HTTP backends
-    )
+    pool: ShadowPool = field(init=False)
+
+    estimator: str = "exact"
+
+    def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
+        return self.pool.ticket() if self.sampler.decide(directive) else None
 
     @property
-    def name(self) -> str:
-        return self.backend.model_name
+    def ready(self) -> bool:
+        raise NotImplementedError
 
-    async def start(self) -> None:
-        """Load the model, then the scoring contexts on the same weights, then start the workers."""
-        await self.backend.load()
-        await self.scorer.start()
-        self.pool.start()
-
-    async def stop(self) -> None:
-        await self.pool.stop()
-
-    def close(self) -> None:
-        self.scorer.close()  # scoring contexts go before the model they share
-        self.backend.close()
+    def backend_status(self) -> dict[str, Any]:
+        return {}
 
     def status(self) -> dict[str, Any]:
         c = self.pool.counters
         return {
             "name": self.name,
-            "ready": self.backend.ready,
-            "primary": _kv_dict(self.backend.kv),
+            "ready": self.ready,
+            "primary": _kv_dict(self.primary_kv),
             "reference": _kv_dict(self.reference_kv),
             "estimator": self.estimator,
+            **self.backend_status(),
             "shadow": {
                 "rate": self.sampler.rate,
                 "sampled": c.sampled,
@@ -69,23 +85,127 @@ class Deployment:
         }
 
 
-def _kv_dict(kv: KVConfig) -> dict[str, str]:
-    return {"cache_type_k": kv.cache_type_k.value, "cache_type_v": kv.cache_type_v.value}
+@dataclass
+class EmbeddedDeployment(DeploymentBase):
+    backend: EmbeddedBackend = field(kw_only=True)
+    scorer: ThreadedScorer = field(kw_only=True)
+    queue_size: int = field(default=64, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.pool = ShadowPool(self.scorer, self.tracker, queue_size=self.queue_size, concurrency=1)
+
+    @property
+    def ready(self) -> bool:
+        return self.backend.ready
+
+    async def start(self) -> None:
+        """Load the model, then the scoring contexts on the same weights, then start the workers."""
+        await self.backend.load()
+        await self.scorer.start()
+        self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+
+    def close(self) -> None:
+        self.scorer.close()  # scoring contexts go before the model they share
+        self.backend.close()
 
 
 def embedded_deployment(
     settings: Settings, info: ModelInfo, backend: EmbeddedBackend | None = None
-) -> Deployment:
+) -> EmbeddedDeployment:
     """The zero-configuration deployment: primary and exact scorer in process on one set of weights."""
     backend = backend or EmbeddedBackend(settings, info)
     reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
-    tracker = QualityTracker(window=settings.status_window)
-    scorer = ThreadedScorer(lambda: backend.make_scorer(reference))
-    return Deployment(
-        backend=backend,
+    return EmbeddedDeployment(
+        name=backend.model_name,
+        primary_kv=backend.kv,
         reference_kv=reference,
         sampler=ShadowSampler(settings.shadow_rate),
-        tracker=tracker,
-        pool=ShadowPool(scorer, tracker, queue_size=settings.shadow_queue_size, concurrency=1),
-        scorer=scorer,
+        tracker=QualityTracker(window=settings.status_window),
+        backend=backend,
+        scorer=ThreadedScorer(lambda: backend.make_scorer(reference)),
+        queue_size=settings.shadow_queue_size,
     )
+
+
+class HttpScorer:
+    """Scores an HTTP primary's job: the primary tokenizes the prompt, the reference scores."""
+
+    def __init__(self, deployment: HttpDeployment) -> None:
+        self.deployment = deployment
+
+    async def score(self, job: ShadowJob) -> PositionScores:
+        d = self.deployment
+        source = job.source or {}
+        if "messages" in source:
+            prompt = await prompt_tokens_chat(d.primary_pool, source["messages"])
+        else:
+            prompt = await prompt_tokens_text(d.primary_pool, source.get("prompt", ""))
+        assert d.reference is not None
+        return await d.reference.score(prompt, job.report)
+
+
+@dataclass
+class HttpDeployment(DeploymentBase):
+    primary_pool: ReplicaPool = field(kw_only=True)
+    reference_pool: ReplicaPool | None = field(kw_only=True)
+    top_k: int = field(default=20, kw_only=True)
+    queue_size: int = field(default=64, kw_only=True)
+    concurrency: int = field(default=1, kw_only=True)
+    reference: LlamaServerReference | ScoreRouteReference | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.primary = LlamaServerPrimary(self.primary_pool, top_k=self.top_k)
+        self.pool = ShadowPool(
+            HttpScorer(self), self.tracker, queue_size=self.queue_size, concurrency=self.concurrency
+        )
+        if self.reference_pool is None:
+            self.sampler = ShadowSampler(0.0)
+        self.estimator = f"top-{self.top_k}"
+
+    @property
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.primary_pool.replicas)
+
+    async def start(self) -> None:
+        self.primary_pool.start()
+        await self.primary_pool.check_health()
+        if self.reference_pool is not None:
+            self.reference_pool.start()
+            info = None
+            try:
+                info = await probe_score_route(self.reference_pool)
+            except httpx.HTTPError:
+                info = None
+            if info is not None:  # a kvproxy scoring server: exact scores of both configs
+                self.reference = ScoreRouteReference(self.reference_pool, info)
+                self.estimator = "exact"
+                self.reference_kv = info.reference_kv
+            else:
+                self.reference = LlamaServerReference(self.reference_pool, top_k=self.top_k)
+        self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        await self.primary_pool.close()
+        if self.reference_pool is not None:
+            await self.reference_pool.close()
+
+    def close(self) -> None:
+        pass
+
+    def backend_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"primary_replicas": self.primary_pool.status()}
+        if self.reference_pool is not None:
+            out["reference_replicas"] = self.reference_pool.status()
+            out["reference_kind"] = (
+                "kvproxy-score" if isinstance(self.reference, ScoreRouteReference) else "llama-server"
+            )
+        if isinstance(self.reference, ScoreRouteReference):
+            out["replica_consistency"] = self.reference.consistency()
+        return out
+
+
+Deployment = EmbeddedDeployment | HttpDeployment

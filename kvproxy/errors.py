@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvproxy.protocol import ErrorDetail, ErrorResponse
@@ -92,7 +93,8 @@ def _branch_matches_input(error: Any) -> bool:
     return str(tags[-1]).startswith(type(error.get("input")).__name__)
 
 
-def validation_error(exc: RequestValidationError) -> OpenAIError:
+def validation_error(exc: RequestValidationError | ValidationError) -> OpenAIError:
+    """One OpenAI error for a failed validation: the first problem, naming the parameter."""
     errors = list(exc.errors())
     if not errors:
         return OpenAIError(400, "Invalid request body.")
@@ -114,6 +116,10 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if others:
         message += f" (and problems with: {', '.join(sorted(str(o) for o in others))})"
     return OpenAIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def pydantic_error(exc: ValidationError) -> OpenAIError:
+    return validation_error(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -45,6 +45,11 @@ class PositionScores:
     same_top: BoolArray
     p_ref: FloatArray  # P(t_i): the reference's probability of the emitted token
     p_primary: FloatArray  # Q(t_i)
+    # optional: the primary config's logprobs of tokens a live primary reported (consistency check)
+    check_logprobs: list[list[float]] | None = None
+
+    def with_checks(self, checks: list[list[float]]) -> PositionScores:
+        return PositionScores(self.kld, self.same_top, self.p_ref, self.p_primary, checks)
 
     @property
     def delta_p(self) -> FloatArray:

@@ -12,8 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from kvproxy import __version__
 from kvproxy.backends.base import (
@@ -27,13 +29,13 @@ from kvproxy.backends.base import (
     TokenLogprob,
 )
 from kvproxy.chat_template import ChatTemplateError
-from kvproxy.deployment import Deployment
+from kvproxy.deployment import EmbeddedDeployment
 from kvproxy.errors import (
     OpenAIError,
     context_length_exceeded,
     model_load_failed,
     model_loading,
-    model_not_found,
+    pydantic_error,
 )
 from kvproxy.protocol import (
     AssistantMessage,
@@ -49,13 +51,11 @@ from kvproxy.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
-    ModelCard,
-    ModelList,
     Usage,
 )
 from kvproxy.protocol import TokenLogprob as WireTokenLogprob
 from kvproxy.protocol import TopLogprob as WireTopLogprob
-from kvproxy.shadow import SHADOW_HEADER, ShadowDirective, ShadowTicket, parse_shadow_header
+from kvproxy.shadow import SHADOW_HEADER, ShadowDirective, ShadowJob, ShadowTicket, parse_shadow_header
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -137,6 +137,21 @@ def _backend_failure(exc: BackendError) -> OpenAIError:
     return OpenAIError(500, f"The backend failed: {exc}", type="server_error", code="backend_error")
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _strict(model: type[_M], body: dict[str, Any]) -> _M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise pydantic_error(exc) from exc
+
+
+def _json_response(payload: BaseModel) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")
+
+
 def shadow_directive(header: str | None) -> ShadowDirective | None:
     """The ``X-KVProxy-Shadow`` request header, or a 400 naming it."""
     try:
@@ -148,15 +163,32 @@ def shadow_directive(header: str | None) -> ShadowDirective | None:
 class OpenAIServing:
     """Chat completions, completions and the model list for one deployment."""
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: EmbeddedDeployment) -> None:
         self.deployment = deployment
         self.backend: Backend = deployment.backend
         self.load_error: str | None = None  # set when the backend failed to load
         self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
 
     def _ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
-        d = self.deployment
-        return d.pool.ticket() if d.sampler.decide(directive) else None
+        return self.deployment.ticket(directive)
+
+    # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
+
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+        req = _strict(ChatCompletionRequest, body)
+        if req.stream:
+            chunks = await self.chat_stream(req, shadow)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+        return _json_response(await self.chat(req, shadow))
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req = _strict(CompletionRequest, body)
+        if req.stream:
+            chunks = await self.completion_stream(req, shadow)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+        return _json_response(await self.completion(req, shadow))
 
     async def _events(
         self, gen: GenerationRequest, ticket: ShadowTicket | None
@@ -168,7 +200,9 @@ class OpenAIServing:
         try:
             async for event in self.backend.generate(gen):
                 if ticket is not None and isinstance(event, Finished):
-                    ticket.submit(gen.prompt_tokens, event.token_ids)
+                    ticket.submit(
+                        ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                    )
                 yield event
         finally:
             if ticket is not None:
@@ -179,11 +213,6 @@ class OpenAIServing:
             raise model_load_failed(self.load_error)
         if not self.backend.ready:
             raise model_loading()
-        if model != self.backend.model_name:
-            raise model_not_found(model)
-
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.backend.model_name, created=int(time.time()))])
 
     async def _collected(self, gen: GenerationRequest, shadow: ShadowDirective | None) -> _Collected:
         try:

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from kvproxy.kld import PositionScores
 from kvproxy.quality import QualityTracker
@@ -43,8 +43,17 @@ def parse_shadow_header(value: str | None) -> ShadowDirective | None:
 
 @dataclass(frozen=True)
 class ShadowJob:
-    prompt_tokens: tuple[int, ...]
-    token_ids: tuple[int, ...]  # every token the primary produced, end-of-generation included
+    """What a scorer needs to replay one response. Dropped as soon as it is scored.
+
+    Embedded primaries know their token ids; an HTTP primary's job carries the request's messages or
+    prompt (``source``, tokenized by the primary itself when the job is scored, off the request
+    path) and what the primary reported for each generated position (``report``).
+    """
+
+    prompt_tokens: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()  # every token the primary produced, end-of-generation included
+    source: dict[str, Any] | None = None
+    report: Any = None  # kvproxy.backends.llama_server.PrimaryReport for HTTP primaries
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
 
 
@@ -162,11 +171,11 @@ class ShadowTicket:
         self._pool = pool
         self._settled = False
 
-    def submit(self, prompt_tokens: list[int], token_ids: tuple[int, ...]) -> None:
+    def submit(self, job: ShadowJob) -> None:
         if self._settled:
             return
         self._settled = True
-        self._pool._offer(ShadowJob(tuple(prompt_tokens), token_ids))
+        self._pool._offer(job)
 
     def abandon(self) -> None:
         """The response did not finish: nothing to score."""

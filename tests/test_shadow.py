@@ -57,7 +57,7 @@ def test_full_queue_drops_and_counts() -> None:
         pool = ShadowPool(scorer, QualityTracker(), queue_size=2, concurrency=1)
         pool.start()
         for _ in range(6):
-            pool.ticket().submit([1, 2], (3, 4, 5))
+            pool.ticket().submit(ShadowJob((1, 2), (3, 4, 5)))
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
         assert pool.in_flight == 1 and pool.queued == 2 and pool.counters.dropped == 3
@@ -77,7 +77,7 @@ def test_failures_are_counted_and_do_not_stop_the_workers() -> None:
         pool = ShadowPool(FakeScorer(fail_every=2), QualityTracker(), queue_size=100, concurrency=2)
         pool.start()
         for _ in range(10):
-            pool.ticket().submit([1], (2,))
+            pool.ticket().submit(ShadowJob((1,), (2,)))
         await pool.drain()
         assert pool.counters.failed == 5 and pool.counters.scored == 5
         assert accounted(pool) == pool.counters.sampled == 10
@@ -94,9 +94,9 @@ def test_abandoned_tickets_and_shutdown_count_as_dropped() -> None:
         pool.start()
         pool.ticket().abandon()  # the response never finished
         t = pool.ticket()
-        t.submit([1], (2,))
+        t.submit(ShadowJob((1,), (2,)))
         t.abandon()  # after submit: a no-op
-        pool.ticket().submit([1], (2,))
+        pool.ticket().submit(ShadowJob((1,), (2,)))
         await asyncio.sleep(0.01)
         await pool.stop()  # one in flight, one queued: both dropped
         assert pool.counters.dropped == 3 and pool.counters.sampled == 3

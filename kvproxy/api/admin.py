@@ -6,13 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kvproxy.serving import OpenAIServing
-
 router = APIRouter(prefix="/kvproxy/v1")
 
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
     """Per deployment: KV configs of primary and reference, shadow counts, KLD since start and recent."""
-    serving: OpenAIServing = request.app.state.serving
-    return {"deployments": [serving.deployment.status()]}
+    return {"deployments": [d.status() for d in request.app.state.deployments]}

@@ -1,4 +1,4 @@
-"""Liveness and readiness, llama-server style: 503 while the model loads, 200 once it serves."""
+"""Liveness and readiness, llama-server style: 503 while a model loads, 200 once everything serves."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from kvproxy.errors import model_load_failed, model_loading
-from kvproxy.serving import OpenAIServing
+from kvproxy.router import Router
 
 router = APIRouter()
 
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    serving: OpenAIServing = request.app.state.serving
-    if serving.load_error is not None:
-        err = model_load_failed(serving.load_error)
-    elif not serving.backend.ready:
-        err = model_loading()
-    else:
-        return JSONResponse({"status": "ok"})
-    return JSONResponse(err.body(), status_code=err.status)
+    """503 while an embedded model loads, 500 if one failed to load; HTTP deployments report their
+    replicas in the status route and do not hold the proxy's readiness hostage."""
+    r: Router = request.app.state.router
+    for serving in r.embedded_servings():
+        if serving.load_error is not None:
+            err = model_load_failed(serving.load_error)
+            return JSONResponse(err.body(), status_code=err.status)
+        if not serving.backend.ready:
+            err = model_loading()
+            return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse({"status": "ok"})

@@ -1,10 +1,14 @@
-"""The OpenAI-compatible routes."""
+"""The OpenAI-compatible routes: read the JSON body, route by ``model``, hand over to that deployment."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+import json
+from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from kvproxy.errors import OpenAIError
 from kvproxy.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -13,7 +17,8 @@ from kvproxy.protocol import (
     ErrorResponse,
     ModelList,
 )
-from kvproxy.serving import OpenAIServing, shadow_directive
+from kvproxy.router import Router
+from kvproxy.serving import shadow_directive
 from kvproxy.shadow import SHADOW_HEADER
 
 router = APIRouter(
@@ -25,36 +30,51 @@ router = APIRouter(
     },
 )
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+def _request_schema(model: type) -> dict[str, Any]:
+    """Document the body (validated per deployment after routing, so not by FastAPI itself)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
-def _serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing = request.app.state.serving
-    return serving
+async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise OpenAIError(
+            400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from exc
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return raw, body
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> ChatCompletion | StreamingResponse:
-    serving = _serving(request)
-    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
-    if body.stream:
-        chunks = await serving.chat_stream(body, shadow)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await serving.chat(body, shadow)
+def _router(request: Request) -> Router:
+    r: Router = request.app.state.router
+    return r
 
 
-@router.post("/completions", response_model=Completion)
-async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
-    serving = _serving(request)
-    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
-    if body.stream:
-        chunks = await serving.completion_stream(body, shadow)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await serving.completion(body, shadow)
+@router.post(
+    "/chat/completions", response_model=ChatCompletion, openapi_extra=_request_schema(ChatCompletionRequest)
+)
+async def chat_completions(request: Request) -> Response:
+    raw, body = await _json_body(request)
+    serving = _router(request).route(body.get("model"))
+    return await serving.handle_chat(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
+
+
+@router.post("/completions", response_model=Completion, openapi_extra=_request_schema(CompletionRequest))
+async def completions(request: Request) -> Response:
+    raw, body = await _json_body(request)
+    serving = _router(request).route(body.get("model"))
+    return await serving.handle_completion(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
 
 
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
-    return _serving(request).models()
+    return _router(request).models()

@@ -96,6 +96,12 @@ class EmbeddedBackend:
         return self._settings.ctx_size
 
     @property
+    def n_vocab(self) -> int:
+        if self._llama is None:
+            raise BackendError("model not loaded")
+        return int(self._llama.n_vocab())
+
+    @property
     def chat_template(self) -> ChatTemplate:
         if self._template is None:
             raise BackendError("model not loaded")

@@ -100,10 +100,17 @@ class EmbeddedScorer:
     def _logits(self, ctx: Any, n_rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
         return np.ctypeslib.as_array(ctx.get_logits(), shape=(n_rows, self.n_vocab))
 
-    def score(self, prompt: Sequence[int], completion: Sequence[int]) -> PositionScores:
+    def score(
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        check_ids: Sequence[Sequence[int]] | None = None,
+    ) -> PositionScores:
         """Per-position exact scores for every completion token, teacher-forced on both configs.
 
-        Position j scores ``completion[j]`` given ``prompt + completion[:j]``.
+        Position j scores ``completion[j]`` given ``prompt + completion[:j]``. With ``check_ids``
+        (token ids per position), the primary config's logprobs of those tokens are returned too,
+        in ``PositionScores.check_logprobs``.
         """
         if not prompt:
             raise ValueError("scoring needs at least one prompt token")
@@ -119,6 +126,7 @@ class EmbeddedScorer:
                 part = seq[i : min(i + self.batch_size, start)]
                 self._decode(ctx, part, i, with_logits=False)
         parts = []
+        checks: list[list[float]] = []
         for c in range(start, len(seq), self.chunk):
             part = seq[c : c + self.chunk]
             self._decode(self._ctx_reference, part, c, with_logits=True)
@@ -127,7 +135,18 @@ class EmbeddedScorer:
             primary = self._logits(self._ctx_primary, len(part))
             targets = completion[c - start : c - start + len(part)]
             parts.append(exact_kld(ref, primary, targets))
-        return PositionScores.concat(parts)
+            if check_ids is not None:
+                for row, ids in zip(primary, check_ids[c - start : c - start + len(part)], strict=False):
+                    checks.append(_row_logprobs(row, ids))
+        scores = PositionScores.concat(parts)
+        return scores if check_ids is None else scores.with_checks(checks)
+
+
+def _row_logprobs(row: np.ndarray[Any, np.dtype[np.float32]], ids: Sequence[int]) -> list[float]:
+    """log-softmax of one logits row at ``ids`` (max-shifted, the sum in float64)."""
+    m = float(row.max())
+    log_z = m + float(np.log(np.exp(row - np.float32(m)).sum(dtype=np.float64)))
+    return [float(row[i]) - log_z for i in ids]
 
 
 def _lower_priority() -> None:
@@ -159,8 +178,16 @@ class ThreadedScorer:
         return self._scorer
 
     async def score(self, job: ShadowJob) -> PositionScores:
+        return await self.score_tokens(job.prompt_tokens, job.token_ids)
+
+    async def score_tokens(
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        check_ids: Sequence[Sequence[int]] | None = None,
+    ) -> PositionScores:
         def run() -> PositionScores:
-            return self._get().score(job.prompt_tokens, job.token_ids)
+            return self._get().score(prompt, completion, check_ids)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 

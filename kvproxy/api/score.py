@@ -1,0 +1,78 @@
+"""The scoring routes of an embedded deployment, used by proxies whose reference is this server.
+
+``GET /kvproxy/v1/info`` says what this server scores with; ``POST /kvproxy/v1/score`` scores one
+job exactly (a prefill per KV config, full vocabulary) and returns per-position numbers only: no
+vocabulary-wide row ever crosses HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvproxy.deployment import EmbeddedDeployment
+from kvproxy.errors import OpenAIError, model_loading
+
+router = APIRouter(prefix="/kvproxy/v1")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    check_ids: list[list[Annotated[int, Field(ge=0)]]] | None = None
+
+
+def _embedded(request: Request) -> EmbeddedDeployment:
+    for d in request.app.state.deployments:
+        if isinstance(d, EmbeddedDeployment):
+            return d
+    raise OpenAIError(404, "This kvproxy has no embedded deployment to score with.", code="not_found")
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    d = _embedded(request)
+    ref = d.reference_kv or d.backend.kv
+    return {
+        "model": d.name,
+        "score": d.ready,
+        "primary": {
+            "cache_type_k": d.backend.kv.cache_type_k.value,
+            "cache_type_v": d.backend.kv.cache_type_v.value,
+        },
+        "reference": {"cache_type_k": ref.cache_type_k.value, "cache_type_v": ref.cache_type_v.value},
+        "n_ctx": d.backend.n_ctx,
+    }
+
+
+@router.post("/score")
+async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
+    d = _embedded(request)
+    if not d.ready:
+        raise model_loading()
+    n_vocab = d.backend.n_vocab
+    bad = [t for t in (*body.prompt_tokens, *body.token_ids) if t >= n_vocab]
+    if bad:
+        raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary of {n_vocab}", param="token_ids")
+    if len(body.prompt_tokens) + len(body.token_ids) - 1 > d.backend.n_ctx:
+        raise OpenAIError(
+            400,
+            f"the sequence does not fit the scoring context of {d.backend.n_ctx} tokens",
+            param="token_ids",
+            code="context_length_exceeded",
+        )
+    try:
+        s = await d.scorer.score_tokens(body.prompt_tokens, body.token_ids, body.check_ids)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc)) from exc
+    return {
+        "estimator": "exact",
+        "kld": s.kld.tolist(),
+        "same_top": s.same_top.tolist(),
+        "p_ref": s.p_ref.tolist(),
+        "p_primary": s.p_primary.tolist(),
+        "check_logprobs": s.check_logprobs,
+    }

@@ -1,0 +1,223 @@
+"""llama-server over HTTP: relaying OpenAI requests to the primary, and scoring on the reference.
+
+Unsampled requests are relayed byte for byte (the body as the client sent it, the response and SSE
+chunks as the upstream sent them): no JSON is parsed on that path. A shadowed request asks the
+primary for ``logprobs`` with ``top_logprobs = K`` (every llama-server logprob entry carries the token
+id), parses the response, takes the generated token ids and the primary's top-K per position, and
+strips from the client's response what the client did not ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from kvproxy.errors import OpenAIError
+from kvproxy.kld import PositionScores, coarse_kld_row
+from kvproxy.upstream import ReplicaPool, map_transport_error, map_upstream_status, upstream_timeout
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass
+class PrimaryReport:
+    """What the primary reported for each generated position: the token, and its top-K."""
+
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def add(self, entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            self.token_ids.append(int(e["id"]))
+            self.token_logprobs.append(float(e["logprob"]))
+            tops = e.get("top_logprobs") or []
+            self.top_ids.append([int(t["id"]) for t in tops])
+            self.top_logprobs.append([float(t["logprob"]) for t in tops])
+
+
+def strip_logprobs(choice: dict[str, Any], wants_logprobs: bool, wants_top: int) -> list[dict[str, Any]]:
+    """Take the logprob entries out of one choice, leaving what the client asked for."""
+    lp = choice.get("logprobs")
+    entries: list[dict[str, Any]] = (lp or {}).get("content") or []
+    if not wants_logprobs:
+        choice["logprobs"] = None
+    elif entries:
+        choice["logprobs"] = {
+            **lp,  # type: ignore[dict-item]
+            "content": [{**e, "top_logprobs": (e.get("top_logprobs") or [])[:wants_top]} for e in entries],
+        }
+    return entries
+
+
+class LlamaServerPrimary:
+    """Serves one deployment's requests from llama-server replicas."""
+
+    def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
+        self.pool = pool
+        self.top_k = top_k
+
+    # ---- relay without shadow ---------------------------------------------------------------
+
+    async def post_json(self, path: str, content: bytes) -> bytes:
+        async with self.pool.acquire() as replica:
+            try:
+                async with asyncio.timeout(self.pool.timeouts.total):
+                    resp = await replica.client.post(path, content=content, headers=JSON_HEADERS)
+            except httpx.HTTPError as exc:
+                raise map_transport_error(replica, exc) from exc
+            except TimeoutError as exc:
+                raise upstream_timeout(replica.url, "total deadline") from exc
+            if resp.status_code != 200:
+                raise map_upstream_status(replica, resp.status_code, resp.content)
+            return resp.content
+
+    async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
+        """Start a streamed request and wait for the upstream's status before any byte goes out.
+
+        Returns the raw SSE byte stream. If the upstream dies or stalls mid-stream, or ends without
+        ``data: [DONE]``, an SSE error event is sent and the stream closes.
+        """
+        replica = self.pool.pick()
+        replica.outstanding += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pool.timeouts.total
+        try:
+            request = replica.client.build_request("POST", path, content=content, headers=JSON_HEADERS)
+            try:
+                async with asyncio.timeout(self.pool.timeouts.total):
+                    resp = await replica.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise map_transport_error(replica, exc) from exc
+            except TimeoutError as exc:
+                raise upstream_timeout(replica.url, "total deadline") from exc
+            if resp.status_code != 200:
+                body = await resp.aread()
+                await resp.aclose()
+                raise map_upstream_status(replica, resp.status_code, body)
+        except BaseException:
+            replica.outstanding -= 1
+            raise
+
+        async def relay() -> AsyncIterator[bytes]:
+            tail = b""
+            try:
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in resp.aiter_raw():
+                        tail = (tail + chunk)[-32:]
+                        yield chunk
+                if b"[DONE]" not in tail:
+                    yield sse_error(
+                        OpenAIError(
+                            502,
+                            f"The upstream {replica.url} ended the stream early.",
+                            type="server_error",
+                            code="upstream_stream_ended",
+                        )
+                    )
+            except httpx.HTTPError as exc:
+                yield sse_error(map_transport_error(replica, exc))
+            except TimeoutError:
+                yield sse_error(upstream_timeout(replica.url, "total deadline"))
+            finally:
+                await resp.aclose()  # a client that left closes the upstream request too
+                replica.outstanding -= 1
+
+        return relay()
+
+
+def sse_error(err: OpenAIError) -> bytes:
+    return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+
+
+def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data payloads of an SSE line stream."""
+
+    async def gen() -> AsyncIterator[str]:
+        async for line in lines:
+            if line.startswith("data:"):
+                yield line[5:].strip()
+
+    return gen()
+
+
+class LlamaServerReference:
+    """Teacher-forced top-K scoring on a plain llama-server: one n_predict=1 request per position.
+
+    Every request sends the whole prefix as token ids with ``cache_prompt: true``, so the server
+    reuses the cached prefix and each step costs about one decode.
+    """
+
+    def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
+        self.pool = pool
+        self.top_k = top_k
+
+    async def _next_token_top(self, replica: Any, prefix: list[int]) -> tuple[list[int], list[float]]:
+        body = {
+            "prompt": prefix,
+            "n_predict": 1,
+            "n_probs": self.top_k,
+            "cache_prompt": True,
+            "temperature": 0.0,
+            "post_sampling_probs": False,
+        }
+        resp = await replica.client.post("/completion", json=body)
+        if resp.status_code != 200:
+            raise map_upstream_status(replica, resp.status_code, resp.content)
+        probs = resp.json()["completion_probabilities"][0]["top_logprobs"]
+        return [int(p["id"]) for p in probs], [float(p["logprob"]) for p in probs]
+
+    async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
+        n = len(report.token_ids)
+        kld = np.zeros(n)
+        same = np.zeros(n, dtype=bool)
+        p_ref = np.zeros(n)
+        p_pri = np.exp(np.asarray(report.token_logprobs, dtype=np.float64))
+        async with self.pool.acquire() as replica:
+            try:
+                for j in range(n):
+                    ids, lps = await self._next_token_top(replica, prompt + report.token_ids[:j])
+                    kld[j] = coarse_kld_row(ids, lps, report.top_ids[j], report.top_logprobs[j])
+                    same[j] = bool(ids) and bool(report.top_ids[j]) and ids[0] == report.top_ids[j][0]
+                    tok = report.token_ids[j]
+                    # P_ref of the emitted token, when it is among the reference's top K (else 0)
+                    p_ref[j] = float(np.exp(lps[ids.index(tok)])) if tok in ids else 0.0
+            except httpx.HTTPError as exc:
+                raise map_transport_error(replica, exc) from exc
+        return PositionScores(kld, same, p_ref, p_pri)
+
+
+async def prompt_tokens_chat(pool: ReplicaPool, messages: list[Any]) -> list[int]:
+    """The prompt token ids the primary itself used: its template, then its tokenizer."""
+    async with pool.acquire() as replica:
+        resp = await replica.client.post("/apply-template", json={"messages": messages})
+        if resp.status_code != 200:
+            raise map_upstream_status(replica, resp.status_code, resp.content)
+        prompt = resp.json()["prompt"]
+        return await _tokenize(replica, prompt)
+
+
+async def prompt_tokens_text(pool: ReplicaPool, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        return [int(t) for t in prompt]
+    async with pool.acquire() as replica:
+        return await _tokenize(replica, prompt)
+
+
+async def _tokenize(replica: Any, text: str) -> list[int]:
+    resp = await replica.client.post(
+        "/tokenize", json={"content": text, "add_special": True, "parse_special": True}
+    )
+    if resp.status_code != 200:
+        raise map_upstream_status(replica, resp.status_code, resp.content)
+    return [int(t) for t in resp.json()["tokens"]]

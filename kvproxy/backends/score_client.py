@@ -1,0 +1,91 @@
+"""The client side of a kvproxy scoring server (``kvproxy backend``): one request per shadow job.
+
+The scoring server holds the deployment's primary KV config and the reference's on the same weights
+and returns exact per-position scores (one prefill per config instead of one request per token). It
+also returns, for every position, its own primary-config logprobs of the tokens the live primary
+reported in its top K: how far the two disagree says whether the scoring replica really behaves
+like the primary (a mismatch, such as a different KV type, is itself worth an alert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.config import KVCacheType
+from kvproxy.kld import PositionScores
+from kvproxy.upstream import ReplicaPool, map_transport_error, map_upstream_status
+
+INFO_PATH = "/kvproxy/v1/info"
+SCORE_PATH = "/kvproxy/v1/score"
+
+
+@dataclass(frozen=True)
+class ScoreServerInfo:
+    model: str
+    primary_kv: KVConfig
+    reference_kv: KVConfig
+
+
+def _kv(d: dict[str, str]) -> KVConfig:
+    return KVConfig(KVCacheType(d["cache_type_k"]), KVCacheType(d["cache_type_v"]))
+
+
+async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
+    """A kvproxy scoring server answers ``GET /kvproxy/v1/info``; a plain llama-server says 404."""
+    async with pool.acquire() as replica:
+        resp = await replica.client.get(INFO_PATH)
+    if resp.status_code != 200:
+        return None
+    data = resp.json()
+    if not data.get("score"):
+        return None
+    return ScoreServerInfo(data["model"], _kv(data["primary"]), _kv(data["reference"]))
+
+
+class ScoreRouteReference:
+    def __init__(self, pool: ReplicaPool, info: ScoreServerInfo) -> None:
+        self.pool = pool
+        self.info = info
+        self._abs_diff_sum = 0.0
+        self._abs_diff_n = 0
+
+    def consistency(self) -> dict[str, Any]:
+        n = self._abs_diff_n
+        return {
+            "scorer_primary": {
+                "cache_type_k": self.info.primary_kv.cache_type_k.value,
+                "cache_type_v": self.info.primary_kv.cache_type_v.value,
+            },
+            "compared_logprobs": n,
+            "mean_abs_logprob_diff": (self._abs_diff_sum / n) if n else None,
+        }
+
+    async def score(self, prompt: list[int], report: Any) -> PositionScores:
+        body = {"prompt_tokens": prompt, "token_ids": report.token_ids, "check_ids": report.top_ids}
+        async with self.pool.acquire() as replica:
+            try:
+                resp = await replica.client.post(SCORE_PATH, json=body)
+            except Exception as exc:
+                import httpx
+
+                if isinstance(exc, httpx.HTTPError):
+                    raise map_transport_error(replica, exc) from exc
+                raise
+            if resp.status_code != 200:
+                raise map_upstream_status(replica, resp.status_code, resp.content)
+        data = resp.json()
+        for reported, replayed in zip(report.top_logprobs, data.get("check_logprobs") or [], strict=False):
+            if reported and replayed:
+                diff = np.abs(np.asarray(reported) - np.asarray(replayed))
+                self._abs_diff_sum += float(diff.sum())
+                self._abs_diff_n += int(diff.size)
+        return PositionScores(
+            np.asarray(data["kld"], dtype=np.float64),
+            np.asarray(data["same_top"], dtype=bool),
+            np.asarray(data["p_ref"], dtype=np.float64),
+            np.asarray(data["p_primary"], dtype=np.float64),
+        )

@@ -1,0 +1,153 @@
+"""Serving logic for deployments whose primary is llama-server over HTTP.
+
+The proxy checks only what it must (a JSON object with ``model``, the fields it reads itself) and
+leaves every other parameter to the upstream, which supports more than the embedded backend does
+(tools, grammars, JSON schemas with ``--jinja``); the upstream's errors come back as OpenAI errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvproxy.backends.llama_server import PrimaryReport, strip_logprobs
+from kvproxy.errors import pydantic_error
+from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowTicket
+
+if TYPE_CHECKING:
+    from kvproxy.deployment import HttpDeployment
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    stream: bool = False
+
+
+class RelayChatRequest(_Lenient):
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+
+
+class RelayCompletionRequest(_Lenient):
+    prompt: str | list[str] | list[int]
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+
+
+def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise pydantic_error(exc) from exc
+
+
+class RelayServing:
+    def __init__(self, deployment: HttpDeployment) -> None:
+        self.deployment = deployment
+
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+        req: RelayChatRequest = _validated(RelayChatRequest, body)
+        wants = (bool(req.logprobs), req.top_logprobs or 0)
+        ask = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
+        return await self._serve(
+            "/v1/chat/completions", raw, body, req.stream, shadow, wants, ask, {"messages": req.messages}
+        )
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req: RelayCompletionRequest = _validated(RelayCompletionRequest, body)
+        wants = (req.logprobs is not None, req.logprobs or 0)
+        ask = {"logprobs": max(wants[1], self.deployment.top_k)}
+        prompt = (
+            req.prompt[0]
+            if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
+            else req.prompt
+        )
+        return await self._serve(
+            "/v1/completions", raw, body, req.stream, shadow, wants, ask, {"prompt": prompt}
+        )
+
+    async def _serve(
+        self,
+        path: str,
+        raw: bytes,
+        body: dict[str, Any],
+        stream: bool,
+        shadow: ShadowDirective | None,
+        wants: tuple[bool, int],
+        ask: dict[str, Any],
+        source: dict[str, Any],
+    ) -> Response:
+        dep = self.deployment
+        ticket = dep.ticket(shadow)
+        if ticket is None:  # relay the bytes untouched
+            if stream:
+                chunks = await dep.primary.open_stream(path, raw)
+                return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+            return Response(await dep.primary.post_json(path, raw), media_type="application/json")
+        upstream_body = json.dumps({**body, **ask}).encode()
+        report = PrimaryReport()
+        try:
+            if stream:
+                events = await dep.primary.open_stream(path, upstream_body)
+                return StreamingResponse(
+                    self._rewrite_stream(events, ticket, report, wants, source),
+                    media_type="text/event-stream",
+                    headers=SSE_HEADERS,
+                )
+            data = json.loads(await dep.primary.post_json(path, upstream_body))
+        except BaseException:
+            ticket.abandon()
+            raise
+        for choice in data.get("choices") or []:
+            report.add(strip_logprobs(choice, *wants))
+        ticket.submit(ShadowJob(source=source, report=report))
+        return Response(json.dumps(data).encode(), media_type="application/json")
+
+    @staticmethod
+    async def _rewrite_stream(
+        events: AsyncIterator[bytes],
+        ticket: ShadowTicket,
+        report: PrimaryReport,
+        wants: tuple[bool, int],
+        source: dict[str, Any],
+    ) -> AsyncIterator[bytes]:
+        """Re-emit the upstream's SSE events with the logprobs the client did not ask for removed."""
+        buffer = b""
+        try:
+            async for chunk in events:
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    yield _rewrite_event(event, report, wants) + b"\n\n"
+                    if event.strip() == b"data: [DONE]":
+                        ticket.submit(ShadowJob(source=source, report=report))
+            if buffer.strip():
+                yield buffer
+        finally:
+            ticket.abandon()  # a no-op once submitted
+
+
+def _rewrite_event(event: bytes, report: PrimaryReport, wants: tuple[bool, int]) -> bytes:
+    if not event.startswith(b"data: {"):
+        return event
+    try:
+        data = json.loads(event[6:])
+    except ValueError:
+        return event
+    if "choices" not in data:
+        return event
+    for choice in data["choices"]:
+        if choice.get("logprobs"):
+            report.add(strip_logprobs(choice, *wants))
+        elif not wants[0] and "logprobs" in choice:
+            choice["logprobs"] = None
+    return b"data: " + json.dumps(data).encode()

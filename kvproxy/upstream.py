@@ -1,0 +1,190 @@
+"""HTTP upstreams: one pooled httpx client per replica, least-outstanding balancing, health and ejection.
+
+A replica that refuses connections or times out is ejected at once; a background health check
+(``GET /health`` every ``health_interval`` seconds, as llama-server answers 200 when ready and 503
+while loading) returns it to the pool when it answers 200 again. When every replica is ejected the
+pool still tries them (the least recently failed first) rather than refusing outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from kvproxy.errors import OpenAIError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 300.0  # between two bytes of a response (a long prefill can be silent a while)
+    total: float = 900.0  # the whole exchange, a stream included
+
+    def httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.connect, read=self.read, write=self.read, pool=self.connect)
+
+
+def upstream_unavailable(url: str, exc: BaseException) -> OpenAIError:
+    return OpenAIError(
+        502,
+        f"The upstream {url} is unavailable: {type(exc).__name__}: {exc}".rstrip(": "),
+        type="server_error",
+        code="upstream_unavailable",
+    )
+
+
+def upstream_timeout(url: str, what: str) -> OpenAIError:
+    return OpenAIError(
+        504,
+        f"The upstream {url} did not answer in time ({what}).",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
+class Replica:
+    def __init__(
+        self, url: str, timeouts: Timeouts, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=timeouts.httpx(),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            transport=transport,
+        )
+        self.outstanding = 0
+        self.healthy = True
+        self.failed_at = 0.0
+        self.failures = 0
+
+    def mark_failed(self, reason: str) -> None:
+        if self.healthy:
+            log.warning("upstream %s ejected: %s", self.url, reason)
+        self.healthy = False
+        self.failed_at = time.monotonic()
+        self.failures += 1
+
+    def mark_healthy(self) -> None:
+        if not self.healthy:
+            log.info("upstream %s is back", self.url)
+        self.healthy = True
+
+
+class ReplicaPool:
+    """The replicas of one role (primary or reference) of one deployment."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        timeouts: Timeouts,
+        *,
+        health_interval: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("a replica pool needs at least one URL")
+        self.timeouts = timeouts
+        self.replicas = [Replica(u, timeouts, transport) for u in urls]
+        self.health_interval = health_interval
+        self._health_task: asyncio.Task[None] | None = None
+
+    def pick(self) -> Replica:
+        healthy = [r for r in self.replicas if r.healthy]
+        if healthy:
+            return min(healthy, key=lambda r: r.outstanding)
+        return min(self.replicas, key=lambda r: (r.failed_at, r.outstanding))
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Replica]:
+        replica = self.pick()
+        replica.outstanding += 1
+        try:
+            yield replica
+        finally:
+            replica.outstanding -= 1
+
+    async def check_health(self) -> None:
+        async def one(r: Replica) -> None:
+            try:
+                resp = await r.client.get("/health", timeout=min(self.timeouts.connect, 5.0))
+            except httpx.HTTPError as exc:
+                r.mark_failed(f"health check: {type(exc).__name__}")
+                return
+            if resp.status_code == 200:
+                r.mark_healthy()
+            else:
+                r.mark_failed(f"health check: HTTP {resp.status_code}")
+
+        await asyncio.gather(*(one(r) for r in self.replicas))
+
+    async def _health_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check_health()
+            await asyncio.sleep(self.health_interval)
+
+    def start(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._health_loop(), name="kvproxy-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        await asyncio.gather(*(r.client.aclose() for r in self.replicas))
+
+    def status(self) -> list[dict[str, object]]:
+        return [{"url": r.url, "healthy": r.healthy, "outstanding": r.outstanding} for r in self.replicas]
+
+
+def map_transport_error(replica: Replica, exc: httpx.HTTPError) -> OpenAIError:
+    """Connection trouble -> 502 (and the replica is ejected); a timeout -> 504."""
+    if isinstance(
+        exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError
+    ):
+        replica.mark_failed(type(exc).__name__)
+        return upstream_unavailable(replica.url, exc)
+    if isinstance(exc, httpx.TimeoutException):
+        return upstream_timeout(replica.url, type(exc).__name__)
+    return upstream_unavailable(replica.url, exc)
+
+
+def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIError:
+    """An upstream error response as an OpenAI error: client errors keep their status, server errors
+    become 502 (503 stays 503: the upstream is loading)."""
+    import json
+
+    message, etype, param, code = f"upstream answered HTTP {status}", None, None, None
+    try:
+        err = json.loads(body).get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            etype, param = err.get("type"), err.get("param")
+            code = None if err.get("code") is None else str(err.get("code"))
+        elif isinstance(err, str):
+            message = err
+    except (ValueError, AttributeError):
+        if body:
+            message += f": {body[:200].decode('utf-8', errors='replace')}"
+    if status >= 500 and status != 503:
+        return OpenAIError(
+            502, f"The upstream {replica.url} failed: {message}", type="server_error", code="upstream_error"
+        )
+    return OpenAIError(
+        status,
+        message,
+        type=str(etype or ("invalid_request_error" if status < 500 else "unavailable_error")),
+        param=param,
+        code=code,
+    )
