@@ -145,8 +145,26 @@ def serve(
             help=f"Shadow jobs queued at most, more are dropped; default 64. {_env('SHADOW_QUEUE_SIZE')}"
         ),
     ] = None,
+    primary: Annotated[
+        str | None,
+        typer.Option(help="Proxy mode: llama-server URL(s) of the primary, comma-separated (replicas)."),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Proxy mode: URL(s) of the reference: an f16-KV llama-server, or `kvproxy backend`."
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Deployments file (TOML): several deployments, routed by model."),
+    ] = None,
 ) -> None:
-    """Serve OpenAI chat completions from llama.cpp with a quantized KV cache."""
+    """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
+
+    With no --primary/--config: llama.cpp in process (the embedded default). With --primary (and
+    --reference) or --config: a proxy in front of llama-server processes.
+    """
     settings = load_settings(
         model=model,
         alias=alias,
@@ -164,8 +182,32 @@ def serve(
         shadow_queue_size=shadow_queue_size,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    if config_file is not None or primary is not None:
+        deployments = _proxy_deployments(settings, primary, reference, config_file)
+        typer.echo(describe_proxy(deployments))
+    else:
+        if reference is not None:
+            raise _fail("--reference needs --primary (the embedded default scores in process)")
+        deployments = [_embedded(settings)]
+    _run(settings, deployments)
 
-    from kvproxy.app import create_app
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def backend(ctx: typer.Context) -> None:
+    """A scoring server for proxies: `kvproxy serve` on an embedded model, shadowing nothing itself.
+
+    It serves the OpenAI routes and /kvproxy/v1/score (exact KLD of the primary's KV config against
+    the reference's, on the same weights). Takes every embedded option of `serve`, e.g.
+    `kvproxy backend --model m.gguf -ctk q4_0 -ctv q4_0 --reference-cache-type f16 --port 8090`.
+    """
+    args = list(ctx.args)
+    if not any(a == "--shadow-rate" or a.startswith("--shadow-rate=") for a in args):
+        args = ["--shadow-rate", "0", *args]
+    app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+
+
+def _embedded(settings: Settings) -> Any:
     from kvproxy.backends.embedded import resolve_model_path
     from kvproxy.deployment import embedded_deployment
     from kvproxy.gguf_info import read_model_info
@@ -175,6 +217,87 @@ def serve(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     typer.echo(describe_startup(settings, info))
+    return embedded_deployment(settings, info)
+
+
+def _split_urls(value: str) -> list[str]:
+    return [u.strip() for u in value.split(",") if u.strip()]
+
+
+def _model_name_of(url: str) -> str:
+    """The name a llama-server serves under (its /v1/models), for --primary without --alias."""
+    import httpx
+
+    try:
+        data = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=5).json()
+        return str(data["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise _fail(f"could not ask {url} for its model name ({exc}); pass --alias NAME") from None
+
+
+def _proxy_deployments(
+    settings: Settings, primary: str | None, reference: str | None, config_file: Path | None
+) -> list[Any]:
+    from pydantic import ValidationError
+
+    from kvproxy.deploy_config import BackendSpec, DeploymentSpec, ProxyConfig
+    from kvproxy.deployment import build_deployments
+
+    given = settings.model_fields_set
+    try:
+        if config_file is not None:
+            if primary is not None or reference is not None:
+                raise _fail("give --config or --primary/--reference, not both")
+            config = ProxyConfig.from_file(config_file)
+        else:
+            assert primary is not None
+            urls = _split_urls(primary)
+            if not urls:
+                raise _fail("--primary needs at least one URL")
+            ref_type = settings.reference_cache_type
+            spec = DeploymentSpec(
+                model=settings.alias or _model_name_of(urls[0]),
+                primary=BackendSpec(
+                    urls=urls,
+                    cache_type_k=settings.cache_type_k if "cache_type_k" in given else None,
+                    cache_type_v=settings.cache_type_v if "cache_type_v" in given else None,
+                ),
+                reference=BackendSpec(
+                    urls=_split_urls(reference), cache_type_k=ref_type, cache_type_v=ref_type
+                )
+                if reference
+                else None,
+                # per-position scoring on a plain llama-server costs about 6 decodes a token: a lower
+                # default than the embedded one unless asked for
+                shadow_rate=settings.shadow_rate if "shadow_rate" in given else 0.1,
+                queue_size=settings.shadow_queue_size,
+            )
+            config = ProxyConfig(deployments=[spec])
+        return build_deployments(config, settings)
+    except (ValidationError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def describe_proxy(deployments: list[Any]) -> str:
+    from kvproxy.deployment import HttpDeployment
+
+    lines = [f"kvproxy {__version__} (proxy)"]
+    for d in deployments:
+        if not isinstance(d, HttpDeployment):
+            continue
+        kv = str(d.primary_kv) if d.primary_kv else "undeclared KV"
+        lines.append(f"  {d.name!r}: primary {', '.join(r.url for r in d.primary_pool.replicas)} ({kv})")
+        if d.reference_pool is not None:
+            lines.append(
+                f"  {'':{len(d.name) + 2}}  reference {', '.join(r.url for r in d.reference_pool.replicas)}, "
+                f"shadow {d.sampler.rate:.0%}"
+            )
+    return "\n".join(lines)
+
+
+def _run(settings: Settings, deployments: list[Any]) -> None:
+    from kvproxy.app import create_app
+    from kvproxy.deployment import EmbeddedDeployment
 
     exit_code = 0
     server: uvicorn.Server
@@ -182,9 +305,12 @@ def serve(
     def on_ready() -> None:
         sockets = [s for srv in server.servers for s in srv.sockets]
         bound_port = sockets[0].getsockname()[1] if sockets else settings.port
-        backend_template = backend.chat_template.source
-        typer.echo(f"  chat       template: {backend_template}")
-        typer.echo(f"ready: http://{settings.host}:{bound_port}/v1 serving model '{backend.model_name}'")
+        for d in deployments:
+            if isinstance(d, EmbeddedDeployment):
+                typer.echo(f"  chat       template: {d.backend.chat_template.source}")
+        names = ", ".join(repr(d.name) for d in deployments)
+        plural = "s" if len(deployments) > 1 else ""
+        typer.echo(f"ready: http://{settings.host}:{bound_port}/v1 serving model{plural} {names}")
 
     def on_load_failed(exc: BaseException) -> None:
         nonlocal exit_code
@@ -192,9 +318,7 @@ def serve(
         typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
         server.should_exit = True
 
-    deployment = embedded_deployment(settings, info)
-    backend = deployment.backend
-    asgi = create_app(deployment, on_ready=on_ready, on_load_failed=on_load_failed)
+    asgi = create_app(deployments, on_ready=on_ready, on_load_failed=on_load_failed)
     config = uvicorn.Config(
         asgi,
         host=settings.host,

@@ -23,12 +23,13 @@ from kvproxy.backends.llama_server import (
     prompt_tokens_text,
 )
 from kvproxy.backends.score_client import ScoreRouteReference, probe_score_route
-from kvproxy.config import Settings
+from kvproxy.config import KVCacheType, Settings
+from kvproxy.deploy_config import DeploymentSpec, ProxyConfig
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.kld import PositionScores
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
-from kvproxy.upstream import ReplicaPool
+from kvproxy.upstream import ReplicaPool, Timeouts
 
 
 def _kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
@@ -209,3 +210,46 @@ class HttpDeployment(DeploymentBase):
 
 
 Deployment = EmbeddedDeployment | HttpDeployment
+
+
+def http_deployment(spec: DeploymentSpec, *, window: int = 4096) -> HttpDeployment:
+    """A deployment served by llama-server replicas (and scored on its reference, if any)."""
+    timeouts = Timeouts(spec.timeouts.connect, spec.timeouts.read, spec.timeouts.total)
+    ref = spec.reference
+    return HttpDeployment(
+        name=spec.model,
+        primary_kv=spec.primary.kv(),
+        reference_kv=ref.kv(KVCacheType.F16) if ref else None,
+        sampler=ShadowSampler(spec.shadow_rate),
+        tracker=QualityTracker(window=window),
+        primary_pool=ReplicaPool(spec.primary.urls, timeouts, health_interval=spec.health_interval),
+        reference_pool=ReplicaPool(ref.urls, timeouts, health_interval=spec.health_interval) if ref else None,
+        top_k=spec.top_k,
+        queue_size=spec.queue_size,
+        concurrency=spec.concurrency,
+    )
+
+
+def build_deployments(config: ProxyConfig, settings: Settings) -> list[Deployment]:
+    """Every deployment of a deployments file; an embedded one takes its model from ``settings``."""
+    out: list[Deployment] = []
+    for spec in config.deployments:
+        if spec.primary.embedded:
+            s = settings.model_copy(
+                update={
+                    "alias": spec.model,
+                    "cache_type_k": spec.primary.cache_type_k or settings.cache_type_k,
+                    "cache_type_v": spec.primary.cache_type_v
+                    or spec.primary.cache_type_k
+                    or settings.cache_type_v,
+                    "shadow_rate": spec.shadow_rate,
+                    "shadow_queue_size": spec.queue_size,
+                }
+            )
+            from kvproxy.backends.embedded import resolve_model_path
+            from kvproxy.gguf_info import read_model_info
+
+            out.append(embedded_deployment(s, read_model_info(resolve_model_path(s.model))))
+        else:
+            out.append(http_deployment(spec, window=settings.status_window))
+    return out

@@ -32,19 +32,22 @@ class RunningServer:
     model: str
     process: subprocess.Popen[str]
     output: list[str]
+    models: list[str]
 
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
 
 
-READY = re.compile(r"ready: (http://\S+)/v1 serving model '(.+)'")
+READY = re.compile(r"ready: (http://\S+)/v1 serving models? (.+)$")
 
 
-def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> RunningServer:
+def start_server(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180, command: str = "serve"
+) -> RunningServer:
     """Run ``python -m kvproxy serve --port 0 ARGS`` and wait for its ready line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvproxy", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "kvproxy", command, "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -57,7 +60,7 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
         assert proc.stdout is not None
         for line in proc.stdout:
             output.append(line)
-            m = READY.search(line)
+            m = READY.search(line.rstrip("\n"))
             if m:
                 found.append((m.group(1), m.group(2)))
 
@@ -68,7 +71,8 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
             proc.kill()
             raise RuntimeError("kvproxy serve did not become ready:\n" + "".join(output))
         time.sleep(0.05)
-    return RunningServer(found[0][0], found[0][1], proc, output)
+    names = re.findall(r"'([^']+)'", found[0][1])
+    return RunningServer(found[0][0], names[0], proc, output, names)
 
 
 def stop_server(server: RunningServer) -> None:

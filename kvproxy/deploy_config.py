@@ -1,0 +1,131 @@
+"""The deployments file (`kvproxy serve --config FILE`, TOML), validated by pydantic.
+
+```toml
+[[deployments]]
+model = "gemma-q4"                        # the name clients send
+shadow_rate = 0.1
+top_k = 20                                # logprobs asked of the primary on shadowed requests
+timeouts = { connect = 5, read = 300, total = 900 }
+
+[deployments.primary]                     # one or more llama-server replicas
+urls = ["http://10.0.0.5:8080", "http://10.0.0.6:8080"]
+cache_type_k = "q4_0"
+cache_type_v = "q4_0"
+
+[deployments.reference]                   # a llama-server with an f16 cache, or `kvproxy backend`
+urls = ["http://10.0.0.7:8080"]
+```
+
+llama-server does not report its KV types, so they are declared here (a kvproxy scoring server
+reports its own). Every top-level key can be overridden from the environment as
+``KVPROXY_CONFIG_<KEY>`` (JSON for lists and tables), e.g. ``KVPROXY_CONFIG_DEPLOYMENTS='[...]'``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.config import KVCacheType
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendSpec(_Strict):
+    urls: list[str] = []
+    embedded: bool = False
+    cache_type_k: KVCacheType | None = None
+    cache_type_v: KVCacheType | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in urls]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if bool(self.urls) == self.embedded:
+            raise ValueError("give either urls or embedded = true")
+        return self
+
+    def kv(self, default: KVCacheType | None = None) -> KVConfig | None:
+        k = self.cache_type_k or default
+        v = self.cache_type_v or self.cache_type_k or default
+        return KVConfig(k, v) if k and v else None
+
+
+class TimeoutSpec(_Strict):
+    connect: Annotated[float, Field(gt=0)] = 5.0
+    read: Annotated[float, Field(gt=0)] = 300.0
+    total: Annotated[float, Field(gt=0)] = 900.0
+
+
+class DeploymentSpec(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    primary: BackendSpec
+    reference: BackendSpec | None = None
+    shadow_rate: Annotated[float, Field(ge=0, le=1)] = 0.1
+    top_k: Annotated[int, Field(ge=1, le=100)] = 20
+    queue_size: Annotated[int, Field(ge=1)] = 64
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    health_interval: Annotated[float, Field(gt=0)] = 2.0
+    timeouts: TimeoutSpec = TimeoutSpec()
+
+    @model_validator(mode="after")
+    def _supported(self) -> Self:
+        if self.primary.embedded and self.reference is not None:
+            raise ValueError(
+                "an embedded primary scores against its own in-process reference; drop `reference`"
+            )
+        if self.reference is not None and self.reference.embedded:
+            raise ValueError(
+                "an embedded reference for an HTTP primary is served by `kvproxy backend`: give its URL"
+            )
+        return self
+
+
+class ProxyConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KVPROXY_CONFIG_", extra="forbid")
+
+    deployments: Annotated[list[DeploymentSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_and_one_embedded(self) -> Self:
+        names = [d.model for d in self.deployments]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"deployment names must be unique: {', '.join(dupes)}")
+        if sum(d.primary.embedded for d in self.deployments) > 1:
+            raise ValueError("at most one deployment can be embedded (one model in process)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # the environment overrides the file
+
+    @classmethod
+    def from_file(cls, path: Path) -> ProxyConfig:
+        try:
+            data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        return cls(**data)

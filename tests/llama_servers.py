@@ -1,0 +1,86 @@
+"""Real llama-server processes (built from the pinned llama.cpp) on loopback, for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.llama_tools import llama_bin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LlamaServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def start_llama_server(model: Path, log_dir: Path, *args: str, timeout: float = 120) -> LlamaServer:
+    """``llama-server -m MODEL ARGS`` on a free port, Gemma's turn format, waited for until healthy."""
+    port = free_port()
+    log = log_dir / f"llama-server-{port}.log"
+    proc = subprocess.Popen(
+        [
+            str(llama_bin() / "llama-server"),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            "1",
+            "-c",
+            "2048",
+            "--chat-template",
+            "gemma",
+            "--no-webui",
+            *args,
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return LlamaServer(url, proc, log)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"llama-server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def llama_servers(model: Path, log_dir: Path, *configs: tuple[str, ...]) -> Iterator[list[LlamaServer]]:
+    servers: list[LlamaServer] = []
+    try:
+        for args in configs:
+            servers.append(start_llama_server(model, log_dir, *args))
+        yield servers
+    finally:
+        for s in servers:
+            if s.process.poll() is None:
+                s.process.terminate()
+                try:
+                    s.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    s.process.kill()

@@ -1,0 +1,150 @@
+"""Failure behaviour in front of misbehaving upstreams (real loopback servers, real kvproxy)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from kvproxy.app import create_app
+from kvproxy.config import Settings
+from kvproxy.deploy_config import ProxyConfig
+from kvproxy.deployment import build_deployments
+from tests.conftest import serve_in_thread
+from tests.fault_servers import fault_server
+from tests.llama_servers import free_port
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+@contextmanager
+def proxy(primary: str, reference: str | None = None, **extra: Any) -> Iterator[httpx.Client]:
+    spec: dict[str, Any] = {
+        "model": "m",
+        "primary": {"urls": [primary]},
+        "timeouts": {"connect": 1, "read": 1, "total": 2},
+        "health_interval": 0.2,
+        **extra,
+    }
+    if reference:
+        spec["reference"] = {"urls": [reference]}
+    deployments = build_deployments(ProxyConfig(deployments=[spec]), Settings())
+    with serve_in_thread(create_app(deployments)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def chat(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, **body})
+
+
+def error_of(resp: httpx.Response) -> dict[str, Any]:
+    err: dict[str, Any] = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def sse_payloads(resp: httpx.Response) -> list[Any]:
+    return [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+
+
+def test_refused_upstream_is_502_and_the_proxy_keeps_serving() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with proxy(dead) as client:
+        for _ in range(2):
+            resp = chat(client)
+            assert resp.status_code == 502
+            assert error_of(resp)["code"] == "upstream_unavailable"
+        assert client.get("/health").status_code == 200
+        status = client.get("/kvproxy/v1/status").json()["deployments"][0]
+        assert status["primary_replicas"][0]["healthy"] is False
+
+
+def test_hanging_upstream_is_504_at_the_deadline() -> None:
+    with fault_server("hang") as up, proxy(up.url) as client:
+        start = time.monotonic()
+        resp = chat(client)
+        assert resp.status_code == 504
+        assert error_of(resp)["code"] == "upstream_timeout"
+        assert time.monotonic() - start < 5
+
+
+def test_upstream_error_status_is_mapped() -> None:
+    with fault_server("error500") as up, proxy(up.url) as client:
+        resp = chat(client)
+        assert resp.status_code == 502
+        err = error_of(resp)
+        assert err["code"] == "upstream_error" and "boom" in err["message"]
+
+
+def test_upstream_dying_mid_stream_ends_with_an_error_event() -> None:
+    with (
+        fault_server("midstream") as up,
+        proxy(up.url) as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        events = sse_payloads(resp)
+    assert events[0]["choices"][0]["delta"]["content"] == "tok"
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("shadow", ["skip", "force"])
+def test_client_disconnect_cancels_the_upstream_request(shadow: str) -> None:
+    with fault_server("trickle") as up, proxy(up.url, reference=up.url) as client:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers={"X-KVProxy-Shadow": shadow},
+            json={"model": "m", "messages": MSG, "stream": True},
+        ) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            left_at = time.monotonic()
+        deadline = time.monotonic() + 3
+        while not up.closed_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert up.closed_at, "the upstream request was never closed"
+        assert up.closed_at[0] - left_at < 1.0
+        status = client.get("/kvproxy/v1/status").json()["deployments"][0]["shadow"]
+        assert status["sampled"] == (1 if shadow == "force" else 0)
+        assert status["dropped"] == status["sampled"]  # an unfinished response is not scored
+
+
+def test_reference_failures_never_touch_the_client_response() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with fault_server("ok") as up, proxy(up.url, reference=dead) as client:
+        plain = chat(client, **{"logprobs": False})
+        forced = client.post(
+            "/v1/chat/completions",
+            headers={"X-KVProxy-Shadow": "force"},
+            json={"model": "m", "messages": MSG},
+        )
+        assert plain.status_code == forced.status_code == 200
+        # the shadowed request asked the upstream for logprobs; the client did not, so none come back
+        assert forced.json()["choices"][0]["logprobs"] is None
+        assert forced.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            shadow = client.get("/kvproxy/v1/status").json()["deployments"][0]["shadow"]
+            if shadow["failed"] + shadow["scored"] >= 1:
+                break
+            time.sleep(0.05)
+        assert shadow["sampled"] == 1 and shadow["failed"] == 1 and shadow["scored"] == 0
+
+
+def test_logprobs_the_client_asked_for_are_kept_and_trimmed() -> None:
+    with fault_server("ok") as up, proxy(up.url, reference=up.url) as client:
+        resp = client.post(
+            "/v1/chat/completions",
+            headers={"X-KVProxy-Shadow": "force"},
+            json={"model": "m", "messages": MSG, "logprobs": True, "top_logprobs": 1},
+        )
+        content = resp.json()["choices"][0]["logprobs"]["content"]
+        assert [len(e["top_logprobs"]) for e in content] == [1, 1]
