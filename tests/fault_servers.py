@@ -1,15 +1,16 @@
 """Misbehaving upstreams on loopback, for fault injection: real sockets, real HTTP/1.1 framing.
 
-Every fake answers ``GET /health`` with 200 (so the proxy routes to it) and misbehaves on POSTs:
-``ok`` (a valid chat completion with logprobs), ``hang`` (reads the request, never answers), ``midstream`` (starts an SSE stream, then drops the
-connection), ``trickle`` (streams an event every 50 ms until the peer goes away), ``error500``
-(an upstream error), ``garbage`` (200 with a body that is not JSON). Each records when a connection
-carrying a POST was closed by its peer.
+Every fake answers ``GET /health`` with 200 (so the proxy routes to it) and, on POSTs: ``ok`` (a
+valid chat completion with logprobs), ``hang`` (reads the request, never answers), ``midstream``
+(starts an SSE stream, then drops the connection), ``trickle`` (streams an event every 50 ms until
+the peer goes away), ``error500`` (an upstream error), ``garbage`` (200 with a body that is not
+JSON). Each records when a connection carrying a POST was closed by its peer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,12 @@ CHUNK = (
 )
 
 
-_ENTRY = b'{"id":42,"token":"tok","bytes":[116,111,107],"logprob":-0.1,"top_logprobs":[{"id":42,"token":"tok","bytes":[116,111,107],"logprob":-0.1},{"id":7,"token":"x","bytes":[120],"logprob":-2.5}]}'
+_TOP = b'{"id":42,"token":"tok","bytes":[116,111,107],"logprob":-0.1}'
+_ENTRY = (
+    b'{"id":42,"token":"tok","bytes":[116,111,107],"logprob":-0.1,"top_logprobs":['
+    + _TOP
+    + b',{"id":7,"token":"x","bytes":[120],"logprob":-2.5}]}'
+)
 OK_BODY = (
     b'{"choices":[{"index":0,"finish_reason":"length","message":{"role":"assistant","content":"toktok"},'
     b'"logprobs":{"content":[' + _ENTRY + b"," + _ENTRY + b']}}],"object":"chat.completion","id":"x",'
@@ -140,10 +146,8 @@ def fault_server(mode: str) -> Iterator[FaultServer]:
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
