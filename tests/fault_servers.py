@@ -129,15 +129,17 @@ async def _handle(server: FaultServer, reader: asyncio.StreamReader, writer: asy
 
 
 @contextmanager
-def fault_server(mode: str) -> Iterator[FaultServer]:
-    """Run one fake upstream in a thread on a free loopback port."""
+def fault_server(mode: str, port: int = 0) -> Iterator[FaultServer]:
+    """Run one fake upstream in a thread on a loopback port (a free one by default)."""
     server = FaultServer(mode)
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict[str, asyncio.AbstractServer] = {}
 
     async def main() -> None:
-        srv = await asyncio.start_server(lambda r, w: _handle(server, r, w), "127.0.0.1", 0)
+        srv = await asyncio.start_server(
+            lambda r, w: _handle(server, r, w), "127.0.0.1", port, reuse_address=True
+        )
         holder["srv"] = srv
         server.url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
         started.set()

@@ -148,3 +148,65 @@ def test_logprobs_the_client_asked_for_are_kept_and_trimmed() -> None:
         )
         content = resp.json()["choices"][0]["logprobs"]["content"]
         assert [len(e["top_logprobs"]) for e in content] == [1, 1]
+
+
+def proxy_replicas(urls: list[str]) -> Any:
+    spec = {
+        "model": "m",
+        "primary": {"urls": urls},
+        "health_interval": 0.1,
+        "timeouts": {"connect": 1, "read": 2, "total": 5},
+    }
+    return proxy_spec(spec)
+
+
+@contextmanager
+def proxy_spec(spec: dict[str, Any]) -> Iterator[httpx.Client]:
+    deployments = build_deployments(ProxyConfig(deployments=[spec]), Settings())
+    with serve_in_thread(create_app(deployments)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def replica_health(client: httpx.Client) -> list[bool]:
+    return [
+        r["healthy"] for r in client.get("/kvproxy/v1/status").json()["deployments"][0]["primary_replicas"]
+    ]
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_dead_replica_is_ejected_and_traffic_fails_over() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with fault_server("ok") as live, proxy_replicas([dead, live.url]) as client:
+        assert all(chat(client).status_code == 200 for _ in range(10))
+        assert live.posts == 10
+        assert replica_health(client) == [False, True]
+
+
+def test_balancing_and_the_return_of_a_recovered_replica() -> None:
+    import concurrent.futures
+
+    port = free_port()
+
+    def burst(client: httpx.Client, n: int = 32) -> list[int]:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: chat(client).status_code, range(n)))
+
+    with fault_server("ok") as a, proxy_replicas([a.url, f"http://127.0.0.1:{port}"]) as client:
+        with fault_server("ok", port=port) as b:
+            assert wait_for(lambda: replica_health(client) == [True, True])
+            assert burst(client) == [200] * 32
+            assert a.posts > 0 and b.posts > 0  # least outstanding spreads concurrent requests
+        assert wait_for(lambda: replica_health(client) == [True, False])  # b went away: ejected
+        assert burst(client, 8) == [200] * 8
+        with fault_server("ok", port=port) as b_again:
+            assert wait_for(lambda: replica_health(client) == [True, True])  # and back after recovery
+            assert burst(client) == [200] * 32
+            assert b_again.posts > 0

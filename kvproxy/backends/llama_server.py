@@ -21,7 +21,7 @@ import numpy as np
 
 from kvproxy.errors import OpenAIError
 from kvproxy.kld import PositionScores, coarse_kld_row
-from kvproxy.upstream import ReplicaPool, map_transport_error, map_upstream_status, upstream_timeout
+from kvproxy.upstream import Replica, ReplicaPool, map_transport_error, map_upstream_status, upstream_timeout
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,45 @@ class LlamaServerPrimary:
 
     # ---- relay without shadow ---------------------------------------------------------------
 
-    async def post_json(self, path: str, content: bytes) -> bytes:
-        async with self.pool.acquire() as replica:
+    async def _send(
+        self, path: str, content: bytes, *, stream: bool, deadline: float
+    ) -> tuple[Replica, httpx.Response]:
+        """Send to the least busy replica; a refused connection (the request never reached it) ejects
+        that replica and tries the next one. Returns with the replica's outstanding count held."""
+        attempts = len(self.pool.replicas)
+        for attempt in range(attempts):
+            replica = self.pool.pick()
+            replica.outstanding += 1
             try:
-                async with asyncio.timeout(self.pool.timeouts.total):
-                    resp = await replica.client.post(path, content=content, headers=JSON_HEADERS)
+                request = replica.client.build_request("POST", path, content=content, headers=JSON_HEADERS)
+                async with asyncio.timeout_at(deadline):
+                    resp = await replica.client.send(request, stream=stream)
+                if resp.status_code != 200:
+                    body = await resp.aread()
+                    await resp.aclose()
+                    raise map_upstream_status(replica, resp.status_code, body)
+                return replica, resp
+            except httpx.ConnectError as exc:
+                replica.outstanding -= 1
+                err = map_transport_error(replica, exc)
+                if attempt + 1 == attempts:
+                    raise err from exc
             except httpx.HTTPError as exc:
+                replica.outstanding -= 1
                 raise map_transport_error(replica, exc) from exc
             except TimeoutError as exc:
+                replica.outstanding -= 1
                 raise upstream_timeout(replica.url, "total deadline") from exc
-            if resp.status_code != 200:
-                raise map_upstream_status(replica, resp.status_code, resp.content)
-            return resp.content
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+        raise AssertionError("unreachable")
+
+    async def post_json(self, path: str, content: bytes) -> bytes:
+        deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
+        replica, resp = await self._send(path, content, stream=False, deadline=deadline)
+        replica.outstanding -= 1
+        return resp.content
 
     async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
@@ -88,26 +115,8 @@ class LlamaServerPrimary:
         Returns the raw SSE byte stream. If the upstream dies or stalls mid-stream, or ends without
         ``data: [DONE]``, an SSE error event is sent and the stream closes.
         """
-        replica = self.pool.pick()
-        replica.outstanding += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.pool.timeouts.total
-        try:
-            request = replica.client.build_request("POST", path, content=content, headers=JSON_HEADERS)
-            try:
-                async with asyncio.timeout(self.pool.timeouts.total):
-                    resp = await replica.client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise map_transport_error(replica, exc) from exc
-            except TimeoutError as exc:
-                raise upstream_timeout(replica.url, "total deadline") from exc
-            if resp.status_code != 200:
-                body = await resp.aread()
-                await resp.aclose()
-                raise map_upstream_status(replica, resp.status_code, body)
-        except BaseException:
-            replica.outstanding -= 1
-            raise
+        deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
+        replica, resp = await self._send(path, content, stream=True, deadline=deadline)
 
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
