@@ -8,6 +8,7 @@ leaves every other parameter to the upstream, which supports more than the embed
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,6 +21,8 @@ from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowTicket
 
 if TYPE_CHECKING:
     from kvproxy.deployment import HttpDeployment
+
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -55,7 +58,7 @@ class RelayServing:
     async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
         req: RelayChatRequest = _validated(RelayChatRequest, body)
         wants = (bool(req.logprobs), req.top_logprobs or 0)
-        ask = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
+        ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         return await self._serve(
             "/v1/chat/completions", raw, body, req.stream, shadow, wants, ask, {"messages": req.messages}
         )
@@ -65,7 +68,7 @@ class RelayServing:
     ) -> Response:
         req: RelayCompletionRequest = _validated(RelayCompletionRequest, body)
         wants = (req.logprobs is not None, req.logprobs or 0)
-        ask = {"logprobs": max(wants[1], self.deployment.top_k)}
+        ask: dict[str, Any] = {"logprobs": max(wants[1], self.deployment.top_k)}
         prompt = (
             req.prompt[0]
             if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
@@ -93,13 +96,16 @@ class RelayServing:
                 chunks = await dep.primary.open_stream(path, raw)
                 return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
             return Response(await dep.primary.post_json(path, raw), media_type="application/json")
+        client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if stream:  # the usage says how many tokens were generated: needed to check the logprobs
+            ask["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         upstream_body = json.dumps({**body, **ask}).encode()
         report = PrimaryReport()
         try:
             if stream:
                 events = await dep.primary.open_stream(path, upstream_body)
                 return StreamingResponse(
-                    self._rewrite_stream(events, ticket, report, wants, source),
+                    self._rewrite_stream(events, ticket, report, wants, source, client_usage),
                     media_type="text/event-stream",
                     headers=SSE_HEADERS,
                 )
@@ -109,7 +115,8 @@ class RelayServing:
             raise
         for choice in data.get("choices") or []:
             report.add(strip_logprobs(choice, *wants))
-        ticket.submit(ShadowJob(source=source, report=report))
+        report.note_end(data)
+        _settle(ticket, report, source, streamed=False)
         return Response(json.dumps(data).encode(), media_type="application/json")
 
     @staticmethod
@@ -119,24 +126,42 @@ class RelayServing:
         report: PrimaryReport,
         wants: tuple[bool, int],
         source: dict[str, Any],
+        client_usage: bool,
     ) -> AsyncIterator[bytes]:
-        """Re-emit the upstream's SSE events with the logprobs the client did not ask for removed."""
+        """Re-emit the upstream's SSE events without what the client did not ask for (logprobs,
+        the usage chunk)."""
         buffer = b""
         try:
             async for chunk in events:
                 buffer += chunk
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
-                    yield _rewrite_event(event, report, wants) + b"\n\n"
+                    out = _rewrite_event(event, report, wants, client_usage)
+                    if out is not None:
+                        yield out + b"\n\n"
                     if event.strip() == b"data: [DONE]":
-                        ticket.submit(ShadowJob(source=source, report=report))
+                        _settle(ticket, report, source, streamed=True)
             if buffer.strip():
                 yield buffer
         finally:
             ticket.abandon()  # a no-op once submitted
 
 
-def _rewrite_event(event: bytes, report: PrimaryReport, wants: tuple[bool, int]) -> bytes:
+def _settle(ticket: ShadowTicket, report: PrimaryReport, source: dict[str, Any], *, streamed: bool) -> None:
+    if report.aligned(streamed=streamed):
+        ticket.submit(ShadowJob(source=source, report=report))
+    else:
+        log.debug(
+            "shadow job dropped: %d logprob entries for %s tokens",
+            len(report.token_ids),
+            report.completion_tokens,
+        )
+        ticket.abandon()
+
+
+def _rewrite_event(
+    event: bytes, report: PrimaryReport, wants: tuple[bool, int], client_usage: bool
+) -> bytes | None:
     if not event.startswith(b"data: {"):
         return event
     try:
@@ -145,6 +170,9 @@ def _rewrite_event(event: bytes, report: PrimaryReport, wants: tuple[bool, int])
         return event
     if "choices" not in data:
         return event
+    report.note_end(data)
+    if not data["choices"] and "usage" in data and not client_usage:
+        return None  # the usage chunk kvproxy asked for, not the client
     for choice in data["choices"]:
         if choice.get("logprobs"):
             report.add(strip_logprobs(choice, *wants))

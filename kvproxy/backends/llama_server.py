@@ -36,6 +36,28 @@ class PrimaryReport:
     token_logprobs: list[float] = field(default_factory=list)
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
+    completion_tokens: int | None = None  # from the upstream's usage
+    finish_reason: str | None = None
+
+    def note_end(self, data: dict[str, Any]) -> None:
+        usage = data.get("usage")
+        if isinstance(usage, dict) and "completion_tokens" in usage:
+            self.completion_tokens = int(usage["completion_tokens"])
+        for choice in data.get("choices") or []:
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+
+    def aligned(self, *, streamed: bool) -> bool:
+        """Whether the logprob entries cover every generated token, so positions line up.
+
+        llama-server gives no entry for a token that ends inside a UTF-8 character, nor (when
+        streaming) for a final end-of-generation token; a response with such a gap cannot be
+        replayed position by position and is dropped from scoring, never guessed at.
+        """
+        n, expected = len(self.token_ids), self.completion_tokens
+        if expected is None or n == 0:
+            return False
+        return n == expected or (streamed and self.finish_reason == "stop" and n == expected - 1)
 
     def add(self, entries: list[dict[str, Any]]) -> None:
         for e in entries:

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.config import KVCacheType
-from kvproxy.kld import PositionScores
+from kvproxy.kld import PositionScores, coarse_kld_row
 from kvproxy.upstream import ReplicaPool, map_transport_error, map_upstream_status
 
 INFO_PATH = "/kvproxy/v1/info"
@@ -50,18 +50,19 @@ class ScoreRouteReference:
     def __init__(self, pool: ReplicaPool, info: ScoreServerInfo) -> None:
         self.pool = pool
         self.info = info
-        self._abs_diff_sum = 0.0
-        self._abs_diff_n = 0
+        self._kl_sum = 0.0
+        self._positions = 0
 
     def consistency(self) -> dict[str, Any]:
-        n = self._abs_diff_n
+        """Mean coarse KL between the live primary's top-K and the scoring replica's logprobs of the
+        same tokens. Measured on Gemma 3 270M with top-20: 0.022 when the replica holds the
+        primary's q4_0 config (decode and prefill differ a little), 0.089 when it holds f16 or q8_0."""
+        n = self._positions
+        kv = self.info.primary_kv
         return {
-            "scorer_primary": {
-                "cache_type_k": self.info.primary_kv.cache_type_k.value,
-                "cache_type_v": self.info.primary_kv.cache_type_v.value,
-            },
-            "compared_logprobs": n,
-            "mean_abs_logprob_diff": (self._abs_diff_sum / n) if n else None,
+            "scorer_primary": {"cache_type_k": kv.cache_type_k.value, "cache_type_v": kv.cache_type_v.value},
+            "compared_positions": n,
+            "mean_divergence": (self._kl_sum / n) if n else None,
         }
 
     async def score(self, prompt: list[int], report: Any) -> PositionScores:
@@ -78,11 +79,11 @@ class ScoreRouteReference:
             if resp.status_code != 200:
                 raise map_upstream_status(replica, resp.status_code, resp.content)
         data = resp.json()
-        for reported, replayed in zip(report.top_logprobs, data.get("check_logprobs") or [], strict=False):
+        checks = data.get("check_logprobs") or []
+        for ids, reported, replayed in zip(report.top_ids, report.top_logprobs, checks, strict=False):
             if reported and replayed:
-                diff = np.abs(np.asarray(reported) - np.asarray(replayed))
-                self._abs_diff_sum += float(diff.sum())
-                self._abs_diff_n += int(diff.size)
+                self._kl_sum += coarse_kld_row(ids, reported, ids, replayed)
+                self._positions += 1
         return PositionScores(
             np.asarray(data["kld"], dtype=np.float64),
             np.asarray(data["same_top"], dtype=bool),
