@@ -80,7 +80,8 @@ async def measure(q4_url: str, f16_url: str, backend_url: str, tokens: int, word
         rows.append((name, statistics.median(times)))
     gen = statistics.median(gen_times)
     print(
-        f"prompt {len(prompt)} tokens, {n} generated tokens scored, median of {repeats} runs, 2 cores, -t 1 each\n"
+        f"prompt {len(prompt)} tokens, {n} generated tokens scored, median of {repeats} runs,"
+        " one thread per server\n"
     )
     print(f"{'':40} {'ms/token':>9} {'x generation':>13}")
     print(f"{'generation on the q4_0 primary':40} {gen * 1000:>9.1f} {1.0:>13.2f}")
