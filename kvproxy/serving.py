@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -293,31 +293,24 @@ class OpenAIServing:
             system_fingerprint=self.fingerprint,
             choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
         )
-        no_usage = {"usage"}
-        yield sse(chunk, exclude=no_usage)
-        try:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    lp = (
-                        ChoiceLogprobs(content=[_wire_logprob(x) for x in event.logprobs])
-                        if req.logprobs
-                        else None
-                    )
-                    chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
-                    yield sse(chunk, exclude=no_usage)
-                    continue
-                chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=event.finish_reason)]
-                yield sse(chunk, exclude=no_usage)
-                if req.include_usage:
-                    chunk.choices = []
-                    chunk.usage = _usage(event)
-                    yield sse(chunk)
-                yield SSE_DONE
-                return
-        except BackendError as exc:
-            yield sse(_backend_failure(exc).body())
-        finally:
-            await events.aclose()
+
+        def delta(event: TextDelta) -> ChatCompletionChunk:
+            lp = ChoiceLogprobs(content=[_wire_logprob(x) for x in event.logprobs]) if req.logprobs else None
+            chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
+            return chunk
+
+        def finish(done: Finished) -> ChatCompletionChunk:
+            chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=done.finish_reason)]
+            return chunk
+
+        def usage(done: Finished) -> ChatCompletionChunk:
+            chunk.choices = []
+            chunk.usage = _usage(done)
+            return chunk
+
+        yield sse(chunk, exclude={"usage"})
+        async for out in _sse_stream(events, delta, finish, usage if req.include_usage else None):
+            yield out
 
     # ---- /v1/completions --------------------------------------------------------------------
 
@@ -382,22 +375,45 @@ class OpenAIServing:
         self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None]
     ) -> AsyncIterator[bytes]:
         offset = 0
-        try:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    lp = self._legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
-                    offset += len(event.text)
-                    yield sse(self._completion(event.text, None, lp), exclude={"usage"})
-                    continue
-                yield sse(self._completion("", event.finish_reason, None), exclude={"usage"})
-                if req.include_usage:
-                    final = self._completion("", None, None)
-                    final.choices = []
-                    final.usage = _usage(event)
-                    yield sse(final)
-                yield SSE_DONE
-                return
-        except BackendError as exc:
-            yield sse(_backend_failure(exc).body())
-        finally:
-            await events.aclose()
+
+        def delta(event: TextDelta) -> Completion:
+            nonlocal offset
+            lp = self._legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
+            offset += len(event.text)
+            return self._completion(event.text, None, lp)
+
+        def usage(done: Finished) -> Completion:
+            final = self._completion("", None, None)
+            final.choices = []
+            final.usage = _usage(done)
+            return final
+
+        def finish(done: Finished) -> Completion:
+            return self._completion("", done.finish_reason, None)
+
+        async for out in _sse_stream(events, delta, finish, usage if req.include_usage else None):
+            yield out
+
+
+async def _sse_stream(
+    events: AsyncGenerator[GenerationEvent, None],
+    delta: Callable[[TextDelta], BaseModel],
+    finish: Callable[[Finished], BaseModel],
+    usage: Callable[[Finished], BaseModel] | None,
+) -> AsyncIterator[bytes]:
+    """The SSE body shared by both routes: a chunk per delta, the finish chunk, the usage chunk if
+    asked for, ``[DONE]``; a backend failure mid-stream becomes an error event."""
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                yield sse(delta(event), exclude={"usage"})
+                continue
+            yield sse(finish(event), exclude={"usage"})
+            if usage is not None:
+                yield sse(usage(event))
+            yield SSE_DONE
+            return
+    except BackendError as exc:
+        yield sse(_backend_failure(exc).body())
+    finally:
+        await events.aclose()
