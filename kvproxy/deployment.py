@@ -8,6 +8,7 @@ llama-server, scored per position from its top-K, or a kvproxy scoring server, s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,13 +140,13 @@ class HttpScorer:
 
     async def score(self, job: ShadowJob) -> PositionScores:
         d = self.deployment
+        reference = await d.resolve_reference()
         source = job.source or {}
         if "messages" in source:
             prompt = await prompt_tokens_chat(d.primary_pool, source["messages"])
         else:
             prompt = await prompt_tokens_text(d.primary_pool, source.get("prompt", ""))
-        assert d.reference is not None
-        return await d.reference.score(prompt, job.report)
+        return await reference.score(prompt, job.report)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class HttpDeployment(DeploymentBase):
         )
         if self.reference_pool is None:
             self.sampler = ShadowSampler(0.0)
-        self.estimator = f"top-{self.top_k}"
+        self.estimator = "undetermined" if self.reference_pool is not None else "none"
 
     @property
     def ready(self) -> bool:
@@ -175,18 +176,26 @@ class HttpDeployment(DeploymentBase):
         await self.primary_pool.check_health()
         if self.reference_pool is not None:
             self.reference_pool.start()
-            info = None
-            try:
-                info = await probe_score_route(self.reference_pool)
-            except httpx.HTTPError:
-                info = None
-            if info is not None:  # a kvproxy scoring server: exact scores of both configs
-                self.reference = ScoreRouteReference(self.reference_pool, info)
-                self.estimator = "exact"
-                self.reference_kv = info.reference_kv
-            else:
-                self.reference = LlamaServerReference(self.reference_pool, top_k=self.top_k)
+            with contextlib.suppress(httpx.HTTPError):
+                await self.resolve_reference()
         self.pool.start()
+
+    async def resolve_reference(self) -> LlamaServerReference | ScoreRouteReference:
+        """Which kind of reference this is: a kvproxy scoring server answers ``/kvproxy/v1/info``,
+        a plain llama-server says 404. Asked at start-up and, if the reference could not be reached
+        then, again before the first job (a connection error fails that job and is asked again)."""
+        if self.reference is not None:
+            return self.reference
+        assert self.reference_pool is not None
+        info = await probe_score_route(self.reference_pool)
+        if info is not None:  # a kvproxy scoring server: exact scores of both configs
+            self.reference = ScoreRouteReference(self.reference_pool, info)
+            self.estimator = "exact"
+            self.reference_kv = info.reference_kv
+        else:
+            self.reference = LlamaServerReference(self.reference_pool, top_k=self.top_k)
+            self.estimator = f"top-{self.top_k}"
+        return self.reference
 
     async def stop(self) -> None:
         await self.pool.stop()

@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvproxy.backends.llama_server import PrimaryReport, strip_logprobs
-from kvproxy.errors import pydantic_error
+from kvproxy.errors import OpenAIError, pydantic_error
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowTicket
 
 if TYPE_CHECKING:
@@ -109,7 +109,16 @@ class RelayServing:
                     media_type="text/event-stream",
                     headers=SSE_HEADERS,
                 )
-            data = json.loads(await dep.primary.post_json(path, upstream_body))
+            content = await dep.primary.post_json(path, upstream_body)
+            try:
+                data = json.loads(content)
+            except ValueError as exc:
+                raise OpenAIError(
+                    502,
+                    f"The upstream answered with invalid JSON: {exc}",
+                    type="server_error",
+                    code="upstream_invalid_response",
+                ) from exc
         except BaseException:
             ticket.abandon()
             raise

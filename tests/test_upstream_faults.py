@@ -210,3 +210,31 @@ def test_balancing_and_the_return_of_a_recovered_replica() -> None:
             assert wait_for(lambda: replica_health(client) == [True, True])  # and back after recovery
             assert burst(client) == [200] * 32
             assert b_again.posts > 0
+
+
+def test_malformed_upstream_json_on_a_shadowed_request_is_502() -> None:
+    with fault_server("garbage") as up, proxy(up.url, reference=up.url) as client:
+        resp = client.post(
+            "/v1/chat/completions",
+            headers={"X-KVProxy-Shadow": "force"},
+            json={"model": "m", "messages": MSG},
+        )
+        assert resp.status_code == 502
+        assert error_of(resp)["code"] == "upstream_invalid_response"
+        shadow = client.get("/kvproxy/v1/status").json()["deployments"][0]["shadow"]
+        assert shadow["sampled"] == 1 and shadow["dropped"] == 1
+
+
+def test_a_reference_down_at_start_is_identified_when_it_comes_up() -> None:
+    port = free_port()
+    with fault_server("ok") as up, proxy(up.url, reference=f"http://127.0.0.1:{port}") as client:
+        assert client.get("/kvproxy/v1/status").json()["deployments"][0]["estimator"] == "undetermined"
+        with fault_server("ok", port=port):  # a plain upstream: /kvproxy/v1/info is a 404
+            client.post(
+                "/v1/chat/completions",
+                headers={"X-KVProxy-Shadow": "force"},
+                json={"model": "m", "messages": MSG},
+            )
+            assert wait_for(
+                lambda: client.get("/kvproxy/v1/status").json()["deployments"][0]["estimator"] == "top-20"
+            )
