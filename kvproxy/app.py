@@ -13,12 +13,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
+from kvproxy.metrics import DeploymentObserver, Metrics, RequestMetricsMiddleware, export_kv_memory
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
 from kvproxy.router import Router
 from kvproxy.serving import OpenAIServing
@@ -31,10 +33,26 @@ def create_app(
     *,
     on_ready: Callable[[], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """Build the ASGI app; its lifespan starts (loads) and stops every deployment."""
+    """Build the ASGI app; its lifespan starts (loads) and stops every deployment.
+
+    Metrics go to ``registry`` (tests pass a fresh one); by default a registry of the app's own,
+    with the process collector (RSS, CPU, open files) added.
+    """
     deps = deployments if isinstance(deployments, list) else [deployments]
     router = Router(deps)
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+    metrics = Metrics(registry)
+    for d in deps:
+        d.pool.observer = DeploymentObserver(metrics, d)
+        if isinstance(d, EmbeddedDeployment):
+            shape, n_ctx = d.backend.info.attention, d.backend.n_ctx
+            for role, kv in (("primary", d.primary_kv), ("reference", d.reference_kv)):
+                if kv is not None:
+                    export_kv_memory(metrics, d.name, role, shape, kv, n_ctx)
 
     async def start(d: Deployment) -> None:
         try:
@@ -65,12 +83,15 @@ def create_app(
                 d.close()
 
     app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.state.router = router
+    app.state.metrics = metrics
     app.state.deployments = deps
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(admin.metrics_router)
     if any(isinstance(d, EmbeddedDeployment) for d in deps):
         app.include_router(score.router)
     _document_request_bodies(app)

@@ -18,6 +18,7 @@ Two estimators:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,18 @@ class PositionScores:
     p_primary: FloatArray  # Q(t_i)
     # optional: the primary config's logprobs of tokens a live primary reported (consistency check)
     check_logprobs: list[list[float]] | None = None
+    # context length before the first scored token (its position in the sequence)
+    first_position: int = 0
 
     def with_checks(self, checks: list[list[float]]) -> PositionScores:
-        return PositionScores(self.kld, self.same_top, self.p_ref, self.p_primary, checks)
+        return dataclasses.replace(self, check_logprobs=checks)
+
+    def at(self, first_position: int) -> PositionScores:
+        return dataclasses.replace(self, first_position=first_position)
+
+    @property
+    def positions(self) -> IntArray:
+        return np.arange(self.first_position, self.first_position + len(self), dtype=np.int64)
 
     @property
     def delta_p(self) -> FloatArray:

@@ -86,14 +86,29 @@ class ShadowSampler:
         return self.rate >= 1.0 or (self.rate > 0.0 and self._rng.random() < self.rate)
 
 
+class ShadowObserver(Protocol):
+    """Told of every outcome and every scored job (the metrics exporter is one)."""
+
+    def outcome(self, name: str) -> None: ...
+
+    def scored(self, scores: PositionScores, lag_seconds: float) -> None: ...
+
+
 class ShadowPool:
     """A bounded queue and ``concurrency`` worker tasks in front of one scorer."""
 
     def __init__(
-        self, scorer: Scorer, tracker: QualityTracker, *, queue_size: int = 64, concurrency: int = 1
+        self,
+        scorer: Scorer,
+        tracker: QualityTracker,
+        *,
+        queue_size: int = 64,
+        concurrency: int = 1,
+        observer: ShadowObserver | None = None,
     ) -> None:
         self.scorer = scorer
         self.tracker = tracker
+        self.observer = observer
         self.counters = ShadowCounters()
         self.concurrency = concurrency
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
@@ -120,17 +135,22 @@ class ShadowPool:
         self._workers = []
         while not self._queue.empty():
             self._queue.get_nowait()
-            self.counters.dropped += 1
+            self.count("dropped")
+
+    def count(self, outcome: str) -> None:
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+        if self.observer is not None:
+            self.observer.outcome(outcome)
 
     def ticket(self) -> ShadowTicket:
-        self.counters.sampled += 1
+        self.count("sampled")
         return ShadowTicket(self)
 
     def _offer(self, job: ShadowJob) -> bool:
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.counters.dropped += 1
+            self.count("dropped")
             log.debug("shadow queue full: job dropped")
             return False
         return True
@@ -142,16 +162,19 @@ class ShadowPool:
             try:
                 scores = await self.scorer.score(job)
             except asyncio.CancelledError:
-                self.counters.dropped += 1
+                self.count("dropped")
                 raise
             except Exception:
-                self.counters.failed += 1
+                self.count("failed")
                 log.exception("shadow scoring failed")
             else:
                 self.tracker.add(scores)
-                self.counters.scored += 1
+                lag = time.monotonic() - job.ended_at
                 self.counters.scored_tokens += len(scores)
-                self.counters.last_lag_seconds = time.monotonic() - job.ended_at
+                self.counters.last_lag_seconds = lag
+                self.count("scored")
+                if self.observer is not None:
+                    self.observer.scored(scores, lag)
             finally:
                 self.in_flight -= 1
 
@@ -181,4 +204,4 @@ class ShadowTicket:
         """The response did not finish: nothing to score."""
         if not self._settled:
             self._settled = True
-            self._pool.counters.dropped += 1
+            self._pool.count("dropped")

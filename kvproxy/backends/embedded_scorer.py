@@ -138,7 +138,7 @@ class EmbeddedScorer:
             if check_ids is not None:
                 for row, ids in zip(primary, check_ids[c - start : c - start + len(part)], strict=False):
                     checks.append(_row_logprobs(row, ids))
-        scores = PositionScores.concat(parts)
+        scores = PositionScores.concat(parts).at(len(prompt))
         return scores if check_ids is None else scores.with_checks(checks)
 
 

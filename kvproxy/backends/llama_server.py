@@ -225,7 +225,7 @@ class LlamaServerReference:
                     p_ref[j] = float(np.exp(lps[ids.index(tok)])) if tok in ids else 0.0
             except httpx.HTTPError as exc:
                 raise map_transport_error(replica, exc) from exc
-        return PositionScores(kld, same, p_ref, p_pri)
+        return PositionScores(kld, same, p_ref, p_pri, first_position=len(prompt))
 
 
 async def prompt_tokens_chat(pool: ReplicaPool, messages: list[Any]) -> list[int]:

@@ -89,4 +89,5 @@ class ScoreRouteReference:
             np.asarray(data["same_top"], dtype=bool),
             np.asarray(data["p_ref"], dtype=np.float64),
             np.asarray(data["p_primary"], dtype=np.float64),
+            first_position=len(prompt),
         )

@@ -1,0 +1,227 @@
+"""Prometheus metrics: the quality signal, the shadow path, serving, and KV-cache memory.
+
+Names carry the ``kvproxy_`` prefix and base units; counters end in ``_total``. Every label value
+comes from configuration (deployment names, KV types, estimators, route templates, fixed buckets),
+never from a request: a client cannot create series (an unknown model is a 404, not a label).
+The registry is injected, so each test can use a fresh one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvproxy.kld import PositionScores
+
+# per-token KLD resolves 1e-5 .. 10 (half-decade steps)
+KLD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+DELTA_P_BUCKETS = (-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# the token's position in its context: quantization loss tends to grow with context
+POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
+POSITION_OVER = ">32k"
+
+QUALITY_LABELS = ("deployment", "cache_type_k", "cache_type_v", "reference_type", "estimator")
+
+
+def position_bucket(position: int) -> str:
+    for limit, name in POSITION_BUCKETS:
+        if position < limit:
+            return name
+    return POSITION_OVER
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        q = QUALITY_LABELS
+        self.token_kld = Histogram(
+            "kvproxy_token_kld",
+            "Per-token KL(reference || primary), nats, by the token's context position.",
+            (*q, "context"),
+            buckets=KLD_BUCKETS,
+            registry=registry,
+        )
+        self.request_mean_kld = Histogram(
+            "kvproxy_request_mean_kld",
+            "Mean per-token KLD of each scored request, nats.",
+            q,
+            buckets=KLD_BUCKETS,
+            registry=registry,
+        )
+        self.delta_p = Histogram(
+            "kvproxy_token_delta_p",
+            "Q(t) - P(t) of each emitted token (primary minus reference).",
+            q,
+            buckets=DELTA_P_BUCKETS,
+            registry=registry,
+        )
+        self.scored_tokens = Counter(
+            "kvproxy_scored_tokens", "Tokens scored against the reference.", q, registry=registry
+        )
+        self.same_top_tokens = Counter(
+            "kvproxy_same_top_tokens",
+            "Scored tokens whose most likely next token is the same on both sides.",
+            q,
+            registry=registry,
+        )
+        self.shadow_requests = Counter(
+            "kvproxy_shadow_requests",
+            "Shadow jobs by outcome (sampled, scored, dropped, failed).",
+            ("deployment", "outcome"),
+            registry=registry,
+        )
+        self.shadow_queue_depth = Gauge(
+            "kvproxy_shadow_queue_depth",
+            "Shadow jobs waiting to be scored.",
+            ("deployment",),
+            registry=registry,
+        )
+        self.shadow_lag = Histogram(
+            "kvproxy_shadow_lag_seconds",
+            "From the end of a response to its score being recorded.",
+            ("deployment",),
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "kvproxy_requests",
+            "HTTP requests by route and status.",
+            ("route", "method", "status"),
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "kvproxy_request_duration_seconds",
+            "End-to-end request time (for streams: until the last byte).",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        kv = ("deployment", "role", "cache_type_k", "cache_type_v")
+        self.kv_bytes_per_token = Gauge(
+            "kvproxy_kv_cache_bytes_per_token",
+            "KV-cache bytes one token costs (every layer holding it).",
+            kv,
+            registry=registry,
+        )
+        self.kv_bytes = Gauge(
+            "kvproxy_kv_cache_bytes",
+            "KV-cache bytes at the configured context (sliding windows capped).",
+            kv,
+            registry=registry,
+        )
+        self.kv_f16_bytes = Gauge(
+            "kvproxy_kv_cache_f16_bytes",
+            "What the same KV cache would take in f16.",
+            kv,
+            registry=registry,
+        )
+        self.kv_saving_ratio = Gauge(
+            "kvproxy_kv_cache_saving_ratio",
+            "f16 bytes divided by this config's bytes.",
+            kv,
+            registry=registry,
+        )
+
+    def observe_scores(
+        self, labels: dict[str, str], scores: PositionScores, positions: Iterable[int]
+    ) -> None:
+        """Record one scored job: its tokens, their positions, and the request's mean."""
+        n = len(scores)
+        if n == 0:
+            return
+        lv = [labels[k] for k in QUALITY_LABELS]
+        by_bucket: dict[str, list[float]] = {}
+        for value, pos in zip(scores.kld.tolist(), positions, strict=True):
+            by_bucket.setdefault(position_bucket(pos), []).append(value)
+        for bucket, values in by_bucket.items():
+            h = self.token_kld.labels(*lv, bucket)
+            for v in values:
+                h.observe(v)
+        dp = self.delta_p.labels(*lv)
+        for v in scores.delta_p.tolist():
+            dp.observe(v)
+        self.request_mean_kld.labels(*lv).observe(float(np.mean(scores.kld)))
+        self.scored_tokens.labels(*lv).inc(n)
+        self.same_top_tokens.labels(*lv).inc(int(np.count_nonzero(scores.same_top)))
+
+
+class DeploymentObserver:
+    """Feeds one deployment's shadow outcomes and scores into the metrics."""
+
+    def __init__(self, metrics: Metrics, deployment: Any) -> None:
+        self.metrics = metrics
+        self.deployment = deployment
+        for outcome in ("sampled", "scored", "dropped", "failed"):
+            metrics.shadow_requests.labels(deployment.name, outcome)  # the series exist from the start
+        metrics.shadow_queue_depth.labels(deployment.name).set_function(lambda: deployment.pool.queued)
+
+    def labels(self) -> dict[str, str]:
+        d = self.deployment
+        undeclared = "undeclared"
+        return {
+            "deployment": d.name,
+            "cache_type_k": d.primary_kv.cache_type_k.value if d.primary_kv else undeclared,
+            "cache_type_v": d.primary_kv.cache_type_v.value if d.primary_kv else undeclared,
+            "reference_type": str(d.reference_kv) if d.reference_kv else undeclared,
+            "estimator": d.estimator,
+        }
+
+    def outcome(self, name: str) -> None:
+        self.metrics.shadow_requests.labels(self.deployment.name, name).inc()
+
+    def scored(self, scores: PositionScores, lag_seconds: float) -> None:
+        self.metrics.observe_scores(self.labels(), scores, scores.positions.tolist())
+        self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
+
+
+def export_kv_memory(metrics: Metrics, deployment: str, role: str, shape: Any, kv: Any, n_ctx: int) -> None:
+    """KV-cache bytes of one config, from the GGUF's attention shape (see kvproxy.memory)."""
+    from kvproxy.config import KVCacheType
+    from kvproxy.memory import kv_bytes_per_token, kv_cache_bytes
+
+    labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
+    at_ctx = kv_cache_bytes(shape, kv.cache_type_k, kv.cache_type_v, n_ctx)
+    f16 = kv_cache_bytes(shape, KVCacheType.F16, KVCacheType.F16, n_ctx)
+    metrics.kv_bytes_per_token.labels(*labels).set(
+        kv_bytes_per_token(shape, kv.cache_type_k, kv.cache_type_v)
+    )
+    metrics.kv_bytes.labels(*labels).set(at_ctx)
+    metrics.kv_f16_bytes.labels(*labels).set(f16)
+    metrics.kv_saving_ratio.labels(*labels).set(f16 / at_ctx)
+
+
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware: requests by route template and status, and their duration (for a
+    stream, until its last byte). Unmatched paths share one label value."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
+            self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)

@@ -1,0 +1,137 @@
+"""Prometheus metrics: a fresh registry per test, sample values asserted after real scored jobs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kvproxy.app import create_app
+from kvproxy.config import Settings
+from kvproxy.deploy_config import ProxyConfig
+from kvproxy.deployment import build_deployments, embedded_deployment
+from kvproxy.gguf_info import read_model_info
+from kvproxy.metrics import position_bucket
+from tests.conftest import serve_in_thread
+from tests.fault_servers import fault_server
+from tests.llama_servers import free_port
+
+FORCE = {"X-KVProxy-Shadow": "force"}
+
+
+def wait_scored(http: httpx.Client, n: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        d: dict[str, Any] = http.get("/kvproxy/v1/status").json()["deployments"][0]
+        s = d["shadow"]
+        if s["scored"] + s["failed"] + s["dropped"] >= n and s["in_flight"] == 0:
+            return d
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_position_buckets() -> None:
+    assert [position_bucket(p) for p in (0, 511, 512, 2047, 2048, 8191, 8192, 32767, 32768, 10**6)] == [
+        "<512",
+        "<512",
+        "512-2k",
+        "512-2k",
+        "2k-8k",
+        "2k-8k",
+        "8k-32k",
+        "8k-32k",
+        ">32k",
+        ">32k",
+    ]
+
+
+def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
+    registry = CollectorRegistry()
+    settings = Settings(ctx_size=1024, shadow_rate=0.0)
+    deployment = embedded_deployment(settings, read_model_info(gemma_path))
+    app = create_app(deployment, registry=registry)
+    ready_deadline = time.monotonic() + 60
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < ready_deadline
+            time.sleep(0.05)
+        for prompt in ("The history of the Roman Empire", "In the beginning of the year"):
+            r = http.post(
+                "/v1/completions",
+                headers=FORCE,
+                json={"model": "Gemma 3 270m", "prompt": prompt, "max_tokens": 20, "temperature": 0},
+            )
+            assert r.status_code == 200
+        assert http.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"}).status_code == 404
+        status = wait_scored(http, 2)
+        exposition = http.get("/metrics").text
+    value = registry.get_sample_value
+    q = {
+        "deployment": "Gemma 3 270m",
+        "cache_type_k": "q4_0",
+        "cache_type_v": "q4_0",
+        "reference_type": "f16",
+        "estimator": "exact",
+    }
+    tokens = status["shadow"]["scored_tokens"]
+    assert tokens >= 40
+    assert value("kvproxy_scored_tokens_total", q) == tokens
+    assert value("kvproxy_token_kld_count", {**q, "context": "<512"}) == tokens  # short prompts
+    assert value("kvproxy_token_kld_sum", {**q, "context": "<512"}) == pytest.approx(
+        status["kld"]["since_start"]["mean"] * tokens, rel=1e-9
+    )
+    assert value("kvproxy_request_mean_kld_count", q) == 2
+    assert value("kvproxy_same_top_tokens_total", q) == round(
+        status["kld"]["since_start"]["same_top"] * tokens
+    )
+    assert value("kvproxy_token_delta_p_count", q) == tokens
+    for outcome, expected in (("sampled", 2), ("scored", 2), ("dropped", 0), ("failed", 0)):
+        assert (
+            value("kvproxy_shadow_requests_total", {"deployment": "Gemma 3 270m", "outcome": outcome})
+            == expected
+        )
+    assert value("kvproxy_shadow_queue_depth", {"deployment": "Gemma 3 270m"}) == 0
+    assert value("kvproxy_shadow_lag_seconds_count", {"deployment": "Gemma 3 270m"}) == 2
+    kv = {"deployment": "Gemma 3 270m", "role": "primary", "cache_type_k": "q4_0", "cache_type_v": "q4_0"}
+    assert value("kvproxy_kv_cache_bytes_per_token", kv) == 5184
+    assert value("kvproxy_kv_cache_bytes", kv) == 288 * (3 * 1024 + 15 * 512)
+    assert value("kvproxy_kv_cache_saving_ratio", kv) == pytest.approx(18432 / 5184)  # 3.56x
+    ref = {**kv, "role": "reference", "cache_type_k": "f16", "cache_type_v": "f16"}
+    assert value("kvproxy_kv_cache_saving_ratio", ref) == 1.0
+    assert (
+        value("kvproxy_requests_total", {"route": "/v1/completions", "method": "POST", "status": "200"}) == 2
+    )
+    assert (
+        value("kvproxy_requests_total", {"route": "/v1/completions", "method": "POST", "status": "404"}) == 1
+    )
+    assert "gpt-5" not in exposition  # an unknown model never becomes a label value
+    assert "kvproxy_token_kld_bucket{" in exposition and 'le="1e-05"' in exposition
+    assert "process_resident_memory_bytes" not in exposition  # the fresh registry has only ours
+
+
+def test_http_shadow_outcomes_are_counted() -> None:
+    registry = CollectorRegistry()
+    dead = f"http://127.0.0.1:{free_port()}"
+    with fault_server("ok") as up:
+        spec = {"model": "m", "primary": {"urls": [up.url]}, "reference": {"urls": [dead]}}
+        app = create_app(build_deployments(ProxyConfig(deployments=[spec]), Settings()), registry=registry)
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            for headers in (FORCE, {}):
+                r = http.post(
+                    "/v1/chat/completions",
+                    headers=headers,
+                    json={"model": "m", "messages": [{"role": "user", "content": "Hi"}]},
+                )
+                assert r.status_code == 200
+            wait_scored(http, 1)
+    value = registry.get_sample_value
+    assert value("kvproxy_shadow_requests_total", {"deployment": "m", "outcome": "sampled"}) == 1
+    assert value("kvproxy_shadow_requests_total", {"deployment": "m", "outcome": "failed"}) == 1
+    assert (
+        value("kvproxy_requests_total", {"route": "/v1/chat/completions", "method": "POST", "status": "200"})
+        == 2
+    )
