@@ -10,7 +10,6 @@ JSON). Each records when a connection carrying a POST was closed by its peer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -134,22 +133,26 @@ def fault_server(mode: str, port: int = 0) -> Iterator[FaultServer]:
     server = FaultServer(mode)
     loop = asyncio.new_event_loop()
     started = threading.Event()
-    holder: dict[str, asyncio.AbstractServer] = {}
+    stop = asyncio.Event()
 
     async def main() -> None:
         srv = await asyncio.start_server(
             lambda r, w: _handle(server, r, w), "127.0.0.1", port, reuse_address=True
         )
-        holder["srv"] = srv
         server.url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
         started.set()
-        async with srv:
-            await srv.serve_forever()
+        await stop.wait()
+        srv.close()
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await srv.wait_closed()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(main())
+        loop.run_until_complete(main())
+        loop.close()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -157,7 +160,5 @@ def fault_server(mode: str, port: int = 0) -> Iterator[FaultServer]:
     try:
         yield server
     finally:
-        loop.call_soon_threadsafe(holder["srv"].close)
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
-        thread.join(timeout=5)
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
