@@ -50,13 +50,17 @@ def load_settings(**given: Any) -> Settings:
 
 def describe_startup(settings: Settings, info: ModelInfo) -> str:
     """What start-up prints: the model, the KV configuration and what it costs per token."""
-    from kvproxy.memory import kv_bytes_per_token, kv_cache_bytes
+    from kvproxy.memory import kv_bytes_per_token, kv_cache_allocated_bytes
 
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
     per_token = kv_bytes_per_token(shape, k, v)
     f16_per_token = kv_bytes_per_token(shape, KVCacheType.F16, KVCacheType.F16)
-    at_ctx = kv_cache_bytes(shape, k, v, settings.ctx_size)
+    n_ubatch = min(settings.batch_size, 512)
+    at_ctx = kv_cache_allocated_bytes(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch)
+    f16_at_ctx = kv_cache_allocated_bytes(
+        shape, KVCacheType.F16, KVCacheType.F16, settings.ctx_size, n_ubatch=n_ubatch
+    )
     swa = (
         f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
         if shape.swa_layers
@@ -69,7 +73,8 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"  KV cache   K={k.value} V={v.value}, flash attention {'on' if settings.flash_attn else 'off'}",
             f"  KV bytes   {per_token:,} per token (f16 would be {f16_per_token:,}: "
             f"{per_token / f16_per_token:.1%}){swa}",
-            f"             {at_ctx / 2**20:.1f} MiB for the {settings.ctx_size:,}-token context",
+            f"             {at_ctx / 2**20:.1f} MiB allocated for the {settings.ctx_size:,}-token context "
+            f"(f16: {f16_at_ctx / 2**20:.1f} MiB)",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
             f"{settings.reference_cache_type.value} KV reference on the same weights "

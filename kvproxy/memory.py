@@ -60,3 +60,33 @@ def kv_cache_bytes(shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheTy
     n_swa = len(shape.swa_layers)
     swa_tokens = min(n_tokens, shape.sliding_window) if shape.sliding_window else n_tokens
     return per_layer * ((shape.n_layers - n_swa) * n_tokens + n_swa * swa_tokens)
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+def kv_cache_allocated_bytes(
+    shape: AttentionShape,
+    type_k: KVCacheType,
+    type_v: KVCacheType,
+    n_ctx: int,
+    *,
+    n_ubatch: int = 512,
+    n_seq: int = 1,
+    swa_full: bool = False,
+) -> int:
+    """Bytes llama.cpp allocates for the KV cache of a context of ``n_ctx`` tokens.
+
+    As llama.cpp sizes it (src/llama-context.cpp, src/llama-kv-cache-iswa.cpp): the context is
+    padded to a multiple of 256 cells; sliding-window layers get ``pad(min(n_ctx, n_swa * n_seq +
+    n_ubatch), 256)`` cells (room for the window plus one micro-batch) unless ``swa_full``.
+    """
+    per_layer = layer_bytes_per_token(shape, type_k, type_v)
+    cells = _pad(n_ctx)
+    n_swa = len(shape.swa_layers)
+    if n_swa and shape.sliding_window and not swa_full:
+        swa_cells = _pad(min(cells, shape.sliding_window * n_seq + n_ubatch))
+    else:
+        swa_cells = cells
+    return per_layer * ((shape.n_layers - n_swa) * cells + n_swa * swa_cells)

@@ -112,7 +112,7 @@ class Metrics:
         )
         self.kv_bytes = Gauge(
             "kvproxy_kv_cache_bytes",
-            "KV-cache bytes at the configured context (sliding windows capped).",
+            "KV-cache bytes llama.cpp allocates at the configured context (checked within 1 %).",
             kv,
             registry=registry,
         )
@@ -184,11 +184,11 @@ class DeploymentObserver:
 def export_kv_memory(metrics: Metrics, deployment: str, role: str, shape: Any, kv: Any, n_ctx: int) -> None:
     """KV-cache bytes of one config, from the GGUF's attention shape (see kvproxy.memory)."""
     from kvproxy.config import KVCacheType
-    from kvproxy.memory import kv_bytes_per_token, kv_cache_bytes
+    from kvproxy.memory import kv_bytes_per_token, kv_cache_allocated_bytes
 
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
-    at_ctx = kv_cache_bytes(shape, kv.cache_type_k, kv.cache_type_v, n_ctx)
-    f16 = kv_cache_bytes(shape, KVCacheType.F16, KVCacheType.F16, n_ctx)
+    at_ctx = kv_cache_allocated_bytes(shape, kv.cache_type_k, kv.cache_type_v, n_ctx)
+    f16 = kv_cache_allocated_bytes(shape, KVCacheType.F16, KVCacheType.F16, n_ctx)
     metrics.kv_bytes_per_token.labels(*labels).set(
         kv_bytes_per_token(shape, kv.cache_type_k, kv.cache_type_v)
     )

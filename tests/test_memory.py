@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvproxy.config import KVCacheType as T
@@ -56,3 +58,69 @@ def test_rows_must_fill_whole_blocks() -> None:
     with pytest.raises(ValueError, match="whole q4_0 blocks"):
         row_bytes(T.Q4_0, 48)
     assert row_bytes(T.F16, 48) == 96
+
+
+LLAMA_CPP_CHILD = r"""
+import sys, llama_cpp
+path, n_ctx, type_k, type_v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, type_k=type_k, type_v=type_v, flash_attn=True, swa_full=False,
+                verbose=True)
+"""
+
+
+def llama_cpp_reported_kv_bytes(path: Path, n_ctx: int, k: T, v: T) -> float:
+    """What llama.cpp logs when it creates the context: 'llama_kv_cache: size = X MiB (...)' per cache."""
+    import re
+    import subprocess
+    import sys
+
+    from kvproxy.memory import ggml_type
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LLAMA_CPP_CHILD,
+            str(path),
+            str(n_ctx),
+            str(int(ggml_type(k))),
+            str(int(ggml_type(v))),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    sizes = re.findall(r"llama_kv_cache: size =\s+([0-9.]+) MiB", out.stderr + out.stdout)
+    assert sizes, out.stderr[-2000:]
+    return sum(float(s) for s in sizes) * 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+@pytest.mark.parametrize("types", [(T.F16, T.F16), (T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q8_0, T.Q4_0)])
+@pytest.mark.parametrize("model", ["gemma", "tiny-llama"])
+def test_kv_bytes_match_what_llama_cpp_allocates(
+    model: str, types: tuple[T, T], gemma_path: Path, tiny_llama: Path
+) -> None:
+    from kvproxy.gguf_info import read_model_info
+    from kvproxy.memory import kv_cache_allocated_bytes
+
+    path = gemma_path if model == "gemma" else tiny_llama
+    info = read_model_info(path)
+    n_ctx = 16000  # not a multiple of 256: llama.cpp pads it
+    mine = kv_cache_allocated_bytes(info.attention, *types, n_ctx)
+    reported = llama_cpp_reported_kv_bytes(path, n_ctx, *types)
+    assert mine == pytest.approx(reported, rel=0.01)
+
+
+def test_tiny_llama_shape(tiny_llama: Path) -> None:
+    from kvproxy.gguf_info import read_model_info
+
+    a = read_model_info(tiny_llama).attention
+    assert (a.n_layers, a.n_head_kv, a.head_dim_k, a.head_dim_v, a.swa_layers) == (4, 2, 32, 32, frozenset())
