@@ -20,7 +20,13 @@ from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
-from kvproxy.metrics import DeploymentObserver, Metrics, RequestMetricsMiddleware, export_kv_memory
+from kvproxy.metrics import (
+    DeploymentObserver,
+    Metrics,
+    RequestMetricsMiddleware,
+    ServingObserver,
+    export_kv_memory,
+)
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
 from kvproxy.router import Router
 from kvproxy.serving import OpenAIServing
@@ -47,12 +53,7 @@ def create_app(
         ProcessCollector(registry=registry)
     metrics = Metrics(registry)
     for d in deps:
-        d.pool.observer = DeploymentObserver(metrics, d)
-        if isinstance(d, EmbeddedDeployment):
-            shape, n_ctx = d.backend.info.attention, d.backend.n_ctx
-            for role, kv in (("primary", d.primary_kv), ("reference", d.reference_kv)):
-                if kv is not None:
-                    export_kv_memory(metrics, d.name, role, shape, kv, n_ctx)
+        attach_metrics(metrics, d)
 
     async def start(d: Deployment) -> None:
         try:
@@ -96,6 +97,27 @@ def create_app(
         app.include_router(score.router)
     _document_request_bodies(app)
     return app
+
+
+def attach_metrics(metrics: Metrics, d: Deployment) -> None:
+    """Wire one deployment's shadow path, serving path, health and KV memory to the metrics."""
+    d.pool.observer = DeploymentObserver(metrics, d)
+    d.serving_metrics = ServingObserver(metrics, d.name)
+    if isinstance(d, EmbeddedDeployment):
+        backend = d.backend
+        metrics.backend_up.labels(d.name, "primary", "embedded").set_function(lambda: float(backend.ready))
+        shape, n_ctx = backend.info.attention, backend.n_ctx
+        for role, kv in (("primary", d.primary_kv), ("reference", d.reference_kv)):
+            if kv is not None:
+                export_kv_memory(metrics, d.name, role, shape, kv, n_ctx)
+        return
+    d.primary.observer = d.serving_metrics
+    pools = [("primary", d.primary_pool)] + ([("reference", d.reference_pool)] if d.reference_pool else [])
+    for role, pool in pools:
+        for replica in pool.replicas:
+            metrics.backend_up.labels(d.name, role, replica.url).set_function(
+                lambda r=replica: float(r.healthy)  # type: ignore[misc]
+            )
 
 
 def _document_request_bodies(app: FastAPI) -> None:

@@ -28,6 +28,7 @@ from kvproxy.config import KVCacheType, Settings
 from kvproxy.deploy_config import DeploymentSpec, ProxyConfig
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.kld import PositionScores
+from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
 from kvproxy.upstream import ReplicaPool, Timeouts
@@ -47,6 +48,7 @@ class DeploymentBase:
     sampler: ShadowSampler
     tracker: QualityTracker
     pool: ShadowPool = field(init=False)
+    serving_metrics: ServingObserver | None = field(default=None, init=False)
 
     estimator: str = "exact"
 

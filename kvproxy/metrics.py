@@ -22,6 +22,7 @@ KLD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.
 DELTA_P_BUCKETS = (-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 # the token's position in its context: quantization loss tends to grow with context
 POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
@@ -101,6 +102,38 @@ class Metrics:
             "End-to-end request time (for streams: until the last byte).",
             ("route",),
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "kvproxy_time_to_first_token_seconds",
+            "From the request to the first generated text.",
+            ("deployment",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "kvproxy_inter_token_latency_seconds",
+            "Between two successive pieces of generated text.",
+            ("deployment",),
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "kvproxy_prompt_tokens", "Prompt tokens of finished requests.", ("deployment",), registry=registry
+        )
+        self.completion_tokens = Counter(
+            "kvproxy_completion_tokens",
+            "Completion tokens of finished requests.",
+            ("deployment",),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "kvproxy_upstream_errors", "Upstream failures by kind.", ("deployment", "kind"), registry=registry
+        )
+        self.backend_up = Gauge(
+            "kvproxy_backend_up",
+            "1 when a backend replica is healthy (or an embedded model loaded), else 0.",
+            ("deployment", "role", "replica"),
             registry=registry,
         )
         kv = ("deployment", "role", "cache_type_k", "cache_type_v")
@@ -225,3 +258,43 @@ class RequestMetricsMiddleware:
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
             self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)
+
+
+UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "status", "stream_ended", "invalid_response")
+
+
+class ServingObserver:
+    """The serving signals of one deployment, label children bound once (cheap on the hot path)."""
+
+    def __init__(self, metrics: Metrics, deployment: str) -> None:
+        self.ttft = metrics.time_to_first_token.labels(deployment)
+        self.itl = metrics.inter_token_latency.labels(deployment)
+        self.prompt = metrics.prompt_tokens.labels(deployment)
+        self.completion = metrics.completion_tokens.labels(deployment)
+        self._errors = {k: metrics.upstream_errors.labels(deployment, k) for k in UPSTREAM_ERROR_KINDS}
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt.inc(prompt)
+        self.completion.inc(completion)
+
+    def upstream_error(self, kind: str) -> None:
+        self._errors[kind].inc()
+
+
+class TokenClock:
+    """Times one response: the first piece of text, then the gaps between pieces."""
+
+    def __init__(self, observer: ServingObserver | None) -> None:
+        self.observer = observer
+        self.start = time.perf_counter()
+        self.last: float | None = None
+
+    def tick(self) -> None:
+        if self.observer is None:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.observer.ttft.observe(now - self.start)
+        else:
+            self.observer.itl.observe(now - self.last)
+        self.last = now

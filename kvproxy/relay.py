@@ -113,6 +113,7 @@ class RelayServing:
             try:
                 data = json.loads(content)
             except ValueError as exc:
+                dep.primary.record_error("invalid_response")
                 raise OpenAIError(
                     502,
                     f"The upstream answered with invalid JSON: {exc}",

@@ -37,6 +37,7 @@ from kvproxy.errors import (
     model_loading,
     pydantic_error,
 )
+from kvproxy.metrics import TokenClock
 from kvproxy.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -197,12 +198,18 @@ class OpenAIServing:
 
         The hand-over is a non-blocking queue put: the client's response never waits on scoring.
         """
+        clock = TokenClock(self.deployment.serving_metrics)
         try:
             async for event in self.backend.generate(gen):
-                if ticket is not None and isinstance(event, Finished):
-                    ticket.submit(
-                        ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
-                    )
+                if isinstance(event, Finished):
+                    if ticket is not None:
+                        ticket.submit(
+                            ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                        )
+                    if clock.observer is not None:
+                        clock.observer.tokens(event.prompt_tokens, event.completion_tokens)
+                elif event.text:
+                    clock.tick()
                 yield event
         finally:
             if ticket is not None:

@@ -59,6 +59,7 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
         while http.get("/health").status_code != 200:
             assert time.monotonic() < ready_deadline
             time.sleep(0.05)
+        prompt_tokens = 0
         for prompt in ("The history of the Roman Empire", "In the beginning of the year"):
             r = http.post(
                 "/v1/completions",
@@ -66,6 +67,7 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
                 json={"model": "Gemma 3 270m", "prompt": prompt, "max_tokens": 20, "temperature": 0},
             )
             assert r.status_code == 200
+            prompt_tokens += r.json()["usage"]["prompt_tokens"]
         assert http.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"}).status_code == 404
         status = wait_scored(http, 2)
         exposition = http.get("/metrics").text
@@ -109,6 +111,13 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
     assert (
         value("kvproxy_requests_total", {"route": "/v1/completions", "method": "POST", "status": "404"}) == 1
     )
+    d = {"deployment": "Gemma 3 270m"}
+    assert value("kvproxy_time_to_first_token_seconds_count", d) == 2
+    assert value("kvproxy_inter_token_latency_seconds_count", d) >= 30  # about one per token after the first
+    assert value("kvproxy_completion_tokens_total", d) == 40
+    assert value("kvproxy_prompt_tokens_total", d) == prompt_tokens
+    # read while serving (the gauge follows the live backend: the model is closed by now)
+    assert 'kvproxy_backend_up{deployment="Gemma 3 270m",replica="embedded",role="primary"} 1.0' in exposition
     assert "gpt-5" not in exposition  # an unknown model never becomes a label value
     assert "kvproxy_token_kld_bucket{" in exposition and 'le="1e-05"' in exposition
     assert "process_resident_memory_bytes" not in exposition  # the fresh registry has only ours
@@ -136,3 +145,29 @@ def test_http_shadow_outcomes_are_counted() -> None:
         value("kvproxy_requests_total", {"route": "/v1/chat/completions", "method": "POST", "status": "200"})
         == 2
     )
+    assert value("kvproxy_completion_tokens_total", {"deployment": "m"}) == 2 * 2  # from the upstream's usage
+    assert value("kvproxy_backend_up", {"deployment": "m", "role": "primary", "replica": up.url}) == 1
+    assert value("kvproxy_backend_up", {"deployment": "m", "role": "reference", "replica": dead}) == 0
+
+
+def test_upstream_errors_by_kind() -> None:
+    registry = CollectorRegistry()
+    dead = f"http://127.0.0.1:{free_port()}"
+    with fault_server("hang") as hang:
+        specs: list[dict[str, Any]] = [
+            {"model": "dead", "primary": {"urls": [dead]}},
+            {
+                "model": "hang",
+                "primary": {"urls": [hang.url]},
+                "timeouts": {"connect": 1, "read": 1, "total": 1},
+            },
+        ]
+        app = create_app(build_deployments(ProxyConfig(deployments=specs), Settings()), registry=registry)
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            for model, status in (("dead", 502), ("hang", 504)):
+                body = {"model": model, "messages": [{"role": "user", "content": "x"}]}
+                assert http.post("/v1/chat/completions", json=body).status_code == status
+    value = registry.get_sample_value
+    assert value("kvproxy_upstream_errors_total", {"deployment": "dead", "kind": "unavailable"}) == 1
+    assert value("kvproxy_upstream_errors_total", {"deployment": "hang", "kind": "timeout"}) == 1
+    assert value("kvproxy_upstream_errors_total", {"deployment": "hang", "kind": "unavailable"}) == 0

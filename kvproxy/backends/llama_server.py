@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,14 @@ import numpy as np
 
 from kvproxy.errors import OpenAIError
 from kvproxy.kld import PositionScores, coarse_kld_row
+from kvproxy.metrics import ServingObserver, TokenClock
 from kvproxy.upstream import Replica, ReplicaPool, map_transport_error, map_upstream_status, upstream_timeout
 
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json"}
+_USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 @dataclass
@@ -88,6 +92,11 @@ class LlamaServerPrimary:
     def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
         self.pool = pool
         self.top_k = top_k
+        self.observer: ServingObserver | None = None  # set when metrics are exported
+
+    def record_error(self, kind: str) -> None:
+        if self.observer is not None:
+            self.observer.upstream_error(kind)
 
     # ---- relay without shadow ---------------------------------------------------------------
 
@@ -107,18 +116,22 @@ class LlamaServerPrimary:
                 if resp.status_code != 200:
                     body = await resp.aread()
                     await resp.aclose()
+                    self.record_error("status")
                     raise map_upstream_status(replica, resp.status_code, body)
                 return replica, resp
             except httpx.ConnectError as exc:
                 replica.outstanding -= 1
+                self.record_error("unavailable")
                 err = map_transport_error(replica, exc)
                 if attempt + 1 == attempts:
                     raise err from exc
             except httpx.HTTPError as exc:
                 replica.outstanding -= 1
+                self.record_error("timeout" if isinstance(exc, httpx.TimeoutException) else "unavailable")
                 raise map_transport_error(replica, exc) from exc
             except TimeoutError as exc:
                 replica.outstanding -= 1
+                self.record_error("timeout")
                 raise upstream_timeout(replica.url, "total deadline") from exc
             except BaseException:
                 replica.outstanding -= 1
@@ -129,7 +142,17 @@ class LlamaServerPrimary:
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, stream=False, deadline=deadline)
         replica.outstanding -= 1
+        if self.observer is not None:
+            self._count_usage(resp.content)
         return resp.content
+
+    def _count_usage(self, body: bytes) -> None:
+        """Token counts from the usage object, without parsing the whole response."""
+        assert self.observer is not None
+        tail = body[-600:]
+        prompt, completion = _USAGE_PROMPT.search(tail), _USAGE_COMPLETION.search(tail)
+        if prompt and completion:
+            self.observer.tokens(int(prompt.group(1)), int(completion.group(1)))
 
     async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
@@ -140,14 +163,20 @@ class LlamaServerPrimary:
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, stream=True, deadline=deadline)
 
+        clock = TokenClock(self.observer)
+
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in resp.aiter_raw():
-                        tail = (tail + chunk)[-32:]
+                        clock.tick()  # a chunk is about one token: llama-server flushes per token
+                        tail = (tail + chunk)[-600:]
                         yield chunk
-                if b"[DONE]" not in tail:
+                if self.observer is not None:
+                    self._count_usage(tail)
+                if b"[DONE]" not in tail[-32:]:
+                    self.record_error("stream_ended")
                     yield sse_error(
                         OpenAIError(
                             502,
@@ -157,8 +186,10 @@ class LlamaServerPrimary:
                         )
                     )
             except httpx.HTTPError as exc:
+                self.record_error("unavailable")
                 yield sse_error(map_transport_error(replica, exc))
             except TimeoutError:
+                self.record_error("timeout")
                 yield sse_error(upstream_timeout(replica.url, "total deadline"))
             finally:
                 await resp.aclose()  # a client that left closes the upstream request too
