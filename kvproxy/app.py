@@ -20,6 +20,7 @@ from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
+from kvproxy.gpu import GpuCollector
 from kvproxy.metrics import (
     DeploymentObserver,
     Metrics,
@@ -50,7 +51,8 @@ def create_app(
     router = Router(deps)
     if registry is None:
         registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+        registry.register(GpuCollector())
     metrics = Metrics(registry)
     for d in deps:
         attach_metrics(metrics, d)
