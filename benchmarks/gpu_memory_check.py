@@ -28,7 +28,8 @@ CHILD = r"""
 import sys, torch
 torch.cuda.init(); torch.zeros(1, device="cuda"); torch.cuda.synchronize()
 free, total = torch.cuda.mem_get_info(); print("ready", total - free, flush=True); sys.stdin.readline()
-x = torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8, device="cuda"); x.fill_(1); torch.cuda.synchronize()
+x = torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8, device="cuda")
+x.fill_(1); torch.cuda.synchronize()
 free, total = torch.cuda.mem_get_info(); print("allocated", total - free, flush=True); sys.stdin.readline()
 """
 
