@@ -50,8 +50,8 @@ def main() -> None:
     registry = CollectorRegistry()
     registry.register(GpuCollector({child.pid: "test", os.getpid(): "kvproxy"}))
 
-    def sample(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, {"gpu": "0", **labels})
+    def sample(metric: str, **labels: str) -> float | None:
+        return registry.get_sample_value(metric, {"gpu": "0", **labels})
 
     readings = {}
     for step in ("ready", "allocated"):
