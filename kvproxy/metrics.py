@@ -191,9 +191,21 @@ class DeploymentObserver:
     def __init__(self, metrics: Metrics, deployment: Any) -> None:
         self.metrics = metrics
         self.deployment = deployment
+        self._estimator = deployment.estimator
+        # Every series exists from the start, at 0: a rate over a counter that first appears at its
+        # final value would read 0 (Prometheus's advice on missing series).
         for outcome in ("sampled", "scored", "dropped", "failed"):
-            metrics.shadow_requests.labels(deployment.name, outcome)  # the series exist from the start
+            metrics.shadow_requests.labels(deployment.name, outcome)
         metrics.shadow_queue_depth.labels(deployment.name).set_function(lambda: deployment.pool.queued)
+        metrics.shadow_lag.labels(deployment.name)
+        self._touch_quality_series()
+
+    def _touch_quality_series(self) -> None:
+        m, lv = self.metrics, [self.labels()[k] for k in QUALITY_LABELS]
+        for _, bucket in (*POSITION_BUCKETS, (None, POSITION_OVER)):
+            m.token_kld.labels(*lv, bucket)
+        for family in (m.request_mean_kld, m.delta_p, m.scored_tokens, m.same_top_tokens):
+            family.labels(*lv)
 
     def labels(self) -> dict[str, str]:
         d = self.deployment
@@ -210,7 +222,11 @@ class DeploymentObserver:
         self.metrics.shadow_requests.labels(self.deployment.name, name).inc()
 
     def scored(self, scores: PositionScores, lag_seconds: float) -> None:
-        self.metrics.observe_scores(self.labels(), scores, scores.positions.tolist())
+        labels = self.labels()
+        if labels["estimator"] != self._estimator:  # an HTTP reference was identified: new series
+            self._estimator = labels["estimator"]
+            self._touch_quality_series()
+        self.metrics.observe_scores(labels, scores, scores.positions.tolist())
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the build and the tests need, installed only when missing (Debian/Ubuntu).
-# Building llama-cpp-python needs a C/C++ compiler, make and CMake.
+# Building llama-cpp-python needs a C/C++ compiler, make and CMake; the tests need Prometheus.
 set -euo pipefail
 
 missing=()
@@ -8,6 +8,8 @@ command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# the metrics tests scrape kvproxy with a real Prometheus server (and check rules with promtool)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${missing[*]}"
@@ -17,4 +19,4 @@ else
     sudo=
 fi
 $sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,122 @@
+"""A real Prometheus server (Debian's package) scrapes a running kvproxy under shadowed traffic; the
+expected series are then read back with PromQL through Prometheus's HTTP API."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, start_server, stop_server
+from tests.llama_servers import free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian package prometheus")
+
+
+@pytest.fixture(scope="module")
+def kvproxy_server() -> Iterator[RunningServer]:
+    srv = start_server("--ctx-size", "1024", "--shadow-rate", "1")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def prometheus(kvproxy_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("prometheus")
+    target = kvproxy_server.base_url.removeprefix("http://")
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: kvproxy\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    log = (tmp / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "prometheus.log").read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
+    data = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10).json()
+    assert data["status"] == "success", data
+    result: list[dict[str, Any]] = data["data"]["result"]
+    return result
+
+
+def scalar(prometheus: str, promql: str, until: Any = None, timeout: float = 90) -> float:
+    """The query's single value, waiting until it is defined and, given ``until``, until it holds
+    (a rate needs two scrapes after the change)."""
+    deadline = time.monotonic() + timeout
+    value = math.nan
+    while True:
+        result = query(prometheus, promql)
+        if result:
+            value = float(result[0]["value"][1])
+            if not math.isnan(value) and (until is None or until(value)):
+                return value
+        assert time.monotonic() < deadline, f"{promql} stayed at {value}"
+        time.sleep(0.5)
+
+
+def test_promql_over_real_scrapes(kvproxy_server: RunningServer, prometheus: str) -> None:
+    with httpx.Client(base_url=kvproxy_server.base_url, timeout=120) as http:
+        for i in range(6):
+            r = http.post(
+                "/v1/completions",
+                json={
+                    "model": kvproxy_server.model,
+                    "max_tokens": 16,
+                    "prompt": f"Chapter {i}. The history of the Roman Empire",
+                },
+            )
+            assert r.status_code == 200
+            time.sleep(0.5)
+    assert scalar(prometheus, "sum(rate(kvproxy_scored_tokens_total[30s]))", until=lambda v: v > 0) > 0
+    p90 = scalar(
+        prometheus,
+        "histogram_quantile(0.9, sum by (le) (rate(kvproxy_token_kld_bucket[30s])))",
+        until=lambda v: v > 0,
+    )
+    assert 0 < p90 < 10
+    same_top = scalar(prometheus, "sum(kvproxy_same_top_tokens_total) / sum(kvproxy_scored_tokens_total)")
+    assert 0.5 < same_top <= 1
+    ratio = scalar(prometheus, 'kvproxy_kv_cache_saving_ratio{role="primary"}')
+    assert ratio == pytest.approx(3.5, rel=0.05)  # q4_0 K and V against f16: 18432 / 5184 bytes a token
+    assert (
+        scalar(
+            prometheus,
+            'sum(kvproxy_requests_total{route="/v1/completions",status="200"})',
+            until=lambda v: v >= 6,
+        )
+        == 6
+    )
+    assert scalar(prometheus, "kvproxy_gpu_present") == 0  # no GPU on this machine: said, not zeros
+    assert scalar(prometheus, "process_resident_memory_bytes") > 100 * 2**20
