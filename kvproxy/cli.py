@@ -160,6 +160,10 @@ def serve(
             help="Proxy mode: URL(s) of the reference: an f16-KV llama-server, or `kvproxy backend`."
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help=f"Also serve /metrics on this port, on the same host. {_env('METRICS_PORT')}"),
+    ] = None,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", help="Deployments file (TOML): several deployments, routed by model."),
@@ -185,6 +189,7 @@ def serve(
         shadow_rate=shadow_rate,
         reference_cache_type=reference_cache_type,
         shadow_queue_size=shadow_queue_size,
+        metrics_port=metrics_port,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
@@ -332,6 +337,11 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
         access_log=False,
     )
     server = uvicorn.Server(config)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host, registry=asgi.state.metrics.registry)
+        typer.echo(f"  metrics    http://{settings.host}:{settings.metrics_port}/metrics")
     server.run()
     if exit_code:
         raise typer.Exit(code=exit_code)

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     shadow_chunk: int = Field(
         default=8, ge=1, le=256, description="Positions scored per chunk (bounds the scorer's memory)."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Also serve /metrics on this port (it is always on the main port too).",
+    )
     status_window: int = Field(
         default=4096, ge=16, description="Scored tokens in the status endpoint's recent window."
     )

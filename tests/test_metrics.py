@@ -171,3 +171,19 @@ def test_upstream_errors_by_kind() -> None:
     assert value("kvproxy_upstream_errors_total", {"deployment": "dead", "kind": "unavailable"}) == 1
     assert value("kvproxy_upstream_errors_total", {"deployment": "hang", "kind": "timeout"}) == 1
     assert value("kvproxy_upstream_errors_total", {"deployment": "hang", "kind": "unavailable"}) == 0
+
+
+def test_metrics_on_a_separate_port() -> None:
+    from tests.conftest import start_server, stop_server
+
+    port = free_port()
+    srv = start_server("--ctx-size", "512", "--metrics-port", str(port))
+    try:
+        main = httpx.get(f"{srv.base_url}/metrics", timeout=10)
+        separate = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert main.status_code == separate.status_code == 200
+        for text in (main.text, separate.text):
+            assert 'kvproxy_kv_cache_bytes_per_token{cache_type_k="q4_0"' in text
+            assert "process_resident_memory_bytes" in text and "kvproxy_gpu_present 0.0" in text
+    finally:
+        stop_server(srv)
