@@ -52,6 +52,12 @@ class DeploymentBase:
 
     estimator: str = "exact"
 
+    @property
+    def model_label(self) -> str:
+        """The model behind the deployment, for metrics: the GGUF's name in process, else the
+        deployment's own name (a llama-server's model is whatever it was started with)."""
+        return self.name
+
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
         return self.pool.ticket() if self.sampler.decide(directive) else None
 
@@ -101,6 +107,10 @@ class EmbeddedDeployment(DeploymentBase):
     @property
     def ready(self) -> bool:
         return self.backend.ready
+
+    @property
+    def model_label(self) -> str:
+        return self.backend.info.name
 
     async def start(self) -> None:
         """Load the model, then the scoring contexts on the same weights, then start the workers."""

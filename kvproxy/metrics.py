@@ -28,7 +28,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
 POSITION_OVER = ">32k"
 
-QUALITY_LABELS = ("deployment", "cache_type_k", "cache_type_v", "reference_type", "estimator")
+QUALITY_LABELS = ("deployment", "model", "cache_type_k", "cache_type_v", "reference_type", "estimator")
 
 
 def position_bucket(position: int) -> str:
@@ -212,6 +212,7 @@ class DeploymentObserver:
         undeclared = "undeclared"
         return {
             "deployment": d.name,
+            "model": d.model_label,
             "cache_type_k": d.primary_kv.cache_type_k.value if d.primary_kv else undeclared,
             "cache_type_v": d.primary_kv.cache_type_v.value if d.primary_kv else undeclared,
             "reference_type": str(d.reference_kv) if d.reference_kv else undeclared,

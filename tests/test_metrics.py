@@ -74,6 +74,7 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
     value = registry.get_sample_value
     q = {
         "deployment": "Gemma 3 270m",
+        "model": "Gemma 3 270m",
         "cache_type_k": "q4_0",
         "cache_type_v": "q4_0",
         "reference_type": "f16",
