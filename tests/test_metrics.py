@@ -128,7 +128,7 @@ def test_http_shadow_outcomes_are_counted() -> None:
     registry = CollectorRegistry()
     dead = f"http://127.0.0.1:{free_port()}"
     with fault_server("ok") as up:
-        spec = {"model": "m", "primary": {"urls": [up.url]}, "reference": {"urls": [dead]}}
+        spec = {"model": "m", "primary": {"urls": [up.url]}, "reference": {"urls": [dead]}, "shadow_rate": 0}
         app = create_app(build_deployments(ProxyConfig(deployments=[spec]), Settings()), registry=registry)
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
             for headers in (FORCE, {}):

@@ -87,6 +87,10 @@ def scalar(prometheus: str, promql: str, until: Any = None, timeout: float = 90)
 
 
 def test_promql_over_real_scrapes(kvproxy_server: RunningServer, prometheus: str) -> None:
+    # Prometheus must have scraped the counters at 0 before the traffic, or their first sample is
+    # already the final value and every rate() over them reads 0.
+    assert scalar(prometheus, 'up{job="kvproxy"}', until=lambda v: v == 1) == 1
+    assert scalar(prometheus, "sum(kvproxy_scored_tokens_total)") == 0
     with httpx.Client(base_url=kvproxy_server.base_url, timeout=120) as http:
         for i in range(6):
             r = http.post(

@@ -29,6 +29,7 @@ def proxy(primary: str, reference: str | None = None, **extra: Any) -> Iterator[
         "primary": {"urls": [primary]},
         "timeouts": {"connect": 1, "read": 1, "total": 2},
         "health_interval": 0.2,
+        "shadow_rate": 0,  # only the X-KVProxy-Shadow header shadows
         **extra,
     }
     if reference:
