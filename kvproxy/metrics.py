@@ -63,6 +63,12 @@ class Metrics:
             buckets=DELTA_P_BUCKETS,
             registry=registry,
         )
+        self.delta_p_squared = Counter(
+            "kvproxy_token_delta_p_squared",
+            "Sum of squared Δp: RMS Δp = sqrt(rate(this) / rate(scored tokens)).",
+            q,
+            registry=registry,
+        )
         self.scored_tokens = Counter(
             "kvproxy_scored_tokens", "Tokens scored against the reference.", q, registry=registry
         )
@@ -180,6 +186,7 @@ class Metrics:
         dp = self.delta_p.labels(*lv)
         for v in scores.delta_p.tolist():
             dp.observe(v)
+        self.delta_p_squared.labels(*lv).inc(float(np.sum(scores.delta_p**2)))
         self.request_mean_kld.labels(*lv).observe(float(np.mean(scores.kld)))
         self.scored_tokens.labels(*lv).inc(n)
         self.same_top_tokens.labels(*lv).inc(int(np.count_nonzero(scores.same_top)))
@@ -204,7 +211,7 @@ class DeploymentObserver:
         m, lv = self.metrics, [self.labels()[k] for k in QUALITY_LABELS]
         for _, bucket in (*POSITION_BUCKETS, (None, POSITION_OVER)):
             m.token_kld.labels(*lv, bucket)
-        for family in (m.request_mean_kld, m.delta_p, m.scored_tokens, m.same_top_tokens):
+        for family in (m.request_mean_kld, m.delta_p, m.delta_p_squared, m.scored_tokens, m.same_top_tokens):
             family.labels(*lv)
 
     def labels(self) -> dict[str, str]:

@@ -1,0 +1,347 @@
+"""The kvproxy Grafana dashboard, as reviewable code. Writes grafana/dashboards/kvproxy.json.
+
+    .venv/bin/python grafana/dashboard.py          # regenerate (tests fail if the JSON is stale)
+
+Every query uses the template variables ``$deployment`` and ``$model``; tests evaluate each one
+through a real Prometheus that scraped a running kvproxy (tests/test_prometheus.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "kvproxy.json"
+SEL = 'deployment=~"$deployment",model=~"$model"'
+DEP = 'deployment=~"$deployment"'
+RI = "$__rate_interval"
+CONFIG = "deployment, cache_type_k, cache_type_v, estimator"
+
+
+def quantile(q: float, metric: str, by: str, sel: str = DEP) -> str:
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[{RI}])))"
+
+
+def mean_kld(by: str = CONFIG) -> str:
+    return (
+        f"sum by ({by}) (rate(kvproxy_token_kld_sum{{{SEL}}}[{RI}]))\n"
+        f"  / sum by ({by}) (rate(kvproxy_token_kld_count{{{SEL}}}[{RI}]))"
+    )
+
+
+# (title, kind, unit, [(legend, expr)]), grouped in rows
+ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
+    (
+        "Quality: what the KV quantization costs",
+        [
+            (
+                "Mean KLD per token",
+                "timeseries",
+                "none",
+                [("{{deployment}} K={{cache_type_k}} V={{cache_type_v}} ({{estimator}})", mean_kld())],
+            ),
+            (
+                "KLD p50 and p99",
+                "timeseries",
+                "none",
+                [
+                    (
+                        "p50 {{deployment}} ({{estimator}})",
+                        quantile(0.5, "kvproxy_token_kld", "deployment, estimator", SEL),
+                    ),
+                    (
+                        "p99 {{deployment}} ({{estimator}})",
+                        quantile(0.99, "kvproxy_token_kld", "deployment, estimator", SEL),
+                    ),
+                ],
+            ),
+            (
+                "Same top token",
+                "timeseries",
+                "percentunit",
+                [
+                    (
+                        "{{deployment}}",
+                        f"sum by (deployment) (rate(kvproxy_same_top_tokens_total{{{SEL}}}[{RI}]))\n"
+                        f"  / sum by (deployment) (rate(kvproxy_scored_tokens_total{{{SEL}}}[{RI}]))",
+                    )
+                ],
+            ),
+            (
+                "RMS Δp",
+                "timeseries",
+                "percentunit",
+                [
+                    (
+                        "{{deployment}}",
+                        f"sqrt(sum by (deployment) (rate(kvproxy_token_delta_p_squared_total{{{SEL}}}[{RI}]))\n"
+                        f"  / sum by (deployment) (rate(kvproxy_scored_tokens_total{{{SEL}}}[{RI}])))",
+                    )
+                ],
+            ),
+            (
+                "Median KLD by context position",
+                "timeseries",
+                "none",
+                [("{{context}}", quantile(0.5, "kvproxy_token_kld", "context", SEL))],
+            ),
+            (
+                "Configs side by side: KLD against KV memory saved",
+                "table",
+                "none",
+                [
+                    ("mean KLD", mean_kld("deployment, cache_type_k, cache_type_v")),
+                    (
+                        "f16 / this config (KV bytes)",
+                        f'max by (deployment, cache_type_k, cache_type_v) (kvproxy_kv_cache_saving_ratio{{{DEP},role="primary"}})',
+                    ),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Shadow scoring",
+        [
+            (
+                "Shadow coverage (scored / requests)",
+                "timeseries",
+                "percentunit",
+                [
+                    (
+                        "{{deployment}}",
+                        f'sum by (deployment) (rate(kvproxy_shadow_requests_total{{{DEP},outcome="scored"}}[{RI}]))\n'
+                        f'  / sum by (deployment) (rate(kvproxy_requests_total{{route=~"/v1/.*completions"}}[{RI}]))',
+                    )
+                ],
+            ),
+            (
+                "Shadow outcomes",
+                "timeseries",
+                "reqps",
+                [
+                    (
+                        "{{deployment}} {{outcome}}",
+                        f"sum by (deployment, outcome) (rate(kvproxy_shadow_requests_total{{{DEP}}}[{RI}]))",
+                    )
+                ],
+            ),
+            (
+                "Queue depth",
+                "timeseries",
+                "none",
+                [("{{deployment}}", f"kvproxy_shadow_queue_depth{{{DEP}}}")],
+            ),
+            (
+                "Shadow lag p50 / p99",
+                "timeseries",
+                "s",
+                [
+                    ("p50 {{deployment}}", quantile(0.5, "kvproxy_shadow_lag_seconds", "deployment")),
+                    ("p99 {{deployment}}", quantile(0.99, "kvproxy_shadow_lag_seconds", "deployment")),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Serving",
+        [
+            (
+                "Requests by route and status",
+                "timeseries",
+                "reqps",
+                [("{{route}} {{status}}", f"sum by (route, status) (rate(kvproxy_requests_total[{RI}]))")],
+            ),
+            (
+                "Request latency p50 / p99",
+                "timeseries",
+                "s",
+                [
+                    (
+                        "p50 {{route}}",
+                        quantile(0.5, "kvproxy_request_duration_seconds", "route", 'route=~"/v1/.*"'),
+                    ),
+                    (
+                        "p99 {{route}}",
+                        quantile(0.99, "kvproxy_request_duration_seconds", "route", 'route=~"/v1/.*"'),
+                    ),
+                ],
+            ),
+            (
+                "Time to first token p50 / p99",
+                "timeseries",
+                "s",
+                [
+                    (
+                        "p50 {{deployment}}",
+                        quantile(0.5, "kvproxy_time_to_first_token_seconds", "deployment"),
+                    ),
+                    (
+                        "p99 {{deployment}}",
+                        quantile(0.99, "kvproxy_time_to_first_token_seconds", "deployment"),
+                    ),
+                ],
+            ),
+            (
+                "Inter-token latency p50 / p99",
+                "timeseries",
+                "s",
+                [
+                    (
+                        "p50 {{deployment}}",
+                        quantile(0.5, "kvproxy_inter_token_latency_seconds", "deployment"),
+                    ),
+                    (
+                        "p99 {{deployment}}",
+                        quantile(0.99, "kvproxy_inter_token_latency_seconds", "deployment"),
+                    ),
+                ],
+            ),
+            (
+                "Tokens",
+                "timeseries",
+                "short",
+                [
+                    (
+                        "prompt {{deployment}}",
+                        f"sum by (deployment) (rate(kvproxy_prompt_tokens_total{{{DEP}}}[{RI}]))",
+                    ),
+                    (
+                        "completion {{deployment}}",
+                        f"sum by (deployment) (rate(kvproxy_completion_tokens_total{{{DEP}}}[{RI}]))",
+                    ),
+                ],
+            ),
+            (
+                "Backends up",
+                "timeseries",
+                "none",
+                [("{{deployment}} {{role}} {{replica}}", f"kvproxy_backend_up{{{DEP}}}")],
+            ),
+        ],
+    ),
+    (
+        "Memory",
+        [
+            (
+                "KV cache at the configured context",
+                "timeseries",
+                "bytes",
+                [
+                    (
+                        "{{deployment}} {{role}} K={{cache_type_k}} V={{cache_type_v}}",
+                        f"kvproxy_kv_cache_bytes{{{DEP}}}",
+                    ),
+                    ("f16 {{deployment}} {{role}}", f"kvproxy_kv_cache_f16_bytes{{{DEP}}}"),
+                ],
+            ),
+            (
+                "VRAM used / total",
+                "timeseries",
+                "bytes",
+                [
+                    ("used GPU {{gpu}}", "kvproxy_gpu_memory_used_bytes"),
+                    ("total GPU {{gpu}}", "kvproxy_gpu_memory_total_bytes"),
+                ],
+            ),
+            (
+                "kvproxy resident memory",
+                "timeseries",
+                "bytes",
+                [("{{instance}}", 'process_resident_memory_bytes{job=~"kvproxy.*"}')],
+            ),
+        ],
+    ),
+]
+
+
+def panel(
+    pid: int, title: str, kind: str, unit: str, targets: list[tuple[str, str]], x: int, y: int
+) -> dict[str, Any]:
+    return {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if kind == "timeseries" else {},
+        "targets": [
+            {
+                "refId": chr(ord("A") + i),
+                "expr": expr,
+                "legendFormat": legend,
+                **({"instant": True, "format": "table"} if kind == "table" else {}),
+            }
+            for i, (legend, expr) in enumerate(targets)
+        ],
+        **({"transformations": [{"id": "merge", "options": {}}]} if kind == "table" else {}),
+    }
+
+
+def variable(name: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": name,
+        "type": "query",
+        "query": query,
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+    }
+
+
+def build() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    y, pid = 0, 1
+    for title, row in ROWS:
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        pid, y = pid + 1, y + 1
+        for i, spec in enumerate(row):
+            panels.append(panel(pid, *spec, x=12 * (i % 2), y=y + 8 * (i // 2)))
+            pid += 1
+        y += 8 * ((len(row) + 1) // 2)
+    return {
+        "uid": "kvproxy",
+        "title": "kvproxy: KV-cache quantization quality",
+        "tags": ["kvproxy", "llama.cpp"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},
+                variable("deployment", "label_values(kvproxy_scored_tokens_total, deployment)"),
+                variable("model", "label_values(kvproxy_scored_tokens_total, model)"),
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, expr) of every target."""
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
