@@ -104,14 +104,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         "Shadow scoring",
         [
             (
-                "Shadow coverage (scored / requests)",
+                "Shadow coverage (scored / all completion requests)",
                 "timeseries",
                 "percentunit",
                 [
                     (
                         "{{deployment}}",
                         f'sum by (deployment) (rate(kvproxy_shadow_requests_total{{{DEP},outcome="scored"}}[{RI}]))\n'
-                        f'  / sum by (deployment) (rate(kvproxy_requests_total{{route=~"/v1/.*completions"}}[{RI}]))',
+                        f'  / on () group_left () sum(rate(kvproxy_requests_total{{route=~"/v1/.*completions",status="200"}}[{RI}]))',
                     )
                 ],
             ),

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,8 +32,10 @@ def prometheus(kvproxy_server: RunningServer, tmp_path_factory: pytest.TempPathF
     tmp = tmp_path_factory.mktemp("prometheus")
     target = kvproxy_server.base_url.removeprefix("http://")
     config = tmp / "prometheus.yml"
+    rules = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{rules}']\n"
         f"scrape_configs:\n  - job_name: kvproxy\n    static_configs:\n      - targets: ['{target}']\n"
     )
     port = free_port()
@@ -124,3 +127,28 @@ def test_promql_over_real_scrapes(kvproxy_server: RunningServer, prometheus: str
     )
     assert scalar(prometheus, "kvproxy_gpu_present") == 0  # no GPU on this machine: said, not zeros
     assert scalar(prometheus, "process_resident_memory_bytes") > 100 * 2**20
+
+
+def test_every_dashboard_query_and_the_recording_rules(
+    kvproxy_server: RunningServer, prometheus: str
+) -> None:
+    """Runs after the traffic above: each panel's PromQL (template variables at "All") evaluates
+    without error, and the quality and serving panels return data."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "grafana"))
+    import dashboard
+
+    board = dashboard.build()
+    rows = {p["title"]: p for p in board["panels"] if p["type"] == "row"}
+    assert len(rows) == 4
+    empty_allowed = {"VRAM used / total"}  # no GPU on this machine: no readings, by design
+    for title, expr in dashboard.queries(board):
+        promql = expr.replace("$deployment", ".*").replace("$model", ".*").replace("$__rate_interval", "1m")
+        result = query(prometheus, promql)
+        if title not in empty_allowed:
+            assert result, f"panel {title!r} returned no data: {promql}"
+    mean = scalar(prometheus, "kvproxy:token_kld_mean:rate10m", until=lambda v: v > 0)
+    assert 0 < mean < 1
+    assert scalar(prometheus, "kvproxy:kld_alert_threshold") == 0.05  # the default (not gemma-q4)
+    assert query(prometheus, 'ALERTS{alertname="KVProxyBackendDown"}') == []
