@@ -32,9 +32,9 @@ from kvproxy.backends.llama_server import (
 )
 from kvproxy.backends.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.chat_template import GEMMA_TEMPLATE
+from kvproxy.corpus import english_text
 from kvproxy.upstream import ReplicaPool, Timeouts
 from tests.conftest import start_server, stop_server
-from tests.corpus import english_text
 from tests.llama_servers import llama_servers
 
 

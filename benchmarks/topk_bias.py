@@ -31,7 +31,7 @@ def english_tokens(llm: object) -> list[int]:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.corpus import english_text
+    from kvproxy.corpus import english_text
 
     return llm.tokenize(english_text().encode(), add_bos=True)  # type: ignore[attr-defined, no-any-return]
 

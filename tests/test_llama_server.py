@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from kvproxy.chat_template import GEMMA_TEMPLATE
+from kvproxy.corpus import english_text
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.corpus import english_text
 from tests.llama_servers import LlamaServer, llama_servers
 
 FORCE = {"X-KVProxy-Shadow": "force"}

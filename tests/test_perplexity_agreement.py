@@ -19,8 +19,8 @@ import pytest
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.config import KVCacheType as T
+from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
-from tests.corpus import english_text
 from tests.llama_tools import llama_bin
 
 N_CTX = 512
@@ -123,3 +123,22 @@ def test_mean_kld_and_same_top_match_llama_perplexity(gemma_path: Path, tmp_path
     assert mine.mean == pytest.approx(gold_mean, rel=0.05)
     assert abs(mine.same_top - gold_same) <= 0.015
     assert 0.05 < mine.mean < 0.5  # q4_0 K/V on Gemma 3 270M really loses this much (DESIGN.md: 0.13)
+
+    # `kvproxy calibrate` cuts the text the way llama-perplexity does: the same figure from the file
+    from kvproxy.calibrate import parse_config, read_blocks, sweep
+    from kvproxy.gguf_info import read_model_info
+
+    calib = sweep(
+        gemma_path,
+        read_model_info(gemma_path),
+        [parse_config("f16"), parse_config("q4_0")],
+        parse_config("f16"),
+        read_blocks(text),
+        ctx_size=N_CTX,
+        threads=2,
+        max_chunks=N_CHUNKS,
+    )
+    q4 = next(r for r in calib.results if r.config == "q4_0")
+    print(f"kvproxy calibrate: mean KLD {q4.mean_kld:.6f}, same top {q4.same_top:.4f}")
+    assert q4.tokens == mine.tokens
+    assert q4.mean_kld == pytest.approx(gold_mean, rel=0.05)

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
+from kvproxy.corpus import english_text
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.corpus import english_text
 
 FORCE = {"X-KVProxy-Shadow": "force"}
 

