@@ -77,3 +77,43 @@ def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
     short.write_text("Too short.")
     result = run_cli("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "fewer than 512 tokens" in result.stderr
+
+
+def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kvproxy.corpus import english_text
+
+    text = tmp_path / "long.txt"
+    text.write_text((english_text() + "\n") * 20)  # about 60 chunks: far more than the test waits for
+    out = tmp_path / "calib"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvproxy",
+            "calibrate",
+            "--configs",
+            "f16,q4_0",
+            "--text",
+            str(text),
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(20)  # model load and a few chunks
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["interrupted"] is True and 1 <= doc["chunks"] < 60
+    q4 = next(row for row in doc["results"] if row["config"] == "q4_0")
+    assert q4["tokens"] == doc["chunks"] * 255 and q4["mean_kld"] > 0
