@@ -9,10 +9,12 @@ llama-server, scored per position from its top-K, or a kvproxy scoring server, s
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import EmbeddedBackend
@@ -26,12 +28,15 @@ from kvproxy.backends.llama_server import (
 from kvproxy.backends.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.deploy_config import DeploymentSpec, ProxyConfig
+from kvproxy.drift import DriftDetector
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.kld import PositionScores
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
 from kvproxy.upstream import ReplicaPool, Timeouts
+
+log = logging.getLogger(__name__)
 
 
 def _kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
@@ -49,6 +54,7 @@ class DeploymentBase:
     tracker: QualityTracker
     pool: ShadowPool = field(init=False)
     serving_metrics: ServingObserver | None = field(default=None, init=False)
+    drift: DriftDetector = field(default_factory=DriftDetector, init=False)
 
     estimator: str = "exact"
 
@@ -57,6 +63,16 @@ class DeploymentBase:
         """The model behind the deployment, for metrics: the GGUF's name in process, else the
         deployment's own name (a llama-server's model is whatever it was started with)."""
         return self.name
+
+    def observe_drift(self, scores: PositionScores) -> None:
+        """Feed one scored request's mean KLD to the drift detector; log every change of state."""
+        changed = self.drift.update(float(np.mean(scores.kld)))
+        if changed is not None:
+            log.warning(
+                "deployment %s: drift state %s (statistic %.2f)", self.name, changed, self.drift.statistic
+            )
+            if self.serving_metrics is not None:
+                self.serving_metrics.drift_transition(changed)
 
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
         return self.pool.ticket() if self.sampler.decide(directive) else None
@@ -77,6 +93,7 @@ class DeploymentBase:
             "reference": _kv_dict(self.reference_kv),
             "estimator": self.estimator,
             **self.backend_status(),
+            "drift": self.drift.status(),
             "shadow": {
                 "rate": self.sampler.rate,
                 "sampled": c.sampled,
@@ -102,7 +119,9 @@ class EmbeddedDeployment(DeploymentBase):
     queue_size: int = field(default=64, kw_only=True)
 
     def __post_init__(self) -> None:
-        self.pool = ShadowPool(self.scorer, self.tracker, queue_size=self.queue_size, concurrency=1)
+        self.pool = ShadowPool(
+            self.scorer, self.tracker, queue_size=self.queue_size, concurrency=1, on_scored=self.observe_drift
+        )
 
     @property
     def ready(self) -> bool:
@@ -173,7 +192,11 @@ class HttpDeployment(DeploymentBase):
     def __post_init__(self) -> None:
         self.primary = LlamaServerPrimary(self.primary_pool, top_k=self.top_k)
         self.pool = ShadowPool(
-            HttpScorer(self), self.tracker, queue_size=self.queue_size, concurrency=self.concurrency
+            HttpScorer(self),
+            self.tracker,
+            queue_size=self.queue_size,
+            concurrency=self.concurrency,
+            on_scored=self.observe_drift,
         )
         if self.reference_pool is None:
             self.sampler = ShadowSampler(0.0)

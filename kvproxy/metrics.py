@@ -142,6 +142,24 @@ class Metrics:
             ("deployment", "role", "replica"),
             registry=registry,
         )
+        self.drift_state = Gauge(
+            "kvproxy_drift_state",
+            "Drift detector state: -1 warm-up, 0 ok, 1 warning, 2 drift.",
+            ("deployment",),
+            registry=registry,
+        )
+        self.drift_statistic = Gauge(
+            "kvproxy_drift_statistic",
+            "The detector's CUSUM statistic (drift above its threshold).",
+            ("deployment",),
+            registry=registry,
+        )
+        self.drift_transitions = Counter(
+            "kvproxy_drift_transitions",
+            "Changes of drift state, by the state entered.",
+            ("deployment", "state"),
+            registry=registry,
+        )
         kv = ("deployment", "role", "cache_type_k", "cache_type_v")
         self.kv_bytes_per_token = Gauge(
             "kvproxy_kv_cache_bytes_per_token",
@@ -206,6 +224,10 @@ class DeploymentObserver:
         metrics.shadow_queue_depth.labels(deployment.name).set_function(lambda: deployment.pool.queued)
         metrics.shadow_lag.labels(deployment.name)
         self._touch_quality_series()
+        from kvproxy.drift import STATE_CODES
+
+        metrics.drift_state.labels(deployment.name).set_function(lambda: STATE_CODES[deployment.drift.state])
+        metrics.drift_statistic.labels(deployment.name).set_function(lambda: deployment.drift.statistic)
 
     def _touch_quality_series(self) -> None:
         m, lv = self.metrics, [self.labels()[k] for k in QUALITY_LABELS]
@@ -291,6 +313,9 @@ class ServingObserver:
     """The serving signals of one deployment, label children bound once (cheap on the hot path)."""
 
     def __init__(self, metrics: Metrics, deployment: str) -> None:
+        self._transitions = {
+            s: metrics.drift_transitions.labels(deployment, s) for s in ("ok", "warning", "drift")
+        }
         self.ttft = metrics.time_to_first_token.labels(deployment)
         self.itl = metrics.inter_token_latency.labels(deployment)
         self.prompt = metrics.prompt_tokens.labels(deployment)
@@ -303,6 +328,9 @@ class ServingObserver:
 
     def upstream_error(self, kind: str) -> None:
         self._errors[kind].inc()
+
+    def drift_transition(self, state: str) -> None:
+        self._transitions[state].inc()
 
 
 class TokenClock:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -105,10 +106,12 @@ class ShadowPool:
         queue_size: int = 64,
         concurrency: int = 1,
         observer: ShadowObserver | None = None,
+        on_scored: Callable[[PositionScores], None] | None = None,
     ) -> None:
         self.scorer = scorer
         self.tracker = tracker
         self.observer = observer
+        self.on_scored = on_scored  # the deployment's drift detector
         self.counters = ShadowCounters()
         self.concurrency = concurrency
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
@@ -173,6 +176,8 @@ class ShadowPool:
                 self.counters.scored_tokens += len(scores)
                 self.counters.last_lag_seconds = lag
                 self.count("scored")
+                if self.on_scored is not None and len(scores):
+                    self.on_scored(scores)
                 if self.observer is not None:
                     self.observer.scored(scores, lag)
             finally:

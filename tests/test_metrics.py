@@ -98,6 +98,8 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
             == expected
         )
     assert value("kvproxy_shadow_queue_depth", {"deployment": "Gemma 3 270m"}) == 0
+    assert value("kvproxy_drift_state", {"deployment": "Gemma 3 270m"}) == -1  # warming up: 2 of 50 requests
+    assert status["drift"]["state"] == "warmup" and status["drift"]["requests"] == 2
     assert value("kvproxy_shadow_lag_seconds_count", {"deployment": "Gemma 3 270m"}) == 2
     kv = {"deployment": "Gemma 3 270m", "role": "primary", "cache_type_k": "q4_0", "cache_type_v": "q4_0"}
     assert value("kvproxy_kv_cache_bytes_per_token", kv) == 5184
