@@ -17,14 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvproxy.backends.llama_server import PrimaryReport, strip_logprobs
 from kvproxy.errors import OpenAIError, pydantic_error
+from kvproxy.serving import SSE_HEADERS
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowTicket
 
 if TYPE_CHECKING:
     from kvproxy.deployment import HttpDeployment
 
 log = logging.getLogger(__name__)
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Lenient(BaseModel):

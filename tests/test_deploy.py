@@ -83,6 +83,16 @@ def command_port(args: list[str]) -> int:
     return int(args[args.index("--port") + 1])
 
 
+def backend_addresses(config_file: Path) -> list[tuple[str, int | None]]:
+    """(host, port) of every primary and reference URL of a deployments file."""
+    out = []
+    for spec in ProxyConfig.from_file(config_file).deployments:
+        for backend in (spec.primary, spec.reference):
+            assert backend is not None and backend.urls
+            out += [(str(urlsplit(u).hostname), urlsplit(u).port) for u in backend.urls]
+    return out
+
+
 def test_compose_files_and_names_agree() -> None:
     doc = compose()
     services = doc["services"]
@@ -111,14 +121,9 @@ def test_compose_files_and_names_agree() -> None:
 
 def test_compose_kvproxy_config_and_scrape_targets_match_the_services() -> None:
     services = compose()["services"]
-    config = ProxyConfig.from_file(DEPLOY / "kvproxy.toml")
-    for spec in config.deployments:
-        for backend in (spec.primary, spec.reference):
-            assert backend is not None
-            for url in backend.urls:
-                parts = urlsplit(url)
-                assert parts.hostname in services
-                assert parts.port == command_port(services[parts.hostname]["command"])
+    for host, port in backend_addresses(DEPLOY / "kvproxy.toml"):
+        assert host in services
+        assert port == command_port(services[host]["command"])
     kv = services["kvproxy"]
     port = int(kv["environment"]["KVPROXY_PORT"])
     assert f"{port}:{port}" in kv["ports"]
@@ -162,14 +167,9 @@ def test_k8s_services_select_their_deployments_and_ports_agree() -> None:
         port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
     assert deployments["kvproxy"]["spec"]["replicas"] > 1
-    config = ProxyConfig.from_file(K8S / "kvproxy.toml")
-    for spec in config.deployments:
-        for backend in (spec.primary, spec.reference):
-            assert backend is not None
-            for url in backend.urls:
-                parts = urlsplit(url)
-                assert parts.hostname in services
-                assert parts.port in {p["port"] for p in services[parts.hostname]["spec"]["ports"]}
+    for host, port in backend_addresses(K8S / "kvproxy.toml"):
+        assert host in services
+        assert port in {p["port"] for p in services[host]["spec"]["ports"]}
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert (
         monitor["spec"]["selector"]["matchLabels"].items()
