@@ -23,6 +23,11 @@ def quantile(q: float, metric: str, by: str, sel: str = DEP) -> str:
     return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[{RI}])))"
 
 
+def p50_p99(metric: str, by: str, sel: str = DEP) -> list[tuple[str, str]]:
+    """The median and 99th-percentile targets of one histogram, a series per ``by`` value."""
+    return [(f"p{int(q * 100)} {{{{{by}}}}}", quantile(q, metric, by, sel)) for q in (0.5, 0.99)]
+
+
 def mean_kld(by: str = CONFIG) -> str:
     return (
         f"sum by ({by}) (rate(kvproxy_token_kld_sum{{{SEL}}}[{RI}]))\n"
@@ -136,10 +141,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "Shadow lag p50 / p99",
                 "timeseries",
                 "s",
-                [
-                    ("p50 {{deployment}}", quantile(0.5, "kvproxy_shadow_lag_seconds", "deployment")),
-                    ("p99 {{deployment}}", quantile(0.99, "kvproxy_shadow_lag_seconds", "deployment")),
-                ],
+                p50_p99("kvproxy_shadow_lag_seconds", "deployment"),
             ),
         ],
     ),
@@ -156,46 +158,19 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "Request latency p50 / p99",
                 "timeseries",
                 "s",
-                [
-                    (
-                        "p50 {{route}}",
-                        quantile(0.5, "kvproxy_request_duration_seconds", "route", 'route=~"/v1/.*"'),
-                    ),
-                    (
-                        "p99 {{route}}",
-                        quantile(0.99, "kvproxy_request_duration_seconds", "route", 'route=~"/v1/.*"'),
-                    ),
-                ],
+                p50_p99("kvproxy_request_duration_seconds", "route", 'route=~"/v1/.*"'),
             ),
             (
                 "Time to first token p50 / p99",
                 "timeseries",
                 "s",
-                [
-                    (
-                        "p50 {{deployment}}",
-                        quantile(0.5, "kvproxy_time_to_first_token_seconds", "deployment"),
-                    ),
-                    (
-                        "p99 {{deployment}}",
-                        quantile(0.99, "kvproxy_time_to_first_token_seconds", "deployment"),
-                    ),
-                ],
+                p50_p99("kvproxy_time_to_first_token_seconds", "deployment"),
             ),
             (
                 "Inter-token latency p50 / p99",
                 "timeseries",
                 "s",
-                [
-                    (
-                        "p50 {{deployment}}",
-                        quantile(0.5, "kvproxy_inter_token_latency_seconds", "deployment"),
-                    ),
-                    (
-                        "p99 {{deployment}}",
-                        quantile(0.99, "kvproxy_inter_token_latency_seconds", "deployment"),
-                    ),
-                ],
+                p50_p99("kvproxy_inter_token_latency_seconds", "deployment"),
             ),
             (
                 "Tokens",

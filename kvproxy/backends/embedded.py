@@ -34,6 +34,7 @@ from kvproxy.backends.base import (
     TopLogprob,
 )
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
+from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
 from kvproxy.gguf_info import ModelInfo
@@ -163,8 +164,7 @@ class EmbeddedBackend:
                 self._llama.close()
                 self._llama = None
 
-        self._executor.submit(_free).result()
-        self._executor.shutdown(wait=True)
+        close_on(self._executor, _free)
 
     # ---- tokens and text --------------------------------------------------------------------
 

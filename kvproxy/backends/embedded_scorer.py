@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores, exact_kld
 from kvproxy.memory import ggml_type
 from kvproxy.shadow import ShadowJob
@@ -197,5 +198,4 @@ class ThreadedScorer:
                 self._scorer.close()
                 self._scorer = None
 
-        self._executor.submit(free).result()
-        self._executor.shutdown(wait=True)
+        close_on(self._executor, free)
