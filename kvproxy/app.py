@@ -21,6 +21,7 @@ from kvproxy.api import admin, health, openai, score
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
 from kvproxy.gpu import GpuCollector
+from kvproxy.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES
 from kvproxy.metrics import (
     DeploymentObserver,
     Metrics,
@@ -105,6 +106,13 @@ def attach_metrics(metrics: Metrics, d: Deployment) -> None:
     """Wire one deployment's shadow path, serving path, health and KV memory to the metrics."""
     d.pool.observer = DeploymentObserver(metrics, d)
     d.serving_metrics = ServingObserver(metrics, d.name)
+    if d.guard is not None:
+        guard = d.guard
+        metrics.guard_active.labels(d.name, guard.fallback).set_function(lambda: float(guard.active))
+        for to in (PRIMARY, FALLBACK):
+            metrics.guard_switches.labels(d.name, to)
+        for outcome in PROBE_OUTCOMES:
+            metrics.guard_probes.labels(d.name, outcome)
     if isinstance(d, EmbeddedDeployment):
         backend = d.backend
         metrics.backend_up.labels(d.name, "primary", "embedded").set_function(lambda: float(backend.ready))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.baseline import SEGMENT_TOKENS
 from kvproxy.config import KVCacheType
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.memory import bits_per_value, kv_cache_allocated_bytes
@@ -82,11 +83,38 @@ class ConfigResult:
     same_top: float
     same_top_error: float
     rms_delta_p: float
-    chunk_mean_std: float  # spread of per-chunk mean KLD: the drift detector's noise scale
+    chunk_mean_std: float  # spread of per-chunk mean KLD
+    segment_log_sigma: float  # spread of log mean KLD over request-sized spans: the drift noise scale
+
+
+@dataclass
+class LogSpread:
+    """Running standard deviation (Welford) of log mean KLD over spans of ``SEGMENT_TOKENS``."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add_spans(self, kld: np.ndarray) -> None:
+        for start in range(0, len(kld) - SEGMENT_TOKENS + 1, SEGMENT_TOKENS):
+            x = math.log(float(np.mean(kld[start : start + SEGMENT_TOKENS])) + 1e-6)
+            self.n += 1
+            delta = x - self.mean
+            self.mean += delta / self.n
+            self.m2 += delta * (x - self.mean)
+
+    @property
+    def sigma(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
 
 
 def result_for(
-    config: KVConfig, tracker: QualityTracker, chunk_means: list[float], info: ModelInfo, ctx_size: int
+    config: KVConfig,
+    tracker: QualityTracker,
+    chunk_means: list[float],
+    spread: LogSpread,
+    info: ModelInfo,
+    ctx_size: int,
 ) -> ConfigResult:
     s = tracker.since_start()
     bits = (bits_per_value(config.cache_type_k) + bits_per_value(config.cache_type_v)) / 2
@@ -103,6 +131,7 @@ def result_for(
         same_top_error=s.same_top_error,
         rms_delta_p=s.rms_delta_p,
         chunk_mean_std=float(np.std(chunk_means, ddof=1)) if len(chunk_means) > 1 else math.nan,
+        segment_log_sigma=spread.sigma,
     )
 
 
@@ -133,7 +162,7 @@ def write_outputs(
     out: Path, results: list[ConfigResult], meta: dict[str, Any], recommendation: ConfigResult | None
 ) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in results]
+    rows = [{k: _nan_none(v) for k, v in asdict(r).items()} for r in results]
     csv_path = out / "calibration.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -155,8 +184,13 @@ def write_outputs(
                 "model": meta["model"],
                 "reference": meta["reference"],
                 "ctx_size": meta["ctx_size"],
+                "segment_tokens": SEGMENT_TOKENS,
                 "configs": {
-                    r.config: {"mean_kld": r.mean_kld, "chunk_mean_std": _nan_none(r.chunk_mean_std)}
+                    r.config: {
+                        "mean_kld": r.mean_kld,
+                        "log_sigma": _nan_none(r.segment_log_sigma),
+                        "chunk_mean_std": _nan_none(r.chunk_mean_std),
+                    }
                     for r in results
                 },
             },
@@ -249,6 +283,7 @@ def sweep(
     ]
     trackers = [QualityTracker(window=16) for _ in scored]
     chunk_means: list[list[float]] = [[] for _ in scored]
+    spreads = [LogSpread() for _ in scored]
     first = ctx_size // 2
     n, interrupted = 0, False
 
@@ -259,10 +294,11 @@ def sweep(
         for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos()):
             if max_chunks is not None and n >= max_chunks:
                 break
-            for scorer, tracker, means in zip(scorers, trackers, chunk_means, strict=True):
+            for scorer, tracker, means, spread in zip(scorers, trackers, chunk_means, spreads, strict=True):
                 s = scorer.score(chunk[: first + 1], chunk[first + 1 :])
                 tracker.add(s)
                 means.append(float(np.mean(s.kld)))
+                spread.add_spans(s.kld)
             n += 1
             if on_chunk is not None:
                 on_chunk(n)
@@ -273,7 +309,8 @@ def sweep(
             scorer.close()
         llm.close()
     results = [
-        result_for(c, t, m, info, ctx_size) for c, t, m in zip(scored, trackers, chunk_means, strict=True)
+        result_for(c, t, m, sp, info, ctx_size)
+        for c, t, m, sp in zip(scored, trackers, chunk_means, spreads, strict=True)
     ]
     if reference in configs:
         tokens = results[0].tokens if results else 0
@@ -295,6 +332,7 @@ def sweep(
                 same_top_error=0.0,
                 rms_delta_p=0.0,
                 chunk_mean_std=0.0,
+                segment_log_sigma=math.nan,
             ),
         )
     return Sweep(results, interrupted, n)

@@ -14,6 +14,13 @@ cache_type_v = "q4_0"
 
 [deployments.reference]                   # a llama-server with an f16 cache, or `kvproxy backend`
 urls = ["http://10.0.0.7:8080"]
+
+[deployments.drift]                       # optional (docs/drift.md)
+baseline = "calibration/baseline.json"    # from `kvproxy calibrate`; else a warm-up of 50 requests
+
+[deployments.guard]                       # optional: while in drift, serve from another deployment
+fallback = "gemma-q8"
+min_hold_seconds = 30
 ```
 
 llama-server does not report its KV types, so they are declared here (a kvproxy scoring server
@@ -70,6 +77,24 @@ class TimeoutSpec(_Strict):
     total: Annotated[float, Field(gt=0)] = 900.0
 
 
+class DriftSpec(_Strict):
+    """The drift detector (kvproxy.drift): baseline from a calibration file or a warm-up window."""
+
+    baseline: Path | None = None  # a `kvproxy calibrate` baseline.json (relative to this file)
+    log_sigma: Annotated[float, Field(gt=0)] = 0.5  # used when the baseline file gives none
+    warmup: Annotated[int, Field(ge=2)] = 50
+    threshold: Annotated[float, Field(gt=0)] = 10.0
+    allowance: Annotated[float, Field(ge=0)] = 1.0
+
+
+class GuardSpec(_Strict):
+    """Opt-in: while in drift, serve from ``fallback`` (another deployment's model name)."""
+
+    fallback: Annotated[str, Field(min_length=1)]
+    min_hold_seconds: Annotated[float, Field(ge=0)] = 30.0
+    probe_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+
+
 class DeploymentSpec(_Strict):
     model: Annotated[str, Field(min_length=1)]
     primary: BackendSpec
@@ -80,6 +105,8 @@ class DeploymentSpec(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 1
     health_interval: Annotated[float, Field(gt=0)] = 2.0
     timeouts: TimeoutSpec = TimeoutSpec()
+    drift: DriftSpec = DriftSpec()
+    guard: GuardSpec | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> Self:
@@ -107,6 +134,28 @@ class ProxyConfig(BaseSettings):
             raise ValueError(f"deployment names must be unique: {', '.join(dupes)}")
         if sum(d.primary.embedded for d in self.deployments) > 1:
             raise ValueError("at most one deployment can be embedded (one model in process)")
+        for d in self.deployments:
+            if d.guard is None:
+                continue
+            if d.guard.fallback == d.model:
+                raise ValueError(f"deployment {d.model!r}: the guard's fallback must be another deployment")
+            if d.guard.fallback not in names:
+                raise ValueError(
+                    f"deployment {d.model!r}: the guard's fallback {d.guard.fallback!r} is not a "
+                    f"deployment (have: {', '.join(names)})"
+                )
+            if d.reference is None and not d.primary.embedded:
+                raise ValueError(
+                    f"deployment {d.model!r}: a guard acts on drift, which needs shadow scoring: "
+                    "give a reference"
+                )
+        return self
+
+    def resolve_paths(self, base: Path) -> ProxyConfig:
+        """Relative baseline paths are relative to the deployments file."""
+        for d in self.deployments:
+            if d.drift.baseline is not None and not d.drift.baseline.is_absolute():
+                d.drift.baseline = base / d.drift.baseline
         return self
 
     @classmethod
@@ -128,4 +177,4 @@ class ProxyConfig(BaseSettings):
             raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
-        return cls(**data)
+        return cls(**data).resolve_paths(path.parent)

@@ -8,8 +8,10 @@ llama-server, scored per position from its top-K, or a kvproxy scoring server, s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +28,12 @@ from kvproxy.backends.llama_server import (
     prompt_tokens_text,
 )
 from kvproxy.backends.score_client import ScoreRouteReference, probe_score_route
+from kvproxy.baseline import read_baseline
 from kvproxy.config import KVCacheType, Settings
-from kvproxy.deploy_config import DeploymentSpec, ProxyConfig
+from kvproxy.deploy_config import DeploymentSpec, DriftSpec, ProxyConfig
 from kvproxy.drift import DriftDetector
 from kvproxy.gguf_info import ModelInfo
+from kvproxy.guard import Guard
 from kvproxy.kld import PositionScores
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
@@ -55,8 +59,20 @@ class DeploymentBase:
     pool: ShadowPool = field(init=False)
     serving_metrics: ServingObserver | None = field(default=None, init=False)
     drift: DriftDetector = field(default_factory=DriftDetector, init=False)
+    guard: Guard | None = field(default=None, init=False)
+    probes: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     estimator: str = "exact"
+
+    def configure_drift(self, spec: DriftSpec, guard: Guard | None = None) -> None:
+        """The detector from the deployments file: armed from a calibration baseline, or warming up."""
+        params = {"warmup": spec.warmup, "h": spec.threshold, "k": spec.allowance}
+        if spec.baseline is not None:
+            b = read_baseline(spec.baseline, self.primary_kv, default_log_sigma=spec.log_sigma)
+            self.drift = DriftDetector.from_baseline(b.mean_kld, b.log_sigma, **params)
+        else:
+            self.drift = DriftDetector(warmup=spec.warmup, h=spec.threshold, k=spec.allowance)
+        self.guard = guard
 
     @property
     def model_label(self) -> str:
@@ -73,6 +89,30 @@ class DeploymentBase:
             )
             if self.serving_metrics is not None:
                 self.serving_metrics.drift_transition(changed)
+        self.guard_active()
+
+    def guard_active(self) -> bool:
+        """Whether traffic goes to the fallback now; moves the guard (hold time, drift state) first."""
+        if self.guard is None:
+            return False
+        switched = self.guard.evaluate(self.drift.state, time.monotonic())
+        if switched is not None:
+            target = self.guard.fallback if self.guard.active else self.name
+            log.warning(
+                "deployment %s: guard switched to the %s (%s); drift state %s",
+                self.name,
+                switched,
+                target,
+                self.drift.state,
+            )
+            if self.serving_metrics is not None:
+                self.serving_metrics.guard_switch(switched)
+        return self.guard.active
+
+    async def cancel_probes(self) -> None:
+        for task in list(self.probes):
+            task.cancel()
+        await asyncio.gather(*self.probes, return_exceptions=True)
 
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
         return self.pool.ticket() if self.sampler.decide(directive) else None
@@ -94,6 +134,9 @@ class DeploymentBase:
             "estimator": self.estimator,
             **self.backend_status(),
             "drift": self.drift.status(),
+            "guard": None
+            if self.guard is None
+            else {**self.guard.status(time.monotonic()), "probes_in_flight": len(self.probes)},
             "shadow": {
                 "rate": self.sampler.rate,
                 "sampled": c.sampled,
@@ -138,6 +181,7 @@ class EmbeddedDeployment(DeploymentBase):
         self.pool.start()
 
     async def stop(self) -> None:
+        await self.cancel_probes()
         await self.pool.stop()
 
     def close(self) -> None:
@@ -233,6 +277,7 @@ class HttpDeployment(DeploymentBase):
         return self.reference
 
     async def stop(self) -> None:
+        await self.cancel_probes()
         await self.pool.stop()
         await self.primary_pool.close()
         if self.reference_pool is not None:
@@ -260,7 +305,7 @@ def http_deployment(spec: DeploymentSpec, *, window: int = 4096) -> HttpDeployme
     """A deployment served by llama-server replicas (and scored on its reference, if any)."""
     timeouts = Timeouts(spec.timeouts.connect, spec.timeouts.read, spec.timeouts.total)
     ref = spec.reference
-    return HttpDeployment(
+    d = HttpDeployment(
         name=spec.model,
         primary_kv=spec.primary.kv(),
         reference_kv=ref.kv(KVCacheType.F16) if ref else None,
@@ -271,6 +316,18 @@ def http_deployment(spec: DeploymentSpec, *, window: int = 4096) -> HttpDeployme
         top_k=spec.top_k,
         queue_size=spec.queue_size,
         concurrency=spec.concurrency,
+    )
+    configure(d, spec)
+    return d
+
+
+def configure(d: Deployment, spec: DeploymentSpec) -> None:
+    guard = spec.guard
+    d.configure_drift(
+        spec.drift,
+        Guard(guard.fallback, guard.min_hold_seconds, probe_concurrency=guard.probe_concurrency)
+        if guard
+        else None,
     )
 
 
@@ -293,7 +350,9 @@ def build_deployments(config: ProxyConfig, settings: Settings) -> list[Deploymen
             from kvproxy.backends.embedded import resolve_model_path
             from kvproxy.gguf_info import read_model_info
 
-            out.append(embedded_deployment(s, read_model_info(resolve_model_path(s.model))))
+            d = embedded_deployment(s, read_model_info(resolve_model_path(s.model)))
+            configure(d, spec)
+            out.append(d)
         else:
             out.append(http_deployment(spec, window=settings.status_window))
     return out

@@ -160,6 +160,24 @@ class Metrics:
             ("deployment", "state"),
             registry=registry,
         )
+        self.guard_active = Gauge(
+            "kvproxy_guard_active",
+            "1 while a guarded deployment's traffic goes to its fallback, else 0.",
+            ("deployment", "fallback"),
+            registry=registry,
+        )
+        self.guard_switches = Counter(
+            "kvproxy_guard_switches",
+            "Guard route changes, by where traffic went (fallback or primary).",
+            ("deployment", "to"),
+            registry=registry,
+        )
+        self.guard_probes = Counter(
+            "kvproxy_guard_probes",
+            "Sampled requests replayed on a guarded primary while on the fallback, by outcome.",
+            ("deployment", "outcome"),
+            registry=registry,
+        )
         kv = ("deployment", "role", "cache_type_k", "cache_type_v")
         self.kv_bytes_per_token = Gauge(
             "kvproxy_kv_cache_bytes_per_token",
@@ -321,6 +339,7 @@ class ServingObserver:
         self.prompt = metrics.prompt_tokens.labels(deployment)
         self.completion = metrics.completion_tokens.labels(deployment)
         self._errors = {k: metrics.upstream_errors.labels(deployment, k) for k in UPSTREAM_ERROR_KINDS}
+        self._metrics, self._deployment = metrics, deployment
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt.inc(prompt)
@@ -331,6 +350,12 @@ class ServingObserver:
 
     def drift_transition(self, state: str) -> None:
         self._transitions[state].inc()
+
+    def guard_switch(self, to: str) -> None:
+        self._metrics.guard_switches.labels(self._deployment, to).inc()
+
+    def guard_probe(self, outcome: str) -> None:
+        self._metrics.guard_probes.labels(self._deployment, outcome).inc()
 
 
 class TokenClock:

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
-
-from fastapi.responses import Response
 
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_not_found
+from kvproxy.guarded import GuardedServing, Serving
 from kvproxy.protocol import ModelCard, ModelList
 from kvproxy.relay import RelayServing
 from kvproxy.serving import OpenAIServing
-from kvproxy.shadow import ShadowDirective
-
-
-class Serving(Protocol):
-    async def handle_chat(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
-
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
 
 
 class Router:
@@ -31,10 +18,19 @@ class Router:
         if len(set(names)) != len(names):
             raise ValueError(f"deployment names must be unique: {names}")
         self.deployments = deployments
-        self._serving: dict[str, Serving] = {
+        own: dict[str, Serving] = {
             d.name: OpenAIServing(d) if isinstance(d, EmbeddedDeployment) else RelayServing(d)
             for d in deployments
         }
+        self._serving = dict(own)
+        for d in deployments:
+            if d.guard is not None:
+                if d.guard.fallback not in own:
+                    raise ValueError(
+                        f"deployment {d.name}: no deployment {d.guard.fallback!r} to fall back to"
+                    )
+                self._serving[d.name] = GuardedServing(d, own[d.name], own[d.guard.fallback])
+        self._own = own
         self._created = int(time.time())
 
     def route(self, model: object) -> Serving:
@@ -48,7 +44,7 @@ class Router:
         return serving
 
     def embedded_servings(self) -> list[OpenAIServing]:
-        return [s for s in self._serving.values() if isinstance(s, OpenAIServing)]
+        return [s for s in self._own.values() if isinstance(s, OpenAIServing)]
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=d.name, created=self._created) for d in self.deployments])

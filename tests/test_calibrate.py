@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from kvproxy.baseline import read_baseline
 from kvproxy.calibrate import ConfigResult, pareto_front, parse_config, read_blocks, recommend, text_chunks
+from kvproxy.deploy_config import ProxyConfig
+from kvproxy.deployment import http_deployment
 from tests.test_startup import run_cli
 
 
@@ -30,7 +33,7 @@ def test_chunks_match_llama_perplexity_layout(tmp_path: Path) -> None:
 
 
 def r(config: str, kv: int, kld: float) -> ConfigResult:
-    return ConfigResult(config, 0, kv, 1, kld, 0, 0, 0, 1, 0, 0, 0)
+    return ConfigResult(config, 0, kv, 1, kld, 0, 0, 0, 1, 0, 0, 0, 0)
 
 
 def test_pareto_and_recommendation() -> None:
@@ -67,6 +70,7 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
     assert doc["recommendation"] == "q8_0/q4_0" and "q4_0" in doc["pareto_front"] and not doc["interrupted"]
     baseline = json.loads((out / "baseline.json").read_text())
     assert baseline["configs"]["q4_0"]["mean_kld"] == pytest.approx(kld["q4_0"])
+    assert_a_deployment_arms_its_drift_detector_from(out / "baseline.json", kld)
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -117,3 +121,22 @@ def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
     assert doc["interrupted"] is True and 1 <= doc["chunks"] < 60
     q4 = next(row for row in doc["results"] if row["config"] == "q4_0")
     assert q4["tokens"] == doc["chunks"] * 255 and q4["mean_kld"] > 0
+
+
+def assert_a_deployment_arms_its_drift_detector_from(baseline: Path, kld: dict[str, float]) -> None:
+    """The deployments file names the calibration's baseline.json: the detector starts armed."""
+    config = baseline.parent / "deployments.toml"
+    config.write_text(
+        '[[deployments]]\nmodel = "a"\nreference = { urls = ["http://127.0.0.1:10"] }\n'
+        'primary = { urls = ["http://127.0.0.1:9"], cache_type_k = "q8_0", cache_type_v = "q4_0" }\n'
+        'drift = { baseline = "baseline.json" }\n'  # relative to the deployments file
+    )
+    d = http_deployment(ProxyConfig.from_file(config).deployments[0])
+    drift = d.status()["drift"]
+    assert drift["state"] == "ok" and drift["baseline_mean_kld"] == pytest.approx(kld["q8_0/q4_0"])
+    b = read_baseline(baseline, parse_config("q4_0"), default_log_sigma=9.0)
+    assert b.mean_kld == pytest.approx(kld["q4_0"]) and 0.05 < b.log_sigma < 3  # measured, not the default
+    with pytest.raises(ValueError, match=r"no baseline for the KV config q5_1 \(it has: f16, q8_0"):
+        read_baseline(baseline, parse_config("q5_1"), default_log_sigma=0.5)
+    with pytest.raises(ValueError, match="is the calibration's reference"):
+        read_baseline(baseline, parse_config("f16"), default_log_sigma=0.5)

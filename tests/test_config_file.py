@@ -64,6 +64,16 @@ def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.
             "either urls or",
         ),
         ("deployments = []", "at least 1"),
+        (GOOD + 'guard = { fallback = "b" }\n', "the guard's fallback 'b' is not a deployment (have: a)"),
+        (GOOD + 'guard = { fallback = "a" }\n', "the guard's fallback must be another deployment"),
+        (
+            '[[deployments]]\nmodel = "a"\nprimary = { urls = ["http://127.0.0.1:9"] }\n'
+            'guard = { fallback = "b" }\n'
+            '[[deployments]]\nmodel = "b"\nprimary = { urls = ["http://127.0.0.1:8"] }\n',
+            "a guard acts on drift, which needs shadow scoring: give a reference",
+        ),
+        (GOOD + 'drift = { baseline = "missing.json" }\n', "cannot read the drift baseline"),
+        (GOOD + "drift = { warmup = 1 }\n", "greater than or equal to 2"),
     ],
 )
 def test_bad_files_exit_2_with_the_reason(tmp_path: Path, text: str, message: str) -> None:

@@ -1,0 +1,99 @@
+"""Serving for a guarded deployment: its own serving logic, or its fallback's while in drift.
+
+While the guard is active, the client is answered by the fallback deployment (one hop: the
+fallback's own guard is not followed), and requests the primary's sampler picks are replayed on the
+drifting primary in the background (non-streaming, shadow forced) so that its shadow scoring, and
+therefore its recovery, stays observed. Probes never touch the client's response: they run after it
+is chosen, are bounded by ``probe_concurrency`` (extra ones are skipped and counted), and their
+failures are counted and logged only. Every response of a guarded deployment names who served it in
+``X-KVProxy-Served-By``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from fastapi.responses import Response
+
+from kvproxy.shadow import ShadowDirective
+
+if TYPE_CHECKING:
+    from kvproxy.deployment import Deployment
+
+log = logging.getLogger(__name__)
+
+SERVED_BY_HEADER = "X-KVProxy-Served-By"
+Kind = Literal["chat", "completion"]
+
+
+class Serving(Protocol):
+    async def handle_chat(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response: ...
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response: ...
+
+
+def _handler(serving: Serving, kind: Kind) -> Any:
+    return serving.handle_chat if kind == "chat" else serving.handle_completion
+
+
+class GuardedServing:
+    def __init__(self, deployment: Deployment, primary: Serving, fallback: Serving) -> None:
+        assert deployment.guard is not None
+        self.deployment = deployment
+        self.guard = deployment.guard
+        self.primary = primary
+        self.fallback = fallback
+
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+        return await self._serve("chat", raw, body, shadow)
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        return await self._serve("completion", raw, body, shadow)
+
+    async def _serve(
+        self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        d = self.deployment
+        if not d.guard_active():
+            response: Response = await _handler(self.primary, kind)(raw, body, shadow)
+            response.headers[SERVED_BY_HEADER] = d.name
+            return response
+        if d.sampler.decide(shadow):
+            self._probe(kind, body)
+        response = await _handler(self.fallback, kind)(raw, body, shadow)
+        response.headers[SERVED_BY_HEADER] = self.guard.fallback
+        return response
+
+    def _probe(self, kind: Kind, body: dict[str, Any]) -> None:
+        d = self.deployment
+        if len(d.probes) >= self.guard.probe_concurrency:
+            self._count("skipped")
+            return
+        probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        task = asyncio.create_task(self._run_probe(kind, probe), name=f"kvproxy-probe-{d.name}")
+        d.probes.add(task)
+        task.add_done_callback(d.probes.discard)
+        self._count("started")
+
+    async def _run_probe(self, kind: Kind, body: dict[str, Any]) -> None:
+        try:
+            await _handler(self.primary, kind)(json.dumps(body).encode(), body, "force")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an OpenAIError from the primary, a network error: count, go on
+            self._count("failed")
+            log.info("deployment %s: probe on the primary failed: %s", self.deployment.name, exc)
+
+    def _count(self, outcome: str) -> None:
+        self.guard.probes[outcome] += 1
+        if self.deployment.serving_metrics is not None:
+            self.deployment.serving_metrics.guard_probe(outcome)
