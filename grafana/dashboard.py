@@ -146,6 +146,32 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ],
     ),
     (
+        "Drift and guard",
+        [
+            (
+                "Drift state (-1 warm-up, 0 ok, 1 warning, 2 drift) and CUSUM statistic",
+                "timeseries",
+                "none",
+                [
+                    ("state {{deployment}}", f"kvproxy_drift_state{{{DEP}}}"),
+                    ("statistic {{deployment}}", f"kvproxy_drift_statistic{{{DEP}}}"),
+                ],
+            ),
+            (
+                "Guard: on the fallback (1) and route switches",
+                "timeseries",
+                "none",
+                [
+                    ("{{deployment}} -> {{fallback}}", f"kvproxy_guard_active{{{DEP}}}"),
+                    (
+                        "switches to {{to}} {{deployment}}",
+                        f"sum by (deployment, to) (increase(kvproxy_guard_switches_total{{{DEP}}}[{RI}]))",
+                    ),
+                ],
+            ),
+        ],
+    ),
+    (
         "Serving",
         [
             (

@@ -29,7 +29,7 @@ from tests.forwarder import Forwarder, forwarding
 from tests.llama_servers import llama_servers
 
 WARMUP = 10
-FLAG_WITHIN = 6  # scored requests after the switch; measured 3 (docs/drift.md)
+FLAG_WITHIN = 6  # scored requests after the switch; measured 2 (docs/drift.md)
 WORDS = english_text().split()
 
 
