@@ -1,0 +1,101 @@
+"""A load generator that stays off the proxy's core: aiohttp on uvloop, run in its own process (the
+benchmark pins it beside the fake upstream). Prints one JSON line: per-request latency (to the last
+byte), time to first content byte for streams, errors, wall time, and the client's own CPU time.
+
+    python benchmarks/loadgen.py --url http://127.0.0.1:8000/v1/chat/completions --concurrency 16 \\
+        --requests 2000 [--duration 5] [--stream] [--model fake] [--warmup 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+
+import aiohttp
+import uvloop
+
+
+async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> tuple[float, float, bool]:
+    start = time.perf_counter()
+    first = 0.0
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+        ok = resp.status == 200
+        if stream:
+            async for chunk in resp.content.iter_any():
+                if not first and b"data: {" in chunk:
+                    first = time.perf_counter() - start
+                if b"[DONE]" in chunk:
+                    pass
+        else:
+            await resp.read()
+    return time.perf_counter() - start, first, ok
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    body = json.dumps(
+        {
+            "model": args.model,
+            "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": 16,
+            "stream": args.stream,
+        }
+    ).encode()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for _ in range(args.warmup):
+            await one(session, args.url, body, args.stream)
+        todo = args.requests
+        stop_at = time.perf_counter() + args.duration
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal todo, errors
+            while todo > 0 and time.perf_counter() < stop_at:
+                todo -= 1
+                try:
+                    latency, first, ok = await one(session, args.url, body, args.stream)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                    continue
+                if not ok:
+                    errors += 1
+                    continue
+                latencies.append(latency)
+                if args.stream:
+                    ttfts.append(first)
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        wall = time.perf_counter() - started
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "latencies": latencies,
+        "ttfts": ttfts,
+        "errors": errors,
+        "wall": wall,
+        "client_cpu": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--model", default="fake")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=1e9, help="stop after this many seconds")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--stream", action="store_true")
+    args = ap.parse_args()
+    print(json.dumps(uvloop.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()
