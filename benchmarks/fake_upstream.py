@@ -55,7 +55,9 @@ def _stream(tokens: int, logprobs: bool, top: int) -> list[bytes]:
         choice: dict[str, Any] = {"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}
         if logprobs:
             choice["logprobs"] = {"content": [_entry(i, top)]}
-        events.append({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "fake", "choices": [choice]})
+        events.append(
+            {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "fake", "choices": [choice]}
+        )
     events.append(
         {
             "id": "c",
@@ -81,7 +83,8 @@ def _stream(tokens: int, logprobs: bool, top: int) -> list[bytes]:
 def _response(status: int, body: bytes, ctype: bytes = b"application/json") -> bytes:
     reason = {200: b"OK", 404: b"Not Found"}[status]
     return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (status, reason, ctype, len(body))
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
+        % (status, reason, ctype, len(body))
         + body
     )
 
@@ -96,7 +99,9 @@ class Canned:
         self.template = _response(200, b'{"prompt":"<start_of_turn>user\\nhello<end_of_turn>\\n"}')
         self.tokenize = _response(200, json.dumps({"tokens": list(range(2, 14))}).encode())
         tops = [{"id": WORD_IDS[0] + j, "token": f" w{j}", "logprob": -0.12 - j} for j in range(top)]
-        self.position = _response(200, json.dumps({"completion_probabilities": [{"top_logprobs": tops}]}).encode())
+        self.position = _response(
+            200, json.dumps({"completion_probabilities": [{"top_logprobs": tops}]}).encode()
+        )
         self.not_found = _response(404, b'{"error":{"message":"not found","code":404}}')
 
 
@@ -114,8 +119,7 @@ class Upstream(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
         self.task = asyncio.get_running_loop().create_task(self.serve())
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -94,7 +94,9 @@ def start(cmd: list[str], core: int, log: Path, env: dict[str, str] | None = Non
     )
 
 
-def measure(target: Target, *, concurrency: int, stream: bool, duration: float, requests: int) -> dict[str, float]:
+def measure(
+    target: Target, *, concurrency: int, stream: bool, duration: float, requests: int
+) -> dict[str, float]:
     cmd = [
         "taskset", "-c", "0", PY, str(ROOT / "benchmarks" / "loadgen.py"),
         "--url", f"{target.url}/chat/completions", "--model", target.model,
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--litellm", help="the litellm executable (default: $KVPROXY_CACHE/litellm-venv)")
     ap.add_argument("--json", type=Path, help="write every measurement here")
+    ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (quick iterations)")
+    ap.add_argument("--no-shadow", action="store_true", help="skip the shadow-rate-1.0 target")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvproxy-bench-"))
@@ -144,15 +148,17 @@ def main() -> None:
     try:
         up_port = free_port()
         procs.append(
-            start([PY, str(ROOT / "benchmarks" / "fake_upstream.py"), "--port", str(up_port)], 0, tmp / "up.log")
+            start(
+                [PY, str(ROOT / "benchmarks" / "fake_upstream.py"), "--port", str(up_port)], 0, tmp / "up.log"
+            )
         )
         up = f"http://127.0.0.1:{up_port}"
         wait_http(f"{up}/health")
         targets = [Target("direct", f"{up}/v1", "fake")]
-        for name, extra in (
-            ("kvproxy", ["--shadow-rate", "0"]),
-            ("kvproxy shadow 1.0", ["--shadow-rate", "1", "--reference", up]),
-        ):
+        kinds = [("kvproxy", ["--shadow-rate", "0"])]
+        if not args.no_shadow:
+            kinds.append(("kvproxy shadow 1.0", ["--shadow-rate", "1", "--reference", up]))
+        for name, extra in kinds:
             port = free_port()
             p = start(
                 [PY, "-m", "kvproxy", "serve", "--primary", up, "--alias", "fake", "--port", str(port),
@@ -162,10 +168,10 @@ def main() -> None:
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}/health")
             targets.append(Target(name, f"http://127.0.0.1:{port}/v1", "fake", p))
-        exe = litellm_bin(args.litellm)
-        if exe is None:
+        exe = None if args.no_litellm else litellm_bin(args.litellm)
+        if exe is None and not args.no_litellm:
             print("LiteLLM not found: run scripts/litellm-venv.sh (its column is skipped)", file=sys.stderr)
-        else:
+        if exe is not None:
             port = free_port()
             cfg = tmp / "litellm.yaml"
             cfg.write_text(
@@ -174,7 +180,11 @@ def main() -> None:
             )
             p = start(
                 [str(exe), "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
-                1, tmp / "litellm.log", env={"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"},
+                1, tmp / "litellm.log", env={
+                    "LITELLM_LOG": "ERROR",
+                    "LITELLM_TELEMETRY": "False",
+                    "LITELLM_MASTER_KEY": "sk-kvproxy-bench-0123456789abcdef",
+                },
             )  # fmt: skip
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=300)
@@ -196,7 +206,9 @@ def main() -> None:
                         )
         report(results, [t.name for t in targets], levels)
         if args.json:
-            args.json.write_text(json.dumps({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, indent=1))
+            args.json.write_text(
+                json.dumps({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, indent=1)
+            )
     finally:
         for p in procs:
             p.terminate()
@@ -211,7 +223,9 @@ def med(rs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
-def report(results: dict[tuple[str, bool, int], list[dict[str, float]]], names: list[str], levels: list[int]) -> None:
+def report(
+    results: dict[tuple[str, bool, int], list[dict[str, float]]], names: list[str], levels: list[int]
+) -> None:
     for stream in (False, True):
         kind = "16-chunk streams" if stream else "non-streaming requests"
         print(f"\n### {kind} (medians over rounds)\n")
@@ -225,7 +239,9 @@ def report(results: dict[tuple[str, bool, int], list[dict[str, float]]], names: 
             for name in names:
                 rs = results[(name, stream, c)]
                 row = f"| {name} | {c} | {med(rs, 'p50'):.2f} | {med(rs, 'p99'):.2f} | "
-                row += f"{med(rs, 'p50') - med(base, 'p50'):+.2f} | {med(rs, 'p99') - med(base, 'p99'):+.2f} | "
+                row += (
+                    f"{med(rs, 'p50') - med(base, 'p50'):+.2f} | {med(rs, 'p99') - med(base, 'p99'):+.2f} | "
+                )
                 if stream:
                     row += f"{med(rs, 'ttft50'):.2f} | {med(rs, 'ttft50') - med(base, 'ttft50'):+.2f} | "
                 cpu = f"{med(rs, 'cpu_ms'):.3f}" if name != "direct" else "-"
@@ -236,9 +252,13 @@ def report(results: dict[tuple[str, bool, int], list[dict[str, float]]], names: 
         kind = "streams" if stream else "requests"
         top = max(levels)
         if ("litellm", stream, top) in results:
-            ratio = med(results[("kvproxy", stream, top)], "rps") / med(results[("litellm", stream, top)], "rps")
+            ratio = med(results[("kvproxy", stream, top)], "rps") / med(
+                results[("litellm", stream, top)], "rps"
+            )
             print(f"- throughput at c={top}, {kind}: kvproxy / LiteLLM = {ratio:.1f}x")
         for c in levels:
+            if ("kvproxy shadow 1.0", stream, c) not in results:
+                continue
             a, b = results[("kvproxy", stream, c)], results[("kvproxy shadow 1.0", stream, c)]
             print(
                 f"- shadow 1.0 vs off, {kind}, c={c}: client p99 {med(b, 'p99') / med(a, 'p99') - 1:+.1%}, "

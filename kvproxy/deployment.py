@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
@@ -38,7 +37,7 @@ from kvproxy.kld import PositionScores
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
-from kvproxy.upstream import ReplicaPool, Timeouts
+from kvproxy.upstream import ReplicaPool, Timeouts, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ class HttpDeployment(DeploymentBase):
         await self.primary_pool.check_health()
         if self.reference_pool is not None:
             self.reference_pool.start()
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(*UpstreamError):
                 await self.resolve_reference()
         self.pool.start()
 

@@ -1,4 +1,10 @@
-"""HTTP upstreams: one pooled httpx client per replica, least-outstanding balancing, health and ejection.
+"""HTTP upstreams: one pooled aiohttp session per replica, least-outstanding balancing, health and
+ejection.
+
+aiohttp, not httpx, carries upstream traffic: under concurrency httpx's AsyncClient cost about 2 ms
+of CPU a request and its pool fell over at 16 concurrent requests (encode/httpx#3215), and even over
+an aiohttp transport httpx's own request layer added 0.23 ms a request; aiohttp directly costs a
+small fraction of that (docs/benchmarks.md has the measurements).
 
 A replica that refuses connections or times out is ejected at once; a background health check
 (``GET /health`` every ``health_interval`` seconds, as llama-server answers 200 when ready and 503
@@ -15,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from kvproxy.errors import OpenAIError
 
@@ -28,8 +34,14 @@ class Timeouts:
     read: float = 300.0  # between two bytes of a response (a long prefill can be silent a while)
     total: float = 900.0  # the whole exchange, a stream included
 
-    def httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=self.read, write=self.read, pool=self.connect)
+    def aiohttp(self) -> aiohttp.ClientTimeout:
+        # the total deadline is enforced by the caller (asyncio.timeout_at), streams included
+        return aiohttp.ClientTimeout(total=None, connect=self.connect, sock_read=self.read)
+
+
+# every failure of an upstream exchange below the HTTP status: connection, timeout, broken payload
+UpstreamError = (aiohttp.ClientError, TimeoutError)
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 def upstream_unavailable(url: str, exc: BaseException) -> OpenAIError:
@@ -51,20 +63,41 @@ def upstream_timeout(url: str, what: str) -> OpenAIError:
 
 
 class Replica:
-    def __init__(
-        self, url: str, timeouts: Timeouts, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, url: str, timeouts: Timeouts) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=timeouts.httpx(),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            transport=transport,
-        )
+        self.timeouts = timeouts
+        self._session: aiohttp.ClientSession | None = None
         self.outstanding = 0
         self.healthy = True
         self.failed_at = 0.0
         self.failures = 0
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the running event loop (as aiohttp requires)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=0),
+                timeout=self.timeouts.aiohttp(),
+                auto_decompress=False,  # relayed bytes stay as the upstream sent them
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def post(self, path: str, body: bytes, *, timeout: float | None = None) -> tuple[int, bytes]:
+        """A whole JSON exchange (the shadow path and the scoring calls): status and body."""
+        t = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
+        async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
+            return r.status, await r.read()
+
+    async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
+        t = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
+        async with self.session.get(self.url + path, timeout=t) as r:
+            return r.status, await r.read()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def mark_failed(self, reason: str) -> None:
         if self.healthy:
@@ -88,12 +121,11 @@ class ReplicaPool:
         timeouts: Timeouts,
         *,
         health_interval: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a replica pool needs at least one URL")
         self.timeouts = timeouts
-        self.replicas = [Replica(u, timeouts, transport) for u in urls]
+        self.replicas = [Replica(u, timeouts) for u in urls]
         self.health_interval = health_interval
         self._health_task: asyncio.Task[None] | None = None
 
@@ -115,14 +147,14 @@ class ReplicaPool:
     async def check_health(self) -> None:
         async def one(r: Replica) -> None:
             try:
-                resp = await r.client.get("/health", timeout=min(self.timeouts.connect, 5.0))
-            except httpx.HTTPError as exc:
+                status, _ = await r.get("/health", timeout=min(self.timeouts.connect, 5.0))
+            except UpstreamError as exc:
                 r.mark_failed(f"health check: {type(exc).__name__}")
                 return
-            if resp.status_code == 200:
+            if status == 200:
                 r.mark_healthy()
             else:
-                r.mark_failed(f"health check: HTTP {resp.status_code}")
+                r.mark_failed(f"health check: HTTP {status}")
 
         await asyncio.gather(*(one(r) for r in self.replicas))
 
@@ -142,21 +174,29 @@ class ReplicaPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
-        await asyncio.gather(*(r.client.aclose() for r in self.replicas))
+        await asyncio.gather(*(r.close() for r in self.replicas))
 
     def status(self) -> list[dict[str, object]]:
         return [{"url": r.url, "healthy": r.healthy, "outstanding": r.outstanding} for r in self.replicas]
 
 
-def map_transport_error(replica: Replica, exc: httpx.HTTPError) -> OpenAIError:
-    """Connection trouble -> 502 (and the replica is ejected); a timeout -> 504."""
-    if isinstance(
-        exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError
-    ):
+def refused(exc: BaseException) -> bool:
+    """The request never reached the replica (connection refused or failed): safe to try another."""
+    return isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
+
+
+def map_transport_error(replica: Replica, exc: BaseException) -> OpenAIError:
+    """Connection trouble -> 502 (and the replica is ejected); a read timeout -> 504."""
+    if is_timeout(exc):
+        return upstream_timeout(
+            replica.url, "read timeout" if isinstance(exc, aiohttp.ClientError) else "deadline"
+        )
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         replica.mark_failed(type(exc).__name__)
-        return upstream_unavailable(replica.url, exc)
-    if isinstance(exc, httpx.TimeoutException):
-        return upstream_timeout(replica.url, type(exc).__name__)
     return upstream_unavailable(replica.url, exc)
 
 

@@ -17,17 +17,26 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 from kvproxy.errors import OpenAIError
 from kvproxy.kld import PositionScores, coarse_kld_row
 from kvproxy.metrics import ServingObserver, TokenClock
-from kvproxy.upstream import Replica, ReplicaPool, map_transport_error, map_upstream_status, upstream_timeout
+from kvproxy.upstream import (
+    JSON_HEADERS,
+    Replica,
+    ReplicaPool,
+    UpstreamError,
+    is_timeout,
+    map_transport_error,
+    map_upstream_status,
+    refused,
+    upstream_timeout,
+)
 
 log = logging.getLogger(__name__)
 
-JSON_HEADERS = {"content-type": "application/json"}
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -101,38 +110,33 @@ class LlamaServerPrimary:
     # ---- relay without shadow ---------------------------------------------------------------
 
     async def _send(
-        self, path: str, content: bytes, *, stream: bool, deadline: float
-    ) -> tuple[Replica, httpx.Response]:
+        self, path: str, content: bytes, *, deadline: float
+    ) -> tuple[Replica, aiohttp.ClientResponse]:
         """Send to the least busy replica; a refused connection (the request never reached it) ejects
-        that replica and tries the next one. Returns with the replica's outstanding count held."""
+        that replica and tries the next one. Returns with the replica's outstanding count held and
+        the response's headers read (its body not yet)."""
         attempts = len(self.pool.replicas)
         for attempt in range(attempts):
             replica = self.pool.pick()
             replica.outstanding += 1
             try:
-                request = replica.client.build_request("POST", path, content=content, headers=JSON_HEADERS)
                 async with asyncio.timeout_at(deadline):
-                    resp = await replica.client.send(request, stream=stream)
-                if resp.status_code != 200:
-                    body = await resp.aread()
-                    await resp.aclose()
-                    self.record_error("status")
-                    raise map_upstream_status(replica, resp.status_code, body)
+                    resp = await replica.session.post(replica.url + path, data=content, headers=JSON_HEADERS)
+                    if resp.status != 200:
+                        body = await resp.read()
+                        resp.release()
+                        self.record_error("status")
+                        raise map_upstream_status(replica, resp.status, body)
                 return replica, resp
-            except httpx.ConnectError as exc:
+            except UpstreamError as exc:
                 replica.outstanding -= 1
-                self.record_error("unavailable")
+                if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+                    self.record_error("timeout")
+                    raise upstream_timeout(replica.url, "total deadline") from exc
+                self.record_error("timeout" if is_timeout(exc) else "unavailable")
                 err = map_transport_error(replica, exc)
-                if attempt + 1 == attempts:
+                if not refused(exc) or attempt + 1 == attempts:
                     raise err from exc
-            except httpx.HTTPError as exc:
-                replica.outstanding -= 1
-                self.record_error("timeout" if isinstance(exc, httpx.TimeoutException) else "unavailable")
-                raise map_transport_error(replica, exc) from exc
-            except TimeoutError as exc:
-                replica.outstanding -= 1
-                self.record_error("timeout")
-                raise upstream_timeout(replica.url, "total deadline") from exc
             except BaseException:
                 replica.outstanding -= 1
                 raise
@@ -140,11 +144,23 @@ class LlamaServerPrimary:
 
     async def post_json(self, path: str, content: bytes) -> bytes:
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
-        replica, resp = await self._send(path, content, stream=False, deadline=deadline)
-        replica.outstanding -= 1
+        replica, resp = await self._send(path, content, deadline=deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await resp.read()
+        except UpstreamError as exc:
+            resp.close()
+            if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+                self.record_error("timeout")
+                raise upstream_timeout(replica.url, "total deadline") from exc
+            self.record_error("timeout" if is_timeout(exc) else "unavailable")
+            raise map_transport_error(replica, exc) from exc
+        finally:
+            replica.outstanding -= 1
+        resp.release()
         if self.observer is not None:
-            self._count_usage(resp.content)
-        return resp.content
+            self._count_usage(body)
+        return body
 
     def _count_usage(self, body: bytes) -> None:
         """Token counts from the usage object, without parsing the whole response."""
@@ -161,7 +177,7 @@ class LlamaServerPrimary:
         ``data: [DONE]``, an SSE error event is sent and the stream closes.
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
-        replica, resp = await self._send(path, content, stream=True, deadline=deadline)
+        replica, resp = await self._send(path, content, deadline=deadline)
 
         clock = TokenClock(self.observer)
 
@@ -169,7 +185,7 @@ class LlamaServerPrimary:
             tail = b""
             try:
                 async with asyncio.timeout_at(deadline):
-                    async for chunk in resp.aiter_raw():
+                    async for chunk in resp.content.iter_any():
                         clock.tick()  # a chunk is about one token: llama-server flushes per token
                         tail = (tail + chunk)[-600:]
                         yield chunk
@@ -185,14 +201,17 @@ class LlamaServerPrimary:
                             code="upstream_stream_ended",
                         )
                     )
-            except httpx.HTTPError as exc:
-                self.record_error("unavailable")
+            except aiohttp.ClientError as exc:
+                self.record_error("timeout" if is_timeout(exc) else "unavailable")
                 yield sse_error(map_transport_error(replica, exc))
             except TimeoutError:
                 self.record_error("timeout")
                 yield sse_error(upstream_timeout(replica.url, "total deadline"))
             finally:
-                await resp.aclose()  # a client that left closes the upstream request too
+                if resp.content.at_eof():
+                    resp.release()  # the connection goes back to the pool
+                else:
+                    resp.close()  # a client that left (or a broken stream) closes the upstream request
                 replica.outstanding -= 1
 
         return relay()
@@ -233,10 +252,10 @@ class LlamaServerReference:
             "temperature": 0.0,
             "post_sampling_probs": False,
         }
-        resp = await replica.client.post("/completion", json=body)
-        if resp.status_code != 200:
-            raise map_upstream_status(replica, resp.status_code, resp.content)
-        probs = resp.json()["completion_probabilities"][0]["top_logprobs"]
+        status, content = await replica.post("/completion", json.dumps(body).encode())
+        if status != 200:
+            raise map_upstream_status(replica, status, content)
+        probs = json.loads(content)["completion_probabilities"][0]["top_logprobs"]
         return [int(p["id"]) for p in probs], [float(p["logprob"]) for p in probs]
 
     async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
@@ -254,7 +273,7 @@ class LlamaServerReference:
                     tok = report.token_ids[j]
                     # P_ref of the emitted token, when it is among the reference's top K (else 0)
                     p_ref[j] = float(np.exp(lps[ids.index(tok)])) if tok in ids else 0.0
-            except httpx.HTTPError as exc:
+            except UpstreamError as exc:
                 raise map_transport_error(replica, exc) from exc
         return PositionScores(kld, same, p_ref, p_pri, first_position=len(prompt))
 
@@ -262,10 +281,10 @@ class LlamaServerReference:
 async def prompt_tokens_chat(pool: ReplicaPool, messages: list[Any]) -> list[int]:
     """The prompt token ids the primary itself used: its template, then its tokenizer."""
     async with pool.acquire() as replica:
-        resp = await replica.client.post("/apply-template", json={"messages": messages})
-        if resp.status_code != 200:
-            raise map_upstream_status(replica, resp.status_code, resp.content)
-        prompt = resp.json()["prompt"]
+        status, content = await replica.post("/apply-template", json.dumps({"messages": messages}).encode())
+        if status != 200:
+            raise map_upstream_status(replica, status, content)
+        prompt = json.loads(content)["prompt"]
         return await _tokenize(replica, prompt)
 
 
@@ -276,10 +295,9 @@ async def prompt_tokens_text(pool: ReplicaPool, prompt: str | list[int]) -> list
         return await _tokenize(replica, prompt)
 
 
-async def _tokenize(replica: Any, text: str) -> list[int]:
-    resp = await replica.client.post(
-        "/tokenize", json={"content": text, "add_special": True, "parse_special": True}
-    )
-    if resp.status_code != 200:
-        raise map_upstream_status(replica, resp.status_code, resp.content)
-    return [int(t) for t in resp.json()["tokens"]]
+async def _tokenize(replica: Replica, text: str) -> list[int]:
+    body = {"content": text, "add_special": True, "parse_special": True}
+    status, content = await replica.post("/tokenize", json.dumps(body).encode())
+    if status != 200:
+        raise map_upstream_status(replica, status, content)
+    return [int(t) for t in json.loads(content)["tokens"]]

@@ -9,6 +9,7 @@ like the primary (a mismatch, such as a different KV type, is itself worth an al
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from kvproxy.backends.base import KVConfig
 from kvproxy.config import KVCacheType
 from kvproxy.kld import PositionScores, coarse_kld_row
-from kvproxy.upstream import ReplicaPool, map_transport_error, map_upstream_status
+from kvproxy.upstream import ReplicaPool, UpstreamError, map_transport_error, map_upstream_status
 
 INFO_PATH = "/kvproxy/v1/info"
 SCORE_PATH = "/kvproxy/v1/score"
@@ -37,10 +38,10 @@ def _kv(d: dict[str, str]) -> KVConfig:
 async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
     """A kvproxy scoring server answers ``GET /kvproxy/v1/info``; a plain llama-server says 404."""
     async with pool.acquire() as replica:
-        resp = await replica.client.get(INFO_PATH)
-    if resp.status_code != 200:
+        status, content = await replica.get(INFO_PATH)
+    if status != 200:
         return None
-    data = resp.json()
+    data = json.loads(content)
     if not data.get("score"):
         return None
     return ScoreServerInfo(data["model"], _kv(data["primary"]), _kv(data["reference"]))
@@ -69,16 +70,12 @@ class ScoreRouteReference:
         body = {"prompt_tokens": prompt, "token_ids": report.token_ids, "check_ids": report.top_ids}
         async with self.pool.acquire() as replica:
             try:
-                resp = await replica.client.post(SCORE_PATH, json=body)
-            except Exception as exc:
-                import httpx
-
-                if isinstance(exc, httpx.HTTPError):
-                    raise map_transport_error(replica, exc) from exc
-                raise
-            if resp.status_code != 200:
-                raise map_upstream_status(replica, resp.status_code, resp.content)
-        data = resp.json()
+                status, content = await replica.post(SCORE_PATH, json.dumps(body).encode())
+            except UpstreamError as exc:
+                raise map_transport_error(replica, exc) from exc
+            if status != 200:
+                raise map_upstream_status(replica, status, content)
+        data = json.loads(content)
         checks = data.get("check_logprobs") or []
         for ids, reported, replayed in zip(report.top_ids, report.top_logprobs, checks, strict=False):
             if reported and replayed:
