@@ -109,8 +109,8 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-enco
 
 
 class Upstream(asyncio.Protocol):
-    def __init__(self, canned: Canned, delay: float) -> None:
-        self.canned, self.delay = canned, delay
+    def __init__(self, canned: Canned, delay: float, tokens: int) -> None:
+        self.canned, self.delay, self.tokens = canned, delay, tokens
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -163,6 +163,8 @@ class Upstream(asyncio.Protocol):
                         t.write(b"%x\r\n%s\r\n" % (len(event), event))
                     t.write(b"0\r\n\r\n")
                 else:
+                    if self.delay:  # the time a real server takes to generate the same tokens
+                        await asyncio.sleep(self.delay * self.tokens)
                     t.write(c.chat_lp if logprobs else c.chat)
             elif url == b"/health":
                 t.write(c.health)
@@ -188,7 +190,7 @@ def main() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: Upstream(canned, args.delay_ms / 1000), "127.0.0.1", args.port, backlog=1024
+            lambda: Upstream(canned, args.delay_ms / 1000, args.tokens), "127.0.0.1", args.port, backlog=1024
         )
         print(f"fake upstream on 127.0.0.1:{args.port} (pid {os.getpid()})", flush=True)
         async with server:

@@ -140,6 +140,9 @@ def main() -> None:
     ap.add_argument("--litellm", help="the litellm executable (default: $KVPROXY_CACHE/litellm-venv)")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (quick iterations)")
+    ap.add_argument(
+        "--delay-ms", type=float, default=0.0, help="the fake upstream's time per token (0: instant answers)"
+    )
     ap.add_argument("--no-shadow", action="store_true", help="skip the shadow-rate-1.0 target")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -335,6 +335,10 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # X-Forwarded-* rewriting is off: kvproxy neither logs nor redirects by client address, and
+        # the middleware costs CPU on every request (docs/benchmarks.md)
+        proxy_headers=False,
+        server_header=False,
     )
     server = uvicorn.Server(config)
     if settings.metrics_port is not None:

@@ -41,7 +41,7 @@ def _request_schema(model: type) -> dict[str, Any]:
     }
 
 
-async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+async def json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -63,14 +63,14 @@ def _router(request: Request) -> Router:
     "/chat/completions", response_model=ChatCompletion, openapi_extra=_request_schema(ChatCompletionRequest)
 )
 async def chat_completions(request: Request) -> Response:
-    raw, body = await _json_body(request)
+    raw, body = await json_body(request)
     serving = _router(request).route(body.get("model"))
     return await serving.handle_chat(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
 
 
 @router.post("/completions", response_model=Completion, openapi_extra=_request_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    raw, body = await _json_body(request)
+    raw, body = await json_body(request)
     serving = _router(request).route(body.get("model"))
     return await serving.handle_completion(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
 
