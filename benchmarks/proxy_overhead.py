@@ -152,7 +152,16 @@ def main() -> None:
         up_port = free_port()
         procs.append(
             start(
-                [PY, str(ROOT / "benchmarks" / "fake_upstream.py"), "--port", str(up_port)], 0, tmp / "up.log"
+                [
+                    PY,
+                    str(ROOT / "benchmarks" / "fake_upstream.py"),
+                    "--port",
+                    str(up_port),
+                    "--delay-ms",
+                    str(args.delay_ms),
+                ],
+                0,
+                tmp / "up.log",
             )
         )
         up = f"http://127.0.0.1:{up_port}"

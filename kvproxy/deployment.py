@@ -114,7 +114,7 @@ class DeploymentBase:
         await asyncio.gather(*self.probes, return_exceptions=True)
 
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
-        return self.pool.ticket() if self.sampler.decide(directive) else None
+        return self.pool.ticket(directive) if self.sampler.decide(directive) else None
 
     @property
     def ready(self) -> bool:
@@ -142,6 +142,7 @@ class DeploymentBase:
                 "scored": c.scored,
                 "dropped": c.dropped,
                 "failed": c.failed,
+                "shed": c.shed,
                 "queued": self.pool.queued,
                 "in_flight": self.pool.in_flight,
                 "scored_tokens": c.scored_tokens,

@@ -80,7 +80,7 @@ class Metrics:
         )
         self.shadow_requests = Counter(
             "kvproxy_shadow_requests",
-            "Shadow jobs by outcome (sampled, scored, dropped, failed).",
+            "Shadow jobs by outcome (sampled, scored, dropped, failed; shed: not sampled, proxy saturated).",
             ("deployment", "outcome"),
             registry=registry,
         )
@@ -237,7 +237,7 @@ class DeploymentObserver:
         self._estimator = deployment.estimator
         # Every series exists from the start, at 0: a rate over a counter that first appears at its
         # final value would read 0 (Prometheus's advice on missing series).
-        for outcome in ("sampled", "scored", "dropped", "failed"):
+        for outcome in ("sampled", "scored", "dropped", "failed", "shed"):
             metrics.shadow_requests.labels(deployment.name, outcome)
         metrics.shadow_queue_depth.labels(deployment.name).set_function(lambda: deployment.pool.queued)
         metrics.shadow_lag.labels(deployment.name)

@@ -7,11 +7,11 @@ leaves every other parameter to the upstream, which supports more than the embed
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
+import orjson
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -98,7 +98,7 @@ class RelayServing:
         client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if stream:  # the usage says how many tokens were generated: needed to check the logprobs
             ask["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        upstream_body = json.dumps({**body, **ask}).encode()
+        upstream_body = orjson.dumps({**body, **ask})
         report = PrimaryReport()
         try:
             if stream:
@@ -110,7 +110,7 @@ class RelayServing:
                 )
             content = await dep.primary.post_json(path, upstream_body)
             try:
-                data = json.loads(content)
+                data = orjson.loads(content)
             except ValueError as exc:
                 dep.primary.record_error("invalid_response")
                 raise OpenAIError(
@@ -126,7 +126,7 @@ class RelayServing:
             report.add(strip_logprobs(choice, *wants))
         report.note_end(data)
         _settle(ticket, report, source, streamed=False)
-        return Response(json.dumps(data).encode(), media_type="application/json")
+        return Response(orjson.dumps(data), media_type="application/json")
 
     @staticmethod
     async def _rewrite_stream(
@@ -174,7 +174,7 @@ def _rewrite_event(
     if not event.startswith(b"data: {"):
         return event
     try:
-        data = json.loads(event[6:])
+        data = orjson.loads(event[6:])
     except ValueError:
         return event
     if "choices" not in data:
@@ -187,4 +187,4 @@ def _rewrite_event(
             report.add(strip_logprobs(choice, *wants))
         elif not wants[0] and "logprobs" in choice:
             choice["logprobs"] = None
-    return b"data: " + json.dumps(data).encode()
+    return b"data: " + orjson.dumps(data)

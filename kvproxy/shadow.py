@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from kvproxy.kld import PositionScores
+from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.quality import QualityTracker
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ShadowCounters:
     scored: int = 0
     failed: int = 0
     dropped: int = 0
+    shed: int = 0  # not sampled: the proxy was saturated (kvproxy.loadwatch); not part of `sampled`
     scored_tokens: int = 0
     last_lag_seconds: float | None = None  # response end -> score done, for the last job
 
@@ -107,6 +109,7 @@ class ShadowPool:
         concurrency: int = 1,
         observer: ShadowObserver | None = None,
         on_scored: Callable[[PositionScores], None] | None = None,
+        max_defer: float = 2.0,
     ) -> None:
         self.scorer = scorer
         self.tracker = tracker
@@ -117,12 +120,15 @@ class ShadowPool:
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self.in_flight = 0
+        self.load: LoopLoad | None = None  # set by start(): the running loop's watch
+        self.max_defer = max_defer
 
     @property
     def queued(self) -> int:
         return self._queue.qsize()
 
     def start(self) -> None:
+        self.load = loop_load()
         if not self._workers:
             self._workers = [
                 asyncio.create_task(self._work(), name=f"kvproxy-shadow-{i}") for i in range(self.concurrency)
@@ -145,7 +151,11 @@ class ShadowPool:
         if self.observer is not None:
             self.observer.outcome(outcome)
 
-    def ticket(self) -> ShadowTicket:
+    def ticket(self, directive: ShadowDirective | None = None) -> ShadowTicket | None:
+        """A ticket for a sampled request; none while the proxy is saturated (unless forced)."""
+        if directive != "force" and self.load is not None and self.load.busy:
+            self.count("shed")
+            return None
         self.count("sampled")
         return ShadowTicket(self)
 
@@ -158,11 +168,25 @@ class ShadowPool:
             return False
         return True
 
+    async def _calm(self) -> bool:
+        """Wait for a calm loop before scoring (clients first); False after ``max_defer``."""
+        waited = 0.0
+        while self.load is not None and self.load.busy:
+            if waited >= self.max_defer:
+                return False
+            await asyncio.sleep(0.01)
+            waited += 0.01
+        return True
+
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
             self.in_flight += 1
             try:
+                if not await self._calm():
+                    self.count("dropped")
+                    log.debug("shadow job dropped: the proxy stayed saturated")
+                    continue
                 scores = await self.scorer.score(job)
             except asyncio.CancelledError:
                 self.count("dropped")

@@ -10,7 +10,6 @@ strips from the client's response what the client did not ask for.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
 from kvproxy.errors import OpenAIError
 from kvproxy.kld import PositionScores, coarse_kld_row
@@ -218,7 +218,7 @@ class LlamaServerPrimary:
 
 
 def sse_error(err: OpenAIError) -> bytes:
-    return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
 def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -252,10 +252,10 @@ class LlamaServerReference:
             "temperature": 0.0,
             "post_sampling_probs": False,
         }
-        status, content = await replica.post("/completion", json.dumps(body).encode())
+        status, content = await replica.post("/completion", orjson.dumps(body))
         if status != 200:
             raise map_upstream_status(replica, status, content)
-        probs = json.loads(content)["completion_probabilities"][0]["top_logprobs"]
+        probs = orjson.loads(content)["completion_probabilities"][0]["top_logprobs"]
         return [int(p["id"]) for p in probs], [float(p["logprob"]) for p in probs]
 
     async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
@@ -281,10 +281,10 @@ class LlamaServerReference:
 async def prompt_tokens_chat(pool: ReplicaPool, messages: list[Any]) -> list[int]:
     """The prompt token ids the primary itself used: its template, then its tokenizer."""
     async with pool.acquire() as replica:
-        status, content = await replica.post("/apply-template", json.dumps({"messages": messages}).encode())
+        status, content = await replica.post("/apply-template", orjson.dumps({"messages": messages}))
         if status != 200:
             raise map_upstream_status(replica, status, content)
-        prompt = json.loads(content)["prompt"]
+        prompt = orjson.loads(content)["prompt"]
         return await _tokenize(replica, prompt)
 
 
@@ -297,7 +297,7 @@ async def prompt_tokens_text(pool: ReplicaPool, prompt: str | list[int]) -> list
 
 async def _tokenize(replica: Replica, text: str) -> list[int]:
     body = {"content": text, "add_special": True, "parse_special": True}
-    status, content = await replica.post("/tokenize", json.dumps(body).encode())
+    status, content = await replica.post("/tokenize", orjson.dumps(body))
     if status != 200:
         raise map_upstream_status(replica, status, content)
-    return [int(t) for t in json.loads(content)["tokens"]]
+    return [int(t) for t in orjson.loads(content)["tokens"]]
