@@ -13,6 +13,7 @@ import asyncio
 import json
 import resource
 import time
+from pathlib import Path
 
 import aiohttp
 import uvloop
@@ -98,8 +99,13 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=1e9, help="stop after this many seconds")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--out", type=Path, help="write the JSON result here instead of stdout")
     args = ap.parse_args()
-    print(json.dumps(uvloop.run(run(args))))
+    result = json.dumps(uvloop.run(run(args)))
+    if args.out:
+        args.out.write_text(result)
+    else:
+        print(result)
 
 
 if __name__ == "__main__":

@@ -105,10 +105,12 @@ def measure(
     ]  # fmt: skip
     if stream:
         cmd.append("--stream")
-    cpu0 = tree_cpu(target.process.pid) if target.process else 0.0
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    cpu1 = tree_cpu(target.process.pid) if target.process else 0.0
-    r = json.loads(out)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd += ["--out", out.name]
+        cpu0 = tree_cpu(target.process.pid) if target.process else 0.0
+        subprocess.run(cmd, capture_output=True, check=True)
+        cpu1 = tree_cpu(target.process.pid) if target.process else 0.0
+        r = json.loads(Path(out.name).read_text())
     lat = sorted(r["latencies"])
     n = len(lat)
     result = {
