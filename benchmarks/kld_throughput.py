@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from kvproxy.kld import exact_kld
+from kvproxy.kld import coarse_kld_row, exact_kld
 
 
 def bandwidth_bytes_per_s() -> float:
@@ -47,6 +47,33 @@ def kld_positions_per_s(vocab: int, chunk: int, seconds: float = 3.0) -> float:
     while time.perf_counter() - start < seconds:
         exact_kld(ref, pri, toks)
         n += chunk
+    return n / (time.perf_counter() - start)
+
+
+def exp_bound_positions_per_s(vocab: int, seconds: float = 2.0) -> float:
+    """The compute ceiling: exact KLD needs exp of both rows (2 V float32 exps per position); this
+    times numpy's exp alone on one position's rows, written in place (cache-resident)."""
+    rows = np.random.default_rng(1).normal(-8, 4, (2, vocab)).astype(np.float32)
+    out = np.empty_like(rows)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.exp(rows, out=out)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def topk_positions_per_s(k: int, seconds: float = 2.0) -> float:
+    """The top-K path: one coarse-grained KL per position from two top-K lists (ids, logprobs)."""
+    rng = np.random.default_rng(2)
+    ids = rng.permutation(1000)[:k].tolist()
+    other = [*ids[: k - 2], 5000, 5001]
+    lp = np.sort(np.log(rng.dirichlet(np.ones(k + 1))[:k]))[::-1].tolist()
+    lq = [x - 0.05 for x in lp]
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(100):
+            coarse_kld_row(ids, lp, other, lq)
+        n += 100
     return n / (time.perf_counter() - start)
 
 
@@ -106,6 +133,13 @@ def main() -> None:
     for chunk in chunks:
         rate = kld_positions_per_s(args.vocab, chunk)
         print(f"{chunk:>6} {rate:>12,.0f} {1000 / rate:>12.2f} {rate / floor:>8.1%}")
+    ceiling = exp_bound_positions_per_s(args.vocab)
+    print(
+        f"\ncompute ceiling: numpy exp of the two rows alone: {ceiling:,.0f} positions/s"
+        f" ({ceiling / floor:.1%} of the bandwidth floor)"
+    )
+    for k in (20, 100):
+        print(f"top-K path (coarse KL from two top-{k} lists): {topk_positions_per_s(k):,.0f} positions/s")
 
     if not args.skip_memory:
         print(

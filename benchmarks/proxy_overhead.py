@@ -107,10 +107,13 @@ def measure(
         cmd.append("--stream")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd += ["--out", out.name]
+        before = shadow_counts(target)
         cpu0 = tree_cpu(target.process.pid) if target.process else 0.0
         subprocess.run(cmd, capture_output=True, check=True)
         cpu1 = tree_cpu(target.process.pid) if target.process else 0.0
         r = json.loads(Path(out.name).read_text())
+        time.sleep(0.5)  # let queued shadow jobs finish before counting
+        after = shadow_counts(target)
     lat = sorted(r["latencies"])
     n = len(lat)
     result = {
@@ -122,11 +125,23 @@ def measure(
         # warm-up requests run inside the same window; count them in the CPU division
         "cpu_ms": (cpu1 - cpu0) * 1e3 / (n + max(20, concurrency)) if target.process else 0.0,
     }
+    if before is not None and after is not None:
+        picked = (after["sampled"] + after["shed"]) - (before["sampled"] + before["shed"])
+        result["scored_pct"] = 100 * (after["scored"] - before["scored"]) / max(picked, 1)
     if stream:
         ttft = sorted(r["ttfts"])
         result["ttft50"] = statistics.median(ttft) * 1e3
         result["ttft99"] = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3
     return result
+
+
+def shadow_counts(target: Target) -> dict[str, int] | None:
+    """kvproxy's shadow counters (None for other targets)."""
+    if not target.name.startswith("kvproxy"):
+        return None
+    base = target.url.removesuffix("/v1")
+    st = httpx.get(f"{base}/kvproxy/v1/status", timeout=10).json()["deployments"][0]["shadow"]
+    return {k: int(st[k]) for k in ("sampled", "scored", "shed")}
 
 
 def litellm_bin(explicit: str | None) -> Path | None:
@@ -245,7 +260,7 @@ def report(
         print(f"\n### {kind} (medians over rounds)\n")
         head = "| target | c | p50 ms | p99 ms | added p50 | added p99 |"
         head += " TTFT p50 ms | added TTFT p50 |" if stream else ""
-        head += " per s | proxy CPU ms | errors |"
+        head += " per s | proxy CPU ms | shadow scored | errors |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for c in levels:
@@ -259,7 +274,8 @@ def report(
                 if stream:
                     row += f"{med(rs, 'ttft50'):.2f} | {med(rs, 'ttft50') - med(base, 'ttft50'):+.2f} | "
                 cpu = f"{med(rs, 'cpu_ms'):.3f}" if name != "direct" else "-"
-                row += f"{med(rs, 'rps'):.0f} | {cpu} | {sum(int(r['errors']) for r in rs)} |"
+                scored = f"{med(rs, 'scored_pct'):.0f} %" if "shadow" in name else "-"
+                row += f"{med(rs, 'rps'):.0f} | {cpu} | {scored} | {sum(int(r['errors']) for r in rs)} |"
                 print(row)
     print("\n### ratios\n")
     for stream in (False, True):
