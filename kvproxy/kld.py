@@ -81,6 +81,9 @@ class PositionScores:
         )
 
 
+BLOCK_ELEMENTS = 1 << 17  # logits per temporary buffer: 512 KiB of float32, cache-sized
+
+
 def exact_kld(
     ref_logits: npt.ArrayLike, primary_logits: npt.ArrayLike, tokens: npt.ArrayLike
 ) -> PositionScores:
@@ -91,7 +94,8 @@ def exact_kld(
     Z = sum exp(s), ``KL = sum(exp(s_p) (s_p - s_q)) / Z_p - log Z_p + log Z_q``. Rounding errors
     in s are largest where s is very negative, i.e. where P is tiny, so the result is accurate to
     about 1e-7 absolute (tests compare it with a float64 brute force). Identical rows give exactly 0.
-    Temporaries: four float32 arrays of the input's shape (16 bytes per logit).
+    Temporaries: three float32 buffers of about ``BLOCK_ELEMENTS`` logits each (the vocabulary is
+    processed a block at a time), whatever the chunk.
     """
     xp = np.asarray(ref_logits, dtype=np.float32)
     xq = np.asarray(primary_logits, dtype=np.float32)
@@ -103,14 +107,24 @@ def exact_kld(
         raise ValueError(f"need one token per position: {toks.shape} for {n} positions")
     rows = np.arange(n)
     top_p, top_q = xp.argmax(axis=1), xq.argmax(axis=1)
-    sp = xp - xp[rows, top_p][:, None]
-    sq = xq - xq[rows, top_q][:, None]
-    work = np.exp(sp)
-    z_p = work.sum(axis=1, dtype=np.float64)
-    np.multiply(work, np.subtract(sp, sq, out=sp), out=sp)  # sp <- exp(s_p) * (s_p - s_q)
-    dot = sp.sum(axis=1, dtype=np.float64)
-    np.exp(sq, out=work)
-    z_q = work.sum(axis=1, dtype=np.float64)
+    max_p, max_q = xp[rows, top_p][:, None], xq[rows, top_q][:, None]
+    z_p, z_q, dot = np.zeros(n), np.zeros(n), np.zeros(n)
+    # the vocabulary a block at a time (about BLOCK_ELEMENTS logits per buffer, all rows), so the
+    # temporaries stay in cache: 1.4x the positions/s at chunk 8, 1.8x at chunk 32 (docs/kld.md)
+    vocab = xp.shape[1]
+    block = min(vocab, max(2048, BLOCK_ELEMENTS // max(n, 1)))
+    buf_p = np.empty((n, block), dtype=np.float32)
+    buf_q, buf_e = np.empty_like(buf_p), np.empty_like(buf_p)
+    for start in range(0, vocab, block):
+        stop = min(vocab, start + block)
+        w = stop - start
+        sp = np.subtract(xp[:, start:stop], max_p, out=buf_p[:, :w])
+        sq = np.subtract(xq[:, start:stop], max_q, out=buf_q[:, :w])
+        ep = np.exp(sp, out=buf_e[:, :w])
+        z_p += ep.sum(axis=1, dtype=np.float64)
+        np.multiply(ep, np.subtract(sp, sq, out=sp), out=sp)  # exp(s_p) * (s_p - s_q)
+        dot += sp.sum(axis=1, dtype=np.float64)
+        z_q += np.exp(sq, out=sq).sum(axis=1, dtype=np.float64)
     log_zp, log_zq = np.log(z_p), np.log(z_q)
     kld = dot / z_p - log_zp + log_zq
     return PositionScores(
