@@ -19,7 +19,8 @@ from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score
-from kvproxy.api.fast_path import CHAT, COMPLETIONS, OpenAIFastPath
+from kvproxy.api.fast_path import OpenAIFastPath
+from kvproxy.api.openai import CHAT, COMPLETIONS
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
 from kvproxy.gpu import GpuCollector
@@ -89,7 +90,10 @@ def create_app(
                 d.close()
 
     app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
-    hot_routes: dict[str, Any] = {}  # filled below, once the routes exist
+    hot_routes = {
+        r.path: r for r in openai.router.routes if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)
+    }
+    assert len(hot_routes) == 2, hot_routes  # the fast path answers exactly the routes declared
     app.add_middleware(OpenAIFastPath, router=router, routes=hot_routes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last: outermost
     app.state.router = router
@@ -102,10 +106,6 @@ def create_app(
     app.include_router(admin.metrics_router)
     if any(isinstance(d, EmbeddedDeployment) for d in deps):
         app.include_router(score.router)
-    hot_routes.update(
-        {r.path: r for r in openai.router.routes if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)}
-    )
-    assert set(hot_routes) == {CHAT, COMPLETIONS}, hot_routes
     _document_request_bodies(app)
     return app
 

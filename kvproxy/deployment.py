@@ -37,6 +37,7 @@ from kvproxy.kld import PositionScores
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
+from kvproxy.tasks import cancel_and_wait
 from kvproxy.upstream import ReplicaPool, Timeouts, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,12 @@ class DeploymentBase:
 
     estimator: str = "exact"
 
-    def configure_drift(self, spec: DriftSpec, guard: Guard | None = None) -> None:
+    def configure_drift(self, spec: DriftSpec) -> None:
         """The detector from the deployments file: armed from a calibration baseline, or warming up."""
-        params = {"warmup": spec.warmup, "h": spec.threshold, "k": spec.allowance}
+        self.drift = DriftDetector(warmup=spec.warmup, h=spec.threshold, k=spec.allowance)
         if spec.baseline is not None:
             b = read_baseline(spec.baseline, self.primary_kv, default_log_sigma=spec.log_sigma)
-            self.drift = DriftDetector.from_baseline(b.mean_kld, b.log_sigma, **params)
-        else:
-            self.drift = DriftDetector(warmup=spec.warmup, h=spec.threshold, k=spec.allowance)
-        self.guard = guard
+            self.drift.arm(b.mean_kld, b.log_sigma)
 
     @property
     def model_label(self) -> str:
@@ -109,9 +107,7 @@ class DeploymentBase:
         return self.guard.active
 
     async def cancel_probes(self) -> None:
-        for task in list(self.probes):
-            task.cancel()
-        await asyncio.gather(*self.probes, return_exceptions=True)
+        await cancel_and_wait(list(self.probes))
 
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
         return self.pool.ticket(directive) if self.sampler.decide(directive) else None
@@ -322,13 +318,11 @@ def http_deployment(spec: DeploymentSpec, *, window: int = 4096) -> HttpDeployme
 
 
 def configure(d: Deployment, spec: DeploymentSpec) -> None:
-    guard = spec.guard
-    d.configure_drift(
-        spec.drift,
-        Guard(guard.fallback, guard.min_hold_seconds, probe_concurrency=guard.probe_concurrency)
-        if guard
-        else None,
-    )
+    """What every kind of deployment takes from its file entry: the drift detector and the guard."""
+    d.configure_drift(spec.drift)
+    if spec.guard is not None:
+        g = spec.guard
+        d.guard = Guard(g.fallback, g.min_hold_seconds, probe_concurrency=g.probe_concurrency)
 
 
 def build_deployments(config: ProxyConfig, settings: Settings) -> list[Deployment]:

@@ -32,11 +32,14 @@ class DriftDetector:
     _warm: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_baseline(cls, mean_kld: float, log_sigma: float, **kw: float) -> DriftDetector:
+    def from_baseline(cls, mean_kld: float, log_sigma: float) -> DriftDetector:
         """A detector that starts armed, from a calibration baseline (mean KLD, sigma of log means)."""
-        d = cls(**kw)  # type: ignore[arg-type]
-        d.mu, d.sigma, d.state = math.log(mean_kld + _EPS), max(log_sigma, 1e-3), OK
-        return d
+        return cls().arm(mean_kld, log_sigma)
+
+    def arm(self, mean_kld: float, log_sigma: float) -> DriftDetector:
+        """Take the baseline as given instead of warming up."""
+        self.mu, self.sigma, self.state = math.log(mean_kld + _EPS), max(log_sigma, 1e-3), OK
+        return self
 
     def update(self, request_mean_kld: float) -> str | None:
         """Feed one scored request; returns the new state when it changed, else None."""

@@ -122,10 +122,19 @@ def pydantic_error(exc: ValidationError) -> OpenAIError:
     return validation_error(exc)
 
 
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def unexpected_error(exc: Exception) -> OpenAIError:
+    """What a client sees of a bug: the exception's type, never its message (it may hold data)."""
+    return OpenAIError(500, f"Internal error: {type(exc).__name__}", type="server_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_openai_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -139,8 +148,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        err = OpenAIError(500, f"Internal error: {type(exc).__name__}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return error_response(unexpected_error(exc))
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -67,7 +67,7 @@ class GuardedServing:
             response: Response = await _handler(self.primary, kind)(raw, body, shadow)
             response.headers[SERVED_BY_HEADER] = d.name
             return response
-        if d.sampler.decide(shadow) and not (d.pool.load is not None and d.pool.load.busy):
+        if d.sampler.decide(shadow) and not d.pool.saturated:
             self._probe(kind, body)
         response = await _handler(self.fallback, kind)(raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.guard.fallback

@@ -13,9 +13,10 @@ are dropped after ``max_defer`` seconds. Shadow work thus uses the loop's spare 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import weakref
+
+from kvproxy.tasks import cancel_and_wait
 
 INTERVAL = 0.005
 WINDOW = 0.1
@@ -40,11 +41,8 @@ class LoopLoad:
             self._task = asyncio.create_task(self._run(), name="kvproxy-loop-load")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

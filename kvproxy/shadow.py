@@ -15,7 +15,6 @@ Accounting invariant, at any moment: ``sampled = scored + failed + dropped + que
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -26,6 +25,7 @@ from typing import Any, Literal, Protocol
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.quality import QualityTracker
+from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,7 @@ class ShadowPool:
 
     async def stop(self) -> None:
         """Stop the workers; jobs still queued are counted as dropped."""
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._workers)
         self._workers = []
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -151,9 +147,14 @@ class ShadowPool:
         if self.observer is not None:
             self.observer.outcome(outcome)
 
+    @property
+    def saturated(self) -> bool:
+        """The proxy's loop is saturated (kvproxy.loadwatch): shadow work gives way to clients."""
+        return self.load is not None and self.load.busy
+
     def ticket(self, directive: ShadowDirective | None = None) -> ShadowTicket | None:
         """A ticket for a sampled request; none while the proxy is saturated (unless forced)."""
-        if directive != "force" and self.load is not None and self.load.busy:
+        if directive != "force" and self.saturated:
             self.count("shed")
             return None
         self.count("sampled")
@@ -171,7 +172,7 @@ class ShadowPool:
     async def _calm(self) -> bool:
         """Wait for a calm loop before scoring (clients first); False after ``max_defer``."""
         waited = 0.0
-        while self.load is not None and self.load.busy:
+        while self.saturated:
             if waited >= self.max_defer:
                 return False
             await asyncio.sleep(0.01)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from kvproxy.errors import OpenAIError
+from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +170,8 @@ class ReplicaPool:
             self._health_task = asyncio.create_task(self._health_loop(), name="kvproxy-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+        await cancel_and_wait([self._health_task])
+        self._health_task = None
         await asyncio.gather(*(r.close() for r in self.replicas))
 
     def status(self) -> list[dict[str, object]]:
@@ -186,15 +184,15 @@ def refused(exc: BaseException) -> bool:
 
 
 def is_timeout(exc: BaseException) -> bool:
+    """A read timeout or the caller's total deadline (a connect timeout is an unavailable replica)."""
     return isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
 
 
 def map_transport_error(replica: Replica, exc: BaseException) -> OpenAIError:
-    """Connection trouble -> 502 (and the replica is ejected); a read timeout -> 504."""
+    """Connection trouble -> 502 (and the replica is ejected); a read timeout or the deadline -> 504."""
     if is_timeout(exc):
-        return upstream_timeout(
-            replica.url, "read timeout" if isinstance(exc, aiohttp.ClientError) else "deadline"
-        )
+        what = "read timeout" if isinstance(exc, aiohttp.ClientError) else "total deadline"
+        return upstream_timeout(replica.url, what)
     if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         replica.mark_failed(type(exc).__name__)
     return upstream_unavailable(replica.url, exc)

@@ -41,7 +41,7 @@ def _request_schema(model: type) -> dict[str, Any]:
     }
 
 
-async def json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -54,6 +54,20 @@ async def json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     return raw, body
 
 
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+async def complete(router: Router, path: str, request: Request) -> Response:
+    """Both completion routes: read the body, route by ``model``, hand over to that deployment.
+    Served by ``kvproxy.api.fast_path`` in front of FastAPI (the routes below document them)."""
+    raw, body = await _json_body(request)
+    serving = router.route(body.get("model"))
+    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
+    if path == CHAT:
+        return await serving.handle_chat(raw, body, shadow)
+    return await serving.handle_completion(raw, body, shadow)
+
+
 def _router(request: Request) -> Router:
     r: Router = request.app.state.router
     return r
@@ -63,16 +77,12 @@ def _router(request: Request) -> Router:
     "/chat/completions", response_model=ChatCompletion, openapi_extra=_request_schema(ChatCompletionRequest)
 )
 async def chat_completions(request: Request) -> Response:
-    raw, body = await json_body(request)
-    serving = _router(request).route(body.get("model"))
-    return await serving.handle_chat(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
+    return await complete(_router(request), CHAT, request)
 
 
 @router.post("/completions", response_model=Completion, openapi_extra=_request_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    raw, body = await json_body(request)
-    serving = _router(request).route(body.get("model"))
-    return await serving.handle_completion(raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
+    return await complete(_router(request), COMPLETIONS, request)
 
 
 @router.get("/models", response_model=ModelList)

@@ -32,7 +32,6 @@ from kvproxy.upstream import (
     map_transport_error,
     map_upstream_status,
     refused,
-    upstream_timeout,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +106,11 @@ class LlamaServerPrimary:
         if self.observer is not None:
             self.observer.upstream_error(kind)
 
+    def _failure(self, replica: Replica, exc: BaseException) -> OpenAIError:
+        """Count an exchange that failed below HTTP and say it as the client's error."""
+        self.record_error("timeout" if is_timeout(exc) else "unavailable")
+        return map_transport_error(replica, exc)
+
     # ---- relay without shadow ---------------------------------------------------------------
 
     async def _send(
@@ -130,11 +134,7 @@ class LlamaServerPrimary:
                 return replica, resp
             except UpstreamError as exc:
                 replica.outstanding -= 1
-                if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
-                    self.record_error("timeout")
-                    raise upstream_timeout(replica.url, "total deadline") from exc
-                self.record_error("timeout" if is_timeout(exc) else "unavailable")
-                err = map_transport_error(replica, exc)
+                err = self._failure(replica, exc)
                 if not refused(exc) or attempt + 1 == attempts:
                     raise err from exc
             except BaseException:
@@ -150,11 +150,7 @@ class LlamaServerPrimary:
                 body = await resp.read()
         except UpstreamError as exc:
             resp.close()
-            if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
-                self.record_error("timeout")
-                raise upstream_timeout(replica.url, "total deadline") from exc
-            self.record_error("timeout" if is_timeout(exc) else "unavailable")
-            raise map_transport_error(replica, exc) from exc
+            raise self._failure(replica, exc) from exc
         finally:
             replica.outstanding -= 1
         resp.release()
@@ -201,12 +197,8 @@ class LlamaServerPrimary:
                             code="upstream_stream_ended",
                         )
                     )
-            except aiohttp.ClientError as exc:
-                self.record_error("timeout" if is_timeout(exc) else "unavailable")
-                yield sse_error(map_transport_error(replica, exc))
-            except TimeoutError:
-                self.record_error("timeout")
-                yield sse_error(upstream_timeout(replica.url, "total deadline"))
+            except UpstreamError as exc:
+                yield sse_error(self._failure(replica, exc))
             finally:
                 if resp.content.at_eof():
                     resp.release()  # the connection goes back to the pool
