@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,9 +19,11 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
+from kvproxy.access import AccessControl, KeySet
 from kvproxy.api import admin, health, openai, score
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import CHAT, COMPLETIONS
+from kvproxy.body_limit import BodyLimit
 from kvproxy.deployment import Deployment, EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
 from kvproxy.gpu import GpuCollector
@@ -45,11 +48,20 @@ def create_app(
     on_ready: Callable[[], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
     registry: CollectorRegistry | None = None,
+    api_keys: Sequence[str] = (),
+    admin_token: str | None = None,
+    max_body_bytes: int = 4 * 2**20,
+    drain_timeout: float = 30.0,
 ) -> FastAPI:
     """Build the ASGI app; its lifespan starts (loads) and stops every deployment.
 
     Metrics go to ``registry`` (tests pass a fresh one); by default a registry of the app's own,
-    with the process collector (RSS, CPU, open files) added.
+    with the process collector (RSS, CPU, open files) added. ``api_keys`` guard the serving routes,
+    ``admin_token`` the status and metrics routes (kvproxy.access); none given: open.
+
+    On shutdown, queued and running shadow jobs get until ``app.state.drain_deadline`` (set by the
+    server when SIGTERM arrives; else ``drain_timeout`` from the start of shutdown) to finish; what
+    is left is counted as dropped, and both counts are logged.
     """
     deps = deployments if isinstance(deployments, list) else [deployments]
     router = Router(deps)
@@ -85,6 +97,8 @@ def create_app(
             yield
         finally:
             await asyncio.shield(loading)  # never free a model while its loader thread runs
+            deadline = app.state.drain_deadline or time.monotonic() + drain_timeout
+            await asyncio.gather(*(drain_shadow(d, deadline) for d in deps))
             for d in deps:
                 await d.stop()
                 d.close()
@@ -95,7 +109,13 @@ def create_app(
     }
     assert len(hot_routes) == 2, hot_routes  # the fast path answers exactly the routes declared
     app.add_middleware(OpenAIFastPath, router=router, routes=hot_routes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_keys or admin_token:  # refused before the body is read or limited
+        app.add_middleware(
+            AccessControl, api_keys=KeySet(api_keys), admin_token=KeySet(filter(None, [admin_token]))
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last: outermost
+    app.state.drain_deadline = None
     app.state.router = router
     app.state.metrics = metrics
     app.state.deployments = deps
@@ -108,6 +128,32 @@ def create_app(
         app.include_router(score.router)
     _document_request_bodies(app)
     return app
+
+
+async def drain_shadow(d: Deployment, deadline: float) -> None:
+    """Let queued and running shadow jobs finish until ``deadline``; log what finished and what not."""
+    pool = d.pool
+    pending = pool.queued + pool.in_flight
+    if not pending:
+        return
+    before = pool.counters.scored + pool.counters.failed
+    log.info(
+        "shutdown: %s: %d shadow job(s) pending, waiting up to %.1f s",
+        d.name,
+        pending,
+        deadline - time.monotonic(),
+    )
+    with suppress(TimeoutError):
+        await pool.drain(timeout=max(0.0, deadline - time.monotonic()))
+    finished = pool.counters.scored + pool.counters.failed - before
+    left = pool.queued + pool.in_flight
+    log.log(
+        logging.WARNING if left else logging.INFO,
+        "shutdown: %s: %d shadow job(s) finished, %d dropped at the drain deadline",
+        d.name,
+        finished,
+        left,
+    )
 
 
 def attach_metrics(metrics: Metrics, d: Deployment) -> None:

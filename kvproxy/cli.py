@@ -168,6 +168,33 @@ def serve(
         Path | None,
         typer.Option("--config", help="Deployments file (TOML): several deployments, routed by model."),
     ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            help="API key clients must send (Authorization: Bearer KEY) on /v1 routes; repeatable. "
+            "(env: KVPROXY_API_KEYS, comma-separated; the env keeps keys out of `ps`)",
+        ),
+    ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Bearer token for /kvproxy/v1/* and /metrics; default: open. {_env('ADMIN_TOKEN')}"
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Largest request body, bytes; larger get 413; default 4 MiB. {_env('MAX_BODY_BYTES')}"
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help=f"On SIGTERM: seconds for in-flight requests and shadow jobs to finish; default 30. "
+            f"{_env('DRAIN_TIMEOUT')}"
+        ),
+    ] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -190,6 +217,10 @@ def serve(
         reference_cache_type=reference_cache_type,
         shadow_queue_size=shadow_queue_size,
         metrics_port=metrics_port,
+        api_keys=api_key or None,
+        admin_token=admin_token,
+        max_body_bytes=max_body_bytes,
+        drain_timeout=drain_timeout,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
@@ -328,7 +359,22 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
         typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
         server.should_exit = True
 
-    asgi = create_app(deployments, on_ready=on_ready, on_load_failed=on_load_failed)
+    api_keys = [k.get_secret_value() for k in settings.api_keys]
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    asgi = create_app(
+        deployments,
+        on_ready=on_ready,
+        on_load_failed=on_load_failed,
+        api_keys=api_keys,
+        admin_token=admin,
+        max_body_bytes=settings.max_body_bytes,
+        drain_timeout=settings.drain_timeout,
+    )
+    typer.echo(
+        f"  access     /v1: {f'{len(api_keys)} API key(s)' if api_keys else 'open (no --api-key)'}; "
+        f"status and metrics: {'admin token' if admin else 'open (no --admin-token)'}; "
+        f"bodies up to {settings.max_body_bytes:,} bytes"
+    )
     config = uvicorn.Config(
         asgi,
         host=settings.host,
@@ -339,16 +385,44 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
         # the middleware costs CPU on every request (docs/benchmarks.md)
         proxy_headers=False,
         server_header=False,
+        # SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them
+        # (uvicorn logs how many); the app's shutdown gives queued shadow jobs what is left
+        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, asgi, settings.drain_timeout)
     if settings.metrics_port is not None:
-        from prometheus_client import start_http_server
+        from kvproxy.access import KeySet
+        from kvproxy.metrics_server import start_metrics_server
 
-        start_http_server(settings.metrics_port, addr=settings.host, registry=asgi.state.metrics.registry)
+        start_metrics_server(
+            settings.host, settings.metrics_port, asgi.state.metrics.registry, KeySet(filter(None, [admin]))
+        )
         typer.echo(f"  metrics    http://{settings.host}:{settings.metrics_port}/metrics")
     server.run()
     if exit_code:
         raise typer.Exit(code=exit_code)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, noting when the exit signal came: one drain deadline for the requests in
+    flight and the shadow jobs queued after them."""
+
+    def __init__(self, config: uvicorn.Config, asgi: Any, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.asgi = asgi
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        import time
+
+        if self.asgi.state.drain_deadline is None:
+            self.asgi.state.drain_deadline = time.monotonic() + self.drain_timeout
+            logging.getLogger("kvproxy").info(
+                "signal %d: draining for up to %.1f s (in-flight requests, then shadow jobs)",
+                sig,
+                self.drain_timeout,
+            )
+        super().handle_exit(sig, frame)
 
 
 @app.command()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class KVCacheType(enum.StrEnum):
@@ -86,6 +86,39 @@ class Settings(BaseSettings):
     status_window: int = Field(
         default=4096, ge=16, description="Scored tokens in the status endpoint's recent window."
     )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys (Bearer) the /v1 routes accept; none: open. Comma-separated in the env.",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for /kvproxy/v1/* and /metrics; unset: those routes are open.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    drain_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # KVPROXY_API_KEYS="k1,k2": split here (NoDecode keeps pydantic-settings from reading JSON)
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys", "admin_token")
+    @classmethod
+    def _usable_secrets(cls, value: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
+        for secret in value if isinstance(value, list) else [value] if value else []:
+            text = secret.get_secret_value()
+            if not text or any(c.isspace() for c in text) or not text.isascii():
+                raise ValueError("keys and tokens must be non-empty printable ASCII without spaces")
+        return value
 
     @model_validator(mode="after")
     def _quantized_v_needs_flash_attention(self) -> Self:

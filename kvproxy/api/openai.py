@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -44,8 +44,10 @@ def _request_schema(model: type) -> dict[str, Any]:
 async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     raw = await request.body()
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
+        # orjson refuses what a tokenizer cannot encode (a lone UTF-16 surrogate, invalid UTF-8)
+        # and non-JSON such as NaN, where json.loads lets them through to a 500 further on
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise OpenAIError(
             400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from exc

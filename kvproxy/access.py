@@ -1,0 +1,113 @@
+"""Who may call what: API keys for the serving routes, a separate token for status and metrics.
+
+Three kinds of route:
+
+* serving (``/v1/*``, and a scoring server's ``/kvproxy/v1/score`` and ``/info``, which carry
+  prompt tokens): any of the API keys, when keys are configured;
+* admin (the rest of ``/kvproxy/*``, and ``/metrics``): the admin token, when one is configured.
+  An API key does not open them: a client's key should not read the fleet's metrics, and a
+  Prometheus token should not buy completions;
+* public: ``/health`` (orchestrators probe it without secrets), the quality page and the API docs.
+
+A presented key is compared with every configured one through SHA-256 digests and
+``hmac.compare_digest``: the time taken does not depend on which key matched, on how much of one
+matched, or on the length of what was sent. No key, valid or not, is ever logged or echoed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+from kvproxy.errors import OpenAIError, error_response
+
+SCORING_ROUTES = frozenset({"/kvproxy/v1/score", "/kvproxy/v1/info"})
+
+
+class RouteKind(enum.Enum):
+    PUBLIC = "public"
+    SERVING = "serving"
+    ADMIN = "admin"
+
+
+def route_kind(path: str) -> RouteKind:
+    if path.startswith("/v1/") or path == "/v1" or path in SCORING_ROUTES:
+        return RouteKind.SERVING
+    if path.startswith("/kvproxy/") or path == "/metrics":
+        return RouteKind.ADMIN
+    return RouteKind.PUBLIC
+
+
+def _digest(secret: str | bytes) -> bytes:
+    return hashlib.sha256(secret.encode() if isinstance(secret, str) else secret).digest()
+
+
+class KeySet:
+    """Secrets kept only as digests; ``matches`` runs in the same time whatever it is given."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._digests = [_digest(s) for s in secrets]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def matches(self, presented: bytes) -> bool:
+        given = _digest(presented)
+        found = False
+        for d in self._digests:  # no early exit: every key is compared every time
+            found |= hmac.compare_digest(given, d)
+        return found
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The credential of an ``Authorization: Bearer <token>`` header, if there is one."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def missing_key(kind: RouteKind) -> OpenAIError:
+    what = "an API key" if kind is RouteKind.SERVING else "the admin token"
+    return OpenAIError(
+        401,
+        f"You didn't provide {what}. Send it in an Authorization header: `Authorization: Bearer KEY`.",
+        code="missing_api_key" if kind is RouteKind.SERVING else "missing_admin_token",
+    )
+
+
+def wrong_key(kind: RouteKind) -> OpenAIError:
+    what = "API key" if kind is RouteKind.SERVING else "admin token"
+    return OpenAIError(
+        401,
+        f"Incorrect {what} provided.",
+        code="invalid_api_key" if kind is RouteKind.SERVING else "invalid_admin_token",
+    )
+
+
+class AccessControl:
+    """Pure ASGI middleware: refuses with 401 (OpenAI's error body) before anything reads the body."""
+
+    def __init__(self, app: Any, api_keys: KeySet, admin_token: KeySet) -> None:
+        self.app = app
+        self.keys = {RouteKind.SERVING: api_keys, RouteKind.ADMIN: admin_token}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            kind = route_kind(scope["path"])
+            keys = self.keys.get(kind)
+            if keys:
+                token = bearer_token(scope["headers"])
+                if token is None or not keys.matches(token):
+                    err = missing_key(kind) if token is None else wrong_key(kind)
+                    response = error_response(err)
+                    response.headers["www-authenticate"] = "Bearer"
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -1,0 +1,55 @@
+"""``--metrics-port``: /metrics on a port of its own, behind the admin token when there is one.
+
+prometheus-client's ``start_http_server`` cannot check a token, so its WSGI app is served here
+(same threaded stdlib server, in a daemon thread, request lines not logged) behind the same
+constant-time check as the main port's admin routes (kvproxy.access).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from kvproxy.access import KeySet, RouteKind, bearer_token, missing_key, wrong_key
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def guarded_metrics_app(registry: CollectorRegistry, admin_token: KeySet) -> Callable[..., Iterable[bytes]]:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if admin_token:
+            header = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+            token = bearer_token([(b"authorization", header)])
+            if token is None or not admin_token.matches(token):
+                err = missing_key(RouteKind.ADMIN) if token is None else wrong_key(RouteKind.ADMIN)
+                start_response(
+                    "401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer")]
+                )
+                return [json.dumps(err.body()).encode()]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry, admin_token: KeySet) -> int:
+    """Serve in a daemon thread; returns the bound port."""
+    server = make_server(
+        host,
+        port,
+        guarded_metrics_app(registry, admin_token),
+        ThreadingWSGIServer,
+        handler_class=_QuietHandler,
+    )
+    threading.Thread(target=server.serve_forever, name="kvproxy-metrics", daemon=True).start()
+    return int(server.server_port)
