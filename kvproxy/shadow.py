@@ -192,9 +192,16 @@ class ShadowPool:
             except asyncio.CancelledError:
                 self.count("dropped")
                 raise
-            except Exception:
+            except Exception as exc:
                 self.count("failed")
-                log.exception("shadow scoring failed")
+                # the traceback only at debug level: its frames hold the job (prompt, completion),
+                # and a log record kept by a handler would keep them alive
+                log.warning(
+                    "shadow scoring failed: %s: %s",
+                    type(exc).__name__,
+                    str(exc),
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
             else:
                 self.tracker.add(scores)
                 lag = time.monotonic() - job.ended_at
@@ -207,6 +214,9 @@ class ShadowPool:
                     self.observer.scored(scores, lag)
             finally:
                 self.in_flight -= 1
+                # the job holds the prompt and the completion: let it go now, not when the next job
+                # arrives (the loop variable would keep it alive while the queue is idle)
+                del job
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until nothing is queued or being scored (tests, graceful shutdown)."""

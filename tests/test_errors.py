@@ -156,3 +156,36 @@ def test_official_client_raises_typed_errors(server: RunningServer) -> None:
 def test_health_is_200_when_ready(http: httpx.Client) -> None:
     resp = http.get("/health")
     assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+
+
+def _raw_chat(
+    http: httpx.Client, content_json: bytes, model: str, path: str = "/v1/chat/completions"
+) -> httpx.Response:
+    """A body written byte by byte, so it can carry what a JSON encoder would never produce."""
+    if path == "/v1/chat/completions":
+        body = b'{"model": "%s", "max_tokens": 4, "messages": [{"role": "user", "content": %s}]}'
+    else:
+        body = b'{"model": "%s", "max_tokens": 4, "prompt": %s}'
+    return http.post(
+        path, content=body % (model.encode(), content_json), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_pathological_prompts(http: httpx.Client, server: RunningServer, path: str) -> None:
+    """Empty, control characters, NUL, emoji: answered; invalid UTF-8 and lone surrogates: 400."""
+    for served in (
+        b'""',
+        b'"a\\u0000b\\u0007\\u001b[31m\\r\\n\\t end"',
+        b'"\\ud83d\\ude00 \xe2\x80\xae rtl"',
+    ):
+        resp = _raw_chat(http, served, server.model, path)
+        assert resp.status_code == 200, (served, resp.text)
+        assert resp.json()["usage"]["completion_tokens"] <= 4
+    for refused in (b'"\xff\xfe bad bytes"', b'"a lone \\ud800 surrogate"', b'"\\udfff"'):
+        assert_openai_error(_raw_chat(http, refused, server.model, path), 400, code="invalid_json")
+    # huge: far past the context (the body limit is 4 MiB by default)
+    huge = b'"' + b"word " * 100_000 + b'"'
+    assert_openai_error(_raw_chat(http, huge, server.model, path), 400, code="context_length_exceeded")
+    # the server still serves normally afterwards
+    assert chat(http, server, max_tokens=2).status_code == 200
