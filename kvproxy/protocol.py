@@ -187,7 +187,7 @@ class CompletionRequest(_SamplingFields):
     prompt: (
         str
         | Annotated[list[str], Field(min_length=1, max_length=1)]
-        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this route
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None

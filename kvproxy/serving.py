@@ -329,6 +329,13 @@ class OpenAIServing:
             prompt = self.backend.tokenize(str(req.prompt[0]), add_bos=True)
         else:
             prompt = [int(t) for t in req.prompt]
+            n_vocab = self.backend.n_vocab
+            if any(t >= n_vocab for t in prompt):
+                raise OpenAIError(
+                    400,
+                    f"Invalid value for 'prompt': token ids must be below the vocabulary size {n_vocab}.",
+                    param="prompt",
+                )
         if not prompt:
             raise OpenAIError(400, "The prompt is empty.", param="prompt")
         return GenerationRequest(

@@ -189,3 +189,12 @@ def test_pathological_prompts(http: httpx.Client, server: RunningServer, path: s
     assert_openai_error(_raw_chat(http, huge, server.model, path), 400, code="context_length_exceeded")
     # the server still serves normally afterwards
     assert chat(http, server, max_tokens=2).status_code == 200
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_400(http: httpx.Client, server: RunningServer) -> None:
+    """Found by the schemathesis run: llama_decode failed on them (a 500)."""
+    for ids in ([-1], [10**7], [2, 262_144]):
+        resp = http.post("/v1/completions", json={"model": server.model, "prompt": ids, "max_tokens": 1})
+        assert_openai_error(resp, 400, param="prompt")
+    ok = http.post("/v1/completions", json={"model": server.model, "prompt": [2, 1000], "max_tokens": 1})
+    assert ok.status_code == 200
