@@ -49,8 +49,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = declared_length(scope["headers"])
-        if declared is not None and declared > self.limit:
-            await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+        if declared is not None:
+            if declared > self.limit:
+                await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+            else:  # the server's HTTP parser holds the body to its declared length: nothing to count
+                await self.app(scope, receive, send)
             return
         received = 0
         exceeded = False

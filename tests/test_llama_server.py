@@ -225,3 +225,33 @@ def test_a_killed_llama_server_is_502_then_the_proxy_goes_on(
         assert httpx.get(f"{proxy.base_url}/health").status_code == 200
     finally:
         stop_server(proxy)
+
+
+def test_pathological_prompts_through_the_proxy(stack: dict[str, Any]) -> None:
+    """The same inputs as the embedded test, relayed to a real llama-server with shadowing forced:
+    answered or refused with a 4xx in OpenAI's shape, never a 5xx, and the shadow path survives."""
+    proxy = stack["proxy"]
+    with httpx.Client(base_url=proxy.base_url, timeout=120, headers=FORCE) as http:
+
+        def send(content: bytes) -> httpx.Response:
+            body = b'{"model": "gemma-q4", "max_tokens": 4, "messages": [{"role": "user", "content": %s}]}'
+            return http.post(
+                "/v1/chat/completions", content=body % content, headers={"content-type": "application/json"}
+            )
+
+        for served in (
+            b'""',
+            b'"a\\u0000b\\u0007\\u001b[31m\\r\\n\\t end"',
+            b'"\\ud83d\\ude00 \xe2\x80\xae rtl"',
+        ):
+            resp = send(served)
+            assert resp.status_code == 200, (served, resp.text)
+        for refused in (b'"\xff\xfe bad bytes"', b'"a lone \\ud800 surrogate"'):
+            resp = send(refused)
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+        resp = send(b'"' + b"word " * 100_000 + b'"')  # far past the llama-server's context
+        assert 400 <= resp.status_code < 500, resp.text
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+        st = wait_idle(proxy)["gemma-q4"]["shadow"]
+        assert st["sampled"] == st["scored"] + st["failed"] + st["dropped"]
+        assert send(b'"Hi"').status_code == 200
