@@ -261,6 +261,13 @@ def _embedded(settings: Settings) -> Any:
     return embedded_deployment(settings, info)
 
 
+def _key_env(name: str) -> str | None:
+    """Proxy mode without a file: the upstream's key comes from this variable when it is set."""
+    import os
+
+    return name if os.environ.get(name) else None
+
+
 def _split_urls(value: str) -> list[str]:
     return [u.strip() for u in value.split(",") if u.strip()]
 
@@ -300,11 +307,15 @@ def _proxy_deployments(
                 model=settings.alias or _model_name_of(urls[0]),
                 primary=BackendSpec(
                     urls=urls,
+                    api_key_env=_key_env("KVPROXY_PRIMARY_API_KEY"),
                     cache_type_k=settings.cache_type_k if "cache_type_k" in given else None,
                     cache_type_v=settings.cache_type_v if "cache_type_v" in given else None,
                 ),
                 reference=BackendSpec(
-                    urls=_split_urls(reference), cache_type_k=ref_type, cache_type_v=ref_type
+                    urls=_split_urls(reference),
+                    cache_type_k=ref_type,
+                    cache_type_v=ref_type,
+                    api_key_env=_key_env("KVPROXY_REFERENCE_API_KEY"),
                 )
                 if reference
                 else None,

@@ -14,6 +14,7 @@ cache_type_v = "q4_0"
 
 [deployments.reference]                   # a llama-server with an f16 cache, or `kvproxy backend`
 urls = ["http://10.0.0.7:8080"]
+api_key_env = "REFERENCE_API_KEY"         # optional: its --api-key, read from this variable
 
 [deployments.drift]                       # optional (docs/drift.md)
 baseline = "calibration/baseline.json"    # from `kvproxy calibrate`; else a warm-up of 50 requests
@@ -30,6 +31,7 @@ reports its own). Every top-level key can be overridden from the environment as
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -50,6 +52,19 @@ class BackendSpec(_Strict):
     embedded: bool = False
     cache_type_k: KVCacheType | None = None
     cache_type_v: KVCacheType | None = None
+    # the name of an environment variable holding the key these upstreams want (llama-server
+    # --api-key, kvproxy backend --api-key): the secret stays out of the file
+    api_key_env: str | None = None
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_is_set(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise ValueError(f"api_key_env: the environment variable {name} is not set")
+        return name
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @field_validator("urls")
     @classmethod

@@ -307,8 +307,14 @@ def http_deployment(spec: DeploymentSpec, *, window: int = 4096) -> HttpDeployme
         reference_kv=ref.kv(KVCacheType.F16) if ref else None,
         sampler=ShadowSampler(spec.shadow_rate),
         tracker=QualityTracker(window=window),
-        primary_pool=ReplicaPool(spec.primary.urls, timeouts, health_interval=spec.health_interval),
-        reference_pool=ReplicaPool(ref.urls, timeouts, health_interval=spec.health_interval) if ref else None,
+        primary_pool=ReplicaPool(
+            spec.primary.urls, timeouts, health_interval=spec.health_interval, api_key=spec.primary.api_key()
+        ),
+        reference_pool=ReplicaPool(
+            ref.urls, timeouts, health_interval=spec.health_interval, api_key=ref.api_key()
+        )
+        if ref
+        else None,
         top_k=spec.top_k,
         queue_size=spec.queue_size,
         concurrency=spec.concurrency,

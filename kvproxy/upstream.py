@@ -64,9 +64,11 @@ def upstream_timeout(url: str, what: str) -> OpenAIError:
 
 
 class Replica:
-    def __init__(self, url: str, timeouts: Timeouts) -> None:
+    def __init__(self, url: str, timeouts: Timeouts, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeouts = timeouts
+        # sent on every request (llama-server --api-key, kvproxy backend --api-key); never logged
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._session: aiohttp.ClientSession | None = None
         self.outstanding = 0
         self.healthy = True
@@ -82,6 +84,7 @@ class Replica:
                 timeout=self.timeouts.aiohttp(),
                 auto_decompress=False,  # relayed bytes stay as the upstream sent them
                 skip_auto_headers=("User-Agent",),
+                headers=self._headers,
             )
         return self._session
 
@@ -122,11 +125,12 @@ class ReplicaPool:
         timeouts: Timeouts,
         *,
         health_interval: float = 2.0,
+        api_key: str | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a replica pool needs at least one URL")
         self.timeouts = timeouts
-        self.replicas = [Replica(u, timeouts) for u in urls]
+        self.replicas = [Replica(u, timeouts, api_key) for u in urls]
         self.health_interval = health_interval
         self._health_task: asyncio.Task[None] | None = None
 
@@ -200,7 +204,8 @@ def map_transport_error(replica: Replica, exc: BaseException) -> OpenAIError:
 
 def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIError:
     """An upstream error response as an OpenAI error: client errors keep their status, server errors
-    become 502 (503 stays 503: the upstream is loading)."""
+    become 502 (503 stays 503: the upstream is loading), and so do 401/403: the client's own key was
+    checked by kvproxy, so an upstream refusal means kvproxy's key for it is wrong or missing."""
     import json
 
     message, etype, param, code = f"upstream answered HTTP {status}", None, None, None
@@ -218,6 +223,14 @@ def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIErr
     if status >= 500 and status != 503:
         return OpenAIError(
             502, f"The upstream {replica.url} failed: {message}", type="server_error", code="upstream_error"
+        )
+    if status in (401, 403):  # the upstream refused kvproxy's credentials: a server-side problem
+        return OpenAIError(
+            502,
+            f"The upstream {replica.url} refused kvproxy's credentials (HTTP {status}); "
+            "check the deployment's api_key_env.",
+            type="server_error",
+            code="upstream_auth_failed",
         )
     return OpenAIError(
         status,
