@@ -43,7 +43,7 @@ from kvproxy.token_scores import (
     claim,
     parse_token_scores_header,
 )
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, serve_in_thread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FORCE = {"X-KVProxy-Shadow": "force"}
@@ -266,6 +266,8 @@ def test_kept_scores_over_http(server: RunningServer) -> None:
         r = http.post("/v1/chat/completions", headers=keep, json=body).json()
         got = kept(http, r["id"])
         entries = r["choices"][0]["logprobs"]["content"]
+        # an end-of-generation token (finish_reason "stop" without a stop sequence) is scored but
+        # has no logprobs entry
         eog = 1 if r["choices"][0]["finish_reason"] == "stop" else 0
         assert got["status"] == "scored" and got["positions"] == len(got["kld"]) == len(entries) + eog
         assert (
@@ -314,6 +316,8 @@ NUM = {"shadow.last_lag_seconds", "drift.statistic"}
 
 def page_format(field: str, v: Any) -> str:
     """How the page formats a status value (mirrors fmt() in kvproxy/static/ui.html)."""
+    if field == "guard.serving" and v is None:
+        return "no guard"
     if v is None:
         return "\u2013"  # an en dash
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -479,3 +483,36 @@ def test_the_page_in_chromium(server: RunningServer, browser: Any) -> None:
         assert text.strip()
         browser.execute_script("document.getElementById('chat').scrollIntoView()")
         browser.save_screenshot(str(ARTIFACTS / "ui-chat-answer.png"))
+
+
+def test_a_401_asks_for_a_token_and_sends_it(unloaded_app: TestClient, browser: Any) -> None:
+    """Auth comes from elsewhere; the page's side: on a 401 it shows a token field, keeps the token
+    in sessionStorage and sends it as a bearer token."""
+    from selenium.webdriver.common.by import By
+
+    seen: list[str] = []
+
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # the deployment stays unloaded: no model needed here
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] == "http" and scope["path"].startswith(("/kvproxy/", "/v1/")):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            seen.append(auth)
+            if auth != "Bearer s3cret":
+                await send({"type": "http.response.start", "status": 401, "headers": []})
+                await send({"type": "http.response.body", "body": b"{}"})
+                return
+        await unloaded_app.app(scope, receive, send)  # type: ignore[operator]
+
+    with serve_in_thread(guarded) as url:
+        browser.get(url + "/ui")
+        bar = browser.find_element(By.ID, "tokenbar")
+        wait_for(bar.is_displayed, 20, "the token field")
+        browser.find_element(By.ID, "token").send_keys("s3cret")
+        browser.find_element(By.ID, "tokensave").click()
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.dep"), 20, "the status")
+        assert not bar.is_displayed() and "Bearer s3cret" in seen
+        assert browser.execute_script("return sessionStorage.getItem('kvproxy-token')") == "s3cret"
