@@ -492,12 +492,13 @@ def test_the_page_in_chromium(server: RunningServer, browser: Any) -> None:
         assert not errors, errors  # no script error, no blocked (CSP) or failed request
 
 
-def test_a_401_asks_for_a_token_and_sends_it(unloaded_app: TestClient, browser: Any) -> None:
-    """Auth comes from elsewhere; the page's side: on a 401 it shows a token field, keeps the token
-    in sessionStorage and sends it as a bearer token."""
+def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser: Any) -> None:
+    """The page's side of access control (kvproxy.access on main: an API key for /v1/*, the admin
+    token for /kvproxy/*): on a 401 it shows the field for that kind, keeps what is typed in
+    sessionStorage and sends it as a bearer token on that kind's routes only."""
     from selenium.webdriver.common.by import By
 
-    seen: list[str] = []
+    seen: dict[str, set[str]] = {"/v1/": set(), "/kvproxy/": set()}
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":  # the deployment stays unloaded: no model needed here
@@ -505,10 +506,11 @@ def test_a_401_asks_for_a_token_and_sends_it(unloaded_app: TestClient, browser: 
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if scope["type"] == "http" and scope["path"].startswith(("/kvproxy/", "/v1/")):
+        prefix = next((p for p in seen if scope.get("path", "").startswith(p)), None)
+        if scope["type"] == "http" and prefix is not None:
             auth = dict(scope["headers"]).get(b"authorization", b"").decode()
-            seen.append(auth)
-            if auth != "Bearer s3cret":
+            seen[prefix].add(auth)
+            if auth != {"/v1/": "Bearer key-1", "/kvproxy/": "Bearer admin-1"}[prefix]:
                 await send({"type": "http.response.start", "status": 401, "headers": []})
                 await send({"type": "http.response.body", "body": b"{}"})
                 return
@@ -517,9 +519,14 @@ def test_a_401_asks_for_a_token_and_sends_it(unloaded_app: TestClient, browser: 
     with serve_in_thread(guarded) as url:
         browser.get(url + "/ui")
         bar = browser.find_element(By.ID, "tokenbar")
-        wait_for(bar.is_displayed, 20, "the token field")
-        browser.find_element(By.ID, "token").send_keys("s3cret")
+        admin, key = browser.find_element(By.ID, "admintoken"), browser.find_element(By.ID, "apikey")
+        wait_for(lambda: admin.is_displayed() and key.is_displayed(), 20, "both token fields")
+        admin.send_keys("admin-1")
+        key.send_keys("key-1")
         browser.find_element(By.ID, "tokensave").click()
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.dep"), 20, "the status")
-        assert not bar.is_displayed() and "Bearer s3cret" in seen
-        assert browser.execute_script("return sessionStorage.getItem('kvproxy-token')") == "s3cret"
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"), 20, "the models")
+        assert not bar.is_displayed()
+        assert seen == {"/v1/": {"", "Bearer key-1"}, "/kvproxy/": {"", "Bearer admin-1"}}
+        stored = [f"return sessionStorage.getItem('kvproxy-{k}')" for k in ("admin-token", "api-key")]
+        assert [browser.execute_script(s) for s in stored] == ["admin-1", "key-1"]
