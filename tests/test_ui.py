@@ -423,6 +423,7 @@ def test_the_page_in_chromium(server: RunningServer, browser: Any) -> None:
         before = quiet_status(http)
         assert before["deployments"][0]["shadow"]["scored"] >= 4
 
+        assert f"  page       {server.base_url}/ui (live quality)\n" in server.output  # the banner
         browser.get(server.base_url + "/")  # redirected to /ui
         assert browser.current_url.endswith("/ui")
         wait_for(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-refreshed"))
