@@ -493,6 +493,13 @@ def test_the_page_in_chromium(server: RunningServer, browser: Any) -> None:
         assert not errors, errors  # no script error, no blocked (CSP) or failed request
 
 
+async def no_lifespan(receive: Any, send: Any) -> None:
+    """Answer uvicorn's lifespan without starting the app's: the deployment stays unloaded."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser: Any) -> None:
     """The page's side of access control (kvproxy.access on main: an API key for /v1/*, the admin
     token for /kvproxy/*): on a 401 it shows the field for that kind, keeps what is typed in
@@ -502,10 +509,8 @@ def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser:
     seen: dict[str, set[str]] = {"/v1/": set(), "/kvproxy/": set()}
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":  # the deployment stays unloaded: no model needed here
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] == "lifespan":
+            await no_lifespan(receive, send)
             return
         prefix = next((p for p in seen if scope.get("path", "").startswith(p)), None)
         if scope["type"] == "http" and prefix is not None:
@@ -531,3 +536,52 @@ def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser:
         assert seen == {"/v1/": {"", "Bearer key-1"}, "/kvproxy/": {"", "Bearer admin-1"}}
         stored = [f"return sessionStorage.getItem('kvproxy-{k}')" for k in ("admin-token", "api-key")]
         assert [browser.execute_script(s) for s in stored] == ["admin-1", "key-1"]
+
+
+def test_states_this_machine_cannot_reach(unloaded_app: TestClient, browser: Any) -> None:
+    """A GPU, a guard serving the fallback in drift, and a llama-server deployment (no memory
+    figures), from a status shaped by the real one: the page shows each of them."""
+    from selenium.webdriver.common.by import By
+
+    real = unloaded_app.get("/kvproxy/v1/status").json()
+    embedded = real["deployments"][0]
+    drifting = {
+        **embedded,
+        "drift": {**embedded["drift"], "state": "drift", "statistic": 12.5},
+        "guard": {"serving": "fallback", "switches": {"to_fallback": 2, "to_primary": 1}},
+    }
+    relay = {
+        **embedded,
+        "name": "relayed",
+        "memory": {**dict.fromkeys(embedded["memory"]), "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
+    }
+    gpu = [{"index": 0, "name": "H200", "used_bytes": 30 * 2**30, "total_bytes": 140 * 2**30}]
+    canned = json.dumps({"deployments": [drifting, relay], "gpu": gpu}).encode()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await no_lifespan(receive, send)
+            return
+        if scope["path"] == "/kvproxy/v1/status":
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": canned})
+            return
+        await unloaded_app.app(scope, receive, send)  # type: ignore[operator]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serve_in_thread(app) as url:
+        browser.get(url + "/ui")
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "section.dep")) == 2, 20, "sections")
+        assert browser.find_element(By.CSS_SELECTOR, '[data-field="gpu"]').text == "30.0 / 140.0 GiB"
+        first, second = browser.find_elements(By.CSS_SELECTOR, "section.dep")
+        drift = first.find_element(By.CSS_SELECTOR, '[data-field="drift.state"]')
+        assert drift.text == "drift" and "state-drift" in drift.get_attribute("class")
+        serving = first.find_element(By.CSS_SELECTOR, '[data-field="guard.serving"]')
+        assert serving.text == "fallback" and "state-drift" in serving.get_attribute("class")
+        assert first.find_element(By.CSS_SELECTOR, '[data-field="guard.switches.to_fallback"]').text == "2"
+        assert first.find_element(By.CSS_SELECTOR, ".mem").is_displayed()
+        assert not second.find_element(By.CSS_SELECTOR, ".mem").is_displayed()
+        assert second.find_element(By.CSS_SELECTOR, '[data-field="memory.cache_type_k"]').text == "q8_0"
+        assert first.find_element(By.CSS_SELECTOR, "svg.timechart").get_attribute("data-points") == "0"
+        browser.save_screenshot(str(ARTIFACTS / "ui-states.png"))
