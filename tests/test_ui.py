@@ -527,6 +527,8 @@ def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser:
         bar = browser.find_element(By.ID, "tokenbar")
         admin, key = browser.find_element(By.ID, "admintoken"), browser.find_element(By.ID, "apikey")
         wait_for(lambda: admin.is_displayed() and key.is_displayed(), 20, "both token fields")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "ui-token-prompt.png"))
         admin.send_keys("admin-1")
         key.send_keys("key-1")
         browser.find_element(By.ID, "tokensave").click()
