@@ -2,8 +2,9 @@
 
 Three kinds of route:
 
-* serving (``/v1/*``, and a scoring server's ``/kvproxy/v1/score`` and ``/info``, which carry
-  prompt tokens): any of the API keys, when keys are configured;
+* serving (``/v1/*``; a scoring server's ``/kvproxy/v1/score`` and ``/info``, which carry prompt
+  tokens; ``/kvproxy/v1/scores/{id}``, the per-token scores of a client's own response, kept at its
+  request): any of the API keys, when keys are configured;
 * admin (the rest of ``/kvproxy/*``, and ``/metrics``): the admin token, when one is configured.
   An API key does not open them: a client's key should not read the fleet's metrics, and a
   Prometheus token should not buy completions;
@@ -34,7 +35,7 @@ class RouteKind(enum.Enum):
 
 
 def route_kind(path: str) -> RouteKind:
-    if path.startswith("/v1/") or path == "/v1" or path in SCORING_ROUTES:
+    if path.startswith(("/v1/", "/kvproxy/v1/scores/")) or path == "/v1" or path in SCORING_ROUTES:
         return RouteKind.SERVING
     if path.startswith("/kvproxy/") or path == "/metrics":
         return RouteKind.ADMIN

@@ -20,7 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.access import AccessControl, KeySet
-from kvproxy.api import admin, health, openai, score
+from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import CHAT, COMPLETIONS
 from kvproxy.body_limit import BodyLimit
@@ -38,6 +38,7 @@ from kvproxy.metrics import (
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
 from kvproxy.router import Router
 from kvproxy.serving import OpenAIServing
+from kvproxy.token_scores import TokenScoreStore
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,13 @@ def create_app(
     app.state.router = router
     app.state.metrics = metrics
     app.state.deployments = deps
+    app.state.token_scores = TokenScoreStore()  # per-token scores kept on request (opt-in header)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(admin.metrics_router)
+    app.include_router(ui.router)
     if any(isinstance(d, EmbeddedDeployment) for d in deps):
         app.include_router(score.router)
     _document_request_bodies(app)

@@ -362,6 +362,7 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
                 typer.echo(f"  chat       template: {d.backend.chat_template.source}")
         names = ", ".join(repr(d.name) for d in deployments)
         plural = "s" if len(deployments) > 1 else ""
+        typer.echo(f"  page       http://{settings.host}:{bound_port}/ui (live quality)")
         typer.echo(f"ready: http://{settings.host}:{bound_port}/v1 serving model{plural} {names}")
 
     def on_load_failed(exc: BaseException) -> None:

@@ -33,7 +33,9 @@ from kvproxy.deploy_config import DeploymentSpec, DriftSpec, ProxyConfig
 from kvproxy.drift import DriftDetector
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.guard import Guard
+from kvproxy.history import KLDHistory
 from kvproxy.kld import PositionScores
+from kvproxy.memory import kv_memory_summary
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
@@ -61,6 +63,8 @@ class DeploymentBase:
     drift: DriftDetector = field(default_factory=DriftDetector, init=False)
     guard: Guard | None = field(default=None, init=False)
     probes: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    history: KLDHistory = field(default_factory=KLDHistory, init=False)
+    requests: int = field(default=0, init=False)  # requests that reached generation (shadow coverage)
 
     estimator: str = "exact"
 
@@ -76,6 +80,11 @@ class DeploymentBase:
         """The model behind the deployment, for metrics: the GGUF's name in process, else the
         deployment's own name (a llama-server's model is whatever it was started with)."""
         return self.name
+
+    def on_scored(self, scores: PositionScores) -> None:
+        """After every scored job: the KLD-over-time series, then the drift detector."""
+        self.history.record(self.tracker)
+        self.observe_drift(scores)
 
     def observe_drift(self, scores: PositionScores) -> None:
         """Feed one scored request's mean KLD to the drift detector; log every change of state."""
@@ -110,6 +119,8 @@ class DeploymentBase:
         await cancel_and_wait(list(self.probes))
 
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
+        """Called once per request that reaches generation (each kind's serving code does)."""
+        self.requests += 1
         return self.pool.ticket(directive) if self.sampler.decide(directive) else None
 
     @property
@@ -118,6 +129,35 @@ class DeploymentBase:
 
     def backend_status(self) -> dict[str, Any]:
         return {}
+
+    def memory_status(self) -> dict[str, Any] | None:
+        """KV bytes of the primary config against f16 (kvproxy.memory). Without the model's attention
+        shape (a llama-server primary) only the config is known: the figures are null."""
+        if self.primary_kv is None:
+            return None
+        unknown = [
+            "bytes_per_token",
+            "f16_bytes_per_token",
+            "n_ctx",
+            "allocated_bytes",
+            "f16_allocated_bytes",
+            "saved_bytes",
+            "saved_fraction",
+        ]
+        kv = self.primary_kv
+        return {
+            "cache_type_k": kv.cache_type_k.value,
+            "cache_type_v": kv.cache_type_v.value,
+            **dict.fromkeys(unknown),
+        }
+
+    def _coverage(self) -> dict[str, Any]:
+        c = self.pool.counters
+        return {
+            "requests": self.requests,
+            "sampled_fraction": c.sampled / self.requests if self.requests else None,
+            "scored_fraction": c.scored / self.requests if self.requests else None,
+        }
 
     def status(self) -> dict[str, Any]:
         c = self.pool.counters
@@ -143,11 +183,15 @@ class DeploymentBase:
                 "in_flight": self.pool.in_flight,
                 "scored_tokens": c.scored_tokens,
                 "last_lag_seconds": c.last_lag_seconds,
+                "coverage": self._coverage(),
             },
             "kld": {
                 "since_start": self.tracker.since_start().as_dict(),
                 "recent": {"window_tokens": self.tracker.window, **self.tracker.recent().as_dict()},
             },
+            "memory": self.memory_status(),
+            "history": self.history.as_list(),
+            "histogram": self.tracker.histogram(),
         }
 
 
@@ -159,7 +203,7 @@ class EmbeddedDeployment(DeploymentBase):
 
     def __post_init__(self) -> None:
         self.pool = ShadowPool(
-            self.scorer, self.tracker, queue_size=self.queue_size, concurrency=1, on_scored=self.observe_drift
+            self.scorer, self.tracker, queue_size=self.queue_size, concurrency=1, on_scored=self.on_scored
         )
 
     @property
@@ -169,6 +213,14 @@ class EmbeddedDeployment(DeploymentBase):
     @property
     def model_label(self) -> str:
         return self.backend.info.name
+
+    def memory_status(self) -> dict[str, Any]:
+        b = self.backend
+        summary = kv_memory_summary(
+            b.info.attention, b.kv.cache_type_k, b.kv.cache_type_v, b.n_ctx, n_ubatch=b.n_ubatch
+        )
+        kv = {"cache_type_k": b.kv.cache_type_k.value, "cache_type_v": b.kv.cache_type_v.value}
+        return {**kv, **summary}
 
     async def start(self) -> None:
         """Load the model, then the scoring contexts on the same weights, then start the workers."""
@@ -236,7 +288,7 @@ class HttpDeployment(DeploymentBase):
             self.tracker,
             queue_size=self.queue_size,
             concurrency=self.concurrency,
-            on_scored=self.observe_drift,
+            on_scored=self.on_scored,
         )
         if self.reference_pool is None:
             self.sampler = ShadowSampler(0.0)

@@ -104,3 +104,14 @@ class GpuCollector(Collector):
         yield used
         yield total
         yield proc
+
+
+def gpu_status() -> list[dict[str, object]] | None:
+    """VRAM used/total per GPU for the status endpoint (and the live quality page); None without one."""
+    gpus = read_gpus()
+    if not gpus:
+        return None
+    return [
+        {"index": g.index, "name": g.name, "used_bytes": g.used_bytes, "total_bytes": g.total_bytes}
+        for g in gpus
+    ]

@@ -90,3 +90,22 @@ def kv_cache_allocated_bytes(
     else:
         swa_cells = cells
     return per_layer * ((shape.n_layers - n_swa) * cells + n_swa * swa_cells)
+
+
+def kv_memory_summary(
+    shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_ctx: int, *, n_ubatch: int = 512
+) -> dict[str, float | int]:
+    """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``
+    (the figures of the start-up banner, for the status endpoint and the live quality page)."""
+    f16 = KVCacheType.F16
+    at_ctx = kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, n_ubatch=n_ubatch)
+    f16_at_ctx = kv_cache_allocated_bytes(shape, f16, f16, n_ctx, n_ubatch=n_ubatch)
+    return {
+        "bytes_per_token": kv_bytes_per_token(shape, type_k, type_v),
+        "f16_bytes_per_token": kv_bytes_per_token(shape, f16, f16),
+        "n_ctx": n_ctx,
+        "allocated_bytes": at_ctx,
+        "f16_allocated_bytes": f16_at_ctx,
+        "saved_bytes": f16_at_ctx - at_ctx,
+        "saved_fraction": 1.0 - at_ctx / f16_at_ctx,
+    }

@@ -90,6 +90,22 @@ class QualityTracker:
         value = float(lo * (hi / lo) ** min(max(inside, 0.0), 1.0))
         return min(value, self._run.max_kld)
 
+    def histogram(self, merge: int = 30) -> dict[str, object]:
+        """The since-start distribution in coarser bins (``merge`` fine bins each: by default 28 bins,
+        each 9/28 of a decade wide) for the live quality page. ``underflow`` counts values below the
+        first edge (exact zeros included), ``overflow`` those above the last; with ``counts`` they
+        add up to ``tokens``."""
+        if _HIST_BINS % merge:
+            raise ValueError(f"{merge} does not divide the {_HIST_BINS} bins")
+        inner = self._counts[1:-1].reshape(-1, merge).sum(axis=1)
+        return {
+            "edges": [float(x) for x in self._edges[::merge]],
+            "counts": [int(x) for x in inner],
+            "underflow": int(self._counts[0]),
+            "overflow": int(self._counts[-1]),
+            "tokens": self._run.count,
+        }
+
     def since_start(self) -> KLDSummary:
         r = self._run
         mean, err = mean_and_error(r.sum_kld, r.sum_kld2, r.count)

@@ -15,6 +15,7 @@ Accounting invariant, at any moment: ``sampled = scored + failed + dropped + que
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
+from kvproxy.token_scores import DROPPED, FAILED, KeptScores, claim
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class ShadowJob:
     source: dict[str, Any] | None = None
     report: Any = None  # kvproxy.backends.llama_server.PrimaryReport for HTTP primaries
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
+    keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
 
 
 class Scorer(Protocol):
@@ -139,8 +142,9 @@ class ShadowPool:
         await cancel_and_wait(self._workers)
         self._workers = []
         while not self._queue.empty():
-            self._queue.get_nowait()
+            job = self._queue.get_nowait()
             self.count("dropped")
+            _end(job, DROPPED)
 
     def count(self, outcome: str) -> None:
         setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
@@ -158,13 +162,14 @@ class ShadowPool:
             self.count("shed")
             return None
         self.count("sampled")
-        return ShadowTicket(self)
+        return ShadowTicket(self, claim())
 
     def _offer(self, job: ShadowJob) -> bool:
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             self.count("dropped")
+            _end(job, DROPPED)
             log.debug("shadow queue full: job dropped")
             return False
         return True
@@ -186,14 +191,17 @@ class ShadowPool:
             try:
                 if not await self._calm():
                     self.count("dropped")
+                    _end(job, DROPPED)
                     log.debug("shadow job dropped: the proxy stayed saturated")
                     continue
                 scores = await self.scorer.score(job)
             except asyncio.CancelledError:
                 self.count("dropped")
+                _end(job, DROPPED)
                 raise
             except Exception as exc:
                 self.count("failed")
+                _end(job, FAILED)
                 # the traceback only at debug level: its frames hold the job (prompt, completion),
                 # and a log record kept by a handler would keep them alive
                 log.warning(
@@ -203,6 +211,8 @@ class ShadowPool:
                     exc_info=log.isEnabledFor(logging.DEBUG),
                 )
             else:
+                if job.keep is not None:
+                    job.keep.scored(scores)
                 self.tracker.add(scores)
                 lag = time.monotonic() - job.ended_at
                 self.counters.scored_tokens += len(scores)
@@ -227,17 +237,27 @@ class ShadowPool:
             await asyncio.sleep(0.01)
 
 
-class ShadowTicket:
-    """One sampled request's claim on the shadow path: submitted once, or dropped (and counted)."""
+def _end(job: ShadowJob, state: str) -> None:
+    if job.keep is not None:
+        job.keep.end(state)
 
-    def __init__(self, pool: ShadowPool) -> None:
+
+class ShadowTicket:
+    """One sampled request's claim on the shadow path: submitted once, or dropped (and counted).
+
+    ``keep``: the request opted in to keeping its per-position scores (kvproxy.token_scores)."""
+
+    def __init__(self, pool: ShadowPool, keep: KeptScores | None = None) -> None:
         self._pool = pool
         self._settled = False
+        self.keep = keep
 
     def submit(self, job: ShadowJob) -> None:
         if self._settled:
             return
         self._settled = True
+        if self.keep is not None:
+            job = dataclasses.replace(job, keep=self.keep)
         self._pool._offer(job)
 
     def abandon(self) -> None:
@@ -245,3 +265,5 @@ class ShadowTicket:
         if not self._settled:
             self._settled = True
             self._pool.count("dropped")
+            if self.keep is not None:
+                self.keep.end(DROPPED)

@@ -56,6 +56,7 @@ def test_route_kinds() -> None:
     assert route_kind("/v1/chat/completions") is RouteKind.SERVING
     assert route_kind("/v1/models") is RouteKind.SERVING
     assert route_kind("/kvproxy/v1/score") is RouteKind.SERVING  # carries prompt tokens
+    assert route_kind("/kvproxy/v1/scores/chatcmpl-1") is RouteKind.SERVING  # a client's own response
     assert route_kind("/kvproxy/v1/status") is RouteKind.ADMIN
     assert route_kind("/metrics") is RouteKind.ADMIN
     assert route_kind("/health") is RouteKind.PUBLIC

@@ -20,6 +20,7 @@ from kvproxy.protocol import (
 from kvproxy.router import Router
 from kvproxy.serving import shadow_directive
 from kvproxy.shadow import SHADOW_HEADER
+from kvproxy.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore, parse_token_scores_header
 
 router = APIRouter(
     prefix="/v1",
@@ -65,9 +66,19 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     raw, body = await _json_body(request)
     serving = router.route(body.get("model"))
     shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
-    if path == CHAT:
-        return await serving.handle_chat(raw, body, shadow)
-    return await serving.handle_completion(raw, body, shadow)
+    handle = serving.handle_chat if path == CHAT else serving.handle_completion
+    if not _keeps_token_scores(request):
+        return await handle(raw, body, shadow)
+    store: TokenScoreStore = request.app.state.token_scores
+    return await store.serve(lambda: handle(raw, body, shadow))
+
+
+def _keeps_token_scores(request: Request) -> bool:
+    """The opt-in ``X-KVProxy-Token-Scores: keep`` header (kvproxy.token_scores), or a 400."""
+    try:
+        return parse_token_scores_header(request.headers.get(TOKEN_SCORES_HEADER))
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param=TOKEN_SCORES_HEADER) from exc
 
 
 def _router(request: Request) -> Router:

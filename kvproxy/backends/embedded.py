@@ -97,6 +97,11 @@ class EmbeddedBackend:
         return self._settings.ctx_size
 
     @property
+    def n_ubatch(self) -> int:
+        """llama.cpp's micro-batch: its default 512, never above the batch (which is at most n_ctx)."""
+        return min(self._settings.batch_size, self._settings.ctx_size, 512)
+
+    @property
     def n_vocab(self) -> int:
         if self._llama is None:
             raise BackendError("model not loaded")

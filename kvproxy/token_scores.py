@@ -1,0 +1,170 @@
+"""Per-token scores of one response, kept only when its request opts in.
+
+A client that wants to see *where* the quantized cache disagreed on one answer (the live quality
+page's chat box) sends ``X-KVProxy-Token-Scores: keep``. That request's shadow job then reports its
+per-position numbers (KLD, same-top: numbers only, never text) into a :class:`KeptScores` slot,
+filed under the response's ``id`` in a small bounded store (``GET /kvproxy/v1/scores/{id}``).
+Without the header nothing is kept: prompts and completions live only as long as their shadow job.
+
+The slot travels from the route to the shadow ticket in a context variable, so the serving code of
+every deployment kind (embedded, relay, guarded) keeps its signature: the first ticket created while
+the request is served claims it (a guard's background probe, started later, finds it taken).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi.responses import Response, StreamingResponse
+
+from kvproxy.kld import PositionScores
+
+TOKEN_SCORES_HEADER = "X-KVProxy-Token-Scores"
+PENDING, SCORED, FAILED, DROPPED, NOT_SAMPLED = "pending", "scored", "failed", "dropped", "not_sampled"
+
+
+def parse_token_scores_header(value: str | None) -> bool:
+    """True for ``keep`` (any case), False when absent; anything else is a ValueError."""
+    if value is None:
+        return False
+    if value.strip().lower() == "keep":
+        return True
+    raise ValueError(f"{TOKEN_SCORES_HEADER} must be 'keep', not {value!r}")
+
+
+@dataclass
+class KeptScores:
+    """One opted-in response: ``pending`` until its shadow job scored, failed or was dropped."""
+
+    created: float = field(default_factory=time.monotonic)
+    state: str = PENDING
+    claimed: bool = False
+    first_position: int | None = None
+    kld: list[float] = field(default_factory=list)
+    same_top: list[bool] = field(default_factory=list)
+
+    def scored(self, scores: PositionScores) -> None:
+        if self.state == PENDING:
+            self.state = SCORED
+            self.first_position = scores.first_position
+            self.kld = [float(x) for x in scores.kld]
+            self.same_top = [bool(x) for x in scores.same_top]
+
+    def end(self, state: str) -> None:
+        """A final state without scores (failed, dropped, not sampled); the first one stands."""
+        if self.state == PENDING:
+            self.state = state
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.state}
+        if self.state == SCORED:
+            out.update(
+                positions=len(self.kld),
+                first_position=self.first_position,
+                kld=self.kld,
+                same_top=self.same_top,
+            )
+        return out
+
+
+_current: ContextVar[KeptScores | None] = ContextVar("kvproxy_kept_scores", default=None)
+
+
+def claim() -> KeptScores | None:
+    """The slot of the request being served, for its first shadow ticket only."""
+    slot = _current.get()
+    if slot is None or slot.claimed:
+        return None
+    slot.claimed = True
+    return slot
+
+
+class TokenScoreStore:
+    """At most ``capacity`` slots (the oldest go first), each for ``ttl`` seconds after its response."""
+
+    def __init__(
+        self, capacity: int = 64, ttl: float = 600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._slots: OrderedDict[str, KeptScores] = OrderedDict()
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._slots)
+
+    def new_slot(self) -> KeptScores:
+        return KeptScores(created=self._clock())
+
+    def put(self, response_id: str, slot: KeptScores) -> None:
+        self._expire()
+        self._slots[response_id] = slot
+        self._slots.move_to_end(response_id)
+        while len(self._slots) > self.capacity:
+            self._slots.popitem(last=False)
+
+    def get(self, response_id: str) -> KeptScores | None:
+        """The slot, or None when unknown or expired."""
+        self._expire()
+        return self._slots.get(response_id)
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self.ttl
+        while self._slots:
+            oldest = next(iter(self._slots.values()))
+            if oldest.created > cutoff:
+                break
+            self._slots.popitem(last=False)
+
+    async def serve(self, respond: Callable[[], Any]) -> Response:
+        """Run one opted-in request's handler with a fresh slot current; file the slot under the
+        response's ``id`` (a stream's: from its first event)."""
+        slot = self.new_slot()
+        token = _current.set(slot)
+        try:
+            response: Response = await respond()
+        finally:
+            _current.reset(token)
+        if not slot.claimed:  # not sampled (shadow skipped or shed): nothing will come
+            slot.end(NOT_SAMPLED)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._file_from_stream(response.body_iterator, slot)
+        else:
+            rid = _response_id(bytes(response.body))
+            if rid is not None:
+                self.put(rid, slot)
+        return response
+
+    async def _file_from_stream(
+        self, chunks: AsyncIterable[str | bytes | memoryview], slot: KeptScores
+    ) -> AsyncIterator[str | bytes | memoryview]:
+        filed = False
+        async for chunk in chunks:
+            if not filed:
+                rid = _response_id(_first_event(chunk))
+                if rid is not None:
+                    self.put(rid, slot)
+                    filed = True
+            yield chunk
+
+
+def _first_event(chunk: bytes | str | memoryview) -> bytes:
+    data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+    event = data.split(b"\n\n", 1)[0].strip()
+    return event[6:] if event.startswith(b"data: ") else b""
+
+
+def _response_id(body: bytes) -> str | None:
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        return None
+    rid = data.get("id") if isinstance(data, dict) else None
+    return rid if isinstance(rid, str) and rid else None
