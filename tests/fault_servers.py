@@ -176,6 +176,13 @@ def fault_server(mode: str, port: int = 0) -> Iterator[FaultServer]:
 
 CHAT_PATH = "/v1/chat/completions"
 SCORE_PATH = "/completion"  # what a plain llama-server reference is asked, once per position
+EXACT_SCORE_PATH = "/kvproxy/v1/score"  # what a kvproxy scoring server is asked, once per job
+SCORE_INFO = {
+    "score": True,
+    "model": "m",
+    "primary": {"cache_type_k": "q4_0", "cache_type_v": "q4_0"},
+    "reference": {"cache_type_k": "f16", "cache_type_v": "f16"},
+}
 TOKEN_IDS = (1000, 1001, 1002)
 FAULTS = (
     "refuse",  # nothing listens on the port (open connections are cut too)
@@ -217,8 +224,9 @@ class LlamaFake:
     """State of one fake llama-server; the counters are read by tests from another thread."""
 
     fault: str | None = None
-    fault_paths: frozenset[str] = frozenset({CHAT_PATH, SCORE_PATH})
+    fault_paths: frozenset[str] = frozenset({CHAT_PATH, SCORE_PATH, EXACT_SCORE_PATH})
     delay: float = 0.2
+    score_route: bool = False  # also a kvproxy scoring server (GET /kvproxy/v1/info answers)
     url: str = ""
     port: int = 0
     posts: dict[str, int] = field(default_factory=dict)
@@ -346,6 +354,21 @@ def position_body(req: dict[str, object], fault: str | None = None) -> bytes:
     return orjson.dumps({"completion_probabilities": [{"top_logprobs": tops}]})
 
 
+def exact_scores_body(req: dict[str, object], fault: str | None = None) -> bytes:
+    """A kvproxy scoring server's answer: one score per generated token (one short if faulted)."""
+    n = len(req["token_ids"])  # type: ignore[arg-type]
+    n -= fault == "lpcount"
+    return orjson.dumps(
+        {
+            "kld": [0.01] * n,
+            "same_top": [True] * n,
+            "p_ref": [0.9] * n,
+            "p_primary": [0.88] * n,
+            "check_logprobs": [[-0.1 - j for j in range(len(ids))] for ids in req["check_ids"]][:n],  # type: ignore[attr-defined]
+        }
+    )
+
+
 SSE_CHUNKED_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
     b"transfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n"
@@ -377,10 +400,12 @@ async def _serve_llama(fake: LlamaFake, reader: asyncio.StreamReader, writer: as
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 return
             if method == "GET":
-                ok = path == "/health"
-                writer.write(
-                    _json("200 OK" if ok else "404 Not Found", {"status": "ok"} if ok else {"error": "no"})
-                )
+                if path == "/health":
+                    writer.write(_json("200 OK", {"status": "ok"}))
+                elif path == "/kvproxy/v1/info" and fake.score_route:
+                    writer.write(_json("200 OK", SCORE_INFO))
+                else:
+                    writer.write(_json("404 Not Found", {"error": "no"}))
                 await writer.drain()
                 continue
             fake.posts[path] = fake.posts.get(path, 0) + 1
@@ -431,6 +456,8 @@ async def _answer(
             body = b"this is { not json" if fault == "badjson" else chat_body(req, fault)
         elif path == SCORE_PATH:
             body = b"this is { not json" if fault == "badjson" else position_body(req, fault)
+        elif path == EXACT_SCORE_PATH and fake.score_route:
+            body = b"this is { not json" if fault == "badjson" else exact_scores_body(req, fault)
         elif path == "/apply-template":
             body = b'{"prompt":"<user>Hi<end>"}'
         elif path == "/tokenize":
@@ -462,10 +489,14 @@ async def _answer(
 
 @contextmanager
 def llama_fake(
-    fault: str | None = None, *, paths: frozenset[str] | None = None, delay: float = 0.2
+    fault: str | None = None,
+    *,
+    paths: frozenset[str] | None = None,
+    delay: float = 0.2,
+    score_route: bool = False,
 ) -> Iterator[LlamaFake]:
     """Run one :class:`LlamaFake` in a thread on a free loopback port."""
-    fake = LlamaFake(delay=delay)
+    fake = LlamaFake(delay=delay, score_route=score_route)
     if paths is not None:
         fake.fault_paths = paths
     loop = asyncio.new_event_loop()

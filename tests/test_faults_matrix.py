@@ -30,7 +30,15 @@ from kvproxy.config import Settings
 from kvproxy.deploy_config import ProxyConfig
 from kvproxy.deployment import build_deployments
 from tests.conftest import serve_in_thread
-from tests.fault_servers import CHAT_PATH, SCORE_PATH, LlamaFake, chat_body, chat_events, llama_fake
+from tests.fault_servers import (
+    CHAT_PATH,
+    EXACT_SCORE_PATH,
+    SCORE_PATH,
+    LlamaFake,
+    chat_body,
+    chat_events,
+    llama_fake,
+)
 
 MSG = [{"role": "user", "content": "Hi"}]
 TIMEOUTS = {"connect": 1.0, "read": 0.75, "total": 1.5}
@@ -121,9 +129,12 @@ def assert_no_leaks(h: Harness, before: Snapshot, timeout: float = 3.0) -> None:
 
 
 @contextmanager
-def harness(*, timeouts: dict[str, float] = TIMEOUTS, **fake_opts: Any) -> Iterator[Harness]:
-    """kvproxy in front of a fake primary and a fake (plain llama-server) reference, both healthy."""
-    with llama_fake(**fake_opts) as primary, llama_fake(**fake_opts) as reference:
+def harness(
+    *, timeouts: dict[str, float] = TIMEOUTS, score_route: bool = False, **fake_opts: Any
+) -> Iterator[Harness]:
+    """kvproxy in front of a fake primary and a fake reference (a plain llama-server, or a kvproxy
+    scoring server with ``score_route``), both healthy."""
+    with llama_fake(**fake_opts) as primary, llama_fake(score_route=score_route, **fake_opts) as reference:
         spec: dict[str, Any] = {
             "model": "m",
             "primary": {"urls": [primary.url]},
@@ -330,6 +341,24 @@ def test_reference_fault(fault: str, stream: bool) -> None:
         resp = send(h, stream, "force")
         assert resp.status_code == 200 and resp.content == good_bytes(stream)
         assert h.settled_shadow()["scored"] == after["scored"] + 1  # scoring works again
+        assert_no_leaks(h, before)
+
+
+@pytest.mark.parametrize("fault", ["error500", "badjson", "lpcount"])
+def test_scoring_server_reference_fault(fault: str) -> None:
+    """A kvproxy scoring server as the reference (one request a job): a failed answer, or scores for
+    fewer positions than tokens, fail the job; nothing reaches the client."""
+    with harness(score_route=True) as h:
+        before = warm_up(h)
+        assert h.client.get("/kvproxy/v1/status").json()["deployments"][0]["estimator"] == "exact"
+        counts = h.settled_shadow()
+        h.fakes[1].set_fault(fault)
+        resp = send(h, False, "force")
+        assert resp.status_code == 200 and resp.content == good_bytes(False)
+        after = h.settled_shadow()
+        assert after["failed"] == counts["failed"] + 1 and after["scored"] == counts["scored"], after
+        assert h.fakes[1].posts[EXACT_SCORE_PATH] == counts["sampled"] + 1
+        h.fakes[1].set_fault(None)
         assert_no_leaks(h, before)
 
 
