@@ -401,6 +401,7 @@ def test_client_disconnect_closes_the_upstream_request_within_a_second(stream: b
     started): the upstream request is closed within one second, whatever the proxy's deadlines."""
     with harness(timeouts={"connect": 5, "read": 60, "total": 120}, delay=0.05) as h:
         before = warm_up(h)
+        counts = h.settled_shadow()
         primary = h.fakes[0]
         primary.set_fault("drip" if stream else "hang")
         sock = raw_post(h, request(stream), shadow)
@@ -412,6 +413,10 @@ def test_client_disconnect_closes_the_upstream_request_within_a_second(stream: b
         left_at = time.monotonic()
         assert wait_for(lambda: len(primary.closed_at) > closed, 3.0), "the upstream request was never closed"
         assert primary.closed_at[-1] - left_at < 1.0
+        left = h.settled_shadow()  # an unfinished response is not scored
+        assert (
+            left["sampled"] - counts["sampled"] == left["dropped"] - counts["dropped"] == (shadow == "force")
+        )
         primary.set_fault(None)
         resp = send(h, stream, shadow)
         assert resp.status_code == 200 and resp.content == good_bytes(stream)
