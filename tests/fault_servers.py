@@ -2,9 +2,9 @@
 
 Every fake answers ``GET /health`` with 200 (so the proxy routes to it) and, on POSTs: ``ok`` (a
 valid chat completion with logprobs), ``hang`` (reads the request, never answers), ``midstream``
-(starts an SSE stream, then drops the connection), ``trickle`` (streams an event every 50 ms until
-the peer goes away), ``error500`` (an upstream error), ``garbage`` (200 with a body that is not
-JSON). Each records when a connection carrying a POST was closed by its peer.
+(starts an SSE stream, then drops the connection), ``error500`` (an upstream error), ``garbage``
+(200 with a body that is not JSON). Each records when a connection carrying a POST was closed by
+its peer.
 
 :func:`llama_fake` is a route-aware fake llama-server (chat completions streamed or not, logprobs and
 the usage chunk only when asked, ``/apply-template``, ``/tokenize``, per-position ``/completion``)
@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -107,16 +108,6 @@ async def _handle(server: FaultServer, reader: asyncio.StreamReader, writer: asy
                 await asyncio.sleep(0.05)
                 writer.transport.abort()
                 return
-            if server.mode == "trickle":
-                writer.write(SSE_HEAD)
-                try:
-                    while True:
-                        writer.write(CHUNK)
-                        await writer.drain()
-                        await asyncio.sleep(0.05)
-                except ConnectionError:
-                    server.closed_at.append(time.monotonic())
-                    return
             if server.mode == "ok":  # a well-behaved chat completion, with logprobs and token ids
                 writer.write(_response("200 OK", OK_BODY))
                 await writer.drain()
@@ -288,16 +279,16 @@ def _entry(i: int, top: int, *, ids: bool = True) -> dict[str, object]:
     return entry
 
 
-def _entries(req: dict[str, object], fault: str | None) -> list[dict[str, object]] | None:
+def _entries(req: dict[str, Any], fault: str | None) -> list[dict[str, object]] | None:
     """The logprob entries llama-server would send (None when not asked), faulted if told."""
     if not req.get("logprobs"):
         return None
-    top = int(req.get("top_logprobs") or 0)  # type: ignore[call-overload]
+    top = int(req.get("top_logprobs") or 0)
     entries = [_entry(i, top, ids=fault != "lpids") for i in range(len(TOKEN_IDS))]
     return entries[:-1] if fault == "lpcount" else entries
 
 
-def chat_body(req: dict[str, object], fault: str | None = None) -> bytes:
+def chat_body(req: dict[str, Any], fault: str | None = None) -> bytes:
     """A llama-server chat completion: ``logprobs`` only when asked (as llama-server does)."""
     choice: dict[str, object] = {"finish_reason": "length", "index": 0}
     entries = _entries(req, fault)
@@ -317,7 +308,7 @@ def chat_body(req: dict[str, object], fault: str | None = None) -> bytes:
     )
 
 
-def chat_events(req: dict[str, object], fault: str | None = None) -> list[bytes]:
+def chat_events(req: dict[str, Any], fault: str | None = None) -> list[bytes]:
     """A llama-server chat stream: logprobs per chunk and the usage chunk only when asked."""
     entries = _entries(req, fault)
     head = {"created": 1, "id": "chatcmpl-fake", "model": "m", "object": "chat.completion.chunk"}
@@ -328,7 +319,7 @@ def chat_events(req: dict[str, object], fault: str | None = None) -> list[bytes]
             choice["logprobs"] = {"content": [entries[i]]}
         events.append({"choices": [choice], **head})
     events.append({"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **head})
-    if (req.get("stream_options") or {}).get("include_usage"):  # type: ignore[union-attr]
+    if (req.get("stream_options") or {}).get("include_usage"):
         n = len(TOKEN_IDS)
         usage = {"completion_tokens": n, "prompt_tokens": 3, "total_tokens": 3 + n}
         events.append({"choices": [], **head, "usage": usage})
@@ -340,11 +331,11 @@ def chat_events(req: dict[str, object], fault: str | None = None) -> list[bytes]
     return out
 
 
-def position_body(req: dict[str, object], fault: str | None = None) -> bytes:
+def position_body(req: dict[str, Any], fault: str | None = None) -> bytes:
     """One position's top-K, as llama-server's ``/completion`` with ``n_probs`` answers it."""
     if fault == "lpcount":
         return b'{"completion_probabilities":[]}'
-    k = int(req.get("n_probs") or 1)  # type: ignore[call-overload]
+    k = int(req.get("n_probs") or 1)
     tops: list[dict[str, object]] = [
         {"id": TOKEN_IDS[0] + j, "token": f" w{j}", "logprob": -0.12 - j} for j in range(k)
     ]
@@ -354,9 +345,9 @@ def position_body(req: dict[str, object], fault: str | None = None) -> bytes:
     return orjson.dumps({"completion_probabilities": [{"top_logprobs": tops}]})
 
 
-def exact_scores_body(req: dict[str, object], fault: str | None = None) -> bytes:
+def exact_scores_body(req: dict[str, Any], fault: str | None = None) -> bytes:
     """A kvproxy scoring server's answer: one score per generated token (one short if faulted)."""
-    n = len(req["token_ids"])  # type: ignore[arg-type]
+    n = len(req["token_ids"])
     n -= fault == "lpcount"
     return orjson.dumps(
         {
@@ -364,7 +355,7 @@ def exact_scores_body(req: dict[str, object], fault: str | None = None) -> bytes
             "same_top": [True] * n,
             "p_ref": [0.9] * n,
             "p_primary": [0.88] * n,
-            "check_logprobs": [[-0.1 - j for j in range(len(ids))] for ids in req["check_ids"]][:n],  # type: ignore[attr-defined]
+            "check_logprobs": [[-0.1 - j for j in range(len(ids))] for ids in req["check_ids"]][:n],
         }
     )
 
@@ -432,7 +423,7 @@ async def _answer(
     fake: LlamaFake,
     fault: str | None,
     path: str,
-    req: dict[str, object],
+    req: dict[str, Any],
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> bool:

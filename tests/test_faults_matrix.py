@@ -283,11 +283,12 @@ def test_primary_fault(fault: str, stream: bool) -> None:
         before = warm_up(h)
         counts = h.shadow()
         h.fakes[0].set_fault(fault)
-        expected = PRIMARY[fault][1 if stream else 0]
+        plain, streamed, outcome = PRIMARY[fault]
+        expected = streamed if stream else plain
+        assert expected is not None
         for shadow in ("skip", "force"):
             assert_outcome(send(h, stream, shadow), expected, stream)
         after = h.settled_shadow()
-        outcome = PRIMARY[fault][2]
         assert after["sampled"] == counts["sampled"] + 1  # the skipped request was never sampled
         assert after[outcome] == counts[outcome] + 1
         h.fakes[0].set_fault(None)
@@ -328,7 +329,7 @@ def test_reference_fault(fault: str, stream: bool) -> None:
         h.fakes[1].set_fault(fault)
         start = time.monotonic()
         forced = send(h, stream, "force")
-        assert time.monotonic() - start < 0.5  # the client never waits on the reference
+        assert time.monotonic() - start < TIMEOUTS["read"]  # the client never waits on the reference
         assert forced.status_code == plain.status_code == 200
         assert forced.headers["content-type"] == plain.headers["content-type"]
         assert forced.content == plain.content == good_bytes(stream)
