@@ -381,6 +381,14 @@ def test_primary_tokenizer_failure_only_fails_the_shadow_job(route: str) -> None
 # ---- a client that goes away ----------------------------------------------------------------------
 
 
+def chat_requests(h: Harness, status: str) -> int:
+    """The proxy's count of chat requests answered with ``status`` (its /metrics)."""
+    for line in h.client.get("/metrics").text.splitlines():
+        if line.startswith("kvproxy_requests_total{") and f'status="{status}"' in line and CHAT_PATH in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
 def raw_post(h: Harness, body: dict[str, Any], shadow: str) -> socket.socket:
     """Send a request on a raw socket (so the test decides exactly when the client leaves)."""
     port = h.client.base_url.port
@@ -414,6 +422,8 @@ def test_client_disconnect_closes_the_upstream_request_within_a_second(stream: b
         left_at = time.monotonic()
         assert wait_for(lambda: len(primary.closed_at) > closed, 3.0), "the upstream request was never closed"
         assert primary.closed_at[-1] - left_at < 1.0
+        if not stream:  # no answer ever began: the proxy counts the request as 499 (client closed)
+            assert wait_for(lambda: chat_requests(h, "499") == 1)
         left = h.settled_shadow()  # an unfinished response is not scored
         assert (
             left["sampled"] - counts["sampled"] == left["dropped"] - counts["dropped"] == (shadow == "force")
