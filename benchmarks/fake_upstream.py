@@ -7,6 +7,12 @@ shadow job lines up and is scored; ``/apply-template``, ``/tokenize`` and ``/com
 position's top-K, what kvproxy's per-position reference scoring asks) so the same process can serve
 as a fast reference; ``GET /health``. Anything else is 404.
 
+With ``--score-route`` it also answers as a kvproxy scoring server (``GET /kvproxy/v1/info``,
+``POST /kvproxy/v1/score``: one request per shadow job), and ``--fail-every N`` makes every N-th
+scoring request (``/completion`` or ``/kvproxy/v1/score``) a 500: a reference that fails 1/N of the
+time, deterministically. ``GET /stats`` counts the requests by path (and the failures it answered),
+so a load test can reconcile the client's, the proxy's and the upstream's counts.
+
     python benchmarks/fake_upstream.py --port 9100 --tokens 16 --delay-ms 0
 """
 
@@ -81,7 +87,7 @@ def _stream(tokens: int, logprobs: bool, top: int) -> list[bytes]:
 
 
 def _response(status: int, body: bytes, ctype: bytes = b"application/json") -> bytes:
-    reason = {200: b"OK", 404: b"Not Found"}[status]
+    reason = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error"}[status]
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
         % (status, reason, ctype, len(body))
@@ -91,6 +97,7 @@ def _response(status: int, body: bytes, ctype: bytes = b"application/json") -> b
 
 class Canned:
     def __init__(self, tokens: int, top: int) -> None:
+        self.top = top
         self.chat = _response(200, json.dumps(_chat(tokens, False, 0)).encode())
         self.chat_lp = _response(200, json.dumps(_chat(tokens, True, top)).encode())
         self.stream = _stream(tokens, False, 0)
@@ -103,14 +110,66 @@ class Canned:
             200, json.dumps({"completion_probabilities": [{"top_logprobs": tops}]}).encode()
         )
         self.not_found = _response(404, b'{"error":{"message":"not found","code":404}}')
+        self.failure = _response(500, b'{"error":{"message":"reference failure","code":500}}')
+        self.info = _response(
+            200,
+            json.dumps(
+                {
+                    "score": True,
+                    "model": "fake",
+                    "primary": {"cache_type_k": "q4_0", "cache_type_v": "q4_0"},
+                    "reference": {"cache_type_k": "f16", "cache_type_v": "f16"},
+                }
+            ).encode(),
+        )
+        self.scores: dict[int, bytes] = {}
+
+    def score(self, n: int) -> bytes:
+        """Exact scores for ``n`` positions, as ``kvproxy backend`` answers ``/kvproxy/v1/score``."""
+        if n not in self.scores:
+            body = {
+                "kld": [0.01] * n,
+                "same_top": [True] * n,
+                "p_ref": [0.9] * n,
+                "p_primary": [0.88] * n,
+                "check_logprobs": [[-0.1 - j for j in range(self.top)] for _ in range(n)],
+            }
+            self.scores[n] = _response(200, json.dumps(body).encode())
+        return self.scores[n]
+
+
+class Stats:
+    """Requests by path, and the scoring requests answered with a failure (``--fail-every``)."""
+
+    def __init__(self, fail_every: int, score_route: bool) -> None:
+        self.fail_every = fail_every
+        self.score_route = score_route
+        self.by_path: dict[str, int] = {}
+        self.failed = 0
+        self.scoring = 0
+
+    def count(self, url: bytes) -> None:
+        path = url.decode("latin-1")
+        self.by_path[path] = self.by_path.get(path, 0) + 1
+
+    def fail_now(self) -> bool:
+        """Every ``fail_every``-th scoring request fails."""
+        self.scoring += 1
+        if self.fail_every and self.scoring % self.fail_every == 0:
+            self.failed += 1
+            return True
+        return False
+
+    def body(self) -> bytes:
+        return _response(200, json.dumps({"by_path": self.by_path, "failed": self.failed}).encode())
 
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
 class Upstream(asyncio.Protocol):
-    def __init__(self, canned: Canned, delay: float, tokens: int) -> None:
-        self.canned, self.delay, self.tokens = canned, delay, tokens
+    def __init__(self, canned: Canned, delay: float, tokens: int, stats: Stats) -> None:
+        self.canned, self.delay, self.tokens, self.stats = canned, delay, tokens, stats
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -153,6 +212,7 @@ class Upstream(asyncio.Protocol):
             if item is None:
                 return
             url, body = item
+            self.stats.count(url)
             if url == b"/v1/chat/completions":
                 logprobs = b'"logprobs"' in body
                 if b'"stream":true' in body.replace(b" ", b""):
@@ -173,7 +233,16 @@ class Upstream(asyncio.Protocol):
             elif url == b"/tokenize":
                 t.write(c.tokenize)
             elif url == b"/completion":
-                t.write(c.position)
+                t.write(c.failure if self.stats.fail_now() else c.position)
+            elif url == b"/kvproxy/v1/score" and self.stats.score_route:
+                if self.stats.fail_now():
+                    t.write(c.failure)
+                else:
+                    t.write(c.score(len(json.loads(body)["token_ids"])))
+            elif url == b"/kvproxy/v1/info" and self.stats.score_route:
+                t.write(c.info)
+            elif url == b"/stats":
+                t.write(self.stats.body())
             else:
                 t.write(c.not_found)
 
@@ -184,13 +253,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--score-route", action="store_true", help="also act as a kvproxy scoring server")
+    ap.add_argument("--fail-every", type=int, default=0, help="every N-th scoring request is a 500")
     args = ap.parse_args()
     canned = Canned(args.tokens, args.top)
+    stats = Stats(args.fail_every, args.score_route)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: Upstream(canned, args.delay_ms / 1000, args.tokens), "127.0.0.1", args.port, backlog=1024
+            lambda: Upstream(canned, args.delay_ms / 1000, args.tokens, stats),
+            "127.0.0.1",
+            args.port,
+            backlog=1024,
         )
         print(f"fake upstream on 127.0.0.1:{args.port} (pid {os.getpid()})", flush=True)
         async with server:

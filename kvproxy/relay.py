@@ -94,7 +94,12 @@ class RelayServing:
             if stream:
                 chunks = await dep.primary.open_stream(path, raw)
                 return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-            return Response(await dep.primary.post_json(path, raw), media_type="application/json")
+            content = await dep.primary.post_json(path, raw)
+            try:  # relayed as sent, but never a 200 that no client can parse
+                orjson.loads(content)
+            except ValueError as exc:
+                raise _invalid_json(dep, exc) from exc
+            return Response(content, media_type="application/json")
         client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if stream:  # the usage says how many tokens were generated: needed to check the logprobs
             ask["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -112,13 +117,7 @@ class RelayServing:
             try:
                 data = orjson.loads(content)
             except ValueError as exc:
-                dep.primary.record_error("invalid_response")
-                raise OpenAIError(
-                    502,
-                    f"The upstream answered with invalid JSON: {exc}",
-                    type="server_error",
-                    code="upstream_invalid_response",
-                ) from exc
+                raise _invalid_json(dep, exc) from exc
         except BaseException:
             ticket.abandon()
             raise
@@ -156,6 +155,16 @@ class RelayServing:
             ticket.abandon()  # a no-op once submitted
 
 
+def _invalid_json(dep: HttpDeployment, exc: ValueError) -> OpenAIError:
+    dep.primary.record_error("invalid_response")
+    return OpenAIError(
+        502,
+        f"The upstream answered with invalid JSON: {exc}",
+        type="server_error",
+        code="upstream_invalid_response",
+    )
+
+
 def _settle(ticket: ShadowTicket, report: PrimaryReport, source: dict[str, Any], *, streamed: bool) -> None:
     if report.aligned(streamed=streamed):
         ticket.submit(ShadowJob(source=source, report=report))
@@ -185,6 +194,6 @@ def _rewrite_event(
     for choice in data["choices"]:
         if choice.get("logprobs"):
             report.add(strip_logprobs(choice, *wants))
-        elif not wants[0] and "logprobs" in choice:
-            choice["logprobs"] = None
+        elif not wants[0]:
+            choice.pop("logprobs", None)
     return b"data: " + orjson.dumps(data)

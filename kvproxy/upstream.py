@@ -88,15 +88,24 @@ class Replica:
             )
         return self._session
 
+    def _exchange_timeout(self, total: float | None) -> aiohttp.ClientTimeout:
+        """A whole exchange's deadline (``total`` by default) with the connect and read timeouts.
+
+        Always explicit: aiohttp reads ``timeout=None`` as "no timeout at all", which let a silent
+        reference hold a shadow worker forever."""
+        t = self.timeouts
+        return aiohttp.ClientTimeout(
+            total=t.total if total is None else total, connect=t.connect, sock_read=t.read
+        )
+
     async def post(self, path: str, body: bytes, *, timeout: float | None = None) -> tuple[int, bytes]:
         """A whole JSON exchange (the shadow path and the scoring calls): status and body."""
-        t = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
+        t = self._exchange_timeout(timeout)
         async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
             return r.status, await r.read()
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
-        t = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
-        async with self.session.get(self.url + path, timeout=t) as r:
+        async with self.session.get(self.url + path, timeout=self._exchange_timeout(timeout)) as r:
             return r.status, await r.read()
 
     async def close(self) -> None:

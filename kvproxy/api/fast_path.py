@@ -11,17 +11,28 @@ define the route objects the metrics label requests by.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
 from fastapi.responses import Response
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from kvproxy.api.openai import complete
 from kvproxy.errors import OpenAIError, error_response, unexpected_error
 from kvproxy.router import Router
 
 log = logging.getLogger(__name__)
+
+
+CLIENT_CLOSED = 499
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return once the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class OpenAIFastPath:
@@ -36,8 +47,31 @@ class OpenAIFastPath:
             await self.app(scope, receive, send)
             return
         scope["route"] = self.routes[path]
-        response = await self._respond(path, Request(scope, receive))
+        response = await self._unless_client_leaves(path, Request(scope, receive), receive)
+        if response is None:
+            with contextlib.suppress(OSError):  # nobody reads it; counted as 499 (client closed)
+                await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
+            return
         await response(scope, receive, send)
+
+    async def _unless_client_leaves(self, path: str, request: Request, receive: Any) -> Response | None:
+        """The answer, or None when the client left before it began (a slow upstream, a long
+        prefill): the handler is cancelled then, so the upstream request is closed at once rather
+        than at its deadline. (Once a stream has begun, Starlette watches for the client itself.)"""
+        try:
+            await request.body()  # kept by the request; after it, a client's only message is leaving
+        except ClientDisconnect:
+            return None
+        handler = asyncio.ensure_future(self._respond(path, request))
+        left = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((handler, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            if not handler.done():
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+        return None if handler.cancelled() else handler.result()
 
     async def _respond(self, path: str, request: Request) -> Response:
         try:

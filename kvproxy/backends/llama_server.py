@@ -50,6 +50,7 @@ class PrimaryReport:
     top_logprobs: list[list[float]] = field(default_factory=list)
     completion_tokens: int | None = None  # from the upstream's usage
     finish_reason: str | None = None
+    malformed: bool = False  # an entry without a token id or logprob: nothing can be scored
 
     def note_end(self, data: dict[str, Any]) -> None:
         usage = data.get("usage")
@@ -67,25 +68,35 @@ class PrimaryReport:
         replayed position by position and is dropped from scoring, never guessed at.
         """
         n, expected = len(self.token_ids), self.completion_tokens
-        if expected is None or n == 0:
+        if expected is None or n == 0 or self.malformed:
             return False
         return n == expected or (streamed and self.finish_reason == "stop" and n == expected - 1)
 
     def add(self, entries: list[dict[str, Any]]) -> None:
-        for e in entries:
-            self.token_ids.append(int(e["id"]))
-            self.token_logprobs.append(float(e["logprob"]))
-            tops = e.get("top_logprobs") or []
-            self.top_ids.append([int(t["id"]) for t in tops])
-            self.top_logprobs.append([float(t["logprob"]) for t in tops])
+        """Record entries; a malformed one (an upstream that gives no token ids, say) marks the
+        report unscorable instead of raising: the client's response must not depend on it."""
+        if self.malformed:
+            return
+        try:
+            for e in entries:
+                tops = e.get("top_logprobs") or []
+                row = (int(e["id"]), float(e["logprob"]), [int(t["id"]) for t in tops])
+                top_lps = [float(t["logprob"]) for t in tops]
+                self.token_ids.append(row[0])
+                self.token_logprobs.append(row[1])
+                self.top_ids.append(row[2])
+                self.top_logprobs.append(top_lps)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.malformed = True
 
 
 def strip_logprobs(choice: dict[str, Any], wants_logprobs: bool, wants_top: int) -> list[dict[str, Any]]:
     """Take the logprob entries out of one choice, leaving what the client asked for."""
     lp = choice.get("logprobs")
-    entries: list[dict[str, Any]] = (lp or {}).get("content") or []
+    entries: list[dict[str, Any]] = (lp.get("content") if isinstance(lp, dict) else None) or []
     if not wants_logprobs:
-        choice["logprobs"] = None
+        # absent, as llama-server answers a request without logprobs: shadowing stays invisible
+        choice.pop("logprobs", None)
     elif entries:
         choice["logprobs"] = {
             **lp,  # type: ignore[dict-item]
@@ -169,8 +180,10 @@ class LlamaServerPrimary:
     async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
 
-        Returns the raw SSE byte stream. If the upstream dies or stalls mid-stream, or ends without
-        ``data: [DONE]``, an SSE error event is sent and the stream closes.
+        Returns the raw SSE byte stream, cut at event boundaries: an event split across chunks is
+        held until it is whole. If the upstream dies or stalls mid-stream, or ends without
+        ``data: [DONE]``, the incomplete event is dropped, an SSE error event is sent (so it parses
+        on its own) and the stream closes.
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
@@ -179,12 +192,21 @@ class LlamaServerPrimary:
 
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
+            held = b""  # the start of an event whose end has not arrived yet
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in resp.content.iter_any():
                         clock.tick()  # a chunk is about one token: llama-server flushes per token
                         tail = (tail + chunk)[-600:]
-                        yield chunk
+                        if held:
+                            chunk, held = held + chunk, b""
+                        end = _events_end(chunk)
+                        if end < len(chunk):
+                            chunk, held = chunk[:end], chunk[end:]
+                        if chunk:
+                            yield chunk
+                if held:
+                    yield held
                 if self.observer is not None:
                     self._count_usage(tail)
                 if b"[DONE]" not in tail[-32:]:
@@ -207,6 +229,14 @@ class LlamaServerPrimary:
                 replica.outstanding -= 1
 
         return relay()
+
+
+def _events_end(chunk: bytes) -> int:
+    """Where the last complete SSE event of ``chunk`` ends (0 when none does)."""
+    if chunk.endswith(b"\n\n"):  # the usual case: llama-server flushes whole events
+        return len(chunk)
+    lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def sse_error(err: OpenAIError) -> bytes:

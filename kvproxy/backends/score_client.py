@@ -76,6 +76,10 @@ class ScoreRouteReference:
             if status != 200:
                 raise map_upstream_status(replica, status, content)
         data = json.loads(content)
+        n = len(report.token_ids)
+        sizes = {key: len(data[key]) for key in ("kld", "same_top", "p_ref", "p_primary")}
+        if any(size != n for size in sizes.values()):  # never record scores for the wrong positions
+            raise ValueError(f"the scoring server answered {sizes} positions for {n} tokens")
         checks = data.get("check_logprobs") or []
         for ids, reported, replayed in zip(report.top_ids, report.top_logprobs, checks, strict=False):
             if reported and replayed:
