@@ -43,6 +43,26 @@ from kvproxy.token_scores import TokenScoreStore
 log = logging.getLogger(__name__)
 
 
+class KVProxyApp(FastAPI):
+    """FastAPI with kvproxy's own pure-ASGI layers (metrics, access, body limit, the fast path) in
+    front of Starlette's error and telemetry middleware rather than inside them.
+
+    The two completion routes are answered by the fast path, which maps every exception to an
+    OpenAI error itself; passing them through Starlette's outer layers first cost CPU on every
+    request for nothing (docs/benchmarks.md). Every other route still gets the whole FastAPI stack.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.front: list[tuple[type, dict[str, Any]]] = []
+
+    def build_middleware_stack(self) -> Any:
+        app = super().build_middleware_stack()
+        for cls, options in reversed(self.front):
+            app = cls(app, **options)
+        return app
+
+
 def create_app(
     deployments: Deployment | list[Deployment],
     *,
@@ -104,18 +124,18 @@ def create_app(
                 await d.stop()
                 d.close()
 
-    app = FastAPI(title="kvproxy", version=__version__, lifespan=lifespan)
+    app = KVProxyApp(title="kvproxy", version=__version__, lifespan=lifespan)
     hot_routes = {
         r.path: r for r in openai.router.routes if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)
     }
     assert len(hot_routes) == 2, hot_routes  # the fast path answers exactly the routes declared
-    app.add_middleware(OpenAIFastPath, router=router, routes=hot_routes)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
+    app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
     if api_keys or admin_token:  # refused before the body is read or limited
-        app.add_middleware(
-            AccessControl, api_keys=KeySet(api_keys), admin_token=KeySet(filter(None, [admin_token]))
-        )
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last: outermost
+        keys = {"api_keys": KeySet(api_keys), "admin_token": KeySet(filter(None, [admin_token]))}
+        app.front.append((AccessControl, keys))
+    app.front.append((BodyLimit, {"limit": max_body_bytes}))
+    app.front.append((OpenAIFastPath, {"router": router, "routes": hot_routes}))
     app.state.drain_deadline = None
     app.state.router = router
     app.state.metrics = metrics

@@ -62,16 +62,27 @@ class OpenAIFastPath:
             await request.body()  # kept by the request; after it, a client's only message is leaving
         except ClientDisconnect:
             return None
-        handler = asyncio.ensure_future(self._respond(path, request))
+        # the handler runs in this task; a watcher task cancels it if the client leaves (one task a
+        # request rather than two and an asyncio.wait: this is every request's path)
+        this = asyncio.current_task()
+        assert this is not None
+        answering = [True]  # read when the watcher's callback runs, which may be after we are done
+
+        def client_left(watcher: asyncio.Future[None]) -> None:
+            if answering[0] and not watcher.cancelled():
+                this.cancel()
+
         left = asyncio.ensure_future(_disconnected(receive))
+        left.add_done_callback(client_left)
         try:
-            await asyncio.wait((handler, left), return_when=asyncio.FIRST_COMPLETED)
+            return await self._respond(path, request)
+        except asyncio.CancelledError:
+            if left.done() and not left.cancelled() and this.uncancel() == 0:
+                return None  # the client left; the cancellation was ours
+            raise
         finally:
+            answering[0] = False
             left.cancel()
-            if not handler.done():
-                handler.cancel()
-                await asyncio.gather(handler, return_exceptions=True)
-        return None if handler.cancelled() else handler.result()
 
     async def _respond(self, path: str, request: Request) -> Response:
         try:
