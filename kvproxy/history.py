@@ -1,9 +1,14 @@
 """A bounded KLD-over-time series per deployment, so the live quality page has history on load.
 
 One point per scored job, ``(unix time, recent-window mean KLD, recent-window p99, tokens since
-start)``; a job scored within ``min_interval`` seconds of the last point replaces that point instead
+start)``; a job scored within ``min_interval`` seconds of the last point updates that point instead
 of adding one, so a busy deployment adds at most one point per interval (the page polls every 2 s)
 and ``capacity`` points cover at least ``capacity * min_interval`` seconds.
+
+The window's statistics cost about 0.35 ms (a p99 over 4,096 values), on the event loop, after every
+scored job: too much for every job. So an update within the interval only marks the last point
+stale, and its values are computed when someone reads the series, or when the next point starts
+(then they include that next job too, one job late at most).
 """
 
 from __future__ import annotations
@@ -40,18 +45,29 @@ class KLDHistory:
         self.min_interval = min_interval
         self._clock = clock
         self._points: deque[HistoryPoint] = deque(maxlen=capacity)
+        self._stale: QualityTracker | None = None  # the last point lags this tracker
 
     def record(self, tracker: QualityTracker) -> None:
-        """After a scored job: the tracker's recent window as it is now."""
+        """After a scored job: a new point, or the last one marked to be brought up to date."""
+        now = self._clock()
+        if self._points and now - self._points[-1].time < self.min_interval:
+            self._stale = tracker
+            return
+        self._refresh()
+        self._points.append(self._point(now, tracker))
+
+    def _point(self, when: float, tracker: QualityTracker) -> HistoryPoint:
         recent = tracker.recent()
-        point = HistoryPoint(self._clock(), _finite(recent.mean), _finite(recent.p99), tracker.tokens)
-        if self._points and point.time - self._points[-1].time < self.min_interval:
-            self._points[-1] = HistoryPoint(self._points[-1].time, point.mean, point.p99, point.tokens)
-        else:
-            self._points.append(point)
+        return HistoryPoint(when, _finite(recent.mean), _finite(recent.p99), tracker.tokens)
+
+    def _refresh(self) -> None:
+        if self._stale is not None and self._points:
+            self._points[-1] = self._point(self._points[-1].time, self._stale)
+        self._stale = None
 
     def __len__(self) -> int:
         return len(self._points)
 
     def as_list(self) -> list[dict[str, float | int | None]]:
+        self._refresh()
         return [p.as_dict() for p in self._points]
