@@ -74,21 +74,19 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
-def missing_key(kind: RouteKind) -> OpenAIError:
-    what = "an API key" if kind is RouteKind.SERVING else "the admin token"
+def refusal(kind: RouteKind, *, presented: bool) -> OpenAIError:
+    """The 401 for a missing or a wrong secret; it never repeats what was sent."""
+    serving = kind is RouteKind.SERVING
+    what = "API key" if serving else "admin token"
+    if presented:
+        return OpenAIError(
+            401, f"Incorrect {what} provided.", code="invalid_api_key" if serving else "invalid_admin_token"
+        )
     return OpenAIError(
         401,
-        f"You didn't provide {what}. Send it in an Authorization header: `Authorization: Bearer KEY`.",
-        code="missing_api_key" if kind is RouteKind.SERVING else "missing_admin_token",
-    )
-
-
-def wrong_key(kind: RouteKind) -> OpenAIError:
-    what = "API key" if kind is RouteKind.SERVING else "admin token"
-    return OpenAIError(
-        401,
-        f"Incorrect {what} provided.",
-        code="invalid_api_key" if kind is RouteKind.SERVING else "invalid_admin_token",
+        f"You didn't provide {'an' if serving else 'the'} {what}. "
+        "Send it in an Authorization header: `Authorization: Bearer KEY`.",
+        code="missing_api_key" if serving else "missing_admin_token",
     )
 
 
@@ -106,7 +104,7 @@ class AccessControl:
             if keys:
                 token = bearer_token(scope["headers"])
                 if token is None or not keys.matches(token):
-                    err = missing_key(kind) if token is None else wrong_key(kind)
+                    err = refusal(kind, presented=token is not None)
                     response = error_response(err)
                     response.headers["www-authenticate"] = "Bearer"
                     await response(scope, receive, send)

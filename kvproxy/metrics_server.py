@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from kvproxy.access import KeySet, RouteKind, bearer_token, missing_key, wrong_key
+from kvproxy.access import KeySet, RouteKind, bearer_token, refusal
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -32,7 +32,7 @@ def guarded_metrics_app(registry: CollectorRegistry, admin_token: KeySet) -> Cal
             header = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
             token = bearer_token([(b"authorization", header)])
             if token is None or not admin_token.matches(token):
-                err = missing_key(RouteKind.ADMIN) if token is None else wrong_key(RouteKind.ADMIN)
+                err = refusal(RouteKind.ADMIN, presented=token is not None)
                 start_response(
                     "401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer")]
                 )

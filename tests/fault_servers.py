@@ -67,15 +67,7 @@ class FaultServer:
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    method, path, _ = lines[0].split(" ", 2)
-    length = 0
-    for line in lines[1:]:
-        if line.lower().startswith("content-length:"):
-            length = int(line.split(":", 1)[1])
-    if length:
-        await reader.readexactly(length)
+    method, path, _ = await _read_full_request(reader)
     return method, path
 
 
