@@ -80,7 +80,9 @@ class Replica:
         """Created on first use, inside the running event loop (as aiohttp requires)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=0),
+                # idle connections closed after 4 s, before llama-server's HTTP library closes
+                # them at 5 s (cpp-httplib's keep-alive timeout): fewer reuses of a dying socket
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=4.0),
                 timeout=self.timeouts.aiohttp(),
                 auto_decompress=False,  # relayed bytes stay as the upstream sent them
                 skip_auto_headers=("User-Agent",),
@@ -99,10 +101,24 @@ class Replica:
         )
 
     async def post(self, path: str, body: bytes, *, timeout: float | None = None) -> tuple[int, bytes]:
-        """A whole JSON exchange (the shadow path and the scoring calls): status and body."""
+        """A whole JSON exchange (the shadow path and the scoring calls): status and body.
+
+        These exchanges only read (tokenize, apply a template, score a prefix), so one that fails
+        on the connection before any answer came is sent once more, on a fresh connection: a
+        pooled keep-alive connection the server closed just as it was reused ("Can not write
+        request body", a disconnect before the status line) is a race, not a failing server.
+        """
         t = self._exchange_timeout(timeout)
-        async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
-            return r.status, await r.read()
+        for attempt in (1, 2):
+            try:
+                async with self.session.post(
+                    self.url + path, data=body, headers=JSON_HEADERS, timeout=t
+                ) as r:
+                    return r.status, await r.read()
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # a server that refuses or drops us twice is down, not racing
+        raise AssertionError("unreachable")
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
         async with self.session.get(self.url + path, timeout=self._exchange_timeout(timeout)) as r:
