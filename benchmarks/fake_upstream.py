@@ -4,7 +4,8 @@ Raw asyncio on uvloop with httptools' parser (HTTP/1.1 keep-alive), canned answe
 ``POST /v1/chat/completions`` (JSON, or SSE with ``--tokens`` chunks ``--delay-ms`` apart), with
 llama-server's logprob entries (token ids, top-K) when the request asks for logprobs, so a kvproxy
 shadow job lines up and is scored; ``/apply-template``, ``/tokenize`` and ``/completion`` (one
-position's top-K, what kvproxy's per-position reference scoring asks) so the same process can serve
+position's top-K per prompt, for one prompt or an array of them, as kvproxy's per-position reference
+scoring asks) so the same process can serve
 as a fast reference; ``GET /health``. Anything else is 404.
 
 With ``--score-route`` it also answers as a kvproxy scoring server (``GET /kvproxy/v1/info``,
@@ -106,9 +107,9 @@ class Canned:
         self.template = _response(200, b'{"prompt":"<start_of_turn>user\\nhello<end_of_turn>\\n"}')
         self.tokenize = _response(200, json.dumps({"tokens": list(range(2, 14))}).encode())
         tops = [{"id": WORD_IDS[0] + j, "token": f" w{j}", "logprob": -0.12 - j} for j in range(top)]
-        self.position = _response(
-            200, json.dumps({"completion_probabilities": [{"top_logprobs": tops}]}).encode()
-        )
+        self._one = {"completion_probabilities": [{"top_logprobs": tops}]}
+        self.position = _response(200, json.dumps(self._one).encode())
+        self._positions: dict[int, bytes] = {}
         self.not_found = _response(404, b'{"error":{"message":"not found","code":404}}')
         self.failure = _response(500, b'{"error":{"message":"reference failure","code":500}}')
         self.info = _response(
@@ -123,6 +124,14 @@ class Canned:
             ).encode(),
         )
         self.scores: dict[int, bytes] = {}
+
+    def positions(self, n: int) -> bytes:
+        """A batched ``/completion``: one top-K per prompt, as llama-server lists them."""
+        if n not in self._positions:
+            self._positions[n] = _response(
+                200, json.dumps([{"index": i, **self._one} for i in range(n)]).encode()
+            )
+        return self._positions[n]
 
     def score(self, n: int) -> bytes:
         """Exact scores for ``n`` positions, as ``kvproxy backend`` answers ``/kvproxy/v1/score``."""
@@ -233,7 +242,12 @@ class Upstream(asyncio.Protocol):
             elif url == b"/tokenize":
                 t.write(c.tokenize)
             elif url == b"/completion":
-                t.write(c.failure if self.stats.fail_now() else c.position)
+                if self.stats.fail_now():
+                    t.write(c.failure)
+                elif body.startswith(b'{"prompt":[[') or b'"prompt":[[' in body:  # a batch of prompts
+                    t.write(c.positions(len(json.loads(body)["prompt"])))
+                else:
+                    t.write(c.position)
             elif url == b"/kvproxy/v1/score" and self.stats.score_route:
                 if self.stats.fail_now():
                     t.write(c.failure)

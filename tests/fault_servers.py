@@ -324,9 +324,13 @@ def chat_events(req: dict[str, Any], fault: str | None = None) -> list[bytes]:
 
 
 def position_body(req: dict[str, Any], fault: str | None = None) -> bytes:
-    """One position's top-K, as llama-server's ``/completion`` with ``n_probs`` answers it."""
-    if fault == "lpcount":
-        return b'{"completion_probabilities":[]}'
+    """Per-position top-K, as llama-server's ``/completion`` with ``n_probs`` answers it: one object
+    for one prompt, a list (with ``index``) for an array of token prompts."""
+    prompts = req.get("prompt")
+    batch = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], list)
+    if fault == "lpcount":  # positions without a top-K
+        empty: dict[str, object] = {"completion_probabilities": []}
+        return orjson.dumps([{"index": i, **empty} for i in range(len(prompts))] if batch else empty)
     k = int(req.get("n_probs") or 1)
     tops: list[dict[str, object]] = [
         {"id": TOKEN_IDS[0] + j, "token": f" w{j}", "logprob": -0.12 - j} for j in range(k)
@@ -334,7 +338,8 @@ def position_body(req: dict[str, Any], fault: str | None = None) -> bytes:
     if fault == "lpids":
         for t in tops:
             t.pop("id")
-    return orjson.dumps({"completion_probabilities": [{"top_logprobs": tops}]})
+    one: dict[str, object] = {"completion_probabilities": [{"top_logprobs": tops}]}
+    return orjson.dumps([{"index": i, **one} for i in range(len(prompts))] if batch else one)
 
 
 def exact_scores_body(req: dict[str, Any], fault: str | None = None) -> bytes:
