@@ -49,8 +49,8 @@ def _digest(secret: str | bytes) -> bytes:
 class KeySet:
     """Secrets kept only as digests; ``matches`` runs in the same time whatever it is given."""
 
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self._digests = [_digest(s) for s in secrets]
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        self._digests = [_digest(s) for s in secrets if s]  # an unset secret guards nothing
 
     def __bool__(self) -> bool:
         return bool(self._digests)

@@ -132,7 +132,7 @@ def create_app(
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
     if api_keys or admin_token:  # refused before the body is read or limited
-        keys = {"api_keys": KeySet(api_keys), "admin_token": KeySet(filter(None, [admin_token]))}
+        keys = {"api_keys": KeySet(api_keys), "admin_token": KeySet([admin_token])}
         app.front.append((AccessControl, keys))
     app.front.append((BodyLimit, {"limit": max_body_bytes}))
     app.front.append((OpenAIFastPath, {"router": router, "routes": hot_routes}))
@@ -196,7 +196,7 @@ def attach_metrics(metrics: Metrics, d: Deployment) -> None:
         shape, n_ctx = backend.info.attention, backend.n_ctx
         for role, kv in (("primary", d.primary_kv), ("reference", d.reference_kv)):
             if kv is not None:
-                export_kv_memory(metrics, d.name, role, shape, kv, n_ctx)
+                export_kv_memory(metrics, d.name, role, shape, kv, n_ctx, n_ubatch=backend.n_ubatch)
         return
     d.primary.observer = d.serving_metrics
     pools = [("primary", d.primary_pool)] + ([("reference", d.reference_pool)] if d.reference_pool else [])

@@ -50,17 +50,12 @@ def load_settings(**given: Any) -> Settings:
 
 def describe_startup(settings: Settings, info: ModelInfo) -> str:
     """What start-up prints: the model, the KV configuration and what it costs per token."""
-    from kvproxy.memory import kv_bytes_per_token, kv_cache_allocated_bytes
+    from kvproxy.memory import kv_memory_summary, llama_n_ubatch
 
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
-    per_token = kv_bytes_per_token(shape, k, v)
-    f16_per_token = kv_bytes_per_token(shape, KVCacheType.F16, KVCacheType.F16)
-    n_ubatch = min(settings.batch_size, 512)
-    at_ctx = kv_cache_allocated_bytes(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch)
-    f16_at_ctx = kv_cache_allocated_bytes(
-        shape, KVCacheType.F16, KVCacheType.F16, settings.ctx_size, n_ubatch=n_ubatch
-    )
+    n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
+    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch)
     swa = (
         f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
         if shape.swa_layers
@@ -71,10 +66,10 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"kvproxy {__version__}",
             f"  model      {settings.alias or info.name} ({info.architecture}) from {info.path}",
             f"  KV cache   K={k.value} V={v.value}, flash attention {'on' if settings.flash_attn else 'off'}",
-            f"  KV bytes   {per_token:,} per token (f16 would be {f16_per_token:,}: "
-            f"{per_token / f16_per_token:.1%}){swa}",
-            f"             {at_ctx / 2**20:.1f} MiB allocated for the {settings.ctx_size:,}-token context "
-            f"(f16: {f16_at_ctx / 2**20:.1f} MiB)",
+            f"  KV bytes   {m['bytes_per_token']:,} per token (f16 would be {m['f16_bytes_per_token']:,}: "
+            f"{m['bytes_per_token'] / m['f16_bytes_per_token']:.1%}){swa}",
+            f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for the "
+            f"{settings.ctx_size:,}-token context (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
             f"{settings.reference_cache_type.value} KV reference on the same weights "
@@ -407,7 +402,7 @@ def _run(settings: Settings, deployments: list[Any]) -> None:
         from kvproxy.metrics_server import start_metrics_server
 
         start_metrics_server(
-            settings.host, settings.metrics_port, asgi.state.metrics.registry, KeySet(filter(None, [admin]))
+            settings.host, settings.metrics_port, asgi.state.metrics.registry, KeySet([admin])
         )
         typer.echo(f"  metrics    http://{settings.host}:{settings.metrics_port}/metrics")
     server.run()

@@ -35,7 +35,7 @@ from kvproxy.gguf_info import ModelInfo
 from kvproxy.guard import Guard
 from kvproxy.history import KLDHistory
 from kvproxy.kld import PositionScores
-from kvproxy.memory import kv_memory_summary
+from kvproxy.memory import KV_MEMORY_FIELDS, kv_memory_summary
 from kvproxy.metrics import ServingObserver
 from kvproxy.quality import QualityTracker
 from kvproxy.shadow import ShadowDirective, ShadowJob, ShadowPool, ShadowSampler, ShadowTicket
@@ -135,20 +135,11 @@ class DeploymentBase:
         shape (a llama-server primary) only the config is known: the figures are null."""
         if self.primary_kv is None:
             return None
-        unknown = [
-            "bytes_per_token",
-            "f16_bytes_per_token",
-            "n_ctx",
-            "allocated_bytes",
-            "f16_allocated_bytes",
-            "saved_bytes",
-            "saved_fraction",
-        ]
         kv = self.primary_kv
         return {
             "cache_type_k": kv.cache_type_k.value,
             "cache_type_v": kv.cache_type_v.value,
-            **dict.fromkeys(unknown),
+            **dict.fromkeys(KV_MEMORY_FIELDS),
         }
 
     def _coverage(self) -> dict[str, Any]:

@@ -92,15 +92,32 @@ def kv_cache_allocated_bytes(
     return per_layer * ((shape.n_layers - n_swa) * cells + n_swa * swa_cells)
 
 
+KV_MEMORY_FIELDS = (
+    "bytes_per_token",
+    "f16_bytes_per_token",
+    "n_ctx",
+    "allocated_bytes",
+    "f16_allocated_bytes",
+    "saved_bytes",
+    "saved_fraction",
+)
+
+
+def llama_n_ubatch(batch_size: int, n_ctx: int) -> int:
+    """llama.cpp's micro-batch: its default 512, never above the batch (which is at most n_ctx)."""
+    return min(batch_size, n_ctx, 512)
+
+
 def kv_memory_summary(
     shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_ctx: int, *, n_ubatch: int = 512
 ) -> dict[str, float | int]:
-    """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``
-    (the figures of the start-up banner, for the status endpoint and the live quality page)."""
+    """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``:
+    the figures of the start-up banner, the status endpoint (and page) and the KV metrics, whose
+    keys are :data:`KV_MEMORY_FIELDS`."""
     f16 = KVCacheType.F16
     at_ctx = kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, n_ubatch=n_ubatch)
     f16_at_ctx = kv_cache_allocated_bytes(shape, f16, f16, n_ctx, n_ubatch=n_ubatch)
-    return {
+    summary: dict[str, float | int] = {
         "bytes_per_token": kv_bytes_per_token(shape, type_k, type_v),
         "f16_bytes_per_token": kv_bytes_per_token(shape, f16, f16),
         "n_ctx": n_ctx,
@@ -109,3 +126,5 @@ def kv_memory_summary(
         "saved_bytes": f16_at_ctx - at_ctx,
         "saved_fraction": 1.0 - at_ctx / f16_at_ctx,
     }
+    assert tuple(summary) == KV_MEMORY_FIELDS
+    return summary

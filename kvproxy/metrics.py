@@ -278,20 +278,19 @@ class DeploymentObserver:
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
 
 
-def export_kv_memory(metrics: Metrics, deployment: str, role: str, shape: Any, kv: Any, n_ctx: int) -> None:
-    """KV-cache bytes of one config, from the GGUF's attention shape (see kvproxy.memory)."""
-    from kvproxy.config import KVCacheType
-    from kvproxy.memory import kv_bytes_per_token, kv_cache_allocated_bytes
+def export_kv_memory(
+    metrics: Metrics, deployment: str, role: str, shape: Any, kv: Any, n_ctx: int, *, n_ubatch: int
+) -> None:
+    """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
+    figures as the start-up banner and the status endpoint)."""
+    from kvproxy.memory import kv_memory_summary
 
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
-    at_ctx = kv_cache_allocated_bytes(shape, kv.cache_type_k, kv.cache_type_v, n_ctx)
-    f16 = kv_cache_allocated_bytes(shape, KVCacheType.F16, KVCacheType.F16, n_ctx)
-    metrics.kv_bytes_per_token.labels(*labels).set(
-        kv_bytes_per_token(shape, kv.cache_type_k, kv.cache_type_v)
-    )
-    metrics.kv_bytes.labels(*labels).set(at_ctx)
-    metrics.kv_f16_bytes.labels(*labels).set(f16)
-    metrics.kv_saving_ratio.labels(*labels).set(f16 / at_ctx)
+    m = kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, n_ctx, n_ubatch=n_ubatch)
+    metrics.kv_bytes_per_token.labels(*labels).set(m["bytes_per_token"])
+    metrics.kv_bytes.labels(*labels).set(m["allocated_bytes"])
+    metrics.kv_f16_bytes.labels(*labels).set(m["f16_allocated_bytes"])
+    metrics.kv_saving_ratio.labels(*labels).set(m["f16_allocated_bytes"] / m["allocated_bytes"])
 
 
 class RequestMetricsMiddleware:

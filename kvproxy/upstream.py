@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from kvproxy.errors import OpenAIError
 from kvproxy.tasks import cancel_and_wait
@@ -103,22 +104,23 @@ class Replica:
     async def post(self, path: str, body: bytes, *, timeout: float | None = None) -> tuple[int, bytes]:
         """A whole JSON exchange (the shadow path and the scoring calls): status and body.
 
-        These exchanges only read (tokenize, apply a template, score a prefix), so one that fails
-        on the connection before any answer came is sent once more, on a fresh connection: a
-        pooled keep-alive connection the server closed just as it was reused ("Can not write
-        request body", a disconnect before the status line) is a race, not a failing server.
+        These exchanges only read (tokenize, apply a template, score a prefix), so one that loses
+        its connection before an answer came is sent once more, on a fresh connection: a pooled
+        keep-alive connection the server closed just as it was reused ("Can not write request
+        body", a disconnect before the status line) is a race, not a failing server. A refused
+        connection is not retried (the server is down), nor a second drop.
         """
+        try:
+            return await self._post_once(path, body, timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+        return await self._post_once(path, body, timeout)
+
+    async def _post_once(self, path: str, body: bytes, timeout: float | None) -> tuple[int, bytes]:
         t = self._exchange_timeout(timeout)
-        for attempt in (1, 2):
-            try:
-                async with self.session.post(
-                    self.url + path, data=body, headers=JSON_HEADERS, timeout=t
-                ) as r:
-                    return r.status, await r.read()
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise  # a server that refuses or drops us twice is down, not racing
-        raise AssertionError("unreachable")
+        async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
+            return r.status, await r.read()
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
         async with self.session.get(self.url + path, timeout=self._exchange_timeout(timeout)) as r:
@@ -231,11 +233,9 @@ def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIErr
     """An upstream error response as an OpenAI error: client errors keep their status, server errors
     become 502 (503 stays 503: the upstream is loading), and so do 401/403: the client's own key was
     checked by kvproxy, so an upstream refusal means kvproxy's key for it is wrong or missing."""
-    import json
-
     message, etype, param, code = f"upstream answered HTTP {status}", None, None, None
     try:
-        err = json.loads(body).get("error")
+        err = orjson.loads(body).get("error")
         if isinstance(err, dict):
             message = str(err.get("message") or message)
             etype, param = err.get("type"), err.get("param")

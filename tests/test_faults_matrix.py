@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deploy_config import ProxyConfig
 from kvproxy.deployment import build_deployments
-from tests.conftest import serve_in_thread
+from tests.conftest import serve_in_thread, wait_for
 from tests.fault_servers import (
     CHAT_PATH,
     EXACT_SCORE_PATH,
@@ -95,16 +95,6 @@ class Harness:
         s = self.shadow()
         assert s["sampled"] == s["scored"] + s["failed"] + s["dropped"], s
         return s
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll a condition until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def assert_no_leaks(h: Harness, before: Snapshot, timeout: float = 3.0) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.conftest import RunningServer, start_server, stop_server, wait_for
 from tests.llama_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,15 +72,14 @@ def fake_upstream(port: int, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def wait_healthy(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} never became healthy")
+            return False
+
+    if not wait_for(healthy, timeout):
+        raise RuntimeError(f"{url} never became healthy")
 
 
 def rss_mib(pid: int) -> float:

@@ -14,7 +14,7 @@ from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deploy_config import ProxyConfig
 from kvproxy.deployment import build_deployments
-from tests.conftest import serve_in_thread
+from tests.conftest import serve_in_thread, wait_for
 from tests.fault_servers import fault_server
 from tests.llama_servers import free_port
 
@@ -149,15 +149,6 @@ def replica_health(client: httpx.Client) -> list[bool]:
     return [
         r["healthy"] for r in client.get("/kvproxy/v1/status").json()["deployments"][0]["primary_replicas"]
     ]
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_a_dead_replica_is_ejected_and_traffic_fails_over() -> None:

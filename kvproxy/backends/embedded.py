@@ -38,7 +38,7 @@ from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
 from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import ggml_type
+from kvproxy.memory import ggml_type, llama_n_ubatch
 from kvproxy.textstream import StopTextAssembler
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class EmbeddedBackend:
 
     @property
     def n_ubatch(self) -> int:
-        """llama.cpp's micro-batch: its default 512, never above the batch (which is at most n_ctx)."""
-        return min(self._settings.batch_size, self._settings.ctx_size, 512)
+        return llama_n_ubatch(self._settings.batch_size, self._settings.ctx_size)
 
     @property
     def n_vocab(self) -> int:

@@ -9,11 +9,11 @@ like the primary (a mismatch, such as a different KV type, is itself worth an al
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.config import KVCacheType
@@ -41,7 +41,7 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
         status, content = await replica.get(INFO_PATH)
     if status != 200:
         return None
-    data = json.loads(content)
+    data = orjson.loads(content)
     if not data.get("score"):
         return None
     return ScoreServerInfo(data["model"], _kv(data["primary"]), _kv(data["reference"]))
@@ -70,12 +70,12 @@ class ScoreRouteReference:
         body = {"prompt_tokens": prompt, "token_ids": report.token_ids, "check_ids": report.top_ids}
         async with self.pool.acquire() as replica:
             try:
-                status, content = await replica.post(SCORE_PATH, json.dumps(body).encode())
+                status, content = await replica.post(SCORE_PATH, orjson.dumps(body))
             except UpstreamError as exc:
                 raise map_transport_error(replica, exc) from exc
             if status != 200:
                 raise map_upstream_status(replica, status, content)
-        data = json.loads(content)
+        data = orjson.loads(content)
         n = len(report.token_ids)
         sizes = {key: len(data[key]) for key in ("kld", "same_top", "p_ref", "p_primary")}
         if any(size != n for size in sizes.values()):  # never record scores for the wrong positions
