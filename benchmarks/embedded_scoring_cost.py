@@ -148,10 +148,13 @@ def main() -> None:
     ]
     for name, value in rows:
         print(f"| {name} | {value:.2f} | {value / gen:.2f}x |")
-    print("\n| primary KV | served (both on the decode path) | replay (kvproxy) | kept rows vs chunked reference |")
-    print("|---|---|---|---|")
+    print(
+        "\n| primary KV | served (both on the decode path) | replay (kvproxy)"
+        " | kept rows vs chunked reference |\n|---|---|---|---|"
+    )
     for kv_name, m in kld.items():
-        print(f"| {kv_name} | " + " | ".join(f"{np.mean(m[k]):.5f}" for k in ("served", "replay", "kept")) + " |")
+        cells = " | ".join(f"{np.mean(m[k]):.5f}" for k in ("served", "replay", "kept"))
+        print(f"| {kv_name} | {cells} |")
 
 
 if __name__ == "__main__":
