@@ -151,10 +151,18 @@ def _row_logprobs(row: np.ndarray[Any, np.dtype[np.float32]], ids: Sequence[int]
 
 
 def _lower_priority() -> None:
-    """Shadow scoring yields the CPU to serving: nice the worker thread (llama.cpp's compute threads
-    started from it inherit the nice value). Linux only; elsewhere a no-op."""
+    """Shadow scoring yields the CPU to serving: the worker thread goes to Linux's SCHED_IDLE class
+    (it runs only on CPU time nothing else wants, and a waking generation thread preempts it at
+    once), falling back to nice 19. llama.cpp's compute threads started from it inherit the class.
+    Elsewhere a no-op."""
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
         log.debug("could not lower the shadow worker's priority")
 
