@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +27,7 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.worker import close_on
-from kvproxy.kld import PositionScores, exact_kld
+from kvproxy.kld import PositionScores, exact_kld, lower_thread_priority
 from kvproxy.memory import ggml_type
 from kvproxy.shadow import ShadowJob
 
@@ -152,10 +150,8 @@ def _row_logprobs(row: np.ndarray[Any, np.dtype[np.float32]], ids: Sequence[int]
 
 def _lower_priority() -> None:
     """Shadow scoring yields the CPU to serving: nice the worker thread (llama.cpp's compute threads
-    started from it inherit the nice value). Linux only; elsewhere a no-op."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+    started from it inherit the nice value; exact_kld's helper thread is niced the same way)."""
+    if not lower_thread_priority():  # pragma: no cover - not Linux, or not permitted
         log.debug("could not lower the shadow worker's priority")
 
 
