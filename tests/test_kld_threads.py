@@ -13,7 +13,6 @@ import pytest
 from kvproxy import kld
 from tests.test_kld import ABS, brute_kl
 
-
 GEMMA = (1, 262_144)
 
 
