@@ -84,9 +84,10 @@ class PositionScores:
         )
 
 
-BLOCK_ELEMENTS = 1 << 17  # logits per temporary slab (512 KiB of float32): the vocabulary a block at a time
+BLOCK_ELEMENTS = 1 << 18  # logits per temporary slab (1 MiB of float32): bigger blocks, fewer numpy calls
 PARTIAL = 64  # logits per float32 partial sum; the partial sums are added in float64
-EXACT_SUM_LOGITS = 1 << 14  # blocks up to this many logits per slab are summed in float64 directly
+EXACT_SUM_LOGITS = 1 << 14  # blocks up to this many logits per slab: np.exp and float64 sums
+LOG2_E = np.float32(math.log2(math.e))
 KLD_THREADS = min(2, os.cpu_count() or 1)  # the caller plus at most one helper thread
 THREAD_MIN_LOGITS = 1 << 18  # below this many logits per side the helper's hand-off (~0.1 ms) eats the gain
 SHADOW_NICE = 10  # nice value of background scoring threads
@@ -156,10 +157,15 @@ def _range_sums(
         np.subtract(xp[:, lo:hi], shift_p, out=b[0])  # s_p <= 0, exactly 0 at the maximum
         np.subtract(xq[:, lo:hi], shift_q, out=b[1])
         np.subtract(b[0], b[1], out=b[2])  # d = s_p - s_q
-        np.exp(b[:2], out=b[:2])  # e_p, e_q
+        small = b[0].size <= EXACT_SUM_LOGITS
+        if small:
+            np.exp(b[:2], out=b[:2])  # e_p, e_q
+        else:  # exp(s) = exp2(s log2 e): twice as fast as numpy's float32 exp, see the docstring
+            np.multiply(b[:2], LOG2_E, out=b[:2])
+            np.exp2(b[:2], out=b[:2])
         np.multiply(b[2], b[0], out=b[2])  # e_p d
         np.subtract(b[1], b[0], out=b[3])  # e_q - e_p
-        if b[0].size <= EXACT_SUM_LOGITS:  # small: float64 sums cost nothing here
+        if small:  # float64 sums cost nothing here
             sums += b.sum(axis=2, dtype=np.float64)
         else:
             partial = np.einsum("...k->...", slab.reshape(4, n, cols // PARTIAL, PARTIAL))
