@@ -9,8 +9,8 @@ error, RMS Δp) are computed the way llama-perplexity prints them.
 Two estimators:
 
 * :func:`exact_kld` from two full logit rows per position (any vocabulary size, vectorized over a
-  chunk of positions, float64 log-softmax). Memory: a few float64 copies of the chunk, so callers
-  bound it by the chunk size.
+  chunk of positions, float32 blocks with float64 totals, the vocabulary split over two threads).
+  Memory: four fixed float32 slabs per thread, whatever the chunk.
 * :func:`coarse_kld` when a side only reports its top-K logprobs: both distributions are coarse-grained
   onto the tokens both sides report plus one "rest" bucket holding the remaining mass. By the
   data-processing inequality this is a lower bound of the exact KLD.
@@ -135,9 +135,10 @@ def _range_sums(
 ) -> _RangeSums:
     """The four sums of columns [start, stop), a block of ``width`` columns at a time.
 
-    Per block: 7 numpy passes over 4 float32 slabs that stay in cache (the shifts, d, the scaling
-    for exp2, one exp2 over both sides, the product, the difference) and one reduction of all
-    four slabs to float32 partial sums of PARTIAL logits, added in float64.
+    Per block: 7 numpy passes over 4 float32 slabs (the two shifts, d, the scaling for exp2 and
+    one exp2 over both sides, the product, the difference) and one reduction of all four slabs to
+    float32 partial sums of PARTIAL logits (einsum: numpy's own loop, never BLAS, whose pool
+    threads would escape the caller's nice), added in float64. docs/kld.md has the figures.
     """
     n = xp.shape[0]
     rows = np.arange(n)
@@ -252,7 +253,9 @@ def exact_kld(
     (``log Z_q - log Z_p`` directly when Z_q / Z_p is outside [0.5, 2]). Both terms are of the
     size of d, not of log Z, so float32 partial sums of 64 logits, added in float64, keep the
     result within about 1e-7 absolute (or 1e-6 relative) of a float64 brute force (tests);
-    identical rows give exactly 0. p_ref and p_primary are accurate to about 1e-7 relative.
+    identical rows give exactly 0. p_ref and p_primary are accurate to about 1e-7 relative on
+    large rows (float32 partial sums; exp2 of the float32 product s log2 e), to about 1e-8 for
+    blocks up to ``EXACT_SUM_LOGITS`` (np.exp and float64 sums).
     Large inputs are split into two vocabulary halves, the second computed on one reused,
     niced helper thread (:data:`KLD_THREADS`); the halves, and so the results, do not depend on
     whether a helper ran. Temporaries: four float32 slabs of about ``BLOCK_ELEMENTS`` logits per
