@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from kvproxy import kld
 from kvproxy.kld import coarse_kld_row, exact_kld
 
 
@@ -50,14 +51,14 @@ def kld_positions_per_s(vocab: int, chunk: int, seconds: float = 3.0) -> float:
     return n / (time.perf_counter() - start)
 
 
-def exp_bound_positions_per_s(vocab: int, seconds: float = 2.0) -> float:
+def exp_bound_positions_per_s(vocab: int, seconds: float = 2.0, fn: np.ufunc = np.exp) -> float:
     """The compute ceiling: exact KLD needs exp of both rows (2 V float32 exps per position); this
-    times numpy's exp alone on one position's rows, written in place (cache-resident)."""
+    times numpy's exp (or exp2, which the kernel uses) alone on one position's rows, one thread."""
     rows = np.random.default_rng(1).normal(-8, 4, (2, vocab)).astype(np.float32)
     out = np.empty_like(rows)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        np.exp(rows, out=out)
+        fn(rows, out=out)
         n += 1
     return n / (time.perf_counter() - start)
 
@@ -129,15 +130,22 @@ def main() -> None:
         f"bandwidth floor for exact KLD at V={args.vocab:,}: {floor:,.0f} positions/s"
         " (reading 2 float32 rows)\n"
     )
-    print(f"{'chunk':>6} {'positions/s':>12} {'ms/position':>12} {'of floor':>9}")
-    for chunk in chunks:
-        rate = kld_positions_per_s(args.vocab, chunk)
-        print(f"{chunk:>6} {rate:>12,.0f} {1000 / rate:>12.2f} {rate / floor:>8.1%}")
-    ceiling = exp_bound_positions_per_s(args.vocab)
-    print(
-        f"\ncompute ceiling: numpy exp of the two rows alone: {ceiling:,.0f} positions/s"
-        f" ({ceiling / floor:.1%} of the bandwidth floor)"
-    )
+    threads = kld.KLD_THREADS
+    for label, n_threads in ((f"{threads} threads (default)", threads), ("1 thread", 1)):
+        kld.KLD_THREADS = n_threads
+        print(f"exact KLD, {label}:")
+        print(f"{'chunk':>6} {'positions/s':>12} {'ms/position':>12} {'of floor':>9}")
+        for chunk in chunks:
+            rate = kld_positions_per_s(args.vocab, chunk)
+            print(f"{chunk:>6} {rate:>12,.0f} {1000 / rate:>12.2f} {rate / floor:>8.1%}")
+        print()
+    kld.KLD_THREADS = threads
+    for name, fn in (("exp", np.exp), ("exp2", np.exp2)):
+        ceiling = exp_bound_positions_per_s(args.vocab, fn=fn)
+        print(
+            f"compute ceiling: numpy {name} of the two rows alone, one thread: {ceiling:,.0f} positions/s"
+            f" ({ceiling / floor:.1%} of the bandwidth floor)"
+        )
     for k in (20, 100):
         print(f"top-K path (coarse KL from two top-{k} lists): {topk_positions_per_s(k):,.0f} positions/s")
 

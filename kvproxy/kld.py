@@ -9,8 +9,8 @@ error, RMS Δp) are computed the way llama-perplexity prints them.
 Two estimators:
 
 * :func:`exact_kld` from two full logit rows per position (any vocabulary size, vectorized over a
-  chunk of positions, float64 log-softmax). Memory: a few float64 copies of the chunk, so callers
-  bound it by the chunk size.
+  chunk of positions, float32 blocks with float64 totals, the vocabulary split over two threads).
+  Memory: four fixed float32 slabs per thread, whatever the chunk.
 * :func:`coarse_kld` when a side only reports its top-K logprobs: both distributions are coarse-grained
   onto the tokens both sides report plus one "rest" bucket holding the remaining mass. By the
   data-processing inequality this is a lower bound of the exact KLD.
@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from kvproxy.priority import lower_thread_priority
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -81,7 +86,148 @@ class PositionScores:
         )
 
 
-BLOCK_ELEMENTS = 1 << 17  # logits per temporary buffer: 512 KiB of float32, cache-sized
+BLOCK_ELEMENTS = 1 << 18  # logits per temporary slab (1 MiB of float32): bigger blocks, fewer numpy calls
+PARTIAL = 64  # logits per float32 partial sum; the partial sums are added in float64
+EXACT_SUM_LOGITS = 1 << 14  # blocks up to this many logits per slab: np.exp and float64 sums
+LOG2_E = np.float32(math.log2(math.e))
+KLD_THREADS = min(2, os.cpu_count() or 1)  # the caller plus at most one helper thread
+THREAD_MIN_LOGITS = 1 << 18  # below this many logits per side the helper's hand-off (~0.1 ms) eats the gain
+
+
+@dataclass(frozen=True)
+class _RangeSums:
+    """One vocabulary range of every row, shifted by the range's own maxima."""
+
+    top_p: IntArray  # argmax over the range (absolute column)
+    top_q: IntArray
+    max_p: FloatArray  # the maxima (the shifts), float64
+    max_q: FloatArray
+    sums: FloatArray  # (4, n): sum e_p, sum e_q, sum e_p d, sum (e_q - e_p); e = exp(x - max), d = s_p - s_q
+
+
+def _block_width(n: int, vocab: int) -> int:
+    """Columns per block: about BLOCK_ELEMENTS logits per slab, a multiple of PARTIAL."""
+    width = max(2048, BLOCK_ELEMENTS // max(n, 1)) // PARTIAL * PARTIAL
+    return min(width, -(-vocab // PARTIAL) * PARTIAL)
+
+
+def _ranges(vocab: int, width: int) -> list[tuple[int, int]]:
+    """The vocabulary in two halves of whole blocks when it has two blocks or more, else one range.
+    The split depends only on the shapes, so results do not depend on the threads that run it."""
+    blocks = -(-vocab // width)
+    if blocks < 2:
+        return [(0, vocab)]
+    mid = (blocks + 1) // 2 * width
+    return [(0, mid), (mid, vocab)]
+
+
+def _range_sums(
+    xp: npt.NDArray[np.float32], xq: npt.NDArray[np.float32], start: int, stop: int, width: int
+) -> _RangeSums:
+    """The four sums of columns [start, stop), a block of ``width`` columns at a time.
+
+    Per block: 7 numpy passes over 4 float32 slabs (the two shifts, d, the scaling for exp2 and
+    one exp2 over both sides, the product, the difference) and one reduction of all four slabs to
+    float32 partial sums of PARTIAL logits (einsum: numpy's own loop, never BLAS, whose pool
+    threads would escape the caller's priority class), added in float64. docs/kld.md has the figures.
+    """
+    n = xp.shape[0]
+    rows = np.arange(n)
+    top_p = xp[:, start:stop].argmax(axis=1) + start
+    top_q = xq[:, start:stop].argmax(axis=1) + start
+    shift_p, shift_q = xp[rows, top_p][:, None], xq[rows, top_q][:, None]
+    padded = min(width, -(-(stop - start) // PARTIAL) * PARTIAL)
+    flat = np.empty(4 * n * padded, dtype=np.float32)
+    sums = np.zeros((4, n))
+    for lo in range(start, stop, width):
+        hi = min(stop, lo + width)
+        cols = -(-(hi - lo) // PARTIAL) * PARTIAL
+        slab = flat[: 4 * n * cols].reshape(4, n, cols)
+        if cols > hi - lo:
+            slab[:, :, hi - lo :] = 0.0  # padding adds nothing to the sums
+        b = slab[:, :, : hi - lo]
+        np.subtract(xp[:, lo:hi], shift_p, out=b[0])  # s_p <= 0, exactly 0 at the maximum
+        np.subtract(xq[:, lo:hi], shift_q, out=b[1])
+        np.subtract(b[0], b[1], out=b[2])  # d = s_p - s_q
+        small = b[0].size <= EXACT_SUM_LOGITS
+        if small:
+            np.exp(b[:2], out=b[:2])  # e_p, e_q
+        else:  # exp(s) = exp2(s log2 e): twice as fast as numpy's float32 exp, see the docstring
+            np.multiply(b[:2], LOG2_E, out=b[:2])
+            np.exp2(b[:2], out=b[:2])
+        np.multiply(b[2], b[0], out=b[2])  # e_p d
+        np.subtract(b[1], b[0], out=b[3])  # e_q - e_p
+        if small:  # float64 sums cost nothing here
+            sums += b.sum(axis=2, dtype=np.float64)
+        else:
+            partial = np.einsum("...k->...", slab.reshape(4, n, cols // PARTIAL, PARTIAL))
+            sums += partial.sum(axis=2, dtype=np.float64)
+    return _RangeSums(top_p, top_q, shift_p[:, 0].astype(np.float64), shift_q[:, 0].astype(np.float64), sums)
+
+
+def _merge(parts: list[_RangeSums]) -> tuple[IntArray, IntArray, FloatArray, FloatArray, FloatArray]:
+    """Ranges to whole rows: (top_p, top_q, max_p, max_q, sums) with every sum shifted by the row's
+    maxima. A range shifted by m_r < m is rescaled by exp(m_r - m) in float64, and its d by
+    (a - b) where a, b are the two sides' rescalings: exact up to float64 rounding."""
+    if len(parts) == 1:
+        only = parts[0]
+        return only.top_p, only.top_q, only.max_p, only.max_q, only.sums
+    rows = np.arange(parts[0].max_p.shape[0])
+    mp, mq = np.stack([r.max_p for r in parts]), np.stack([r.max_q for r in parts])
+    # the first maximum wins, as np.argmax over the whole row
+    best_p, best_q = mp.argmax(axis=0), mq.argmax(axis=0)
+    top_p = np.stack([r.top_p for r in parts])[best_p, rows]
+    top_q = np.stack([r.top_q for r in parts])[best_q, rows]
+    max_p, max_q = mp[best_p, rows], mq[best_q, rows]
+    sums = np.zeros_like(parts[0].sums)
+    for r in parts:
+        a, b = r.max_p - max_p, r.max_q - max_q  # <= 0
+        ea, eb = np.exp(a), np.exp(b)
+        zp, zq, dot, diff = r.sums
+        sums[0] += ea * zp
+        sums[1] += eb * zq
+        sums[2] += ea * (dot + (a - b) * zp)
+        sums[3] += eb * diff + (eb - ea) * zp
+    return top_p, top_q, max_p, max_q, sums
+
+
+_helper_lock = threading.Lock()
+_helper: ThreadPoolExecutor | None = None
+_helper_pid = 0
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    """The one helper thread, created on first use (again after a fork), in SCHED_IDLE like the
+    shadow worker (kvproxy.priority); concurrent.futures joins it at interpreter exit."""
+    global _helper, _helper_pid
+    with _helper_lock:
+        if _helper is None or _helper_pid != os.getpid():
+            _helper = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="kvproxy-kld", initializer=lower_thread_priority
+            )
+            _helper_pid = os.getpid()
+        return _helper
+
+
+def _all_range_sums(
+    xp: npt.NDArray[np.float32], xq: npt.NDArray[np.float32], threads: int
+) -> list[_RangeSums]:
+    """Every range's sums, the second range on the helper thread when ``threads`` > 1. The caller
+    takes back a range the helper has not started (busy, or slow to wake), so a helper never
+    makes a call slower than one thread by more than a submit."""
+    n, vocab = xp.shape
+    width = _block_width(n, vocab)
+    ranges = _ranges(vocab, width)
+    if threads < 2 or len(ranges) < 2:
+        return [_range_sums(xp, xq, lo, hi, width) for lo, hi in ranges]
+    (lo0, hi0), (lo1, hi1) = ranges
+    try:
+        future = _helper_pool().submit(_range_sums, xp, xq, lo1, hi1, width)
+    except RuntimeError:  # interpreter shutting down: no new threads
+        return [_range_sums(xp, xq, lo, hi, width) for lo, hi in ranges]
+    first = _range_sums(xp, xq, lo0, hi0, width)
+    second = _range_sums(xp, xq, lo1, hi1, width) if future.cancel() else future.result()
+    return [first, second]
 
 
 def exact_kld(
@@ -89,13 +235,22 @@ def exact_kld(
 ) -> PositionScores:
     """Exact KL(P_ref || Q_primary) per position from full logit rows, shape (n, vocab) each.
 
-    ``tokens[i]`` is the token emitted at position i (for Δp). Stable float32 with float64 sums:
-    each row is shifted by its own maximum, so exp never overflows; with s = x - max and
-    Z = sum exp(s), ``KL = sum(exp(s_p) (s_p - s_q)) / Z_p - log Z_p + log Z_q``. Rounding errors
-    in s are largest where s is very negative, i.e. where P is tiny, so the result is accurate to
-    about 1e-7 absolute (tests compare it with a float64 brute force). Identical rows give exactly 0.
-    Temporaries: three float32 buffers of about ``BLOCK_ELEMENTS`` logits each (the vocabulary is
-    processed a block at a time), whatever the chunk.
+    ``tokens[i]`` is the token emitted at position i (for Δp). Stable float32 with float64 totals:
+    each row is shifted by its own maximum (s = x - max, so exp never overflows and is exact at the
+    top), d = s_p - s_q, Z = sum exp(s), and
+
+        KL = sum(exp(s_p) d) / Z_p + log1p(sum(exp(s_q) - exp(s_p)) / Z_p)
+
+    (``log Z_q - log Z_p`` directly when Z_q / Z_p is outside [0.5, 2]). Both terms are of the
+    size of d, not of log Z, so float32 partial sums of 64 logits, added in float64, keep the
+    result within about 1e-7 absolute (or 1e-6 relative) of a float64 brute force (tests);
+    identical rows give exactly 0. p_ref and p_primary are accurate to about 1e-7 relative on
+    large rows (float32 partial sums; exp2 of the float32 product s log2 e), to about 1e-8 for
+    blocks up to ``EXACT_SUM_LOGITS`` (np.exp and float64 sums).
+    Large inputs are split into two vocabulary halves, the second computed on one reused,
+    low-priority helper thread (:data:`KLD_THREADS`); the halves, and so the results, do not depend on
+    whether a helper ran. Temporaries: four float32 slabs of about ``BLOCK_ELEMENTS`` logits per
+    thread, whatever the chunk.
     """
     xp = np.asarray(ref_logits, dtype=np.float32)
     xq = np.asarray(primary_logits, dtype=np.float32)
@@ -105,39 +260,27 @@ def exact_kld(
     n = xp.shape[0]
     if toks.shape != (n,):
         raise ValueError(f"need one token per position: {toks.shape} for {n} positions")
-    rows = np.arange(n)
-    top_p, top_q = xp.argmax(axis=1), xq.argmax(axis=1)
-    max_p, max_q = xp[rows, top_p][:, None], xq[rows, top_q][:, None]
-    z_p, z_q, dot = np.zeros(n), np.zeros(n), np.zeros(n)
-    # the vocabulary a block at a time (about BLOCK_ELEMENTS logits per buffer, all rows), so the
-    # temporaries stay in cache: 1.4x the positions/s at chunk 8, 1.8x at chunk 32 (docs/kld.md)
-    vocab = xp.shape[1]
-    block = min(vocab, max(2048, BLOCK_ELEMENTS // max(n, 1)))
-    buf_p = np.empty((n, block), dtype=np.float32)
-    buf_q, buf_e = np.empty_like(buf_p), np.empty_like(buf_p)
-    for start in range(0, vocab, block):
-        stop = min(vocab, start + block)
-        w = stop - start
-        sp = np.subtract(xp[:, start:stop], max_p, out=buf_p[:, :w])
-        sq = np.subtract(xq[:, start:stop], max_q, out=buf_q[:, :w])
-        ep = np.exp(sp, out=buf_e[:, :w])
-        z_p += ep.sum(axis=1, dtype=np.float64)
-        np.multiply(ep, np.subtract(sp, sq, out=sp), out=sp)  # exp(s_p) * (s_p - s_q)
-        dot += sp.sum(axis=1, dtype=np.float64)
-        z_q += np.exp(sq, out=sq).sum(axis=1, dtype=np.float64)
-    log_zp, log_zq = np.log(z_p), np.log(z_q)
-    kld = dot / z_p - log_zp + log_zq
+    threads = KLD_THREADS if xp.size >= THREAD_MIN_LOGITS else 1
+    return _scores(xp, xq, toks, _all_range_sums(xp, xq, threads))
+
+
+def _scores(
+    xp: npt.NDArray[np.float32], xq: npt.NDArray[np.float32], toks: IntArray, parts: list[_RangeSums]
+) -> PositionScores:
+    """The per-position results from the merged sums."""
+    top_p, top_q, max_p, max_q, (z_p, z_q, dot, diff) = _merge(parts)
+    ratio = diff / z_p  # Z_q / Z_p - 1, without the cancellation of two float32 sums
+    near = (ratio >= -0.5) & (ratio <= 1.0)
+    log_ratio = np.where(near, np.log1p(np.where(near, ratio, 0.0)), np.log(z_q) - np.log(z_p))
+    kld = dot / z_p + log_ratio
+    log_zp = np.log(z_p)
+    rows = np.arange(xp.shape[0])
     return PositionScores(
         kld=np.maximum(kld, 0.0),  # tiny negative values are rounding, KL is never below 0
         same_top=top_p == top_q,
-        p_ref=np.exp(sq_at(xp, rows, toks, top_p) - log_zp),
-        p_primary=np.exp(sq_at(xq, rows, toks, top_q) - log_zq),
+        p_ref=np.exp(xp[rows, toks].astype(np.float64) - max_p - log_zp),
+        p_primary=np.exp(xq[rows, toks].astype(np.float64) - max_q - (log_zp + log_ratio)),
     )
-
-
-def sq_at(x: npt.NDArray[np.float32], rows: IntArray, toks: IntArray, top: IntArray) -> FloatArray:
-    """The shifted logit ``x[i, tok_i] - max_i`` in float64."""
-    return x[rows, toks].astype(np.float64) - x[rows, top].astype(np.float64)
 
 
 def _as_list(x: npt.ArrayLike) -> list[Any]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +29,7 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores, exact_kld
 from kvproxy.memory import ggml_type
+from kvproxy.priority import lower_thread_priority
 from kvproxy.shadow import ShadowJob
 
 log = logging.getLogger(__name__)
@@ -150,30 +149,13 @@ def _row_logprobs(row: np.ndarray[Any, np.dtype[np.float32]], ids: Sequence[int]
     return [float(row[i]) - log_z for i in ids]
 
 
-def _lower_priority() -> None:
-    """Shadow scoring yields the CPU to serving: the worker thread goes to Linux's SCHED_IDLE class
-    (it runs only on CPU time nothing else wants, and a waking generation thread preempts it at
-    once), falling back to nice 19. llama.cpp's compute threads started from it inherit the class.
-    Elsewhere a no-op."""
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return
-    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, 19)
-    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
-        log.debug("could not lower the shadow worker's priority")
-
-
 class ThreadedScorer:
     """The async face of :class:`EmbeddedScorer`: scoring runs on one low-priority worker thread."""
 
     def __init__(self, factory: Callable[[], EmbeddedScorer]) -> None:
         self._factory = factory
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kvproxy-shadow", initializer=_lower_priority
+            max_workers=1, thread_name_prefix="kvproxy-shadow", initializer=lower_thread_priority
         )
         self._scorer: EmbeddedScorer | None = None
 
