@@ -18,7 +18,6 @@ creation (32 MiB measured for n_ctx 1024).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,8 +30,6 @@ from kvproxy.kld import PositionScores, exact_kld
 from kvproxy.memory import ggml_type
 from kvproxy.priority import lower_thread_priority
 from kvproxy.shadow import ShadowJob
-
-log = logging.getLogger(__name__)
 
 
 def scoring_chunk_bytes(chunk: int, n_vocab: int) -> int:
