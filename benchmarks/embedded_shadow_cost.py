@@ -5,7 +5,7 @@ greedy requests, one at a time, in alternating rounds: unshadowed, then with
 ``X-KVProxy-Shadow: force`` so every request is scored on the f16 reference while the next ones are
 generated. Before each round the shadow queue is drained, so an unshadowed round runs on a calm
 machine. Scoring and generation share the CPU (llama.cpp threads on both cores); the scorer's thread
-runs at a lower priority (``kvproxy.backends.embedded_scorer``), and this measures what is left.
+runs in the SCHED_IDLE class (``kvproxy.priority``), and this measures what is left.
 
     .venv/bin/python benchmarks/embedded_shadow_cost.py [--rounds 3] [--requests 8] [--max-tokens 32]
 """

@@ -139,8 +139,12 @@ class DeploymentBase:
         return {
             "cache_type_k": kv.cache_type_k.value,
             "cache_type_v": kv.cache_type_v.value,
-            **dict.fromkeys(KV_MEMORY_FIELDS),
+            **self._kv_figures(),
         }
+
+    def _kv_figures(self) -> dict[str, Any]:
+        """The figures of :data:`KV_MEMORY_FIELDS`; a deployment that knows its model computes them."""
+        return dict.fromkeys(KV_MEMORY_FIELDS)
 
     def _coverage(self) -> dict[str, Any]:
         c = self.pool.counters
@@ -205,13 +209,11 @@ class EmbeddedDeployment(DeploymentBase):
     def model_label(self) -> str:
         return self.backend.info.name
 
-    def memory_status(self) -> dict[str, Any]:
+    def _kv_figures(self) -> dict[str, Any]:
         b = self.backend
-        summary = kv_memory_summary(
+        return kv_memory_summary(
             b.info.attention, b.kv.cache_type_k, b.kv.cache_type_v, b.n_ctx, n_ubatch=b.n_ubatch
         )
-        kv = {"cache_type_k": b.kv.cache_type_k.value, "cache_type_v": b.kv.cache_type_v.value}
-        return {**kv, **summary}
 
     async def start(self) -> None:
         """Load the model, then the scoring contexts on the same weights, then start the workers."""

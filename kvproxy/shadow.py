@@ -143,13 +143,18 @@ class ShadowPool:
         self._workers = []
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            self.count("dropped")
-            _end(job, DROPPED)
+            self.drop(job.keep)
 
     def count(self, outcome: str) -> None:
         setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
         if self.observer is not None:
             self.observer.outcome(outcome)
+
+    def drop(self, keep: KeptScores | None) -> None:
+        """A sampled request's job that will not be scored: counted, and its kept slot told."""
+        self.count("dropped")
+        if keep is not None:
+            keep.end(DROPPED)
 
     @property
     def saturated(self) -> bool:
@@ -168,8 +173,7 @@ class ShadowPool:
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.count("dropped")
-            _end(job, DROPPED)
+            self.drop(job.keep)
             log.debug("shadow queue full: job dropped")
             return False
         return True
@@ -190,18 +194,17 @@ class ShadowPool:
             self.in_flight += 1
             try:
                 if not await self._calm():
-                    self.count("dropped")
-                    _end(job, DROPPED)
+                    self.drop(job.keep)
                     log.debug("shadow job dropped: the proxy stayed saturated")
                     continue
                 scores = await self.scorer.score(job)
             except asyncio.CancelledError:
-                self.count("dropped")
-                _end(job, DROPPED)
+                self.drop(job.keep)
                 raise
             except Exception as exc:
                 self.count("failed")
-                _end(job, FAILED)
+                if job.keep is not None:
+                    job.keep.end(FAILED)
                 # the traceback only at debug level: its frames hold the job (prompt, completion),
                 # and a log record kept by a handler would keep them alive
                 log.warning(
@@ -237,11 +240,6 @@ class ShadowPool:
             await asyncio.sleep(0.01)
 
 
-def _end(job: ShadowJob, state: str) -> None:
-    if job.keep is not None:
-        job.keep.end(state)
-
-
 class ShadowTicket:
     """One sampled request's claim on the shadow path: submitted once, or dropped (and counted).
 
@@ -264,6 +262,4 @@ class ShadowTicket:
         """The response did not finish: nothing to score."""
         if not self._settled:
             self._settled = True
-            self._pool.count("dropped")
-            if self.keep is not None:
-                self.keep.end(DROPPED)
+            self._pool.drop(self.keep)

@@ -7,12 +7,15 @@ position the full-vocabulary KL(P_reference || Q_primary) is computed. The weigh
 
 Memory stays bounded whatever the vocabulary and sequence length: the prompt prefix is decoded
 without logits, and the scored part in chunks of ``chunk`` positions. Per chunk, for vocabulary V,
-about 36 bytes per logit: in each of the two contexts llama.cpp's output tensor and output buffer
-(2 x 2 x 4 bytes), one float32 copy of the reference's rows (4) and the four float32 temporaries of
-:func:`kvproxy.kld.exact_kld` (16). For Gemma (V = 262,144) and the default chunk of 8 that is
-72 MiB, independent of sequence length; `benchmarks/kld_throughput.py` measured 74 MiB (chunk 8)
-and 263 MiB (chunk 32, bound 288). The two scoring contexts' KV caches come on top, fixed at
-creation (32 MiB measured for n_ctx 1024).
+the bound is 36 bytes per logit (:func:`scoring_chunk_bytes`): in each of the two contexts
+llama.cpp's output tensor and output buffer (2 x 2 x 4 bytes) and one float32 copy of the
+reference's rows (4), with 16 to spare. :func:`kvproxy.kld.exact_kld` no longer takes memory per
+logit: its temporaries are four 1 MiB slabs per thread, 8 MiB in all, whatever the chunk. For Gemma
+(V = 262,144) and the default chunk of 8 the bound is 72 MiB, independent of sequence length;
+`benchmarks/kld_throughput.py` measured 62.6 MiB (chunk 8) and 235 MiB (chunk 32, bound 288), so
+about 28 bytes a logit; at chunk 1 the fixed buffers (about 12 MiB of llama.cpp's, plus the slabs)
+pass the 9 MiB bound. The two scoring contexts' KV caches come on top, fixed at creation (32 MiB
+measured for n_ctx 1024).
 """
 
 from __future__ import annotations
