@@ -24,7 +24,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvproxy.corpus import english_text
-from kvproxy.drift import DRIFT, WARNING, DriftDetector
+from kvproxy.shadow.drift import DRIFT, WARNING, DriftDetector
 from tests.conftest import start_server, stop_server
 
 

@@ -24,21 +24,14 @@ from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import CHAT, COMPLETIONS
 from kvproxy.body_limit import BodyLimit
-from kvproxy.deployment import Deployment, EmbeddedDeployment
+from kvproxy.deployments.build import Deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
-from kvproxy.gpu import GpuCollector
-from kvproxy.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES
-from kvproxy.metrics import (
-    DeploymentObserver,
-    Metrics,
-    RequestMetricsMiddleware,
-    ServingObserver,
-    export_kv_memory,
-)
+from kvproxy.gpu import GpuCollector, GpuMonitor
+from kvproxy.metrics import Metrics, RequestMetricsMiddleware
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
-from kvproxy.router import Router
-from kvproxy.serving import OpenAIServing
-from kvproxy.token_scores import TokenScoreStore
+from kvproxy.serving.router import Router
+from kvproxy.shadow.token_scores import TokenScoreStore
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +61,8 @@ def create_app(
     *,
     on_ready: Callable[[], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
-    registry: CollectorRegistry | None = None,
+    metrics: Metrics | None = None,
+    gpu: GpuMonitor | None = None,
     api_keys: Sequence[str] = (),
     admin_token: str | None = None,
     max_body_bytes: int = 4 * 2**20,
@@ -76,8 +70,10 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app; its lifespan starts (loads) and stops every deployment.
 
-    Metrics go to ``registry`` (tests pass a fresh one); by default a registry of the app's own,
-    with the process collector (RSS, CPU, open files) added. ``api_keys`` guard the serving routes,
+    ``metrics``: what the deployments were built with (kvproxy.deployments.build takes it too), so
+    their series and the HTTP ones share a registry; by default a registry of the app's own with the
+    process collector (RSS, CPU, open files). ``gpu``: the NVML monitor (a test passes one with its
+    own reader); its readings are exported on the same registry. ``api_keys`` guard the serving routes,
     ``admin_token`` the status and metrics routes (kvproxy.access); none given: open.
 
     On shutdown, queued and running shadow jobs get until ``app.state.drain_deadline`` (set by the
@@ -86,22 +82,15 @@ def create_app(
     """
     deps = deployments if isinstance(deployments, list) else [deployments]
     router = Router(deps)
-    if registry is None:
-        registry = CollectorRegistry()
-        ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-        registry.register(GpuCollector())
-    metrics = Metrics(registry)
-    for d in deps:
-        attach_metrics(metrics, d)
+    metrics = metrics or default_metrics()
+    gpu = gpu or GpuMonitor()
+    metrics.registry.register(GpuCollector(gpu.latest))
 
     async def start(d: Deployment) -> None:
         try:
             await d.start()
         except Exception as exc:
             log.error("starting deployment %s failed: %s", d.name, exc)
-            for serving in router.embedded_servings():
-                if serving.deployment is d:
-                    serving.load_error = str(exc)
             if on_load_failed is not None:
                 on_load_failed(exc)
             raise
@@ -114,9 +103,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(start_all(), name="kvproxy-start")
+        await gpu.start()
         try:
             yield
         finally:
+            await gpu.stop()
             await asyncio.shield(loading)  # never free a model while its loader thread runs
             deadline = app.state.drain_deadline or time.monotonic() + drain_timeout
             await asyncio.gather(*(drain_shadow(d, deadline) for d in deps))
@@ -137,6 +128,7 @@ def create_app(
     app.front.append((BodyLimit, {"limit": max_body_bytes}))
     app.front.append((OpenAIFastPath, {"router": router, "routes": hot_routes}))
     app.state.drain_deadline = None
+    app.state.gpu = gpu
     app.state.router = router
     app.state.metrics = metrics
     app.state.deployments = deps
@@ -155,7 +147,7 @@ def create_app(
 
 async def drain_shadow(d: Deployment, deadline: float) -> None:
     """Let queued and running shadow jobs finish until ``deadline``; log what finished and what not."""
-    pool = d.pool
+    pool = d.shadow.pool
     pending = pool.queued + pool.in_flight
     if not pending:
         return
@@ -179,32 +171,11 @@ async def drain_shadow(d: Deployment, deadline: float) -> None:
     )
 
 
-def attach_metrics(metrics: Metrics, d: Deployment) -> None:
-    """Wire one deployment's shadow path, serving path, health and KV memory to the metrics."""
-    d.pool.observer = DeploymentObserver(metrics, d)
-    d.serving_metrics = ServingObserver(metrics, d.name)
-    if d.guard is not None:
-        guard = d.guard
-        metrics.guard_active.labels(d.name, guard.fallback).set_function(lambda: float(guard.active))
-        for to in (PRIMARY, FALLBACK):
-            metrics.guard_switches.labels(d.name, to)
-        for outcome in PROBE_OUTCOMES:
-            metrics.guard_probes.labels(d.name, outcome)
-    if isinstance(d, EmbeddedDeployment):
-        backend = d.backend
-        metrics.backend_up.labels(d.name, "primary", "embedded").set_function(lambda: float(backend.ready))
-        shape, n_ctx = backend.info.attention, backend.n_ctx
-        for role, kv in (("primary", d.primary_kv), ("reference", d.reference_kv)):
-            if kv is not None:
-                export_kv_memory(metrics, d.name, role, shape, kv, n_ctx, n_ubatch=backend.n_ubatch)
-        return
-    d.primary.observer = d.serving_metrics
-    pools = [("primary", d.primary_pool)] + ([("reference", d.reference_pool)] if d.reference_pool else [])
-    for role, pool in pools:
-        for replica in pool.replicas:
-            metrics.backend_up.labels(d.name, role, replica.url).set_function(
-                lambda r=replica: float(r.healthy)  # type: ignore[misc]
-            )
+def default_metrics() -> Metrics:
+    """A registry of the process's own, with the process collector (RSS, CPU, open files)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    return Metrics(registry)
 
 
 def _document_request_bodies(app: FastAPI) -> None:
@@ -226,4 +197,4 @@ def _document_request_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-__all__ = ["OpenAIServing", "create_app"]
+__all__ = ["create_app", "default_metrics"]

@@ -5,7 +5,7 @@ every chunk is scored (llama-perplexity's layout), so the figures compare with
 ``llama-perplexity --kl-divergence``. Each config is scored exactly, over the full vocabulary,
 against the reference config on the same weights. Memory stays bounded: the text is read and
 tokenized a block at a time, scoring runs in chunks (see kvproxy.backends.embedded_scorer), and
-per-config statistics are running sums plus a fixed histogram (kvproxy.quality).
+per-config statistics are running sums plus a fixed histogram (kvproxy.shadow.quality).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.baseline import SEGMENT_TOKENS
 from kvproxy.config import KVCacheType
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.memory import bits_per_value, kv_cache_allocated_bytes
-from kvproxy.quality import QualityTracker
+from kvproxy.shadow.baseline import SEGMENT_TOKENS
+from kvproxy.shadow.quality import QualityTracker
 
 
 def parse_config(spec: str) -> KVConfig:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvproxy.protocol import ErrorDetail, ErrorResponse
+from kvproxy.upstream.replicas import UpstreamFailure
 
 
 class OpenAIError(Exception):
@@ -35,6 +36,12 @@ class OpenAIError(Exception):
         return ErrorResponse(error=self.detail).model_dump()
 
 
+def upstream_error(failure: UpstreamFailure) -> OpenAIError:
+    """An upstream failure as the client sees it."""
+    f = failure
+    return OpenAIError(f.status, f.message, type=f.type, param=f.param, code=f.code)
+
+
 def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
@@ -49,14 +56,19 @@ def model_load_failed(reason: str) -> OpenAIError:
     )
 
 
-def context_length_exceeded(n_ctx: int, prompt_tokens: int, completion_tokens: int | None) -> OpenAIError:
+def context_length_exceeded(
+    n_ctx: int, prompt_tokens: int, completion_tokens: int | None, *, at_least: bool = False
+) -> OpenAIError:
+    """``at_least``: the prompt was refused from its length before it was tokenized, so its token
+    count is a lower bound."""
+    some = "at least " if at_least else ""
     if completion_tokens is None:
-        detail = f"your prompt has {prompt_tokens} tokens, leaving no room for a completion"
+        detail = f"your prompt has {some}{prompt_tokens} tokens, leaving no room for a completion"
         param = "messages"
     else:
         detail = (
-            f"you requested {prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the "
-            f"prompt, {completion_tokens} for the completion)"
+            f"you requested {some}{prompt_tokens + completion_tokens} tokens ({some}{prompt_tokens} "
+            f"in the prompt, {completion_tokens} for the completion)"
         )
         param = "max_tokens"
     return OpenAIError(

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,24 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 
-def log_softmax(logits: npt.ArrayLike) -> FloatArray:
-    """Row-wise log-softmax in float64, shifted by the row maximum (stable for any logit scale)."""
-    x = np.asarray(logits, dtype=np.float64)
+def log_softmax(logits: npt.ArrayLike) -> npt.NDArray[np.floating[Any]]:
+    """Row-wise log-softmax, shifted by the row maximum (stable for any logit scale), the normaliser
+    summed in float64. float32 rows stay float32 (a 262,144-wide row is 1 MiB, not 2); anything
+    else is computed in float64."""
+    x = np.asarray(logits)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # type: ignore[no-any-return]
+    log_z = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
+    return shifted - log_z.astype(x.dtype)  # type: ignore[no-any-return]
+
+
+def logprobs_at(row: npt.ArrayLike, ids: Sequence[int]) -> list[float]:
+    """log-softmax of one logits row at ``ids`` only (no full-width result)."""
+    x = np.asarray(row)
+    m = float(x.max())
+    log_z = m + float(np.log(np.exp(x - x.dtype.type(m)).sum(dtype=np.float64)))
+    return [float(x[i]) - log_z for i in ids]
 
 
 @dataclass(frozen=True)

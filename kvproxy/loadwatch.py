@@ -7,7 +7,7 @@ thread's own CPU use over the last 100 ms (``time.thread_time``: llama.cpp's thr
 process do not count). Above ``busy_lag`` or ``busy_cpu`` the proxy is saturated and the shadow path
 backs off: new requests are not sampled (counted as ``shed``) and queued jobs wait for a calm loop, or
 are dropped after ``max_defer`` seconds. Shadow work thus uses the loop's spare time, up to
-``busy_cpu``. Measured cost: one wake-up every 5 ms.
+``busy_cpu``. Its own cost: one wake-up every 5 ms.
 """
 
 from __future__ import annotations

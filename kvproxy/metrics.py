@@ -9,13 +9,20 @@ The registry is injected, so each test can use a fresh one.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
+from kvproxy.memory import AttentionShape, kv_memory_summary
+from kvproxy.shadow.drift import STATE_CODES
+from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
+
+if TYPE_CHECKING:
+    from kvproxy.shadow.path import ShadowPath
 
 # per-token KLD resolves 1e-5 .. 10 (half-decade steps)
 KLD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -228,24 +235,38 @@ class Metrics:
         self.same_top_tokens.labels(*lv).inc(int(np.count_nonzero(scores.same_top)))
 
 
-class DeploymentObserver:
-    """Feeds one deployment's shadow outcomes and scores into the metrics."""
+class ObservedDeployment(Protocol):
+    """What the metrics read of a deployment (kvproxy.deployments.base.DeploymentBase)."""
 
-    def __init__(self, metrics: Metrics, deployment: Any) -> None:
+    name: str
+    primary_kv: KVConfig | None
+    reference_kv: KVConfig | None
+    shadow: ShadowPath
+
+    @property
+    def model_label(self) -> str: ...
+
+    @property
+    def estimator(self) -> str: ...
+
+
+class DeploymentObserver:
+    """Feeds one deployment's shadow outcomes and scores into the metrics (kvproxy.observers)."""
+
+    def __init__(self, metrics: Metrics, deployment: ObservedDeployment) -> None:
         self.metrics = metrics
         self.deployment = deployment
         self._estimator = deployment.estimator
+        name = deployment.name
         # Every series exists from the start, at 0: a rate over a counter that first appears at its
         # final value would read 0 (Prometheus's advice on missing series).
         for outcome in ("sampled", "scored", "dropped", "failed", "shed"):
-            metrics.shadow_requests.labels(deployment.name, outcome)
-        metrics.shadow_queue_depth.labels(deployment.name).set_function(lambda: deployment.pool.queued)
-        metrics.shadow_lag.labels(deployment.name)
+            metrics.shadow_requests.labels(name, outcome)
+        metrics.shadow_queue_depth.labels(name).set_function(lambda: deployment.shadow.pool.queued)
+        metrics.shadow_lag.labels(name)
         self._touch_quality_series()
-        from kvproxy.drift import STATE_CODES
-
-        metrics.drift_state.labels(deployment.name).set_function(lambda: STATE_CODES[deployment.drift.state])
-        metrics.drift_statistic.labels(deployment.name).set_function(lambda: deployment.drift.statistic)
+        metrics.drift_state.labels(name).set_function(lambda: STATE_CODES[deployment.shadow.drift.state])
+        metrics.drift_statistic.labels(name).set_function(lambda: deployment.shadow.drift.statistic)
 
     def _touch_quality_series(self) -> None:
         m, lv = self.metrics, [self.labels()[k] for k in QUALITY_LABELS]
@@ -278,13 +299,33 @@ class DeploymentObserver:
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
 
 
+def export_guard(metrics: Metrics, deployment: str, guard: Guard) -> None:
+    """The guard's state as a gauge, and its switch and probe counters at 0 from the start."""
+    metrics.guard_active.labels(deployment, guard.fallback).set_function(lambda: float(guard.active))
+    for to in (PRIMARY, FALLBACK):
+        metrics.guard_switches.labels(deployment, to)
+    for outcome in PROBE_OUTCOMES:
+        metrics.guard_probes.labels(deployment, outcome)
+
+
+def export_backend_up(
+    metrics: Metrics, deployment: str, role: str, replica: str, up: Callable[[], bool]
+) -> None:
+    metrics.backend_up.labels(deployment, role, replica).set_function(lambda: float(up()))
+
+
 def export_kv_memory(
-    metrics: Metrics, deployment: str, role: str, shape: Any, kv: Any, n_ctx: int, *, n_ubatch: int
+    metrics: Metrics,
+    deployment: str,
+    role: str,
+    shape: AttentionShape,
+    kv: KVConfig,
+    n_ctx: int,
+    *,
+    n_ubatch: int,
 ) -> None:
     """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
     figures as the start-up banner and the status endpoint)."""
-    from kvproxy.memory import kv_memory_summary
-
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
     m = kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, n_ctx, n_ubatch=n_ubatch)
     metrics.kv_bytes_per_token.labels(*labels).set(m["bytes_per_token"])
@@ -329,6 +370,8 @@ UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "status", "stream_ended", "inv
 class ServingObserver:
     """The serving signals of one deployment, label children bound once (cheap on the hot path)."""
 
+    active = True
+
     def __init__(self, metrics: Metrics, deployment: str) -> None:
         self._transitions = {
             s: metrics.drift_transitions.labels(deployment, s) for s in ("ok", "warning", "drift")
@@ -339,6 +382,12 @@ class ServingObserver:
         self.completion = metrics.completion_tokens.labels(deployment)
         self._errors = {k: metrics.upstream_errors.labels(deployment, k) for k in UPSTREAM_ERROR_KINDS}
         self._metrics, self._deployment = metrics, deployment
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt.inc(prompt)
@@ -355,22 +404,3 @@ class ServingObserver:
 
     def guard_probe(self, outcome: str) -> None:
         self._metrics.guard_probes.labels(self._deployment, outcome).inc()
-
-
-class TokenClock:
-    """Times one response: the first piece of text, then the gaps between pieces."""
-
-    def __init__(self, observer: ServingObserver | None) -> None:
-        self.observer = observer
-        self.start = time.perf_counter()
-        self.last: float | None = None
-
-    def tick(self) -> None:
-        if self.observer is None:
-            return
-        now = time.perf_counter()
-        if self.last is None:
-            self.observer.ttft.observe(now - self.start)
-        else:
-            self.observer.itl.observe(now - self.last)
-        self.last = now

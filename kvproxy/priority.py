@@ -2,10 +2,9 @@
 
 A thread in SCHED_IDLE runs only on CPU time no other thread wants, and a waking thread of the
 normal class preempts it at once. Threads it starts (llama.cpp's compute threads, the KLD helper)
-inherit the class. Nice values alone were not enough: with nice 10, exact scoring slowed the
-embedded clients' generation by 1.24x to 1.51x at p50 (docs/benchmarks.md), because the two
-llama.cpp thread teams shared the cores and each waited at its barriers on threads the other had
-preempted; with SCHED_IDLE, 1.04x to 1.08x.
+inherit the class. A nice value alone is not enough: two llama.cpp thread teams sharing the cores
+each wait at their barriers on threads the other has preempted, so a niced scorer still slows
+generation (docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations

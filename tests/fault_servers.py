@@ -210,6 +210,8 @@ class LlamaFake:
     fault_paths: frozenset[str] = frozenset({CHAT_PATH, SCORE_PATH, EXACT_SCORE_PATH})
     delay: float = 0.2
     score_route: bool = False  # also a kvproxy scoring server (GET /kvproxy/v1/info answers)
+    newline: bytes = b"\n"  # SSE line end: LF as llama-server sends, CRLF as sse-starlette, or CR
+    pace: float = 0.0  # seconds between streamed events (0: the whole stream in one write)
     url: str = ""
     port: int = 0
     posts: dict[str, int] = field(default_factory=dict)
@@ -300,8 +302,9 @@ def chat_body(req: dict[str, Any], fault: str | None = None) -> bytes:
     )
 
 
-def chat_events(req: dict[str, Any], fault: str | None = None) -> list[bytes]:
-    """A llama-server chat stream: logprobs per chunk and the usage chunk only when asked."""
+def chat_events(req: dict[str, Any], fault: str | None = None, newline: bytes = b"\n") -> list[bytes]:
+    """A llama-server chat stream: logprobs per chunk and the usage chunk only when asked; lines end
+    in ``newline``."""
     entries = _entries(req, fault)
     head = {"created": 1, "id": "chatcmpl-fake", "model": "m", "object": "chat.completion.chunk"}
     events: list[dict[str, object]] = []
@@ -315,11 +318,12 @@ def chat_events(req: dict[str, Any], fault: str | None = None) -> list[bytes]:
         n = len(TOKEN_IDS)
         usage = {"completion_tokens": n, "prompt_tokens": 3, "total_tokens": 3 + n}
         events.append({"choices": [], **head, "usage": usage})
-    out = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events]
+    end = newline * 2
+    out = [b"data: " + orjson.dumps(e) + end for e in events]
     if fault == "badjson":
-        out[1] = b"data: {not json\n\n"
+        out[1] = b"data: {not json" + end
     if fault != "nodone":
-        out.append(b"data: [DONE]\n\n")
+        out.append(b"data: [DONE]" + end)
     return out
 
 
@@ -437,8 +441,18 @@ async def _answer(
         await writer.drain()
         return True
     stream = path == CHAT_PATH and bool(req.get("stream"))
+    if stream and fake.pace and fault is None:  # event by event, as a generating server sends them
+        writer.write(SSE_CHUNKED_HEAD)
+        for event in chat_events(req, fault, fake.newline):
+            writer.write(_chunk(event))
+            await writer.drain()
+            await asyncio.sleep(fake.pace)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
     if stream:
-        head, payload = SSE_CHUNKED_HEAD, b"".join(_chunk(e) for e in chat_events(req, fault)) + b"0\r\n\r\n"
+        events = chat_events(req, fault, fake.newline)
+        head, payload = SSE_CHUNKED_HEAD, b"".join(_chunk(e) for e in events) + b"0\r\n\r\n"
     else:
         if path == CHAT_PATH:
             body = b"this is { not json" if fault == "badjson" else chat_body(req, fault)
@@ -482,9 +496,11 @@ def llama_fake(
     paths: frozenset[str] | None = None,
     delay: float = 0.2,
     score_route: bool = False,
+    newline: bytes = b"\n",
+    pace: float = 0.0,
 ) -> Iterator[LlamaFake]:
     """Run one :class:`LlamaFake` in a thread on a free loopback port."""
-    fake = LlamaFake(delay=delay, score_route=score_route)
+    fake = LlamaFake(delay=delay, score_route=score_route, newline=newline, pace=pace)
     if paths is not None:
         fake.fault_paths = paths
     loop = asyncio.new_event_loop()

@@ -14,8 +14,8 @@ import pytest
 from kvproxy.access import KeySet, RouteKind, bearer_token, route_kind
 from kvproxy.app import create_app
 from kvproxy.config import Settings
-from kvproxy.deploy_config import ProxyConfig
-from kvproxy.deployment import build_deployments
+from kvproxy.deployments.build import build_deployments
+from kvproxy.deployments.spec import ProxyConfig
 from kvproxy.metrics_server import start_metrics_server
 from tests.conftest import serve_in_thread
 from tests.fault_servers import fault_server

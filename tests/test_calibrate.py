@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kvproxy.baseline import read_baseline
 from kvproxy.calibrate import ConfigResult, pareto_front, parse_config, read_blocks, recommend, text_chunks
-from kvproxy.deploy_config import ProxyConfig
-from kvproxy.deployment import http_deployment
+from kvproxy.deployments.build import http_deployment
+from kvproxy.deployments.spec import ProxyConfig
+from kvproxy.deployments.status import deployment_status
+from kvproxy.shadow.baseline import read_baseline
 from tests.test_startup import run_cli
 
 
@@ -132,7 +133,7 @@ def assert_a_deployment_arms_its_drift_detector_from(baseline: Path, kld: dict[s
         'drift = { baseline = "baseline.json" }\n'  # relative to the deployments file
     )
     d = http_deployment(ProxyConfig.from_file(config).deployments[0])
-    drift = d.status()["drift"]
+    drift = deployment_status(d)["drift"]
     assert drift["state"] == "ok" and drift["baseline_mean_kld"] == pytest.approx(kld["q8_0/q4_0"])
     b = read_baseline(baseline, parse_config("q4_0"), default_log_sigma=9.0)
     assert b.mean_kld == pytest.approx(kld["q4_0"]) and 0.05 < b.log_sigma < 3  # measured, not the default

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvproxy.deploy_config import ProxyConfig
+from kvproxy.deployments.spec import ProxyConfig
 from tests.conftest import start_server, stop_server
 from tests.fault_servers import fault_server
 from tests.test_startup import run_cli

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kvproxy.chat_template import GEMMA_TEMPLATE
-from kvproxy.deploy_config import ProxyConfig
+from kvproxy.deployments.spec import ProxyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvproxy.drift import DRIFT, OK, WARMUP, DriftDetector
+from kvproxy.shadow.drift import DRIFT, OK, WARMUP, DriftDetector
 
 # per-request mean KLD on Gemma 3 270M (calibration): q8_0 about 0.0097, q4_0 about 0.12; the
 # log of per-chunk means spreads by about 0.5 (sigma), so requests are drawn lognormal around those

@@ -23,7 +23,7 @@ import pytest
 
 from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
-from kvproxy.drift import DRIFT, DriftDetector
+from kvproxy.shadow.drift import DRIFT, DriftDetector
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.forwarder import Forwarder, forwarding
 from tests.llama_servers import llama_servers

@@ -25,14 +25,16 @@ from typing import Any
 import httpx
 import pytest
 
+from kvproxy import sse
 from kvproxy.app import create_app
 from kvproxy.config import Settings
-from kvproxy.deploy_config import ProxyConfig
-from kvproxy.deployment import build_deployments
+from kvproxy.deployments.build import build_deployments
+from kvproxy.deployments.spec import ProxyConfig
 from tests.conftest import serve_in_thread, wait_for
 from tests.fault_servers import (
     CHAT_PATH,
     EXACT_SCORE_PATH,
+    FAULTS,
     SCORE_PATH,
     LlamaFake,
     chat_body,
@@ -70,6 +72,7 @@ class Harness:
     client: httpx.Client
     seam: LoopSeam
     fakes: tuple[LlamaFake, ...]
+    newline: bytes = b"\n"
 
     def task_names(self) -> list[str]:
         async def names() -> list[str]:
@@ -136,17 +139,25 @@ def harness(
         }
         seam = LoopSeam(create_app(build_deployments(ProxyConfig(deployments=[spec]), Settings())))
         with serve_in_thread(seam) as url, httpx.Client(base_url=url, timeout=30) as client:
-            yield Harness(client, seam, (primary, reference))
+            yield Harness(client, seam, (primary, reference), primary.newline)
 
 
 def request(stream: bool) -> dict[str, Any]:
     return {"model": "m", "messages": MSG, "stream": stream}
 
 
-def good_bytes(stream: bool, fault: str | None = None) -> bytes:
+def good_bytes(stream: bool, fault: str | None = None, newline: bytes = b"\n") -> bytes:
     """What the fake primary sends for the client's own request: what an unshadowed relay returns."""
     req = request(stream)
-    return b"".join(chat_events(req, fault)) if stream else chat_body(req, fault)
+    return b"".join(chat_events(req, fault, newline)) if stream else chat_body(req, fault)
+
+
+# the fakes' SSE line ends rotate over the cases: llama-server's LF, sse-starlette's CRLF, a lone CR
+NEWLINES = (b"\n", b"\r\n", b"\r")
+
+
+def newline_of(fault: str, stream: bool) -> bytes:
+    return NEWLINES[(sorted(FAULTS).index(fault) + stream) % len(NEWLINES)]
 
 
 def send(h: Harness, stream: bool, shadow: str) -> httpx.Response:
@@ -158,7 +169,7 @@ def warm_up(h: Harness) -> Snapshot:
     for stream in (False, True):
         for shadow in ("skip", "force"):
             resp = send(h, stream, shadow)
-            assert resp.status_code == 200 and resp.content == good_bytes(stream)
+            assert resp.status_code == 200 and resp.content == good_bytes(stream, newline=h.newline)
     h.settled_shadow()
     return h.snapshot()
 
@@ -230,13 +241,13 @@ PRIMARY: dict[str, tuple[Outcome | None, Outcome, str]] = {
 
 
 def sse_data(body: bytes) -> list[bytes]:
-    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    return [e.data for e in sse.SSEDecoder().feed(body) if e.data is not None]
 
 
-def assert_outcome(resp: httpx.Response, expected: Outcome, stream: bool) -> None:
+def assert_outcome(resp: httpx.Response, expected: Outcome, stream: bool, newline: bytes) -> None:
     if isinstance(expected, Relayed):
         assert resp.status_code == 200, resp.content
-        assert resp.content == good_bytes(stream, expected.fault)
+        assert resp.content == good_bytes(stream, expected.fault, newline)
         return
     if isinstance(expected, StreamErr):
         assert resp.status_code == 200
@@ -269,7 +280,8 @@ CASES = [
 )
 def test_primary_fault(fault: str, stream: bool) -> None:
     """Shadowed or not, the client sees the same mapped outcome; then the proxy serves as before."""
-    with harness(delay=0.05 if fault == "drip" else 0.2) as h:
+    newline = newline_of(fault, stream)
+    with harness(delay=0.05 if fault == "drip" else 0.2, newline=newline) as h:
         before = warm_up(h)
         counts = h.shadow()
         h.fakes[0].set_fault(fault)
@@ -277,14 +289,14 @@ def test_primary_fault(fault: str, stream: bool) -> None:
         expected = streamed if stream else plain
         assert expected is not None
         for shadow in ("skip", "force"):
-            assert_outcome(send(h, stream, shadow), expected, stream)
+            assert_outcome(send(h, stream, shadow), expected, stream, newline)
         after = h.settled_shadow()
         assert after["sampled"] == counts["sampled"] + 1  # the skipped request was never sampled
         assert after[outcome] == counts[outcome] + 1
         h.fakes[0].set_fault(None)
         for shadow in ("skip", "force"):
             resp = send(h, stream, shadow)
-            assert resp.status_code == 200 and resp.content == good_bytes(stream)
+            assert resp.status_code == 200 and resp.content == good_bytes(stream, newline=newline)
         h.settled_shadow()
         assert_no_leaks(h, before)
 
@@ -312,7 +324,8 @@ REF_CASES = [(fault, stream) for fault in REFERENCE for stream in (False, True)]
 )
 def test_reference_fault(fault: str, stream: bool) -> None:
     """The shadowed response is byte for byte the unshadowed one; the job is counted, never raised."""
-    with harness(delay=0.05 if fault == "drip" else 0.2) as h:
+    newline = newline_of(fault, stream)
+    with harness(delay=0.05 if fault == "drip" else 0.2, newline=newline) as h:
         before = warm_up(h)
         plain = send(h, stream, "skip")
         counts = h.settled_shadow()
@@ -322,7 +335,7 @@ def test_reference_fault(fault: str, stream: bool) -> None:
         assert time.monotonic() - start < TIMEOUTS["read"]  # the client never waits on the reference
         assert forced.status_code == plain.status_code == 200
         assert forced.headers["content-type"] == plain.headers["content-type"]
-        assert forced.content == plain.content == good_bytes(stream)
+        assert forced.content == plain.content == good_bytes(stream, newline=newline)
         after = h.settled_shadow(timeout=TIMEOUTS["total"] * 4)
         outcome = REFERENCE[fault]
         assert after["sampled"] == counts["sampled"] + 1
@@ -330,7 +343,7 @@ def test_reference_fault(fault: str, stream: bool) -> None:
         assert h.fakes[1].posts.get(SCORE_PATH, 0) > 0  # the fault was met on the scoring route
         h.fakes[1].set_fault(None)
         resp = send(h, stream, "force")
-        assert resp.status_code == 200 and resp.content == good_bytes(stream)
+        assert resp.status_code == 200 and resp.content == good_bytes(stream, newline=newline)
         assert h.settled_shadow()["scored"] == after["scored"] + 1  # scoring works again
         assert_no_leaks(h, before)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvproxy.drift import DRIFT, OK, WARMUP, WARNING
-from kvproxy.guard import FALLBACK, PRIMARY, Guard
+from kvproxy.shadow.drift import DRIFT, OK, WARMUP, WARNING
+from kvproxy.shadow.guard import FALLBACK, PRIMARY, Guard
 
 
 def test_drift_engages_and_ok_after_the_hold_releases() -> None:

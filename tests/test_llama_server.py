@@ -139,8 +139,8 @@ def test_the_proxy_returns_what_llama_server_returns(stack: dict[str, Any]) -> N
 
 
 def test_prompt_tokens_come_from_the_primary(stack: dict[str, Any]) -> None:
-    from kvproxy.backends.llama_server import prompt_tokens_chat
-    from kvproxy.upstream import ReplicaPool, Timeouts
+    from kvproxy.upstream.llama_server import prompt_tokens_chat
+    from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 
     async def run() -> list[int]:
         pool = ReplicaPool([stack["q4"].url], Timeouts())

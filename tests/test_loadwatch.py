@@ -7,8 +7,8 @@ import time
 
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import loop_load
-from kvproxy.quality import QualityTracker
-from kvproxy.shadow import ShadowJob, ShadowPool
+from kvproxy.shadow.pool import ShadowJob, ShadowPool
+from kvproxy.shadow.quality import QualityTracker
 
 
 class _NeverCalled:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvproxy.kld import PositionScores, summarize
-from kvproxy.quality import QualityTracker
+from kvproxy.shadow.quality import QualityTracker
 
 
 def scores(n: int, seed: int) -> PositionScores:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvproxy.config import Settings
-from kvproxy.deployment import embedded_deployment
+from kvproxy.deployments.build import embedded_deployment
 from kvproxy.gguf_info import read_model_info
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")

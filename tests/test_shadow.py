@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kvproxy.kld import PositionScores
-from kvproxy.quality import QualityTracker
-from kvproxy.shadow import ShadowJob, ShadowPool, ShadowSampler, parse_shadow_header
+from kvproxy.shadow.pool import ShadowJob, ShadowPool, ShadowSampler, parse_shadow_header
+from kvproxy.shadow.quality import QualityTracker
 
 
 class FakeScorer:

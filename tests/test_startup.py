@@ -15,7 +15,7 @@ from kvproxy import __version__
 from kvproxy.app import create_app
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType, Settings
-from kvproxy.deployment import embedded_deployment
+from kvproxy.deployments.build import embedded_deployment
 from kvproxy.gguf_info import read_model_info
 from tests.conftest import serve_in_thread, start_server, stop_server
 

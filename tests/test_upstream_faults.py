@@ -12,8 +12,8 @@ import httpx
 
 from kvproxy.app import create_app
 from kvproxy.config import Settings
-from kvproxy.deploy_config import ProxyConfig
-from kvproxy.deployment import build_deployments
+from kvproxy.deployments.build import build_deployments
+from kvproxy.deployments.spec import ProxyConfig
 from tests.conftest import serve_in_thread, wait_for
 from tests.fault_servers import fault_server
 from tests.llama_servers import free_port

@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from kvproxy.upstream import Replica, Timeouts
+from kvproxy.upstream.replicas import Replica, Timeouts
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvproxy.deployments.status import deployment_status
 from kvproxy.errors import OpenAIError
 from kvproxy.gpu import gpu_status
-from kvproxy.token_scores import PENDING, TOKEN_SCORES_HEADER, TokenScoreStore
+from kvproxy.shadow.token_scores import PENDING, TOKEN_SCORES_HEADER, TokenScoreStore
 
 router = APIRouter(prefix="/kvproxy/v1")
 metrics_router = APIRouter()
@@ -21,8 +22,8 @@ async def status(request: Request) -> dict[str, Any]:
     """Per deployment: KV configs of primary and reference, shadow counts and coverage, KLD since
     start and recent, KV memory, the KLD history and distribution; the GPUs' memory (null without)."""
     return {
-        "deployments": [d.status() for d in request.app.state.deployments],
-        "gpu": gpu_status(),
+        "deployments": [deployment_status(d) for d in request.app.state.deployments],
+        "gpu": gpu_status(request.app.state.gpu.latest()),
     }
 
 

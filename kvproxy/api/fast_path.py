@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from kvproxy.api.openai import complete
 from kvproxy.errors import OpenAIError, error_response, unexpected_error
-from kvproxy.router import Router
+from kvproxy.serving.router import Router
 
 log = logging.getLogger(__name__)
 

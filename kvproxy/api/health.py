@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from kvproxy.errors import model_load_failed, model_loading
-from kvproxy.router import Router
+from kvproxy.serving.router import Router
 
 router = APIRouter()
 
@@ -16,11 +16,11 @@ async def health(request: Request) -> JSONResponse:
     """503 while an embedded model loads, 500 if one failed to load; HTTP deployments report their
     replicas in the status route and do not hold the proxy's readiness hostage."""
     r: Router = request.app.state.router
-    for serving in r.embedded_servings():
-        if serving.load_error is not None:
-            err = model_load_failed(serving.load_error)
+    for d in r.embedded():
+        if d.load_error is not None:
+            err = model_load_failed(d.load_error)
             return JSONResponse(err.body(), status_code=err.status)
-        if not serving.backend.ready:
+        if not d.backend.ready:
             err = model_loading()
             return JSONResponse(err.body(), status_code=err.status)
     return JSONResponse({"status": "ok"})

@@ -17,10 +17,10 @@ from kvproxy.protocol import (
     ErrorResponse,
     ModelList,
 )
-from kvproxy.router import Router
-from kvproxy.serving import shadow_directive
-from kvproxy.shadow import SHADOW_HEADER
-from kvproxy.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore, parse_token_scores_header
+from kvproxy.serving.base import shadow_directive
+from kvproxy.serving.router import Router
+from kvproxy.shadow.pool import SHADOW_HEADER
+from kvproxy.shadow.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore, parse_token_scores_header
 
 router = APIRouter(
     prefix="/v1",
@@ -74,7 +74,7 @@ async def complete(router: Router, path: str, request: Request) -> Response:
 
 
 def _keeps_token_scores(request: Request) -> bool:
-    """The opt-in ``X-KVProxy-Token-Scores: keep`` header (kvproxy.token_scores), or a 400."""
+    """The opt-in ``X-KVProxy-Token-Scores: keep`` header (kvproxy.shadow.token_scores), or a 400."""
     try:
         return parse_token_scores_header(request.headers.get(TOKEN_SCORES_HEADER))
     except ValueError as exc:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvproxy.deployment import EmbeddedDeployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_loading
 
 router = APIRouter(prefix="/kvproxy/v1")
@@ -35,15 +35,11 @@ def _embedded(request: Request) -> EmbeddedDeployment:
 @router.get("/info")
 async def info(request: Request) -> dict[str, Any]:
     d = _embedded(request)
-    ref = d.reference_kv or d.backend.kv
     return {
         "model": d.name,
         "score": d.ready,
-        "primary": {
-            "cache_type_k": d.backend.kv.cache_type_k.value,
-            "cache_type_v": d.backend.kv.cache_type_v.value,
-        },
-        "reference": {"cache_type_k": ref.cache_type_k.value, "cache_type_v": ref.cache_type_v.value},
+        "primary": d.backend.kv.as_dict(),
+        "reference": (d.reference_kv or d.backend.kv).as_dict(),
         "n_ctx": d.backend.n_ctx,
     }
 

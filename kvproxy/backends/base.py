@@ -84,6 +84,14 @@ class KVConfig:
         k, v = self.cache_type_k.value, self.cache_type_v.value
         return k if k == v else f"{k}/{v}"
 
+    def as_dict(self) -> dict[str, str]:
+        """As the status, the scoring server's info and the page spell a KV config."""
+        return {"cache_type_k": self.cache_type_k.value, "cache_type_v": self.cache_type_v.value}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str]) -> KVConfig:
+        return cls(KVCacheType(d["cache_type_k"]), KVCacheType(d["cache_type_v"]))
+
 
 class Backend(Protocol):
     @property

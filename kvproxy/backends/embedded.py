@@ -38,6 +38,7 @@ from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
 from kvproxy.gguf_info import ModelInfo
+from kvproxy.kld import log_softmax
 from kvproxy.memory import ggml_type, llama_n_ubatch
 from kvproxy.textstream import StopTextAssembler
 
@@ -61,10 +62,12 @@ def resolve_model_path(configured: Path | None) -> Path:
     return configured
 
 
-def log_softmax_row(row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Stable log-softmax of one logits row (max-shifted, the sum accumulated in float64)."""
-    shifted: npt.NDArray[np.float32] = row - row.max()
-    return shifted - np.float32(np.log(np.exp(shifted).sum(dtype=np.float64)))
+def _max_token_bytes(llama_cpp: Any, vocab: Any) -> int:
+    """The longest token text in the vocabulary, in bytes: no token stands for more bytes of prompt
+    than its text has (SentencePiece spells a space in 3 bytes, byte tokens as ``<0x0A>``, byte-level
+    BPE every byte in 1 or 2), so a prompt of B bytes has at least B / this many tokens."""
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    return max(1, max(len(llama_cpp.llama_vocab_get_text(vocab, i) or b"") for i in range(n)))
 
 
 class EmbeddedBackend:
@@ -81,6 +84,7 @@ class EmbeddedBackend:
         self._pieces: dict[int, bytes] = {}
         self._add_bos = True
         self._bos = -1
+        self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -138,6 +142,7 @@ class EmbeddedBackend:
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._bos = llama.token_bos()
         self._vocab = vocab
+        self.max_token_bytes = _max_token_bytes(llama_cpp, vocab)
         self._template = ChatTemplate.for_model(
             self.info.architecture,
             self.info.chat_template,
@@ -316,7 +321,7 @@ class EmbeddedBackend:
         )
 
     def _token_logprob(self, row: npt.NDArray[np.float32], token: int, n_top: int) -> TokenLogprob:
-        logprobs = log_softmax_row(row)
+        logprobs = log_softmax(row)
         top: tuple[TopLogprob, ...] = ()
         if n_top > 0:
             idx = np.argpartition(logprobs, -n_top)[-n_top:]

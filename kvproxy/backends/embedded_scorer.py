@@ -29,10 +29,10 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.worker import close_on
-from kvproxy.kld import PositionScores, exact_kld
+from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.memory import ggml_type
 from kvproxy.priority import lower_thread_priority
-from kvproxy.shadow import ShadowJob
+from kvproxy.shadow.job import ShadowJob
 
 
 def scoring_chunk_bytes(chunk: int, n_vocab: int) -> int:
@@ -137,16 +137,9 @@ class EmbeddedScorer:
             parts.append(exact_kld(ref, primary, targets))
             if check_ids is not None:
                 for row, ids in zip(primary, check_ids[c - start : c - start + len(part)], strict=False):
-                    checks.append(_row_logprobs(row, ids))
+                    checks.append(logprobs_at(row, ids))
         scores = PositionScores.concat(parts).at(len(prompt))
         return scores if check_ids is None else scores.with_checks(checks)
-
-
-def _row_logprobs(row: np.ndarray[Any, np.dtype[np.float32]], ids: Sequence[int]) -> list[float]:
-    """log-softmax of one logits row at ``ids`` (max-shifted, the sum in float64)."""
-    m = float(row.max())
-    log_z = m + float(np.log(np.exp(row - np.float32(m)).sum(dtype=np.float64)))
-    return [float(row[i]) - log_z for i in ids]
 
 
 class ThreadedScorer:

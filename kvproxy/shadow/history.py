@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvproxy.quality import QualityTracker
+from kvproxy.shadow.quality import QualityTracker
 
 
 @dataclass(frozen=True)

@@ -4,33 +4,29 @@ from __future__ import annotations
 
 import time
 
-from kvproxy.deployment import Deployment, EmbeddedDeployment
+from kvproxy.deployments.build import Deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.spec import check_names
 from kvproxy.errors import OpenAIError, model_not_found
-from kvproxy.guarded import GuardedServing, Serving
 from kvproxy.protocol import ModelCard, ModelList
-from kvproxy.relay import RelayServing
-from kvproxy.serving import OpenAIServing
+from kvproxy.serving.base import Serving
+from kvproxy.serving.embedded import EmbeddedServing
+from kvproxy.serving.guarded import GuardedServing
+from kvproxy.serving.relay import RelayServing
 
 
 class Router:
     def __init__(self, deployments: list[Deployment]) -> None:
-        names = [d.name for d in deployments]
-        if len(set(names)) != len(names):
-            raise ValueError(f"deployment names must be unique: {names}")
+        check_names([d.name for d in deployments], {d.name: d.guard.fallback for d in deployments if d.guard})
         self.deployments = deployments
         own: dict[str, Serving] = {
-            d.name: OpenAIServing(d) if isinstance(d, EmbeddedDeployment) else RelayServing(d)
+            d.name: EmbeddedServing(d) if isinstance(d, EmbeddedDeployment) else RelayServing(d)
             for d in deployments
         }
         self._serving = dict(own)
         for d in deployments:
             if d.guard is not None:
-                if d.guard.fallback not in own:
-                    raise ValueError(
-                        f"deployment {d.name}: no deployment {d.guard.fallback!r} to fall back to"
-                    )
                 self._serving[d.name] = GuardedServing(d, own[d.name], own[d.guard.fallback])
-        self._own = own
         self._created = int(time.time())
 
     def route(self, model: object) -> Serving:
@@ -43,8 +39,8 @@ class Router:
             raise model_not_found(model)
         return serving
 
-    def embedded_servings(self) -> list[OpenAIServing]:
-        return [s for s in self._own.values() if isinstance(s, OpenAIServing)]
+    def embedded(self) -> list[EmbeddedDeployment]:
+        return [d for d in self.deployments if isinstance(d, EmbeddedDeployment)]
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=d.name, created=self._created) for d in self.deployments])

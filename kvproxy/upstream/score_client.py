@@ -16,9 +16,9 @@ import numpy as np
 import orjson
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.config import KVCacheType
 from kvproxy.kld import PositionScores, coarse_kld_row
-from kvproxy.upstream import ReplicaPool, UpstreamError, map_transport_error, map_upstream_status
+from kvproxy.shadow.job import PrimaryReport
+from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, map_transport_error, map_upstream_status
 
 INFO_PATH = "/kvproxy/v1/info"
 SCORE_PATH = "/kvproxy/v1/score"
@@ -31,10 +31,6 @@ class ScoreServerInfo:
     reference_kv: KVConfig
 
 
-def _kv(d: dict[str, str]) -> KVConfig:
-    return KVConfig(KVCacheType(d["cache_type_k"]), KVCacheType(d["cache_type_v"]))
-
-
 async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
     """A kvproxy scoring server answers ``GET /kvproxy/v1/info``; a plain llama-server says 404."""
     async with pool.acquire() as replica:
@@ -44,7 +40,9 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
     data = orjson.loads(content)
     if not data.get("score"):
         return None
-    return ScoreServerInfo(data["model"], _kv(data["primary"]), _kv(data["reference"]))
+    return ScoreServerInfo(
+        data["model"], KVConfig.from_dict(data["primary"]), KVConfig.from_dict(data["reference"])
+    )
 
 
 class ScoreRouteReference:
@@ -56,17 +54,16 @@ class ScoreRouteReference:
 
     def consistency(self) -> dict[str, Any]:
         """Mean coarse KL between the live primary's top-K and the scoring replica's logprobs of the
-        same tokens. Measured on Gemma 3 270M with top-20: 0.022 when the replica holds the
-        primary's q4_0 config (decode and prefill differ a little), 0.089 when it holds f16 or q8_0."""
+        same tokens: near 0 when the replica really behaves like the primary, larger when its KV
+        config (or the numerics it computes with) differ (docs/production.md has the figures)."""
         n = self._positions
-        kv = self.info.primary_kv
         return {
-            "scorer_primary": {"cache_type_k": kv.cache_type_k.value, "cache_type_v": kv.cache_type_v.value},
+            "scorer_primary": self.info.primary_kv.as_dict(),
             "compared_positions": n,
             "mean_divergence": (self._kl_sum / n) if n else None,
         }
 
-    async def score(self, prompt: list[int], report: Any) -> PositionScores:
+    async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
         body = {"prompt_tokens": prompt, "token_ids": report.token_ids, "check_ids": report.top_ids}
         async with self.pool.acquire() as replica:
             try:

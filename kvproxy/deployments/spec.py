@@ -93,7 +93,7 @@ class TimeoutSpec(_Strict):
 
 
 class DriftSpec(_Strict):
-    """The drift detector (kvproxy.drift): baseline from a calibration file or a warm-up window."""
+    """The drift detector (kvproxy.shadow.drift): baseline from a calibration file or a warm-up window."""
 
     baseline: Path | None = None  # a `kvproxy calibrate` baseline.json (relative to this file)
     log_sigma: Annotated[float, Field(gt=0)] = 0.5  # used when the baseline file gives none
@@ -136,6 +136,21 @@ class DeploymentSpec(_Strict):
         return self
 
 
+def check_names(names: list[str], fallbacks: dict[str, str]) -> None:
+    """Deployment names are unique and every guard falls back to another deployment (ValueError)."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"deployment names must be unique: {', '.join(dupes)}")
+    for name, fallback in fallbacks.items():
+        if fallback == name:
+            raise ValueError(f"deployment {name!r}: the guard's fallback must be another deployment")
+        if fallback not in names:
+            raise ValueError(
+                f"deployment {name!r}: the guard's fallback {fallback!r} is not a "
+                f"deployment (have: {', '.join(names)})"
+            )
+
+
 class ProxyConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KVPROXY_CONFIG_", extra="forbid")
 
@@ -143,23 +158,14 @@ class ProxyConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_and_one_embedded(self) -> Self:
-        names = [d.model for d in self.deployments]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"deployment names must be unique: {', '.join(dupes)}")
+        check_names(
+            [d.model for d in self.deployments],
+            {d.model: d.guard.fallback for d in self.deployments if d.guard},
+        )
         if sum(d.primary.embedded for d in self.deployments) > 1:
             raise ValueError("at most one deployment can be embedded (one model in process)")
         for d in self.deployments:
-            if d.guard is None:
-                continue
-            if d.guard.fallback == d.model:
-                raise ValueError(f"deployment {d.model!r}: the guard's fallback must be another deployment")
-            if d.guard.fallback not in names:
-                raise ValueError(
-                    f"deployment {d.model!r}: the guard's fallback {d.guard.fallback!r} is not a "
-                    f"deployment (have: {', '.join(names)})"
-                )
-            if d.reference is None and not d.primary.embedded:
+            if d.guard is not None and d.reference is None and not d.primary.embedded:
                 raise ValueError(
                     f"deployment {d.model!r}: a guard acts on drift, which needs shadow scoring: "
                     "give a reference"

@@ -6,7 +6,7 @@
   non-blocking put, so the client's response never waits on the shadow path. A response that did not
   finish (client gone, backend error) or a full queue drops the job, and the drop is counted.
 * The pool's workers score jobs through a :class:`Scorer` and feed the deployment's
-  :class:`~kvproxy.quality.QualityTracker`. A scorer failure is counted, logged and never reaches
+  :class:`~kvproxy.shadow.quality.QualityTracker`. A scorer failure is counted, logged and never reaches
   a client.
 
 Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``.
@@ -20,14 +20,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal
 
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
-from kvproxy.quality import QualityTracker
+from kvproxy.observers import NULL_SHADOW, ShadowEvents
+from kvproxy.shadow.job import Scorer, ShadowJob
+from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.token_scores import DROPPED, FAILED, KeptScores, claim
 from kvproxy.tasks import cancel_and_wait
-from kvproxy.token_scores import DROPPED, FAILED, KeptScores, claim
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +45,6 @@ def parse_shadow_header(value: str | None) -> ShadowDirective | None:
     if v == "force" or v == "skip":
         return v  # type: ignore[return-value]
     raise ValueError(f"{SHADOW_HEADER} must be 'force' or 'skip', not {value!r}")
-
-
-@dataclass(frozen=True)
-class ShadowJob:
-    """What a scorer needs to replay one response. Dropped as soon as it is scored.
-
-    Embedded primaries know their token ids; an HTTP primary's job carries the request's messages or
-    prompt (``source``, tokenized by the primary itself when the job is scored, off the request
-    path) and what the primary reported for each generated position (``report``).
-    """
-
-    prompt_tokens: tuple[int, ...] = ()
-    token_ids: tuple[int, ...] = ()  # every token the primary produced, end-of-generation included
-    source: dict[str, Any] | None = None
-    report: Any = None  # kvproxy.backends.llama_server.PrimaryReport for HTTP primaries
-    ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
-    keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
-
-
-class Scorer(Protocol):
-    async def score(self, job: ShadowJob) -> PositionScores: ...
 
 
 @dataclass
@@ -92,14 +73,6 @@ class ShadowSampler:
         return self.rate >= 1.0 or (self.rate > 0.0 and self._rng.random() < self.rate)
 
 
-class ShadowObserver(Protocol):
-    """Told of every outcome and every scored job (the metrics exporter is one)."""
-
-    def outcome(self, name: str) -> None: ...
-
-    def scored(self, scores: PositionScores, lag_seconds: float) -> None: ...
-
-
 class ShadowPool:
     """A bounded queue and ``concurrency`` worker tasks in front of one scorer."""
 
@@ -110,13 +83,13 @@ class ShadowPool:
         *,
         queue_size: int = 64,
         concurrency: int = 1,
-        observer: ShadowObserver | None = None,
+        events: ShadowEvents = NULL_SHADOW,
         on_scored: Callable[[PositionScores], None] | None = None,
         max_defer: float = 2.0,
     ) -> None:
         self.scorer = scorer
         self.tracker = tracker
-        self.observer = observer
+        self.events = events
         self.on_scored = on_scored  # the deployment's drift detector
         self.counters = ShadowCounters()
         self.concurrency = concurrency
@@ -147,8 +120,7 @@ class ShadowPool:
 
     def count(self, outcome: str) -> None:
         setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
-        if self.observer is not None:
-            self.observer.outcome(outcome)
+        self.events.outcome(outcome)
 
     def drop(self, keep: KeptScores | None) -> None:
         """A sampled request's job that will not be scored: counted, and its kept slot told."""
@@ -223,8 +195,7 @@ class ShadowPool:
                 self.count("scored")
                 if self.on_scored is not None and len(scores):
                     self.on_scored(scores)
-                if self.observer is not None:
-                    self.observer.scored(scores, lag)
+                self.events.scored(scores, lag)
             finally:
                 self.in_flight -= 1
                 # the job holds the prompt and the completion: let it go now, not when the next job
@@ -243,7 +214,7 @@ class ShadowPool:
 class ShadowTicket:
     """One sampled request's claim on the shadow path: submitted once, or dropped (and counted).
 
-    ``keep``: the request opted in to keeping its per-position scores (kvproxy.token_scores)."""
+    ``keep``: the request opted in to keeping its per-position scores (kvproxy.shadow.token_scores)."""
 
     def __init__(self, pool: ShadowPool, keep: KeptScores | None = None) -> None:
         self._pool = pool

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from kvproxy.errors import OpenAIError
 from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,29 @@ UpstreamError = (aiohttp.ClientError, TimeoutError)
 JSON_HEADERS = {"content-type": "application/json"}
 
 
-def upstream_unavailable(url: str, exc: BaseException) -> OpenAIError:
-    return OpenAIError(
+class UpstreamFailure(Exception):
+    """An upstream exchange failed. Says what a client should be told: a status and the fields of an
+    OpenAI error (the serving layer turns it into one; the shadow path only logs it)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "server_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+
+def upstream_unavailable(url: str, exc: BaseException) -> UpstreamFailure:
+    return UpstreamFailure(
         502,
         f"The upstream {url} is unavailable: {type(exc).__name__}: {exc}".rstrip(": "),
         type="server_error",
@@ -55,8 +75,8 @@ def upstream_unavailable(url: str, exc: BaseException) -> OpenAIError:
     )
 
 
-def upstream_timeout(url: str, what: str) -> OpenAIError:
-    return OpenAIError(
+def upstream_timeout(url: str, what: str) -> UpstreamFailure:
+    return UpstreamFailure(
         504,
         f"The upstream {url} did not answer in time ({what}).",
         type="server_error",
@@ -219,7 +239,7 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
 
 
-def map_transport_error(replica: Replica, exc: BaseException) -> OpenAIError:
+def map_transport_error(replica: Replica, exc: BaseException) -> UpstreamFailure:
     """Connection trouble -> 502 (and the replica is ejected); a read timeout or the deadline -> 504."""
     if is_timeout(exc):
         what = "read timeout" if isinstance(exc, aiohttp.ClientError) else "total deadline"
@@ -229,7 +249,7 @@ def map_transport_error(replica: Replica, exc: BaseException) -> OpenAIError:
     return upstream_unavailable(replica.url, exc)
 
 
-def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIError:
+def map_upstream_status(replica: Replica, status: int, body: bytes) -> UpstreamFailure:
     """An upstream error response as an OpenAI error: client errors keep their status, server errors
     become 502 (503 stays 503: the upstream is loading), and so do 401/403: the client's own key was
     checked by kvproxy, so an upstream refusal means kvproxy's key for it is wrong or missing."""
@@ -246,18 +266,18 @@ def map_upstream_status(replica: Replica, status: int, body: bytes) -> OpenAIErr
         if body:
             message += f": {body[:200].decode('utf-8', errors='replace')}"
     if status >= 500 and status != 503:
-        return OpenAIError(
+        return UpstreamFailure(
             502, f"The upstream {replica.url} failed: {message}", type="server_error", code="upstream_error"
         )
     if status in (401, 403):  # the upstream refused kvproxy's credentials: a server-side problem
-        return OpenAIError(
+        return UpstreamFailure(
             502,
             f"The upstream {replica.url} refused kvproxy's credentials (HTTP {status}); "
             "check the deployment's api_key_env.",
             type="server_error",
             code="upstream_auth_failed",
         )
-    return OpenAIError(
+    return UpstreamFailure(
         status,
         message,
         type=str(etype or ("invalid_request_error" if status < 500 else "unavailable_error")),

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from fastapi.responses import Response
 
-from kvproxy.shadow import ShadowDirective
-
-if TYPE_CHECKING:
-    from kvproxy.deployment import Deployment
+from kvproxy.deployments.base import DeploymentBase
+from kvproxy.serving.base import Serving
+from kvproxy.shadow.pool import ShadowDirective
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,15 @@ SERVED_BY_HEADER = "X-KVProxy-Served-By"
 Kind = Literal["chat", "completion"]
 
 
-class Serving(Protocol):
-    async def handle_chat(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
-
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
+Handler = Callable[[bytes, dict[str, Any], ShadowDirective | None], Awaitable[Response]]
 
 
-def _handler(serving: Serving, kind: Kind) -> Any:
+def _handler(serving: Serving, kind: Kind) -> Handler:
     return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
 class GuardedServing:
-    def __init__(self, deployment: Deployment, primary: Serving, fallback: Serving) -> None:
+    def __init__(self, deployment: DeploymentBase, primary: Serving, fallback: Serving) -> None:
         assert deployment.guard is not None
         self.deployment = deployment
         self.guard = deployment.guard
@@ -63,11 +56,12 @@ class GuardedServing:
         self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         d = self.deployment
-        if not d.guard_active():
+        d.step_guard()
+        if not self.guard.active:
             response: Response = await _handler(self.primary, kind)(raw, body, shadow)
             response.headers[SERVED_BY_HEADER] = d.name
             return response
-        if d.sampler.decide(shadow) and not d.pool.saturated:
+        if d.shadow.sampler.decide(shadow) and not d.shadow.pool.saturated:
             self._probe(kind, body)
         response = await _handler(self.fallback, kind)(raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.guard.fallback
@@ -95,5 +89,4 @@ class GuardedServing:
 
     def _count(self, outcome: str) -> None:
         self.guard.probes[outcome] += 1
-        if self.deployment.serving_metrics is not None:
-            self.deployment.serving_metrics.guard_probe(outcome)
+        self.deployment.events.guard_probe(outcome)

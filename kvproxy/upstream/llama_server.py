@@ -13,21 +13,22 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 import orjson
 
-from kvproxy.errors import OpenAIError
 from kvproxy.kld import PositionScores, coarse_kld_row
-from kvproxy.metrics import ServingObserver, TokenClock
-from kvproxy.upstream import (
+from kvproxy.observers import NULL_SERVING, ServingEvents, TokenClock
+from kvproxy.shadow.job import PrimaryReport
+from kvproxy.sse import SSEDecoder
+from kvproxy.upstream.replicas import (
     JSON_HEADERS,
     Replica,
     ReplicaPool,
     UpstreamError,
+    UpstreamFailure,
     is_timeout,
     map_transport_error,
     map_upstream_status,
@@ -38,56 +39,6 @@ log = logging.getLogger(__name__)
 
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
-
-
-@dataclass
-class PrimaryReport:
-    """What the primary reported for each generated position: the token, and its top-K."""
-
-    token_ids: list[int] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_ids: list[list[int]] = field(default_factory=list)
-    top_logprobs: list[list[float]] = field(default_factory=list)
-    completion_tokens: int | None = None  # from the upstream's usage
-    finish_reason: str | None = None
-    malformed: bool = False  # an entry without a token id or logprob: nothing can be scored
-
-    def note_end(self, data: dict[str, Any]) -> None:
-        usage = data.get("usage")
-        if isinstance(usage, dict) and "completion_tokens" in usage:
-            self.completion_tokens = int(usage["completion_tokens"])
-        for choice in data.get("choices") or []:
-            if choice.get("finish_reason"):
-                self.finish_reason = str(choice["finish_reason"])
-
-    def aligned(self, *, streamed: bool) -> bool:
-        """Whether the logprob entries cover every generated token, so positions line up.
-
-        llama-server gives no entry for a token that ends inside a UTF-8 character, nor (when
-        streaming) for a final end-of-generation token; a response with such a gap cannot be
-        replayed position by position and is dropped from scoring, never guessed at.
-        """
-        n, expected = len(self.token_ids), self.completion_tokens
-        if expected is None or n == 0 or self.malformed:
-            return False
-        return n == expected or (streamed and self.finish_reason == "stop" and n == expected - 1)
-
-    def add(self, entries: list[dict[str, Any]]) -> None:
-        """Record entries; a malformed one (an upstream that gives no token ids, say) marks the
-        report unscorable instead of raising: the client's response must not depend on it."""
-        if self.malformed:
-            return
-        try:
-            for e in entries:
-                tops = e.get("top_logprobs") or []
-                row = (int(e["id"]), float(e["logprob"]), [int(t["id"]) for t in tops])
-                top_lps = [float(t["logprob"]) for t in tops]
-                self.token_ids.append(row[0])
-                self.token_logprobs.append(row[1])
-                self.top_ids.append(row[2])
-                self.top_logprobs.append(top_lps)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            self.malformed = True
 
 
 def strip_logprobs(choice: dict[str, Any], wants_logprobs: bool, wants_top: int) -> list[dict[str, Any]]:
@@ -108,16 +59,15 @@ def strip_logprobs(choice: dict[str, Any], wants_logprobs: bool, wants_top: int)
 class LlamaServerPrimary:
     """Serves one deployment's requests from llama-server replicas."""
 
-    def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
+    def __init__(self, pool: ReplicaPool, *, top_k: int, events: ServingEvents = NULL_SERVING) -> None:
         self.pool = pool
         self.top_k = top_k
-        self.observer: ServingObserver | None = None  # set when metrics are exported
+        self.events = events
 
     def record_error(self, kind: str) -> None:
-        if self.observer is not None:
-            self.observer.upstream_error(kind)
+        self.events.upstream_error(kind)
 
-    def _failure(self, replica: Replica, exc: BaseException) -> OpenAIError:
+    def _failure(self, replica: Replica, exc: BaseException) -> UpstreamFailure:
         """Count an exchange that failed below HTTP and say it as the client's error."""
         self.record_error("timeout" if is_timeout(exc) else "unavailable")
         return map_transport_error(replica, exc)
@@ -165,62 +115,54 @@ class LlamaServerPrimary:
         finally:
             replica.outstanding -= 1
         resp.release()
-        if self.observer is not None:
-            self._count_usage(body)
+        self._count_usage(body)
         return body
 
     def _count_usage(self, body: bytes) -> None:
         """Token counts from the usage object, without parsing the whole response."""
-        assert self.observer is not None
+        if not self.events.active:
+            return
         tail = body[-600:]
         prompt, completion = _USAGE_PROMPT.search(tail), _USAGE_COMPLETION.search(tail)
         if prompt and completion:
-            self.observer.tokens(int(prompt.group(1)), int(completion.group(1)))
+            self.events.tokens(int(prompt.group(1)), int(completion.group(1)))
 
     async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
 
-        Returns the raw SSE byte stream, cut at event boundaries: an event split across chunks is
-        held until it is whole. If the upstream dies or stalls mid-stream, or ends without
-        ``data: [DONE]``, the incomplete event is dropped, an SSE error event is sent (so it parses
-        on its own) and the stream closes.
+        Returns the raw SSE byte stream, cut at event boundaries (LF, CRLF or CR line ends): an event
+        split across chunks is held until it is whole. If the upstream dies or stalls mid-stream, or
+        ends without ``data: [DONE]``, the iterator raises :class:`UpstreamFailure` after the last
+        whole event (the serving layer sends it as an SSE error event) and closes.
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
-
-        clock = TokenClock(self.observer)
+        clock = TokenClock(self.events)
 
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
-            held = b""  # the start of an event whose end has not arrived yet
+            decoder = SSEDecoder()
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in resp.content.iter_any():
                         clock.tick()  # a chunk is about one token: llama-server flushes per token
                         tail = (tail + chunk)[-600:]
-                        if held:
-                            chunk, held = held + chunk, b""
-                        end = _events_end(chunk)
-                        if end < len(chunk):
-                            chunk, held = chunk[:end], chunk[end:]
-                        if chunk:
-                            yield chunk
-                if held:
-                    yield held
-                if self.observer is not None:
-                    self._count_usage(tail)
+                        whole = decoder.feed_raw(chunk)
+                        if whole:
+                            yield whole
+                if decoder.pending:
+                    yield decoder.pending
+                self._count_usage(tail)
                 if b"[DONE]" not in tail[-32:]:
                     self.record_error("stream_ended")
-                    yield sse_error(
-                        OpenAIError(
-                            502,
-                            f"The upstream {replica.url} ended the stream early.",
-                            type="server_error",
-                            code="upstream_stream_ended",
-                        )
+                    raise UpstreamFailure(
+                        502,
+                        f"The upstream {replica.url} ended the stream early.",
+                        type="server_error",
+                        code="upstream_stream_ended",
                     )
             except UpstreamError as exc:
-                yield sse_error(self._failure(replica, exc))
+                raise self._failure(replica, exc) from exc
             finally:
                 if resp.content.at_eof():
                     resp.release()  # the connection goes back to the pool
@@ -231,29 +173,6 @@ class LlamaServerPrimary:
         return relay()
 
 
-def _events_end(chunk: bytes) -> int:
-    """Where the last complete SSE event of ``chunk`` ends (0 when none does)."""
-    if chunk.endswith(b"\n\n"):  # the usual case: llama-server flushes whole events
-        return len(chunk)
-    lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-def sse_error(err: OpenAIError) -> bytes:
-    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
-
-
-def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The data payloads of an SSE line stream."""
-
-    async def gen() -> AsyncIterator[str]:
-        async for line in lines:
-            if line.startswith("data:"):
-                yield line[5:].strip()
-
-    return gen()
-
-
 class LlamaServerReference:
     """Teacher-forced top-K scoring on a plain llama-server: an n_predict=1 completion per position.
 
@@ -261,8 +180,8 @@ class LlamaServerReference:
     reuses the cached prefix and each step costs about one decode. Up to ``batch`` positions go in
     one request (``/completion`` takes an array of prompts and answers a list, in order of
     ``index``): the proxy's CPU per job was mostly the per-request HTTP work, about 0.2 ms a
-    position. Measured against the pinned llama-server, batched and one-by-one answers are
-    identical from the same cache state (docs/benchmarks.md).
+    position. Batched and one-by-one answers are identical from the same cache state
+    (docs/benchmarks.md).
     """
 
     def __init__(self, pool: ReplicaPool, *, top_k: int, batch: int = 32) -> None:

@@ -1,7 +1,7 @@
 """The guard: while a deployment's drift detector says ``drift``, its traffic goes to a fallback.
 
 Hysteresis comes from two places: the detector itself only returns to ``ok`` once its statistic has
-fallen to a quarter of the threshold (kvproxy.drift), and the guard stays on the fallback for at
+fallen to a quarter of the threshold (kvproxy.shadow.drift), and the guard stays on the fallback for at
 least ``min_hold_seconds`` after it switched, so a deployment cannot flap between the two. A
 ``warning`` changes nothing in either direction. Pure: the caller passes the time.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvproxy.drift import DRIFT, OK
+from kvproxy.shadow.drift import DRIFT, OK
 
 PRIMARY, FALLBACK = "primary", "fallback"
 # a probe replays a sampled request on the drifting primary so shadow scoring (and recovery) goes on

@@ -1,0 +1,62 @@
+"""What start-up prints: the model, the KV configuration and what it costs, access, the proxy map."""
+
+from __future__ import annotations
+
+from kvproxy import __version__
+from kvproxy.config import Settings
+from kvproxy.deployments.build import Deployment
+from kvproxy.deployments.http import HttpDeployment
+from kvproxy.gguf_info import ModelInfo
+from kvproxy.memory import kv_memory_summary, llama_n_ubatch
+
+
+def describe_startup(settings: Settings, info: ModelInfo) -> str:
+    """The embedded default: the model, the KV configuration and what it costs per token."""
+    shape = info.attention
+    k, v = settings.cache_type_k, settings.cache_type_v
+    n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
+    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch)
+    swa = (
+        f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
+        if shape.swa_layers
+        else ""
+    )
+    return "\n".join(
+        [
+            f"kvproxy {__version__}",
+            f"  model      {settings.alias or info.name} ({info.architecture}) from {info.path}",
+            f"  KV cache   K={k.value} V={v.value}, flash attention {'on' if settings.flash_attn else 'off'}",
+            f"  KV bytes   {m['bytes_per_token']:,} per token (f16 would be {m['f16_bytes_per_token']:,}: "
+            f"{m['bytes_per_token'] / m['f16_bytes_per_token']:.1%}){swa}",
+            f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for the "
+            f"{settings.ctx_size:,}-token context (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
+            f"  threads    {settings.threads}",
+            f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
+            f"{settings.reference_cache_type.value} KV reference on the same weights "
+            f"(status: /kvproxy/v1/status)",
+        ]
+    )
+
+
+def describe_proxy(deployments: list[Deployment]) -> str:
+    lines = [f"kvproxy {__version__} (proxy)"]
+    for d in deployments:
+        if not isinstance(d, HttpDeployment):
+            continue
+        kv = str(d.primary_kv) if d.primary_kv else "undeclared KV"
+        lines.append(f"  {d.name!r}: primary {', '.join(r.url for r in d.primary_pool.replicas)} ({kv})")
+        if d.reference_pool is not None:
+            lines.append(
+                f"  {'':{len(d.name) + 2}}  reference {', '.join(r.url for r in d.reference_pool.replicas)}, "
+                f"shadow {d.shadow.sampler.rate:.0%}"
+            )
+    return "\n".join(lines)
+
+
+def describe_access(settings: Settings) -> str:
+    keys, admin = settings.api_keys, settings.admin_token
+    return (
+        f"  access     /v1: {f'{len(keys)} API key(s)' if keys else 'open (no --api-key)'}; "
+        f"status and metrics: {'admin token' if admin else 'open (no --admin-token)'}; "
+        f"bodies up to {settings.max_body_bytes:,} bytes"
+    )

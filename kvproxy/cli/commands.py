@@ -1,0 +1,165 @@
+"""The ``kvproxy`` commands.
+
+Flags only override: each one left out falls through to ``KVPROXY_<NAME>`` and then to the default,
+all resolved by the one :class:`~kvproxy.config.Settings` object, whose field descriptions and
+defaults are also the flags' help (kvproxy.cli.options).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvproxy import __version__
+from kvproxy.app import default_metrics
+from kvproxy.backends.embedded import resolve_model_path
+from kvproxy.cli import calibrate as calibrate_command
+from kvproxy.cli.banner import describe_proxy, describe_startup
+from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
+from kvproxy.cli.proxy import proxy_deployments
+from kvproxy.cli.server import run
+from kvproxy.config import KVCacheType, Settings
+from kvproxy.deployments.build import Deployment, embedded_deployment
+from kvproxy.gguf_info import read_model_info
+from kvproxy.metrics import Metrics
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="kvproxy: serve llama.cpp with a quantized KV cache and measure what it costs.",
+)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help=setting_help("model"))] = None,
+    alias: Annotated[str | None, typer.Option(help=setting_help("alias"))] = None,
+    cache_type_k: Annotated[
+        KVCacheType | None,
+        typer.Option("--cache-type-k", "-ctk", help=setting_help("cache_type_k", f"({TYPES})")),
+    ] = None,
+    cache_type_v: Annotated[
+        KVCacheType | None, typer.Option("--cache-type-v", "-ctv", help=setting_help("cache_type_v"))
+    ] = None,
+    flash_attn: Annotated[
+        bool | None, typer.Option("--flash-attn/--no-flash-attn", help=setting_help("flash_attn"))
+    ] = None,
+    ctx_size: Annotated[int | None, typer.Option("--ctx-size", "-c", help=setting_help("ctx_size"))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help=setting_help("batch_size"))
+    ] = None,
+    host: Annotated[str | None, typer.Option(help=setting_help("host"))] = None,
+    port: Annotated[int | None, typer.Option(help=setting_help("port"))] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help=setting_help("threads"))] = None,
+    log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
+    shadow_rate: Annotated[
+        float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
+    ] = None,
+    reference_cache_type: Annotated[
+        KVCacheType | None, typer.Option(help=setting_help("reference_cache_type"))
+    ] = None,
+    shadow_queue_size: Annotated[int | None, typer.Option(help=setting_help("shadow_queue_size"))] = None,
+    primary: Annotated[
+        str | None,
+        typer.Option(help="Proxy mode: llama-server URL(s) of the primary, comma-separated (replicas)."),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Proxy mode: URL(s) of the reference: an f16-KV llama-server, or `kvproxy backend`."
+        ),
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help=setting_help("metrics_port"))] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Deployments file (TOML): several deployments, routed by model."),
+    ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            help="API key clients must send (Authorization: Bearer KEY) on /v1 routes; repeatable. "
+            "(env: KVPROXY_API_KEYS, comma-separated; the env keeps keys out of `ps`)",
+        ),
+    ] = None,
+    admin_token: Annotated[str | None, typer.Option(help=setting_help("admin_token"))] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help=setting_help("max_body_bytes"))] = None,
+    drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
+) -> None:
+    """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
+
+    With no --primary/--config: llama.cpp in process (the embedded default). With --primary (and
+    --reference) or --config: a proxy in front of llama-server processes.
+    """
+    settings = load_settings(
+        model=model,
+        alias=alias,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        flash_attn=flash_attn,
+        ctx_size=ctx_size,
+        batch_size=batch_size,
+        host=host,
+        port=port,
+        threads=threads,
+        log_level=log_level,
+        shadow_rate=shadow_rate,
+        reference_cache_type=reference_cache_type,
+        shadow_queue_size=shadow_queue_size,
+        metrics_port=metrics_port,
+        api_keys=api_key or None,
+        admin_token=admin_token,
+        max_body_bytes=max_body_bytes,
+        drain_timeout=drain_timeout,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    metrics = default_metrics()
+    deployments: list[Deployment]
+    if config_file is not None or primary is not None:
+        deployments = proxy_deployments(settings, primary, reference, config_file, metrics)
+        typer.echo(describe_proxy(deployments))
+    else:
+        if reference is not None:
+            raise fail("--reference needs --primary (the embedded default scores in process)")
+        deployments = [_embedded(settings, metrics)]
+    run(settings, deployments, metrics)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def backend(ctx: typer.Context) -> None:
+    """A scoring server for proxies: `kvproxy serve` on an embedded model, shadowing nothing itself.
+
+    It serves the OpenAI routes and /kvproxy/v1/score (exact KLD of the primary's KV config against
+    the reference's, on the same weights). Takes every embedded option of `serve`, e.g.
+    `kvproxy backend --model m.gguf -ctk q4_0 -ctv q4_0 --reference-cache-type f16 --port 8090`.
+    """
+    args = list(ctx.args)
+    if not any(a == "--shadow-rate" or a.startswith("--shadow-rate=") for a in args):
+        args = ["--shadow-rate", "0", *args]
+    app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+
+
+def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
+    try:
+        info = read_model_info(resolve_model_path(settings.model))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(describe_startup(settings, info))
+    return embedded_deployment(settings, info, metrics=metrics)
+
+
+app.command()(calibrate_command.calibrate)
+
+
+@app.command()
+def version() -> None:
+    """Print kvproxy's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="kvproxy")

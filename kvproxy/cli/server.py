@@ -1,0 +1,114 @@
+"""Running the app under uvicorn with one drain deadline for requests and shadow jobs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import typer
+import uvicorn
+
+from kvproxy.access import KeySet
+from kvproxy.app import create_app
+from kvproxy.cli.banner import describe_access
+from kvproxy.config import Settings
+from kvproxy.deployments.build import Deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.metrics import Metrics
+from kvproxy.metrics_server import start_metrics_server
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, noting when the exit signal came: one drain deadline for the requests in
+    flight and the shadow jobs queued after them.
+
+    A drained server exits 0. uvicorn's own ``handle_exit`` records the signal and raises it again
+    once it is done, so the process would die of SIGTERM (-15) after a clean drain; this one does
+    what it does (exit, or force on a second Ctrl-C) without recording the signal."""
+
+    def __init__(self, config: uvicorn.Config, drain: DrainClock) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.drain.begin(sig)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+class DrainClock:
+    """Starts the app's drain deadline (``app.state.drain_deadline``) at the first exit signal."""
+
+    def __init__(self, state: object, timeout: float) -> None:
+        self.state = state
+        self.timeout = timeout
+
+    def begin(self, sig: int) -> None:
+        if getattr(self.state, "drain_deadline", None) is None:
+            self.state.drain_deadline = time.monotonic() + self.timeout  # type: ignore[attr-defined]
+            logging.getLogger("kvproxy").info(
+                "signal %d: draining for up to %.1f s (in-flight requests, then shadow jobs)",
+                sig,
+                self.timeout,
+            )
+
+
+def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> None:
+    exit_code = 0
+    server: DrainingServer
+
+    def on_ready() -> None:
+        sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
+        bound_port = sockets[0].getsockname()[1] if sockets else settings.port
+        for d in deployments:
+            if isinstance(d, EmbeddedDeployment):
+                typer.echo(f"  chat       template: {d.backend.chat_template.source}")
+        names = ", ".join(repr(d.name) for d in deployments)
+        plural = "s" if len(deployments) > 1 else ""
+        typer.echo(f"  page       http://{settings.host}:{bound_port}/ui (live quality)")
+        typer.echo(f"ready: http://{settings.host}:{bound_port}/v1 serving model{plural} {names}")
+
+    def on_load_failed(exc: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
+        server.should_exit = True
+
+    api_keys = [k.get_secret_value() for k in settings.api_keys]
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    asgi = create_app(
+        deployments,
+        on_ready=on_ready,
+        on_load_failed=on_load_failed,
+        metrics=metrics,
+        api_keys=api_keys,
+        admin_token=admin,
+        max_body_bytes=settings.max_body_bytes,
+        drain_timeout=settings.drain_timeout,
+    )
+    typer.echo(describe_access(settings))
+    config = uvicorn.Config(
+        asgi,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        # X-Forwarded-* rewriting is off: kvproxy neither logs nor redirects by client address, and
+        # the middleware costs CPU on every request (docs/benchmarks.md)
+        proxy_headers=False,
+        server_header=False,
+        # SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them
+        # (uvicorn logs how many); the app's shutdown gives queued shadow jobs what is left
+        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
+    )
+    server = DrainingServer(config, DrainClock(asgi.state, settings.drain_timeout))
+    if settings.metrics_port is not None:
+        start_metrics_server(settings.host, settings.metrics_port, metrics.registry, KeySet([admin]))
+        typer.echo(f"  metrics    http://{settings.host}:{settings.metrics_port}/metrics")
+    server.run()
+    if exit_code:
+        raise typer.Exit(code=exit_code)

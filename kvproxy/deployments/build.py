@@ -1,0 +1,113 @@
+"""Deployments from settings and the deployments file: the embedded default, llama-server ones."""
+
+from __future__ import annotations
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
+from kvproxy.backends.embedded_scorer import ThreadedScorer
+from kvproxy.config import KVCacheType, Settings
+from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.http import HttpDeployment
+from kvproxy.deployments.spec import DeploymentSpec, DriftSpec, GuardSpec, ProxyConfig
+from kvproxy.gguf_info import ModelInfo, read_model_info
+from kvproxy.metrics import Metrics
+from kvproxy.shadow.baseline import read_baseline
+from kvproxy.shadow.drift import DriftDetector
+from kvproxy.shadow.guard import Guard
+from kvproxy.shadow.pool import ShadowSampler
+from kvproxy.shadow.quality import QualityTracker
+from kvproxy.upstream.replicas import ReplicaPool, Timeouts
+
+Deployment = EmbeddedDeployment | HttpDeployment
+
+
+def drift_detector(spec: DriftSpec, primary_kv: KVConfig | None) -> DriftDetector:
+    """The detector a file entry asks for: armed from a calibration baseline, or warming up."""
+    drift = DriftDetector(warmup=spec.warmup, h=spec.threshold, k=spec.allowance)
+    if spec.baseline is not None:
+        b = read_baseline(spec.baseline, primary_kv, default_log_sigma=spec.log_sigma)
+        drift.arm(b.mean_kld, b.log_sigma)
+    return drift
+
+
+def guard_for(spec: GuardSpec | None) -> Guard | None:
+    if spec is None:
+        return None
+    return Guard(spec.fallback, spec.min_hold_seconds, probe_concurrency=spec.probe_concurrency)
+
+
+def embedded_deployment(
+    settings: Settings,
+    info: ModelInfo,
+    backend: EmbeddedBackend | None = None,
+    *,
+    spec: DeploymentSpec | None = None,
+    metrics: Metrics | None = None,
+) -> EmbeddedDeployment:
+    """The zero-configuration deployment: primary and exact scorer in process on one set of weights."""
+    backend = backend or EmbeddedBackend(settings, info)
+    reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
+    return EmbeddedDeployment(
+        backend,
+        ThreadedScorer(lambda: backend.make_scorer(reference)),
+        reference_kv=reference,
+        sampler=ShadowSampler(settings.shadow_rate),
+        tracker=QualityTracker(window=settings.status_window),
+        drift=drift_detector(spec.drift, backend.kv) if spec else None,
+        guard=guard_for(spec.guard) if spec else None,
+        queue_size=settings.shadow_queue_size,
+        metrics=metrics,
+    )
+
+
+def http_deployment(
+    spec: DeploymentSpec, *, window: int = 4096, metrics: Metrics | None = None
+) -> HttpDeployment:
+    """A deployment served by llama-server replicas (and scored on its reference, if any)."""
+    timeouts = Timeouts(spec.timeouts.connect, spec.timeouts.read, spec.timeouts.total)
+    ref = spec.reference
+    primary_kv = spec.primary.kv()
+
+    def pool(urls: list[str], api_key: str | None) -> ReplicaPool:
+        return ReplicaPool(urls, timeouts, health_interval=spec.health_interval, api_key=api_key)
+
+    return HttpDeployment(
+        spec.model,
+        primary_pool=pool(spec.primary.urls, spec.primary.api_key()),
+        reference_pool=pool(ref.urls, ref.api_key()) if ref else None,
+        primary_kv=primary_kv,
+        reference_kv=ref.kv(KVCacheType.F16) if ref else None,
+        sampler=ShadowSampler(spec.shadow_rate),
+        tracker=QualityTracker(window=window),
+        drift=drift_detector(spec.drift, primary_kv),
+        guard=guard_for(spec.guard),
+        top_k=spec.top_k,
+        queue_size=spec.queue_size,
+        concurrency=spec.concurrency,
+        metrics=metrics,
+    )
+
+
+def build_deployments(
+    config: ProxyConfig, settings: Settings, *, metrics: Metrics | None = None
+) -> list[Deployment]:
+    """Every deployment of a deployments file; an embedded one takes its model from ``settings``."""
+    out: list[Deployment] = []
+    for spec in config.deployments:
+        if not spec.primary.embedded:
+            out.append(http_deployment(spec, window=settings.status_window, metrics=metrics))
+            continue
+        s = settings.model_copy(
+            update={
+                "alias": spec.model,
+                "cache_type_k": spec.primary.cache_type_k or settings.cache_type_k,
+                "cache_type_v": spec.primary.cache_type_v
+                or spec.primary.cache_type_k
+                or settings.cache_type_v,
+                "shadow_rate": spec.shadow_rate,
+                "shadow_queue_size": spec.queue_size,
+            }
+        )
+        info = read_model_info(resolve_model_path(s.model))
+        out.append(embedded_deployment(s, info, spec=spec, metrics=metrics))
+    return out

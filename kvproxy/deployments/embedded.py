@@ -1,0 +1,106 @@
+"""The zero-configuration deployment: primary and exact scorer in process, on one set of weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.backends.embedded_scorer import ThreadedScorer
+from kvproxy.deployments.base import DeploymentBase
+from kvproxy.memory import kv_memory_summary
+from kvproxy.metrics import (
+    DeploymentObserver,
+    Metrics,
+    ServingObserver,
+    export_backend_up,
+    export_guard,
+    export_kv_memory,
+)
+from kvproxy.observers import NULL_SERVING, NULL_SHADOW
+from kvproxy.shadow.drift import DriftDetector
+from kvproxy.shadow.guard import Guard
+from kvproxy.shadow.path import ShadowPath
+from kvproxy.shadow.pool import ShadowSampler
+from kvproxy.shadow.quality import QualityTracker
+
+
+class EmbeddedDeployment(DeploymentBase):
+    def __init__(
+        self,
+        backend: EmbeddedBackend,
+        scorer: ThreadedScorer,
+        *,
+        reference_kv: KVConfig,
+        sampler: ShadowSampler,
+        tracker: QualityTracker | None = None,
+        drift: DriftDetector | None = None,
+        guard: Guard | None = None,
+        queue_size: int = 64,
+        metrics: Metrics | None = None,
+    ) -> None:
+        name = backend.model_name
+        super().__init__(
+            name,
+            primary_kv=backend.kv,
+            reference_kv=reference_kv,
+            guard=guard,
+            events=ServingObserver(metrics, name) if metrics else NULL_SERVING,
+        )
+        self.backend = backend
+        self.scorer = scorer
+        self.load_error: str | None = None  # why the model failed to load, once it has
+        self.shadow = ShadowPath(
+            sampler,
+            scorer,
+            tracker=tracker,
+            drift=drift,
+            queue_size=queue_size,
+            concurrency=1,
+            events=DeploymentObserver(metrics, self) if metrics else NULL_SHADOW,
+            after_scored=self.after_scored,
+        )
+        if metrics is not None:
+            self._export(metrics)
+
+    def _export(self, metrics: Metrics) -> None:
+        backend = self.backend
+        export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
+        if self.guard is not None:
+            export_guard(metrics, self.name, self.guard)
+        for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
+            if kv is not None:
+                shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
+                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch)
+
+    @property
+    def ready(self) -> bool:
+        return self.backend.ready
+
+    @property
+    def model_label(self) -> str:
+        return self.backend.info.name
+
+    def kv_figures(self) -> dict[str, Any]:
+        b = self.backend
+        return kv_memory_summary(
+            b.info.attention, b.kv.cache_type_k, b.kv.cache_type_v, b.n_ctx, n_ubatch=b.n_ubatch
+        )
+
+    async def start(self) -> None:
+        """Load the model, then the scoring contexts on the same weights, then start the workers."""
+        try:
+            await self.backend.load()
+            await self.scorer.start()
+        except Exception as exc:
+            self.load_error = str(exc)
+            raise
+        self.shadow.pool.start()
+
+    async def stop(self) -> None:
+        await self.cancel_probes()
+        await self.shadow.pool.stop()
+
+    def close(self) -> None:
+        self.scorer.close()  # scoring contexts go before the model they share
+        self.backend.close()

@@ -1,0 +1,139 @@
+"""A deployment served by llama-server replicas, scored on its reference (if it has one)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.deployments.base import DeploymentBase
+from kvproxy.kld import PositionScores
+from kvproxy.metrics import DeploymentObserver, Metrics, ServingObserver, export_backend_up, export_guard
+from kvproxy.observers import NULL_SERVING, NULL_SHADOW
+from kvproxy.shadow.drift import DriftDetector
+from kvproxy.shadow.guard import Guard
+from kvproxy.shadow.job import ShadowJob
+from kvproxy.shadow.path import ShadowPath
+from kvproxy.shadow.pool import ShadowSampler
+from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
+from kvproxy.upstream.llama_server import LlamaServerPrimary
+from kvproxy.upstream.replicas import ReplicaPool, UpstreamError
+from kvproxy.upstream.score_client import ScoreRouteReference
+
+
+class HttpDeployment(DeploymentBase):
+    def __init__(
+        self,
+        name: str,
+        *,
+        primary_pool: ReplicaPool,
+        reference_pool: ReplicaPool | None,
+        primary_kv: KVConfig | None,
+        reference_kv: KVConfig | None,
+        sampler: ShadowSampler,
+        tracker: QualityTracker | None = None,
+        drift: DriftDetector | None = None,
+        guard: Guard | None = None,
+        top_k: int = 20,
+        queue_size: int = 64,
+        concurrency: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            primary_kv=primary_kv,
+            reference_kv=reference_kv,
+            guard=guard,
+            events=ServingObserver(metrics, name) if metrics else NULL_SERVING,
+        )
+        self.primary_pool = primary_pool
+        self.reference_pool = reference_pool
+        self.top_k = top_k
+        self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
+        self.resolver = ReferenceResolver(reference_pool, top_k=top_k) if reference_pool else None
+        scorer = HttpScorer(primary_pool, self.resolver) if self.resolver else _NoReference()
+        self.shadow = ShadowPath(
+            sampler if reference_pool is not None else ShadowSampler(0.0),
+            scorer,
+            tracker=tracker,
+            drift=drift,
+            queue_size=queue_size,
+            concurrency=concurrency,
+            events=DeploymentObserver(metrics, self) if metrics else NULL_SHADOW,
+            after_scored=self.after_scored,
+        )
+        if metrics is not None:
+            self._export(metrics)
+
+    def _export(self, metrics: Metrics) -> None:
+        if self.guard is not None:
+            export_guard(metrics, self.name, self.guard)
+        pools = [("primary", self.primary_pool)]
+        if self.reference_pool is not None:
+            pools.append(("reference", self.reference_pool))
+        for role, pool in pools:
+            for replica in pool.replicas:
+                export_backend_up(metrics, self.name, role, replica.url, lambda r=replica: r.healthy)  # type: ignore[misc]
+
+    @property
+    def estimator(self) -> str:  # type: ignore[override]
+        return self.resolver.estimator if self.resolver is not None else "none"
+
+    @property
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.primary_pool.replicas)
+
+    async def start(self) -> None:
+        self.primary_pool.start()
+        await self.primary_pool.check_health()
+        if self.reference_pool is not None and self.resolver is not None:
+            self.reference_pool.start()
+            with contextlib.suppress(*UpstreamError):
+                await self.resolve_reference()
+        self.shadow.pool.start()
+
+    async def resolve_reference(self) -> None:
+        assert self.resolver is not None
+        await self.resolver.resolve()
+
+    @property
+    def reference_kv(self) -> KVConfig | None:
+        """As declared, unless the reference is a kvproxy scoring server: it says its own."""
+        reference = self.resolver.reference if self.resolver is not None else None
+        if isinstance(reference, ScoreRouteReference):
+            return reference.info.reference_kv
+        return self._declared_reference_kv
+
+    @reference_kv.setter
+    def reference_kv(self, kv: KVConfig | None) -> None:
+        self._declared_reference_kv = kv
+
+    async def stop(self) -> None:
+        await self.cancel_probes()
+        await self.shadow.pool.stop()
+        await self.primary_pool.close()
+        if self.reference_pool is not None:
+            await self.reference_pool.close()
+
+    def close(self) -> None:
+        pass
+
+    def backend_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"primary_replicas": self.primary_pool.status()}
+        if self.reference_pool is not None and self.resolver is not None:
+            reference = self.resolver.reference
+            out["reference_replicas"] = self.reference_pool.status()
+            out["reference_kind"] = (
+                "kvproxy-score" if isinstance(reference, ScoreRouteReference) else "llama-server"
+            )
+            if isinstance(reference, ScoreRouteReference):
+                out["replica_consistency"] = reference.consistency()
+        return out
+
+
+class _NoReference:
+    """A deployment without a reference samples nothing, so this is never asked to score."""
+
+    async def score(self, job: ShadowJob) -> PositionScores:
+        raise RuntimeError("this deployment has no reference to score on")

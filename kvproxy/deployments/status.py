@@ -1,0 +1,60 @@
+"""One deployment as the status route (and the live quality page) shows it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvproxy.backends.base import KVConfig
+from kvproxy.deployments.base import DeploymentBase
+from kvproxy.memory import KV_MEMORY_FIELDS
+
+
+def kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
+    return None if kv is None else kv.as_dict()
+
+
+def memory_status(d: DeploymentBase) -> dict[str, Any] | None:
+    """KV bytes of the primary config against f16 (kvproxy.memory). Without the model's attention
+    shape (a llama-server primary) only the config is known: the figures are null."""
+    kv = kv_dict(d.primary_kv)
+    if kv is None:
+        return None
+    return {**kv, **(d.kv_figures() or dict.fromkeys(KV_MEMORY_FIELDS))}
+
+
+def deployment_status(d: DeploymentBase) -> dict[str, Any]:
+    shadow = d.shadow
+    c, pool, tracker = shadow.pool.counters, shadow.pool, shadow.tracker
+    return {
+        "name": d.name,
+        "ready": d.ready,
+        "primary": kv_dict(d.primary_kv),
+        "reference": kv_dict(d.reference_kv),
+        "estimator": d.estimator,
+        **d.backend_status(),
+        "drift": shadow.drift.status(),
+        "guard": None
+        if d.guard is None
+        else {**d.guard.status(time.monotonic()), "probes_in_flight": len(d.probes)},
+        "shadow": {
+            "rate": shadow.sampler.rate,
+            "sampled": c.sampled,
+            "scored": c.scored,
+            "dropped": c.dropped,
+            "failed": c.failed,
+            "shed": c.shed,
+            "queued": pool.queued,
+            "in_flight": pool.in_flight,
+            "scored_tokens": c.scored_tokens,
+            "last_lag_seconds": c.last_lag_seconds,
+            "coverage": shadow.coverage(),
+        },
+        "kld": {
+            "since_start": tracker.since_start().as_dict(),
+            "recent": {"window_tokens": tracker.window, **tracker.recent().as_dict()},
+        },
+        "memory": memory_status(d),
+        "history": shadow.history.as_list(),
+        "histogram": tracker.histogram(),
+    }

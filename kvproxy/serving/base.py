@@ -1,0 +1,47 @@
+"""What every kind of serving offers the routes, and the helpers they share.
+
+A serving object takes a request's raw body (for byte-exact relays), its parsed JSON and the
+shadow directive of its headers, and returns the HTTP response.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from kvproxy.errors import OpenAIError, pydantic_error
+from kvproxy.shadow.pool import SHADOW_HEADER, ShadowDirective, parse_shadow_header
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_MEDIA_TYPE = "text/event-stream"
+
+
+class Serving(Protocol):
+    async def handle_chat(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response: ...
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response: ...
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validated(model: type[_M], body: dict[str, Any]) -> _M:
+    """The body as ``model``, or one OpenAI error naming the parameter (never FastAPI's 422)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise pydantic_error(exc) from exc
+
+
+def shadow_directive(header: str | None) -> ShadowDirective | None:
+    """The ``X-KVProxy-Shadow`` request header, or a 400 naming it."""
+    try:
+        return parse_shadow_header(header)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param=SHADOW_HEADER) from exc

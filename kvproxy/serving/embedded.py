@@ -1,0 +1,302 @@
+"""Serving for the embedded backend: OpenAI requests in, OpenAI responses (or SSE chunks) out.
+
+A validated request becomes prompt tokens and a token budget (checked against the context size):
+the chat template is rendered and the prompt tokenized on a worker thread, never on the event loop,
+and a prompt that cannot fit is refused from its length in bytes before it is tokenized at all.
+The backend's events then become one response object or a stream of SSE chunks; a finished
+generation hands its tokens to the shadow path with a non-blocking put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
+
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from kvproxy import __version__, sse
+from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
+from kvproxy.chat_template import ChatTemplateError
+from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
+from kvproxy.observers import TokenClock
+from kvproxy.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    FinishReason,
+)
+from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
+from kvproxy.serving.openai_format import (
+    Collected,
+    backend_failure,
+    collect,
+    legacy_logprobs,
+    prepend,
+    sampling,
+    sse_stream,
+    usage,
+    wire_logprob,
+)
+from kvproxy.shadow.job import ShadowJob
+from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+
+
+def _json_response(payload: BaseModel) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")
+
+
+def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+
+class EmbeddedServing:
+    """Chat completions and completions for one embedded deployment."""
+
+    def __init__(self, deployment: EmbeddedDeployment) -> None:
+        self.deployment = deployment
+        self.backend = deployment.backend
+        self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
+
+    # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
+
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+        req = validated(ChatCompletionRequest, body)
+        if req.stream:
+            return _streaming(await self.chat_stream(req, shadow))
+        return _json_response(await self.chat(req, shadow))
+
+    async def handle_completion(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req = validated(CompletionRequest, body)
+        if req.stream:
+            return _streaming(await self.completion_stream(req, shadow))
+        return _json_response(await self.completion(req, shadow))
+
+    # ---- generation and its hand-over to the shadow path ------------------------------------
+
+    async def _events(
+        self, gen: GenerationRequest, ticket: ShadowTicket | None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """The backend's events; a finished generation hands its tokens to the shadow path."""
+        events = self.deployment.events
+        clock = TokenClock(events)
+        try:
+            async for event in self.backend.generate(gen):
+                if isinstance(event, Finished):
+                    if ticket is not None:
+                        ticket.submit(
+                            ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                        )
+                    events.tokens(event.prompt_tokens, event.completion_tokens)
+                elif event.text:
+                    clock.tick()
+                yield event
+        finally:
+            if ticket is not None:
+                ticket.abandon()  # a no-op once submitted
+
+    def _check_ready(self) -> None:
+        if self.deployment.load_error is not None:
+            raise model_load_failed(self.deployment.load_error)
+        if not self.backend.ready:
+            raise model_loading()
+
+    async def _collected(self, gen: GenerationRequest, shadow: ShadowDirective | None) -> Collected:
+        try:
+            return await collect(self._events(gen, self.deployment.ticket(shadow)))
+        except BackendError as exc:
+            raise backend_failure(exc) from exc
+
+    async def _started(
+        self, gen: GenerationRequest, shadow: ShadowDirective | None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Start generating and wait for the first event, before any byte of a stream is sent.
+
+        A request that fails at once (backend error) then still gets a proper HTTP status instead of
+        a 200 stream carrying an error. Returns the events, the first one included.
+        """
+        events = self._events(gen, self.deployment.ticket(shadow))
+        try:
+            first = await anext(events)
+        except BackendError as exc:
+            await events.aclose()
+            raise backend_failure(exc) from exc
+        return prepend(first, events)
+
+    # ---- prompts ----------------------------------------------------------------------------
+
+    def _budget(self, prompt: Sequence[int], requested: int | None) -> int:
+        n_ctx = self.backend.n_ctx
+        if len(prompt) >= n_ctx or (requested is not None and len(prompt) + requested > n_ctx):
+            raise context_length_exceeded(n_ctx, len(prompt), requested)
+        return requested if requested is not None else n_ctx - len(prompt)
+
+    def _tokenize(self, text: str, requested: int | None) -> list[int]:
+        """Tokenize (on a worker thread), unless the text surely cannot fit the context: no token
+        covers more than ``max_token_bytes`` bytes, so that bounds the count from below."""
+        n_ctx = self.backend.n_ctx
+        at_least = -(-len(text.encode("utf-8", errors="replace")) // self.backend.max_token_bytes)
+        if at_least >= n_ctx or (requested is not None and at_least + requested > n_ctx):
+            raise context_length_exceeded(n_ctx, at_least, requested, at_least=True)
+        return self.backend.tokenize(text, add_bos=True)
+
+    def _chat_prompt(self, messages: list[dict[str, Any]], requested: int | None) -> list[int]:
+        try:
+            text = self.backend.render_chat(messages)
+        except ChatTemplateError as exc:
+            raise OpenAIError(400, str(exc), param="messages") from exc
+        return self._tokenize(text, requested)
+
+    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+        self._check_ready()
+        messages = [m.template_dict() for m in req.messages]
+        prompt = await asyncio.to_thread(self._chat_prompt, messages, req.completion_limit)
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=self._budget(prompt, req.completion_limit),
+            sampling=sampling(req),
+            stop=req.stop_sequences(),
+            top_logprobs=req.top_logprobs_count,
+        )
+
+    async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
+        self._check_ready()
+        if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
+            text = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
+            prompt = await asyncio.to_thread(self._tokenize, text, req.max_tokens)
+        else:
+            prompt = [int(t) for t in req.prompt]
+            n_vocab = self.backend.n_vocab
+            if any(t >= n_vocab for t in prompt):
+                raise OpenAIError(
+                    400,
+                    f"Invalid value for 'prompt': token ids must be below the vocabulary size {n_vocab}.",
+                    param="prompt",
+                )
+        if not prompt:
+            raise OpenAIError(400, "The prompt is empty.", param="prompt")
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=self._budget(prompt, req.max_tokens),
+            sampling=sampling(req),
+            stop=req.stop_sequences(),
+            top_logprobs=req.logprobs,
+        )
+
+    # ---- /v1/chat/completions ---------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
+        got = await self._collected(await self.prepare_chat(req), shadow)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=got.text),
+                    logprobs=ChoiceLogprobs(content=[wire_logprob(lp) for lp in got.logprobs])
+                    if req.logprobs
+                    else None,
+                    finish_reason=got.done.finish_reason,
+                )
+            ],
+            usage=usage(got.done),
+        )
+
+    async def chat_stream(
+        self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
+        return self._chat_chunks(req, await self._started(await self.prepare_chat(req), shadow))
+
+    async def _chat_chunks(
+        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None]
+    ) -> AsyncIterator[bytes]:
+        chunk = ChatCompletionChunk(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+        )
+
+        def delta(event: TextDelta) -> ChatCompletionChunk:
+            lp = ChoiceLogprobs(content=[wire_logprob(x) for x in event.logprobs]) if req.logprobs else None
+            chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
+            return chunk
+
+        def finish(done: Finished) -> ChatCompletionChunk:
+            chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=done.finish_reason)]
+            return chunk
+
+        def final_usage(done: Finished) -> ChatCompletionChunk:
+            chunk.choices = []
+            chunk.usage = usage(done)
+            return chunk
+
+        yield sse.encode(chunk, exclude={"usage"})
+        async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
+            yield out
+
+    # ---- /v1/completions --------------------------------------------------------------------
+
+    def _completion(
+        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None
+    ) -> Completion:
+        return Completion(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
+        )
+
+    async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
+        got = await self._collected(await self.prepare_completion(req), shadow)
+        lp = legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
+        out = self._completion(got.text, got.done.finish_reason, lp)
+        out.usage = usage(got.done)
+        return out
+
+    async def completion_stream(
+        self, req: CompletionRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
+        return self._completion_chunks(req, await self._started(await self.prepare_completion(req), shadow))
+
+    async def _completion_chunks(
+        self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None]
+    ) -> AsyncIterator[bytes]:
+        offset = 0
+
+        def delta(event: TextDelta) -> Completion:
+            nonlocal offset
+            lp = legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
+            offset += len(event.text)
+            return self._completion(event.text, None, lp)
+
+        def final_usage(done: Finished) -> Completion:
+            final = self._completion("", None, None)
+            final.choices = []
+            final.usage = usage(done)
+            return final
+
+        def finish(done: Finished) -> Completion:
+            return self._completion("", done.finish_reason, None)
+
+        async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
+            yield out
