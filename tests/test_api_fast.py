@@ -1,0 +1,183 @@
+"""Routing, validation and error mapping, in process: the real app (fast path, FastAPI routes,
+access and body layers) over ``httpx.ASGITransport``, with a stub backend instead of a model
+(tests/stub_backend.py). The real-model and real-process tests (test_errors.py, test_openai_client.py,
+...) stay; these cover the many refusals that never reach a backend, in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from kvproxy.app import create_app
+from kvproxy.backends.base import KVConfig
+from kvproxy.config import KVCacheType
+from kvproxy.deployments.build import http_deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.spec import DeploymentSpec
+from kvproxy.shadow.pool import ShadowSampler
+from tests.llama_servers import free_port
+from tests.stub_backend import IdleScorer, StubBackend
+from tests.test_errors import assert_openai_error
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def stub_deployment(backend: StubBackend) -> EmbeddedDeployment:
+    return EmbeddedDeployment(
+        backend,  # type: ignore[arg-type]
+        IdleScorer(),  # type: ignore[arg-type]
+        reference_kv=KVConfig(KVCacheType.F16, KVCacheType.F16),
+        sampler=ShadowSampler(0.0),
+    )
+
+
+class Client:
+    """Synchronous calls into the ASGI app on one private event loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvproxy")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.loop.run_until_complete(self.http.request(method, path, **kwargs))
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.http.aclose())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def backend() -> StubBackend:
+    return StubBackend()
+
+
+@pytest.fixture(scope="module")
+def client(backend: StubBackend) -> Iterator[Client]:
+    dead = f"http://127.0.0.1:{free_port()}"  # an HTTP deployment whose llama-server is down
+    relay = http_deployment(DeploymentSpec.model_validate({"model": "relay", "primary": {"urls": [dead]}}))
+    c = Client(create_app([stub_deployment(backend), relay]))
+    yield c
+    c.loop.run_until_complete(relay.primary_pool.close())
+    c.close()
+
+
+def test_a_request_reaches_the_backend_of_its_model(client: Client, backend: StubBackend) -> None:
+    before = len(backend.generated)
+    resp = client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == "ab"
+    assert len(backend.generated) == before + 1
+    assert backend.generated[-1].max_tokens == 2
+    relay = client.post("/v1/chat/completions", json={"model": "relay", "messages": MSG})
+    assert_openai_error(relay, 502, code="upstream_unavailable")  # routed to the HTTP deployment
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["stub", "relay"]
+
+
+def test_unknown_model_invalid_json_and_unknown_routes(client: Client) -> None:
+    for path, body in (("/v1/chat/completions", {"messages": MSG}), ("/v1/completions", {"prompt": "x"})):
+        resp = client.post(path, json={"model": "gpt-5", **body})
+        assert_openai_error(resp, 404, param="model", code="model_not_found", contains="gpt-5")
+    bad = client.post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
+    assert_openai_error(bad, 400, code="invalid_json", contains="JSON")
+    assert client.post("/v1/chat/completions", content=b"[1, 2]").status_code == 400
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "contains"),
+    [
+        ({"model": None, "messages": MSG}, "model", "Field required"),
+        ({"messages": None}, "messages", "Field required"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": MSG, "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"messages": MSG, "max_tokens": "many"}, "max_tokens", "integer"),
+        ({"messages": MSG, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs", "20"),
+        ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
+        ({"messages": MSG, "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
+    ],
+)
+def test_schema_violations_are_400(client: Client, body: dict[str, Any], param: str, contains: str) -> None:
+    body = {k: v for k, v in {"model": "stub", **body}.items() if v is not None}  # None: left out
+    assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param=param, contains=contains)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "contains"),
+    [
+        ({"n": 2}, "n", "n > 1 is not supported"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+            "tools is not supported",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
+        ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
+    ],
+)
+def test_parameters_that_cannot_be_honoured_are_400(
+    client: Client, extra: dict[str, Any], param: str | None, contains: str
+) -> None:
+    resp = client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, **extra})
+    assert_openai_error(resp, 400, param=param, contains=contains)
+
+
+def test_completion_parameters_that_cannot_be_honoured(client: Client) -> None:
+    for extra, param in (({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")):
+        resp = client.post("/v1/completions", json={"model": "stub", "prompt": "x", **extra})
+        assert_openai_error(resp, 400, param=param, contains="not supported")
+
+
+def test_headers_are_checked(client: Client) -> None:
+    body = {"model": "stub", "messages": MSG}
+    bad = client.post("/v1/chat/completions", json=body, headers={"X-KVProxy-Shadow": "always"})
+    assert_openai_error(bad, 400, param="X-KVProxy-Shadow", contains="force")
+    bad = client.post("/v1/chat/completions", json=body, headers={"X-KVProxy-Token-Scores": "yes"})
+    assert_openai_error(bad, 400, param="X-KVProxy-Token-Scores", contains="keep")
+
+
+def test_context_overflow_is_refused_before_tokenizing(client: Client, backend: StubBackend) -> None:
+    """The stub's tokens are bytes: a prompt of more bytes than the context never gets tokenized."""
+    before = len(backend.generated)
+    long = [{"role": "user", "content": "x" * 1000}]
+    err = assert_openai_error(
+        client.post("/v1/chat/completions", json={"model": "stub", "messages": long}),
+        400,
+        code="context_length_exceeded",
+        contains="at least",
+    )
+    assert "256" in err["message"]
+    err = assert_openai_error(
+        client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "max_tokens": 250}),
+        400,
+        param="max_tokens",
+        code="context_length_exceeded",
+    )
+    assert "250 for the completion" in err["message"]
+    assert len(backend.generated) == before
+
+
+def test_a_failing_backend_is_a_500_before_any_stream_starts() -> None:
+    c = Client(create_app(stub_deployment(StubBackend(fail=True))))
+    try:
+        for stream in (False, True):
+            resp = c.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "stream": stream})
+            assert_openai_error(resp, 500, code="backend_error")
+    finally:
+        c.close()
