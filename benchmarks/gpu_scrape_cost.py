@@ -54,7 +54,7 @@ BASELINE, BEFORE, NOW = "no GPU (baseline)", "NVML on the loop (before)", "cache
 class OnTheLoop(GpuMonitor):
     """The old way: NVML opened, read and shut down at every scrape and status poll, on the loop."""
 
-    async def start(self) -> None:
+    def start(self) -> None:
         pass
 
     async def stop(self) -> None:
@@ -73,7 +73,8 @@ async def measure(mode: str, requests: int, seconds: float) -> dict[str, Any]:
     monitor = {BASELINE: GpuMonitor(Absent()), BEFORE: OnTheLoop(), NOW: GpuMonitor(NvmlReader())}[mode]
     spec = DeploymentSpec.model_validate({"model": "m", "primary": {"urls": ["http://127.0.0.1:9"]}})
     app = create_app(http_deployment(spec), gpu=monitor)
-    await monitor.start()
+    monitor.start()
+    await monitor.first_reading()
     watch = loop_load()
     out: dict[str, Any] = {"mode": mode}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://k") as http:

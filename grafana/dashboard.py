@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "kvproxy.json"
 SEL = 'deployment=~"$deployment",model=~"$model"'
 DEP = 'deployment=~"$deployment"'
 RI = "$__rate_interval"
-CONFIG = "deployment, cache_type_k, cache_type_v, estimator"
+CONFIG = "deployment, cache_type_k, cache_type_v, estimator, score_path"
 
 
 def quantile(q: float, metric: str, by: str, sel: str = DEP) -> str:
@@ -44,7 +44,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "Mean KLD per token",
                 "timeseries",
                 "none",
-                [("{{deployment}} K={{cache_type_k}} V={{cache_type_v}} ({{estimator}})", mean_kld())],
+                [
+                    (
+                        "{{deployment}} K={{cache_type_k}} V={{cache_type_v}} ({{estimator}}, {{score_path}})",
+                        mean_kld(),
+                    )
+                ],
             ),
             (
                 "KLD p50 and p99",
@@ -52,12 +57,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "none",
                 [
                     (
-                        "p50 {{deployment}} ({{estimator}})",
-                        quantile(0.5, "kvproxy_token_kld", "deployment, estimator", SEL),
+                        "p50 {{deployment}} ({{estimator}}, {{score_path}})",
+                        quantile(0.5, "kvproxy_token_kld", "deployment, estimator, score_path", SEL),
                     ),
                     (
-                        "p99 {{deployment}} ({{estimator}})",
-                        quantile(0.99, "kvproxy_token_kld", "deployment, estimator", SEL),
+                        "p99 {{deployment}} ({{estimator}}, {{score_path}})",
+                        quantile(0.99, "kvproxy_token_kld", "deployment, estimator, score_path", SEL),
                     ),
                 ],
             ),

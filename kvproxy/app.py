@@ -103,7 +103,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(start_all(), name="kvproxy-start")
-        await gpu.start()
+        gpu.start()
         try:
             yield
         finally:

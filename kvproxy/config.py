@@ -33,6 +33,13 @@ class KVCacheType(enum.StrEnum):
         return self not in (KVCacheType.F16, KVCacheType.BF16)
 
 
+class ScorePath(enum.StrEnum):
+    """Which llama.cpp numerics shadow scoring computes both sides with (docs/kld.md)."""
+
+    DECODE = "decode"  # one token a step: what generation served
+    PREFILL = "prefill"  # chunked replay: cheaper, and on CUDA it understates
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -61,6 +68,17 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
     threads: int = Field(default_factory=default_threads, ge=1, description="CPU threads for llama.cpp.")
+    n_gpu_layers: int | None = Field(
+        default=None,
+        ge=-1,
+        description="Layers offloaded to the GPU in every llama.cpp context kvproxy runs (the served "
+        "model and its scorer); -1 or more than the model has: all.",
+    )
+    score_path: ScorePath = Field(
+        default=ScorePath.DECODE,
+        description="How shadow scoring computes both sides: decode (one token a step, the numerics "
+        "generation served) or prefill (chunked replay: cheaper, and it understates on CUDA).",
+    )
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
     shadow_rate: float = Field(
         default=0.5,

@@ -109,17 +109,16 @@ class GpuMonitor:
         self._latest: list[GpuReading] | None = None
         self._task: asyncio.Task[None] | None = None
         self._open = False
+        self._tried = False  # the first reading has been attempted (or NVML said no GPU)
 
     def latest(self) -> list[GpuReading] | None:
         """The last readings; None without a GPU (or before the first reading)."""
         return self._latest
 
-    async def start(self) -> None:
-        self._open = await asyncio.to_thread(self.reader.open)
-        if not self._open:
-            return
-        await self._refresh()
-        self._task = asyncio.create_task(self._run(), name="kvproxy-gpu")
+    def start(self) -> None:
+        """Open NVML and read, then every ``interval``, in a background task (start-up never waits)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="kvproxy-gpu")
 
     async def _refresh(self) -> None:
         try:
@@ -129,9 +128,19 @@ class GpuMonitor:
             self._latest = None
 
     async def _run(self) -> None:
+        self._open = await asyncio.to_thread(self.reader.open)
+        if not self._open:
+            self._tried = True
+            return
         while True:
-            await asyncio.sleep(self.interval)
             await self._refresh()
+            self._tried = True
+            await asyncio.sleep(self.interval)
+
+    async def first_reading(self) -> None:
+        """Wait for the first reading (or for NVML to say there is no GPU): tests and benchmarks."""
+        while self._task is not None and not self._task.done() and not self._tried:
+            await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])

@@ -35,7 +35,17 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
 POSITION_OVER = ">32k"
 
-QUALITY_LABELS = ("deployment", "model", "cache_type_k", "cache_type_v", "reference_type", "estimator")
+# score_path: which llama.cpp numerics scored both sides (decode: one token a step, as served;
+# prefill: a chunked replay, which understates on CUDA): never compare series across paths
+QUALITY_LABELS = (
+    "deployment",
+    "model",
+    "cache_type_k",
+    "cache_type_v",
+    "reference_type",
+    "estimator",
+    "score_path",
+)
 
 
 def position_bucket(position: int) -> str:
@@ -249,6 +259,9 @@ class ObservedDeployment(Protocol):
     @property
     def estimator(self) -> str: ...
 
+    @property
+    def score_path(self) -> str: ...
+
 
 class DeploymentObserver:
     """Feeds one deployment's shadow outcomes and scores into the metrics (kvproxy.observers)."""
@@ -256,7 +269,7 @@ class DeploymentObserver:
     def __init__(self, metrics: Metrics, deployment: ObservedDeployment) -> None:
         self.metrics = metrics
         self.deployment = deployment
-        self._estimator = deployment.estimator
+        self._series = (deployment.estimator, deployment.score_path)
         name = deployment.name
         # Every series exists from the start, at 0: a rate over a counter that first appears at its
         # final value would read 0 (Prometheus's advice on missing series).
@@ -285,6 +298,7 @@ class DeploymentObserver:
             "cache_type_v": d.primary_kv.cache_type_v.value if d.primary_kv else undeclared,
             "reference_type": str(d.reference_kv) if d.reference_kv else undeclared,
             "estimator": d.estimator,
+            "score_path": d.score_path,
         }
 
     def outcome(self, name: str) -> None:
@@ -292,8 +306,9 @@ class DeploymentObserver:
 
     def scored(self, scores: PositionScores, lag_seconds: float) -> None:
         labels = self.labels()
-        if labels["estimator"] != self._estimator:  # an HTTP reference was identified: new series
-            self._estimator = labels["estimator"]
+        series = (labels["estimator"], labels["score_path"])
+        if series != self._series:  # an HTTP reference was identified: new series
+            self._series = series
             self._touch_quality_series()
         self.metrics.observe_scores(labels, scores, scores.positions.tolist())
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)

@@ -33,7 +33,8 @@ def test_a_gpu_is_read_once_at_start_then_off_the_loop_and_scrapes_read_the_cach
 
     async def scenario() -> None:
         monitor = GpuMonitor(reader, interval=0.05)
-        await monitor.start()
+        monitor.start()
+        await monitor.first_reading()
         assert (reader.opens, reader.reads) == (1, 1)
         reads = reader.reads
         for _ in range(50):  # scrapes and status polls never touch the reader
@@ -53,7 +54,8 @@ def started(monitor: GpuMonitor) -> GpuMonitor:
     """Start and stop at once: the first reading, taken at start, stays cached."""
 
     async def both() -> None:
-        await monitor.start()
+        monitor.start()
+        await monitor.first_reading()
         await monitor.stop()
 
     asyncio.run(both())

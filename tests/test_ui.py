@@ -584,7 +584,15 @@ def test_states_this_machine_cannot_reach(unloaded_app: TestClient, browser: Any
         "name": "relayed",
         "memory": {**dict.fromkeys(embedded["memory"]), "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
     }
-    gpu = [{"index": 0, "name": "H200", "used_bytes": 30 * 2**30, "total_bytes": 140 * 2**30}]
+    gpu = [
+        {
+            "index": 0,
+            "name": "H200",
+            "used_bytes": 30 * 2**30,
+            "total_bytes": 140 * 2**30,
+            "process_bytes": 3 * 2**30,
+        }
+    ]
     canned = json.dumps({"deployments": [drifting, relay], "gpu": gpu}).encode()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -602,7 +610,10 @@ def test_states_this_machine_cannot_reach(unloaded_app: TestClient, browser: Any
     with serve_in_thread(app) as url:
         browser.get(url + "/ui")
         wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "section.dep")) == 2, 20, "sections")
-        assert browser.find_element(By.CSS_SELECTOR, '[data-field="gpu"]').text == "30.0 / 140.0 GiB"
+        assert (
+            browser.find_element(By.CSS_SELECTOR, '[data-field="gpu"]').text
+            == "30.0 / 140.0 GiB (kvproxy 3.0)"
+        )
         first, second = browser.find_elements(By.CSS_SELECTOR, "section.dep")
         drift = first.find_element(By.CSS_SELECTOR, '[data-field="drift.state"]')
         assert drift.text == "drift" and "state-drift" in drift.get_attribute("class")

@@ -21,7 +21,7 @@ from kvproxy.cli.banner import describe_proxy, describe_startup
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
 from kvproxy.cli.proxy import proxy_deployments
 from kvproxy.cli.server import run
-from kvproxy.config import KVCacheType, Settings
+from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.gguf_info import read_model_info
 from kvproxy.metrics import Metrics
@@ -54,6 +54,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help=setting_help("host"))] = None,
     port: Annotated[int | None, typer.Option(help=setting_help("port"))] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help=setting_help("threads"))] = None,
+    n_gpu_layers: Annotated[
+        int | None, typer.Option("--n-gpu-layers", "-ngl", help=setting_help("n_gpu_layers"))
+    ] = None,
+    score_path: Annotated[ScorePath | None, typer.Option(help=setting_help("score_path"))] = None,
     log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
@@ -105,6 +109,8 @@ def serve(
         host=host,
         port=port,
         threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        score_path=score_path,
         log_level=log_level,
         shadow_rate=shadow_rate,
         reference_cache_type=reference_cache_type,

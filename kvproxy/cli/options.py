@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import typer
@@ -13,7 +14,12 @@ from kvproxy.config import KVCacheType, Settings
 
 TYPES = ", ".join(t.value for t in KVCacheType)
 # defaults that are computed or absent, said in words
-_SHOWN = {"model": "the bundled Gemma 3 270M", "alias": "the GGUF's name", "threads": "all available cores"}
+_SHOWN = {
+    "model": "the bundled Gemma 3 270M",
+    "alias": "the GGUF's name",
+    "threads": "all available cores",
+    "n_gpu_layers": "all when the installed llama-cpp-python can offload (a CUDA build), else 0",
+}
 
 
 def default_text(name: str) -> str:
@@ -24,8 +30,8 @@ def default_text(name: str) -> str:
         return "unset"
     if isinstance(default, bool):
         return "on" if default else "off"
-    if isinstance(default, KVCacheType):
-        return default.value
+    if isinstance(default, enum.Enum):
+        return str(default.value)
     return f"{default:,}" if isinstance(default, int) and default >= 10_000 else str(default)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -60,9 +61,19 @@ class DrainClock:
 def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> None:
     exit_code = 0
     server: DrainingServer
+    waiting: set[asyncio.Future[None]] = set()
 
     def on_ready() -> None:
-        sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
+        """Every deployment started; the ready line waits until the socket listens too (the model
+        can load before uvicorn has bound it, and `--port 0` is only known once it has)."""
+        waiting.add(asyncio.ensure_future(announce_when_listening()))
+
+    async def announce_when_listening() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.01)
+        sockets = [s for srv in server.servers for s in srv.sockets]
         bound_port = sockets[0].getsockname()[1] if sockets else settings.port
         for d in deployments:
             if isinstance(d, EmbeddedDeployment):

@@ -28,6 +28,7 @@ class DeploymentBase:
 
     shadow: ShadowPath
     estimator: str = "exact"
+    score_path: str = "decode"  # which numerics score both sides (kvproxy.config.ScorePath)
 
     def __init__(
         self,

@@ -81,6 +81,10 @@ class HttpDeployment(DeploymentBase):
         return self.resolver.estimator if self.resolver is not None else "none"
 
     @property
+    def score_path(self) -> str:  # type: ignore[override]
+        return self.resolver.score_path if self.resolver is not None else "none"
+
+    @property
     def ready(self) -> bool:
         return any(r.healthy for r in self.primary_pool.replicas)
 

@@ -32,6 +32,7 @@ def deployment_status(d: DeploymentBase) -> dict[str, Any]:
         "primary": kv_dict(d.primary_kv),
         "reference": kv_dict(d.reference_kv),
         "estimator": d.estimator,
+        "score_path": d.score_path,
         **d.backend_status(),
         "drift": shadow.drift.status(),
         "guard": None

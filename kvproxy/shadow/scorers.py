@@ -30,6 +30,16 @@ class ReferenceResolver:
             return "undetermined"
         return "exact" if isinstance(self.reference, ScoreRouteReference) else f"top-{self.top_k}"
 
+    @property
+    def score_path(self) -> str:
+        """A scoring server says its own; a plain llama-server scores per position, one token a
+        step on cached prefixes, against the rows the primary served: the decode path."""
+        if self.reference is None:
+            return "undetermined"
+        if isinstance(self.reference, ScoreRouteReference):
+            return self.reference.info.score_path
+        return "decode"
+
     async def resolve(self) -> Reference:
         if self.reference is None:
             info = await probe_score_route(self.pool)

@@ -29,6 +29,7 @@ class ScoreServerInfo:
     model: str
     primary_kv: KVConfig
     reference_kv: KVConfig
+    score_path: str = "prefill"  # a server from before score paths replayed in chunks
 
 
 async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
@@ -41,7 +42,10 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
     if not data.get("score"):
         return None
     return ScoreServerInfo(
-        data["model"], KVConfig.from_dict(data["primary"]), KVConfig.from_dict(data["reference"])
+        data["model"],
+        KVConfig.from_dict(data["primary"]),
+        KVConfig.from_dict(data["reference"]),
+        str(data.get("score_path", "prefill")),
     )
 
 
