@@ -1,6 +1,12 @@
 # The two commands of the README:  `make serve`  and  `make test`.
 # Both create .venv, install what they need (building the pinned llama-cpp-python wheel once into
 # $(KVPROXY_CACHE)/wheels and reusing it), then run.
+#
+# On an NVIDIA GPU:  `make serve CUDA=1`  (or `make install CUDA=1`) builds the same pinned version with
+# CUDA once into $(KVPROXY_CACHE)/wheels-cuda (scripts/ensure-llama-wheel.sh --cuda; CUDA_ARCHS and
+# FA_QUANTS are read there) and installs it into the venv in place of a CPU build. The venv keeps it:
+# a later plain `make serve` runs the CUDA build too; `make clean` goes back to the CPU one, or give
+# the CUDA build a venv of its own (VENV=.venv-cuda). Nothing changes without CUDA=1.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +17,15 @@ PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 
 .PHONY: serve test llama-tools install install-test clean
 
-serve: $(VENV)/.installed
+# what `serve` and `install` need: the CPU build, or with CUDA=1 the CUDA one
+ifeq ($(CUDA),1)
+INSTALLED := $(VENV)/.installed-cuda
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+else
+INSTALLED := $(VENV)/.installed
+endif
+
+serve: $(INSTALLED)
 	$(VENV)/bin/kvproxy serve
 
 test: $(VENV)/.installed-test llama-tools
@@ -24,7 +38,7 @@ test: $(VENV)/.installed-test llama-tools
 llama-tools: $(VENV)/.installed
 	scripts/build-llama-tools.sh $(VENV)/bin/python
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
 install-test: $(VENV)/.installed-test
 
 $(VENV)/.venv-ok:
@@ -38,6 +52,16 @@ $(VENV)/.installed: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.s
 	scripts/ensure-llama-wheel.sh $(VENV)/bin/python
 	$(PIP_INSTALL) -e .
 	touch $@
+
+# Same version and file name as the CPU wheel, so force the reinstall from the CUDA folder alone;
+# then `pip install -e .` finds llama-cpp-python satisfied and adds only what is missing. Marking
+# .installed too keeps a later plain `make serve` from building a CPU wheel it would not install.
+$(VENV)/.installed-cuda: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh
+	scripts/ensure-llama-wheel.sh --cuda $(VENV)/bin/python
+	$(PIP) install --quiet --no-index --find-links $(KVPROXY_CACHE)/wheels-cuda --force-reinstall --no-deps \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels-cuda -e .
+	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'

@@ -2,21 +2,111 @@
 # Build the pinned llama-cpp-python wheel once (about 5 minutes on 2 cores) into a cache outside the
 # repository, and reuse it on every later install: `pip install --find-links "$cache/wheels" ...`.
 # Usage: scripts/ensure-llama-wheel.sh PYTHON        (prints nothing but progress; exits non-zero on failure)
+#        scripts/ensure-llama-wheel.sh --cuda PYTHON  the CUDA build, into "$cache/wheels-cuda"
+#
+# --cuda (`make serve CUDA=1`, Dockerfile.cuda) builds the same pinned version with
+# CMAKE_ARGS="-DGGML_CUDA=on ..." into its own folder: CPU and CUDA wheels have the same file name,
+# so they must never share one. Environment, CUDA mode only:
+#   CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES. Unset: the compute capabilities of the GPUs nvidia-smi sees
+#               here (what CMake's "native" would pick, but written down, so the cached wheel says
+#               which GPUs it is for), or the portable list below when it sees none. "portable": that
+#               list. Anything else is passed through ("native", "90", "86-real;89-real", ...).
+#   FA_QUANTS   GGML_CUDA_FA_QUANTS (default: the list scripts/build-llama-cuda.sh compiles)
+#   CMAKE_ARGS  more CMake arguments, after ours (Dockerfile.cuda adds -DGGML_NATIVE=OFF)
+#   CUDA_HOME   where the toolkit is when nvcc is not on PATH (default /usr/local/cuda)
+# The arguments a CUDA wheel was built with are kept beside it; a cached wheel is reused only when
+# they are the same, so changing CUDA_ARCHS or FA_QUANTS rebuilds it.
 set -euo pipefail
 
+cuda=0
+if [ "${1:-}" = --cuda ]; then
+    cuda=1
+    shift
+fi
 python=${1:-python3}
 version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$(dirname "$0")/../pyproject.toml")
 cache=${KVPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvproxy}
 wheels="$cache/wheels"
+[ "$cuda" = 1 ] && wheels="$cache/wheels-cuda"
 mkdir -p "$wheels"
 
-if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
-    echo "llama-cpp-python $version: cached wheel in $wheels"
+if [ "$cuda" = 0 ]; then
+    if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
+        echo "llama-cpp-python $version: cached wheel in $wheels"
+        exit 0
+    fi
+
+    echo "llama-cpp-python $version: building the wheel from source into $wheels (about 5 minutes on 2 cores)..."
+    start=$(date +%s)
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "$python" -m pip wheel --no-deps --no-binary llama-cpp-python -w "$wheels" "llama-cpp-python==$version"
+    echo "llama-cpp-python $version: built in $(( $(date +%s) - start )) s"
     exit 0
 fi
 
-echo "llama-cpp-python $version: building the wheel from source into $wheels (about 5 minutes on 2 cores)..."
+# Real code for T4 (7.5), A100/A30 (8.0), A10/A40/RTX 30 (8.6), L4/L40S/RTX 40 (8.9) and H100/H200
+# (9.0), plus compute_90 PTX that the driver compiles on first use for anything newer (Blackwell);
+# valid for CUDA 12 and 13 alike (13 dropped everything before 7.5). Each architecture is one more
+# pass over every kernel: one alone builds in about a fifth of the time of this list.
+portable="75-real;80-real;86-real;89-real;90"
+archs=${CUDA_ARCHS:-}
+if [ -z "$archs" ]; then
+    # "9.0" -> "90"; several GPUs of one kind give one entry
+    archs=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+        | tr -d ' .' | grep -E '^[0-9]+$' | sort -un | paste -sd';' || true)
+    if [ -n "$archs" ]; then
+        echo "llama-cpp-python $version (CUDA): compiling for the GPUs of this machine: $archs (CUDA_ARCHS to change)"
+    else
+        archs=$portable
+        echo "llama-cpp-python $version (CUDA): no GPU visible here; compiling for $archs (CUDA_ARCHS to change)"
+    fi
+elif [ "$archs" = portable ]; then
+    archs=$portable
+fi
+# f16/bf16 and the symmetric q8_0/q4_0 are llama.cpp's default set; the two asymmetric pairs are the
+# ones kvproxy measures; the other symmetric types kvproxy offers cost one .cu file each. Same list
+# as scripts/build-llama-cuda.sh (tests/test_deploy.py keeps them equal). Pairs not compiled run
+# converted to f16 on the GPU first (slower, other numerics); iq4_nl has no CUDA FlashAttention
+# kernel at all, so that op runs on the CPU.
+fa_quants=${FA_QUANTS:-"f16-f16;bf16-bf16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q4_0-q8_0;q5_1-q5_1;q5_0-q5_0;q4_1-q4_1"}
+# NCCL off: kvproxy runs each context on one GPU, and a libnccl found on the build machine (a
+# PyTorch install's, say) must not get linked into a wheel that then fails to load elsewhere.
+cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$archs -DGGML_CUDA_FA_QUANTS=$fa_quants -DGGML_CUDA_NCCL=OFF"
+cmake_args="$cmake_args${CMAKE_ARGS:+ $CMAKE_ARGS}"
+record="$wheels/llama_cpp_python-$version.cmake-args"
+
+if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
+    if [ "$(cat "$record" 2>/dev/null)" = "$cmake_args" ]; then
+        echo "llama-cpp-python $version (CUDA): cached wheel in $wheels"
+        exit 0
+    fi
+    echo "llama-cpp-python $version (CUDA): the cached wheel was built with other arguments; rebuilding"
+    echo "  was: $(cat "$record" 2>/dev/null || echo unknown)"
+    rm -f "$wheels"/llama_cpp_python-"$version"-*.whl "$record"
+fi
+
+cuda_home=${CUDA_HOME:-/usr/local/cuda}
+command -v nvcc >/dev/null || export PATH="$PATH:$cuda_home/bin"
+if ! command -v nvcc >/dev/null; then
+    echo "llama-cpp-python $version (CUDA): no nvcc on PATH or in $cuda_home/bin: install the CUDA" \
+        "toolkit (12.x or 13.x), or set CUDA_HOME to it" >&2
+    exit 1
+fi
+echo "llama-cpp-python $version (CUDA): building the wheel from source into $wheels with $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/CUDA \1/p')"
+echo "  CMAKE_ARGS=$cmake_args"
+echo "  (one architecture: about 10 minutes on 16 cores; each more adds about as much)..."
 start=$(date +%s)
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$python" -m pip wheel --no-deps --no-binary llama-cpp-python -w "$wheels" "llama-cpp-python==$version"
-echo "llama-cpp-python $version: built in $(( $(date +%s) - start )) s"
+# --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would hand back
+# a CPU wheel built earlier from the same sdist (--no-binary no longer bypasses it since pip 23.1).
+CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$wheels" \
+    "llama-cpp-python==$version"
+# a wheel without the CUDA backend means CMAKE_ARGS never reached CMake: never cache that one
+wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl)
+if ! "$python" -c 'import sys, zipfile; sys.exit("llama_cpp/lib/libggml-cuda.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$wheel"; then
+    rm -f "$wheel"
+    echo "llama-cpp-python $version (CUDA): the wheel has no llama_cpp/lib/libggml-cuda.so; removed it" >&2
+    exit 1
+fi
+echo "$cmake_args" > "$record"
+echo "llama-cpp-python $version (CUDA): built in $(( $(date +%s) - start )) s"

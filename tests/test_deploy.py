@@ -1,10 +1,14 @@
 """Deployment files: alert rules (promtool), the dashboard, and the consistency of the compose file
 and the Kubernetes manifests (every referenced file exists, names and ports agree, scrape targets
-are the services). No Docker engine or cluster runs here; these checks are what can be proven."""
+are the services), for CPU and for the GPU variants (docker-compose.gpu.yml merged over the base as
+Compose merges it, the deploy/k8s-gpu overlay, Dockerfile.cuda, `make serve CUDA=1` and the CUDA
+mode of scripts/ensure-llama-wheel.sh). No Docker engine, cluster or GPU runs here; these checks are
+what can be proven."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,12 +87,16 @@ def command_port(args: list[str]) -> int:
     return int(args[args.index("--port") + 1])
 
 
-def backend_addresses(config_file: Path) -> list[tuple[str, int | None]]:
-    """(host, port) of every primary and reference URL of a deployments file."""
+def backend_addresses(config_file: Path, unscored: tuple[str, ...] = ()) -> list[tuple[str, int | None]]:
+    """(host, port) of every primary and reference URL of a deployments file; every deployment has a
+    reference but those named in ``unscored``."""
     out = []
     for spec in ProxyConfig.from_file(config_file).deployments:
+        assert (spec.reference is None) == (spec.model in unscored), spec.model
         for backend in (spec.primary, spec.reference):
-            assert backend is not None and backend.urls
+            if backend is None:
+                continue
+            assert backend.urls
             out += [(str(urlsplit(u).hostname), urlsplit(u).port) for u in backend.urls]
     return out
 
@@ -194,3 +202,402 @@ def test_kustomize_builds() -> None:
     assert result.returncode == 0, result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout) if d]
     assert kinds.count("Deployment") == 3 and kinds.count("ConfigMap") == 2
+
+
+# --- the GPU variants: make CUDA=1, Dockerfile.cuda, docker-compose.gpu.yml, deploy/k8s-gpu ---------
+
+K8S_GPU = DEPLOY / "k8s-gpu"
+SCRIPTS = ROOT / "scripts"
+LLAMA_VERSION = re.findall(r'"llama-cpp-python==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())[0]
+
+
+def merge_compose(base: Any, override: Any, key: str = "") -> Any:
+    """What ``docker compose -f base -f override config`` does with the keys these files use: mappings
+    merge key by key, ``volumes`` of a service merge by their path in the container, ``ports`` add up,
+    any other value (``command``, ``image``, a list such as ``healthcheck.test``) is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge_compose(base[k], v, k) if k in base else v
+        return out
+    if key == "volumes" and isinstance(base, list):
+        by_target = {v.split(":")[1]: v for v in base}
+        by_target.update({v.split(":")[1]: v for v in override})
+        return list(by_target.values())
+    if key == "ports" and isinstance(base, list):
+        return base + [p for p in override if p not in base]
+    return override
+
+
+def gpu_compose() -> dict[str, Any]:
+    override = yaml.safe_load((DEPLOY / "docker-compose.gpu.yml").read_text())
+    return dict(merge_compose(compose(), override))
+
+
+def mount_source(service: dict[str, Any], target: str) -> str:
+    sources = [v.split(":")[0] for v in service.get("volumes", []) if v.split(":")[1] == target]
+    assert len(sources) == 1, (target, service.get("volumes"))
+    return sources[0]
+
+
+def option(args: list[str], *names: str) -> str:
+    found = [args[i + 1] for i, a in enumerate(args) if a in names]
+    assert len(found) == 1, (names, args)
+    return found[0]
+
+
+def gpu_reserved(service: dict[str, Any]) -> bool:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    return any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+def test_merge_compose_follows_compose_rules() -> None:
+    base = {"services": {"a": {"image": "x", "command": ["1", "2"], "volumes": ["./a:/etc/a:ro", "v:/d"]}}}
+    override = {"services": {"a": {"command": ["3"], "volumes": ["./b:/etc/a:ro"]}, "b": {"image": "y"}}}
+    merged = merge_compose(base, override)
+    assert merged["services"]["a"] == {"image": "x", "command": ["3"], "volumes": ["./b:/etc/a:ro", "v:/d"]}
+    assert merged["services"]["b"] == {"image": "y"}
+
+
+def test_gpu_compose_scores_against_the_scorer_on_the_gpu() -> None:
+    doc = gpu_compose()
+    services = doc["services"]
+    assert set(services) == set(compose()["services"]) | {"scorer"}
+    for role in ("primary", "reference"):
+        svc = services[role]
+        assert svc["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda" and gpu_reserved(svc)
+        assert option(svc["command"], "-ngl") == "99"
+        assert "healthcheck" in svc  # kvproxy waits for it
+    scorer = services["scorer"]
+    assert (ROOT / scorer["build"]["context"].replace("..", ".") / scorer["build"]["dockerfile"]).exists()
+    assert scorer["build"]["dockerfile"] == "Dockerfile.cuda" and gpu_reserved(scorer)
+    args = scorer["command"]
+    assert args[0] == "backend"  # the image's entrypoint is `kvproxy`
+    assert option(args, "--score-path") == "decode" and option(args, "-ngl", "--n-gpu-layers") == "99"
+    port = command_port(args)
+    assert option(args, "--host") == "0.0.0.0"
+    assert f"http://127.0.0.1:{port}/health" in " ".join(scorer["healthcheck"]["test"])
+    # it replays the primary's KV config beside the f16 reference, and on the same context
+    primary = services["primary"]["command"]
+    assert option(args, "-ctk") == option(primary, "-ctk") and option(args, "-ctv") == option(primary, "-ctv")
+    assert option(args, "-c") == option(primary, "-c")
+    assert option(args, "--reference-cache-type") == "f16"
+
+    kv = services["kvproxy"]
+    assert kv["image"] == "kvproxy:local"  # the proxy itself needs no GPU
+    assert {d: c["condition"] for d, c in kv["depends_on"].items()} == {
+        "primary": "service_healthy",
+        "reference": "service_healthy",
+        "scorer": "service_healthy",
+    }
+    config = mount_source(kv, "/etc/kvproxy/kvproxy.toml")
+    assert config == "./kvproxy.gpu.toml" and "/etc/kvproxy/kvproxy.toml" in kv["command"]
+    spec = ProxyConfig.from_file(DEPLOY / config)
+    for host, port in backend_addresses(DEPLOY / config, unscored=("gemma-f16",)):
+        assert host in services
+        assert port == command_port(services[host]["command"])
+    deployments = {d.model: d for d in spec.deployments}
+    q4 = deployments["gemma-q4"]
+    assert q4.reference is not None and [urlsplit(u).hostname for u in q4.reference.urls] == ["scorer"]
+    assert (q4.primary.cache_type_k, q4.primary.cache_type_v) == (option(args, "-ctk"), option(args, "-ctv"))
+    # the f16 llama-server is still used: it serves gemma-f16
+    assert [urlsplit(u).hostname for u in deployments["gemma-f16"].primary.urls] == ["reference"]
+
+
+def test_gpu_compose_prometheus_also_scrapes_the_scorer() -> None:
+    services = gpu_compose()["services"]
+    source = mount_source(services["prometheus"], "/etc/prometheus/prometheus.yml")
+    assert source == "./prometheus/prometheus.gpu.yml"
+    gpu = yaml.safe_load((DEPLOY / source).read_text())
+    cpu = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    # the same file plus one job
+    assert {k: v for k, v in gpu.items() if k != "scrape_configs"} == {
+        k: v for k, v in cpu.items() if k != "scrape_configs"
+    }
+    jobs = {j["job_name"]: j for j in gpu["scrape_configs"]}
+    assert [j for j in gpu["scrape_configs"] if j["job_name"] != "kvproxy-scorer"] == cpu["scrape_configs"]
+    targets = jobs["kvproxy-scorer"]["static_configs"][0]["targets"]
+    assert targets == [f"scorer:{command_port(services['scorer']['command'])}"]
+    for job in gpu["scrape_configs"]:
+        for t in job["static_configs"][0]["targets"]:
+            assert t.split(":")[0] in services
+
+
+def dockerfile_cuda() -> str:
+    return (ROOT / "Dockerfile.cuda").read_text()
+
+
+def test_cuda_dockerfile_matches_the_cpu_one_where_it_should() -> None:
+    text = dockerfile_cuda()
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    # builder and runtime on the same CUDA release, named once
+    assert froms[0] == "nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04"
+    assert froms[1] == "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04"
+    assert re.search(r"^ARG CUDA_VERSION=1[23]\.\d+\.\d+$", text, re.M)
+    # the wheel is built by the script `make serve CUDA=1` runs, into a cache mount of its own
+    assert "scripts/ensure-llama-wheel.sh --cuda" in text and "--mount=type=cache,id=" in text
+    assert "libggml-cuda.so" in text  # the installed llama-cpp-python is the CUDA build
+    # the model where the CPU image has it, and where KVPROXY_MODEL says
+    model = "/opt/models/gemma-3-270m-q4_k_m.gguf"
+    assert f"assemble('{model}')" in text and f"KVPROXY_MODEL={model}" in text
+    assert f"assemble('{model}')" in (ROOT / "Dockerfile").read_text()
+    assert re.search(r"KVPROXY_N_GPU_LAYERS=-1\b", text)
+    assert re.search(r"^USER kvproxy$", text, re.M) and "--uid 10001" in text  # the k8s runAsUser
+    assert re.search(r"^HEALTHCHECK .*\n.*/health", text, re.M)
+    assert 'ENTRYPOINT ["kvproxy"]' in text and 'CMD ["serve"]' in text
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+        assert (ROOT / source).exists() and source.split("/")[0] not in ignored, source
+
+
+def test_the_cuda_builds_compile_the_same_flash_attention_pairs() -> None:
+    def fa_default(script: str) -> str:
+        [pairs] = re.findall(r'FA_QUANTS:-"([^"]+)"', (SCRIPTS / script).read_text())
+        return str(pairs)
+
+    pairs = fa_default("ensure-llama-wheel.sh")
+    assert pairs == fa_default("build-llama-cuda.sh")
+    # every K and V type kvproxy offers that has a CUDA FlashAttention kernel, symmetric, plus the two
+    # asymmetric pairs kvproxy measures
+    assert {"f16-f16", "q8_0-q8_0", "q4_0-q4_0", "q8_0-q4_0", "q4_0-q8_0"} <= set(pairs.split(";"))
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# `python -m pip wheel ... -w DIR REQ`: record the call, write a wheel (with the CUDA backend unless
+# FAKE_NO_CUDA is set); anything else goes to the real interpreter
+if [ "$1" = -m ]; then
+    echo "CMAKE_ARGS=$CMAKE_ARGS ARGS=$*" >> "$FAKE_LOG"
+    while [ $# -gt 0 ]; do [ "$1" = -w ] && dir=$2; shift; done
+    lib=llama_cpp/lib/libggml-cuda.so
+    [ -n "${FAKE_NO_CUDA:-}" ] && lib=llama_cpp/lib/libggml-cpu.so
+    wheel="$dir/llama_cpp_python-$FAKE_VERSION-py3-none-linux_x86_64.whl"
+    exec "$REAL_PYTHON" -c "$WRITE_WHEEL" "$wheel" "$lib"
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def run_ensure(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPTS / "ensure-llama-wheel.sh"), *args, str(tmp / "python")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": f"{tmp / 'bin'}:/usr/bin:/bin",
+            "HOME": str(tmp),
+            "KVPROXY_CACHE": str(tmp / "cache"),
+            "FAKE_LOG": str(tmp / "pip.log"),
+            "FAKE_VERSION": LLAMA_VERSION,
+            "REAL_PYTHON": sys.executable,
+            "WRITE_WHEEL": 'import sys, zipfile; zipfile.ZipFile(sys.argv[1], "w").writestr(sys.argv[2], "")',
+            **env,
+        },
+    )
+
+
+def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path: Path) -> None:
+    """scripts/ensure-llama-wheel.sh --cuda with a fake pip, nvcc and nvidia-smi: what it asks CMake
+    for, where the wheel goes, when it reuses it, and that the CPU cache is never touched."""
+    (tmp_path / "bin").mkdir()
+    fakes = {
+        "python": FAKE_PYTHON,
+        "bin/nvcc": "#!/bin/sh\necho 'Cuda compilation tools, release 12.8, V12.8.93'\n",
+        "bin/nvidia-smi": "#!/bin/sh\nprintf '9.0\\n9.0\\n'\n",  # two H200s
+    }
+    for name, text in fakes.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    cpu_wheels, cuda_wheels = tmp_path / "cache" / "wheels", tmp_path / "cache" / "wheels-cuda"
+
+    def pip_calls() -> list[str]:
+        log = tmp_path / "pip.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    first = run_ensure(tmp_path, "--cuda")
+    assert first.returncode == 0, first.stdout + first.stderr
+    [call] = pip_calls()
+    assert "-DGGML_CUDA=on" in call and "-DCMAKE_CUDA_ARCHITECTURES=90 " in call
+    assert "-DGGML_CUDA_NCCL=OFF" in call
+    assert "-DGGML_CUDA_FA_QUANTS=f16-f16;bf16-bf16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q4_0-q8_0;" in call
+    assert (
+        "--no-cache-dir" in call
+        and f"-w {cuda_wheels} " in call
+        and f"llama-cpp-python=={LLAMA_VERSION}" in call
+    )
+    assert [p.name for p in cuda_wheels.glob("*.whl")] == [
+        f"llama_cpp_python-{LLAMA_VERSION}-py3-none-linux_x86_64.whl"
+    ]
+    assert not cpu_wheels.exists()
+
+    again = run_ensure(tmp_path, "--cuda")
+    assert again.returncode == 0 and "cached wheel" in again.stdout and len(pip_calls()) == 1
+
+    # other architectures (or FlashAttention pairs, or CMAKE_ARGS): a new build, not the cached wheel
+    portable = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="portable", CMAKE_ARGS="-DGGML_NATIVE=OFF")
+    assert portable.returncode == 0 and "rebuilding" in portable.stdout
+    assert "-DCMAKE_CUDA_ARCHITECTURES=75-real;80-real;86-real;89-real;90 " in pip_calls()[1]
+    # the caller's CMAKE_ARGS come after the script's own
+    assert pip_calls()[1].split(" ARGS=")[0].endswith("-DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF")
+
+    # a build that came out without the CUDA backend is refused and not cached
+    broken = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="86", FAKE_NO_CUDA="1")
+    assert broken.returncode != 0 and "libggml-cuda.so" in broken.stderr
+    assert not list(cuda_wheels.glob("*.whl"))
+
+    # no nvcc: a clear failure before any build
+    (tmp_path / "bin" / "nvcc").unlink()
+    no_nvcc = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="90", CUDA_HOME=str(tmp_path / "no-toolkit"))
+    assert no_nvcc.returncode != 0 and "no nvcc" in no_nvcc.stderr and len(pip_calls()) == 3
+
+    # the CPU mode is what it was: the cached CPU wheel is enough, whatever the CUDA folder holds
+    cpu_wheels.mkdir(parents=True, exist_ok=True)
+    (cpu_wheels / f"llama_cpp_python-{LLAMA_VERSION}-py3-none-linux_x86_64.whl").write_text("")
+    cpu = run_ensure(tmp_path)
+    assert cpu.returncode == 0 and f"cached wheel in {cpu_wheels}" in cpu.stdout and len(pip_calls()) == 3
+
+
+def make_dry_run(tmp: Path, *args: str) -> list[str]:
+    """The commands `make -n ARGS` would run for a fresh venv (nothing is run)."""
+    result = subprocess.run(
+        ["make", "-n", f"VENV={tmp / 'venv'}", f"KVPROXY_CACHE={tmp / 'cache'}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.replace("\\\n\t", "").splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not on this machine")
+def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_path: Path) -> None:
+    venv, cache = tmp_path / "venv", tmp_path / "cache"
+    pip = f"{venv}/bin/python -m pip install --quiet"
+    cuda = make_dry_run(tmp_path, "serve", "CUDA=1")
+    steps = cuda[cuda.index(f"touch {venv}/.venv-ok") + 1 :]
+    assert steps == [
+        f"scripts/ensure-llama-wheel.sh --cuda {venv}/bin/python",
+        f"{pip} --no-index --find-links {cache}/wheels-cuda --force-reinstall --no-deps "
+        f"llama-cpp-python=={LLAMA_VERSION}",
+        f"{pip} --find-links {cache}/wheels-cuda -e .",
+        f"touch {venv}/.installed-cuda {venv}/.installed",
+        f"{venv}/bin/kvproxy serve",
+    ]
+    assert make_dry_run(tmp_path, "install", "CUDA=1") == cuda[:-1]
+    # without CUDA=1 (or with CUDA=0) nothing of it: the README's commands, CI's `make test`
+    for target in ("serve", "install", "test"):
+        cpu = make_dry_run(tmp_path, target)
+        assert cpu == make_dry_run(tmp_path, target, "CUDA=0")
+        assert not any(w in line for line in cpu for w in ("--cuda", "wheels-cuda", ".installed-cuda")), cpu
+        assert f"scripts/ensure-llama-wheel.sh {venv}/bin/python" in cpu
+        assert f"{pip} --find-links {cache}/wheels -e ." in cpu
+    assert make_dry_run(tmp_path, "serve")[-1] == f"{venv}/bin/kvproxy serve"
+    assert make_dry_run(tmp_path, "test")[-1] == (
+        f"KVPROXY_LLAMA_BIN=$(scripts/build-llama-tools.sh {venv}/bin/python) {venv}/bin/pytest"
+    )
+
+
+def k8s_gpu_files() -> list[dict[str, Any]]:
+    """The overlay's own objects and patches (no kustomize needed)."""
+    kustomization = yaml.safe_load((K8S_GPU / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    docs: list[dict[str, Any]] = []
+    for entry in kustomization["resources"]:
+        path = K8S_GPU / entry
+        if path.is_dir():
+            assert path.resolve() == K8S, entry  # the base
+        else:
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for patch in kustomization["patches"]:
+        text = (K8S_GPU / patch["path"]).read_text() if "path" in patch else patch["patch"]
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    for gen in kustomization["configMapGenerator"]:
+        for f in gen["files"]:
+            assert (K8S_GPU / f).exists(), f
+    return docs
+
+
+def gpu_limit(container: dict[str, Any]) -> str | None:
+    resources = container.get("resources", {})
+    limit = resources.get("limits", {}).get("nvidia.com/gpu")
+    # GPUs are limits; a request, if given, must equal the limit
+    assert resources.get("requests", {}).get("nvidia.com/gpu", limit) == limit
+    return str(limit) if limit is not None else None
+
+
+def test_k8s_gpu_overlay_files_agree_with_the_compose_variant() -> None:
+    docs = k8s_gpu_files()
+    patched = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment" and "$patch" not in d}
+    base = {d["metadata"]["name"] for d in k8s_docs() if d["kind"] == "Deployment"}
+    deleted = {(d["kind"], d["metadata"]["name"]) for d in docs if d.get("$patch") == "delete"}
+    assert deleted == {("Deployment", "llama-reference"), ("Service", "llama-reference")}
+    assert "llama-primary" in base and "kvproxy-scorer" not in base
+    services = gpu_compose()["services"]
+    primary = patched["llama-primary"]["spec"]["template"]["spec"]["containers"][0]
+    assert (
+        primary["image"] == services["primary"]["image"] and primary["args"] == services["primary"]["command"]
+    )
+    assert gpu_limit(primary) == "1"
+    scorer = patched["kvproxy-scorer"]["spec"]["template"]["spec"]["containers"][0]
+    assert scorer["image"] == services["scorer"]["image"] == "kvproxy:cuda"
+    assert scorer["args"] == services["scorer"]["command"]
+    assert gpu_limit(scorer) == "1"
+    assert patched["kvproxy-scorer"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+def kustomize_build(path: Path) -> list[dict[str, Any]]:
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on this machine")
+def test_k8s_gpu_overlay_builds_and_points_the_reference_at_the_scorer(tmp_path: Path) -> None:
+    docs = kustomize_build(K8S_GPU)
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert set(deployments) == set(services) == {"kvproxy", "llama-primary", "kvproxy-scorer"}
+    assert all(d["metadata"].get("namespace") == "kvproxy" for d in docs if d["kind"] != "Namespace")
+    for name, svc in services.items():
+        pod = deployments[name]["spec"]["template"]
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+    # the GPU goes to llama.cpp and the scorer, not to the proxy
+    on_gpu = {
+        n
+        for n, d in deployments.items()
+        if any(gpu_limit(c) for c in d["spec"]["template"]["spec"]["containers"])
+    }
+    assert on_gpu == {"llama-primary", "kvproxy-scorer"}
+    for name in on_gpu:
+        [container] = deployments[name]["spec"]["template"]["spec"]["containers"]
+        assert option(container["args"], "-ngl") == "99"
+    scorer = deployments["kvproxy-scorer"]["spec"]["template"]["spec"]["containers"][0]
+    assert option(scorer["args"], "--score-path") == "decode"
+    assert command_port(scorer["args"]) == services["kvproxy-scorer"]["spec"]["ports"][0]["port"]
+    # kvproxy reads the overlay's deployments file, whose reference is the scorer's Service
+    [config] = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvproxy-config")
+    ]
+    volumes = deployments["kvproxy"]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": config["metadata"]["name"]}} in volumes
+    assert config["data"] == {"kvproxy.toml": (K8S_GPU / "kvproxy.toml").read_text()}
+    (tmp_path / "kvproxy.toml").write_text(config["data"]["kvproxy.toml"])
+    for host, port in backend_addresses(tmp_path / "kvproxy.toml"):
+        assert host in services and port in {p["port"] for p in services[host]["spec"]["ports"]}
+    [spec] = ProxyConfig.from_file(tmp_path / "kvproxy.toml").deployments
+    assert spec.reference is not None and [urlsplit(u).hostname for u in spec.reference.urls] == [
+        "kvproxy-scorer"
+    ]
+    assert (spec.primary.cache_type_k, spec.primary.cache_type_v) == (
+        option(scorer["args"], "-ctk"),
+        option(scorer["args"], "-ctv"),
+    )
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    for name in ("kvproxy", "kvproxy-scorer"):
+        assert any(
+            m["spec"]["selector"]["matchLabels"].items() <= services[name]["metadata"]["labels"].items()
+            for m in monitors
+        ), name
