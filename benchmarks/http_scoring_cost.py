@@ -27,11 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvproxy.backends.embedded import bundled_model_path
 from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
-from kvproxy.upstream.llama_server import (
-    LlamaServerReference,
-    PrimaryReport,
-    prompt_tokens_chat,
-)
+from kvproxy.shadow.job import PrimaryReport
+from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_chat
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 from tests.conftest import start_server, stop_server

@@ -69,6 +69,10 @@ class PositionScores:
     check_logprobs: list[list[float]] | None = None
     # context length before the first scored token (its position in the sequence)
     first_position: int = 0
+    # per position, the coarse KL between what the primary served (its top-K) and a replay of the
+    # same KV config on the score path: what serving (batching, another build) added; NaN where the
+    # primary reported nothing to compare (only a kvproxy scoring server gives this)
+    served_divergence: FloatArray | None = None
 
     def with_checks(self, checks: list[list[float]]) -> PositionScores:
         return dataclasses.replace(self, check_logprobs=checks)

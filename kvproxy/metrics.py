@@ -86,6 +86,14 @@ class Metrics:
             q,
             registry=registry,
         )
+        self.served_divergence = Histogram(
+            "kvproxy_served_divergence",
+            "Per-token coarse KL(served top-K || replay of the same KV config on the score path): what "
+            "serving added (batching several streams, another build), apart from the KV config's cost.",
+            ("deployment", "model", "cache_type_k", "cache_type_v", "score_path"),
+            buckets=KLD_BUCKETS,
+            registry=registry,
+        )
         self.scored_tokens = Counter(
             "kvproxy_scored_tokens", "Tokens scored against the reference.", q, registry=registry
         )
@@ -312,6 +320,12 @@ class DeploymentObserver:
             self._touch_quality_series()
         self.metrics.observe_scores(labels, scores, scores.positions.tolist())
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
+        if scores.served_divergence is not None:
+            h = self.metrics.served_divergence.labels(
+                *(labels[k] for k in ("deployment", "model", "cache_type_k", "cache_type_v", "score_path"))
+            )
+            for v in scores.served_divergence[~np.isnan(scores.served_divergence)].tolist():
+                h.observe(v)
 
 
 def export_guard(metrics: Metrics, deployment: str, guard: Guard) -> None:

@@ -18,7 +18,7 @@ from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
 from kvproxy.upstream.llama_server import LlamaServerPrimary
-from kvproxy.upstream.replicas import ReplicaPool, UpstreamError
+from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
 from kvproxy.upstream.score_client import ScoreRouteReference
 
 
@@ -93,7 +93,7 @@ class HttpDeployment(DeploymentBase):
         await self.primary_pool.check_health()
         if self.reference_pool is not None and self.resolver is not None:
             self.reference_pool.start()
-            with contextlib.suppress(*UpstreamError):
+            with contextlib.suppress(*UpstreamError, UpstreamFailure):  # asked again before a job
                 await self.resolve_reference()
         self.shadow.pool.start()
 

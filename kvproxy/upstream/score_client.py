@@ -18,7 +18,13 @@ import orjson
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores, coarse_kld_row
 from kvproxy.shadow.job import PrimaryReport
-from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, map_transport_error, map_upstream_status
+from kvproxy.upstream.replicas import (
+    ReplicaPool,
+    UpstreamError,
+    UpstreamFailure,
+    map_transport_error,
+    map_upstream_status,
+)
 
 INFO_PATH = "/kvproxy/v1/info"
 SCORE_PATH = "/kvproxy/v1/score"
@@ -33,14 +39,17 @@ class ScoreServerInfo:
 
 
 async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
-    """A kvproxy scoring server answers ``GET /kvproxy/v1/info``; a plain llama-server says 404."""
+    """A kvproxy scoring server answers ``GET /kvproxy/v1/info``; a plain llama-server says 404.
+
+    A scoring server still loading its model says ``"score": false``: that is not an answer yet, so
+    it raises (the job fails and the next one asks again) rather than settling on top-K scoring."""
     async with pool.acquire() as replica:
         status, content = await replica.get(INFO_PATH)
     if status != 200:
         return None
     data = orjson.loads(content)
     if not data.get("score"):
-        return None
+        raise UpstreamFailure(503, f"the scoring server {replica.url} is still loading", code="model_loading")
     return ScoreServerInfo(
         data["model"],
         KVConfig.from_dict(data["primary"]),
@@ -63,6 +72,7 @@ class ScoreRouteReference:
         n = self._positions
         return {
             "scorer_primary": self.info.primary_kv.as_dict(),
+            "score_path": self.info.score_path,
             "compared_positions": n,
             "mean_divergence": (self._kl_sum / n) if n else None,
         }
@@ -82,9 +92,13 @@ class ScoreRouteReference:
         if any(size != n for size in sizes.values()):  # never record scores for the wrong positions
             raise ValueError(f"the scoring server answered {sizes} positions for {n} tokens")
         checks = data.get("check_logprobs") or []
-        for ids, reported, replayed in zip(report.top_ids, report.top_logprobs, checks, strict=False):
+        served = np.full(n, np.nan)
+        for j, (ids, reported, replayed) in enumerate(
+            zip(report.top_ids, report.top_logprobs, checks, strict=False)
+        ):
             if reported and replayed:
-                self._kl_sum += coarse_kld_row(ids, reported, ids, replayed)
+                served[j] = coarse_kld_row(ids, reported, ids, replayed)
+                self._kl_sum += served[j]
                 self._positions += 1
         return PositionScores(
             np.asarray(data["kld"], dtype=np.float64),
@@ -92,4 +106,5 @@ class ScoreRouteReference:
             np.asarray(data["p_ref"], dtype=np.float64),
             np.asarray(data["p_primary"], dtype=np.float64),
             first_position=len(prompt),
+            served_divergence=served,
         )
