@@ -21,11 +21,15 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.config import KVCacheType
+from kvproxy.config import KVCacheType, ScorePath
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.memory import bits_per_value, kv_cache_allocated_bytes
 from kvproxy.shadow.baseline import SEGMENT_TOKENS
 from kvproxy.shadow.quality import QualityTracker
+
+# positions per call on the prefill path: 64 or more puts llama.cpp's CPU flash attention on its
+# tiled (prefill) kernel for every config; fewer rows take the vector (decode) kernel for f16
+PREFILL_CHUNK = 128
 
 
 def parse_config(spec: str) -> KVConfig:
@@ -184,6 +188,7 @@ def write_outputs(
                 "model": meta["model"],
                 "reference": meta["reference"],
                 "ctx_size": meta["ctx_size"],
+                "score_path": meta["score_path"],
                 "segment_tokens": SEGMENT_TOKENS,
                 "configs": {
                     r.config: {
@@ -259,15 +264,21 @@ def sweep(
     *,
     ctx_size: int,
     threads: int,
+    score_path: ScorePath = ScorePath.DECODE,
+    n_gpu_layers: int = 0,
     max_chunks: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Sweep:
-    """Score every config against the reference on the same chunks; Ctrl-C stops it cleanly."""
+    """Score every config against the reference on the same chunks; Ctrl-C stops it cleanly.
+
+    ``decode``: each chunk's first half is the prompt, prefilled as generation prefills one, and the
+    second half is decoded one token a step (what serving computes); ``prefill``: the second half
+    in calls of 128 positions (llama-perplexity's batched numerics; cheaper)."""
     import llama_cpp
 
     from kvproxy.backends.embedded_scorer import EmbeddedScorer
 
-    llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, verbose=False)
+    llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, n_gpu_layers=n_gpu_layers, verbose=False)
     scored = [c for c in configs if c != reference]
     scorers = [
         EmbeddedScorer(
@@ -277,7 +288,8 @@ def sweep(
             n_ctx=ctx_size,
             threads=threads,
             flash_attn=True,
-            chunk=8,
+            path=score_path.value,  # type: ignore[arg-type]
+            chunk=PREFILL_CHUNK,
         )
         for c in scored
     ]

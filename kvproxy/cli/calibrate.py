@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvproxy.backends.devices import offload, resolve_gpu_layers
 from kvproxy.backends.embedded import resolve_model_path
 from kvproxy.calibrate import parse_config, read_blocks, recommend, sweep, write_outputs
-from kvproxy.cli.options import fail
-from kvproxy.config import default_threads
+from kvproxy.cli.options import fail, setting_help
+from kvproxy.config import ScorePath, default_threads
 from kvproxy.corpus import english_text
 from kvproxy.gguf_info import read_model_info
 
@@ -43,6 +44,10 @@ def calibrate(
     ] = None,
     max_chunks: Annotated[int | None, typer.Option(help="Stop after this many chunks.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads; default all.")] = None,
+    score_path: Annotated[ScorePath, typer.Option(help=setting_help("score_path"))] = ScorePath.DECODE,
+    n_gpu_layers: Annotated[
+        int | None, typer.Option("--n-gpu-layers", "-ngl", help=setting_help("n_gpu_layers"))
+    ] = None,
 ) -> None:
     """Sweep KV configs over the same tokens: KLD against the reference, KV memory, a recommendation."""
     try:
@@ -82,6 +87,8 @@ def calibrate(
             blocks,
             ctx_size=ctx_size,
             threads=threads or default_threads(),
+            score_path=score_path,
+            n_gpu_layers=resolve_gpu_layers(n_gpu_layers),
             max_chunks=max_chunks,
             on_chunk=advance,
         )
@@ -92,6 +99,8 @@ def calibrate(
         "model": info.name,
         "reference": str(ref),
         "ctx_size": ctx_size,
+        "score_path": score_path.value,
+        "device": str(offload(n_gpu_layers, info.attention.n_layers)),
         "chunks": result.chunks,
         "tokens_per_config": result.results[-1].tokens,
         "interrupted": result.interrupted,
@@ -100,7 +109,7 @@ def calibrate(
     files = write_outputs(out, result.results, meta, rec)
     table = Table(
         title=f"{info.name}: {result.chunks} chunks x {ctx_size - 1 - ctx_size // 2} tokens, "
-        f"KLD against {ref}"
+        f"KLD against {ref}, {score_path.value} path, {meta['device']}"
     )
     for col in (
         "config",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
 from kvproxy.backends.embedded_scorer import ThreadedScorer
@@ -18,14 +20,29 @@ from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 
+log = logging.getLogger(__name__)
+
 Deployment = EmbeddedDeployment | HttpDeployment
 
 
-def drift_detector(spec: DriftSpec, primary_kv: KVConfig | None) -> DriftDetector:
-    """The detector a file entry asks for: armed from a calibration baseline, or warming up."""
+def drift_detector(
+    spec: DriftSpec, primary_kv: KVConfig | None, score_path: str | None = None
+) -> DriftDetector:
+    """The detector a file entry asks for: armed from a calibration baseline, or warming up.
+    ``score_path``: the deployment's, where known at start-up (an HTTP reference says its own later)."""
     drift = DriftDetector(warmup=spec.warmup, h=spec.threshold, k=spec.allowance)
     if spec.baseline is not None:
         b = read_baseline(spec.baseline, primary_kv, default_log_sigma=spec.log_sigma)
+        if score_path is not None and b.score_path != score_path:
+            log.warning(
+                "drift baseline %s was calibrated on the %s path, the deployment scores on the %s path: "
+                "on CUDA the two differ by more than q8_0 costs (docs/kld.md); recalibrate with "
+                "`kvproxy calibrate --score-path %s`",
+                spec.baseline,
+                b.score_path,
+                score_path,
+                score_path,
+            )
         drift.arm(b.mean_kld, b.log_sigma)
     return drift
 
@@ -53,7 +70,7 @@ def embedded_deployment(
         reference_kv=reference,
         sampler=ShadowSampler(settings.shadow_rate),
         tracker=QualityTracker(window=settings.status_window),
-        drift=drift_detector(spec.drift, backend.kv) if spec else None,
+        drift=drift_detector(spec.drift, backend.kv, settings.score_path.value) if spec else None,
         guard=guard_for(spec.guard) if spec else None,
         queue_size=settings.shadow_queue_size,
         metrics=metrics,

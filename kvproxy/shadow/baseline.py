@@ -3,9 +3,12 @@ the drift detector of a deployment that names it (``[deployments.drift] baseline
 
 Per KV config it holds the mean KLD and ``log_sigma``: the spread (standard deviation) of the log of
 the mean KLD over request-sized spans of ``segment_tokens`` tokens, which is the noise scale the
-detector standardises each request's log mean KLD by. Calibration scores prefill (llama-perplexity's
-layout) with the exact estimator; a deployment scored top-K through a plain llama-server reads lower
-(see docs/kld.md), which makes the detector conservative (slower to flag), never noisier.
+detector standardises each request's log mean KLD by. The file says which path calibration scored
+on (``score_path``: decode, the numerics generation serves, by default); a deployment scored on the
+other path, or top-K through a plain llama-server (which reads lower, see docs/kld.md), is compared
+against it at start-up with a warning in the log: a lower reading makes the detector conservative
+(slower to flag), never noisier, but a prefill baseline under a decode-path deployment on CUDA can
+flag drift that is only the path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class BaselineFile(BaseModel):
     model: str
     reference: str
     ctx_size: int
+    # the numerics calibration scored with: a drift baseline compares like with like only when the
+    # deployment scores on the same path (files from before score paths were chunked replays)
+    score_path: str = "prefill"
     segment_tokens: int = SEGMENT_TOKENS
     configs: dict[str, BaselineEntry]
 
@@ -41,6 +47,7 @@ class BaselineFile(BaseModel):
 class Baseline:
     mean_kld: float
     log_sigma: float
+    score_path: str = "prefill"
 
 
 def read_baseline(path: Path, kv: KVConfig | None, *, default_log_sigma: float) -> Baseline:
@@ -62,4 +69,4 @@ def read_baseline(path: Path, kv: KVConfig | None, *, default_log_sigma: float) 
     if entry.mean_kld == 0.0:
         raise ValueError(f"{path}: {kv} is the calibration's reference (KLD 0), not a baseline")
     sigma = entry.log_sigma if entry.log_sigma is not None and math.isfinite(entry.log_sigma) else None
-    return Baseline(entry.mean_kld, sigma or default_log_sigma)
+    return Baseline(entry.mean_kld, sigma or default_log_sigma, doc.score_path)
