@@ -33,7 +33,7 @@ from kvproxy.backends.base import (
     TokenLogprob,
     TopLogprob,
 )
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
+from kvproxy.backends.embedded_scorer import SCORE_PATHS, EmbeddedScorer, ScorePath
 from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
@@ -59,6 +59,13 @@ def resolve_model_path(configured: Path | None) -> Path:
     if not configured.is_file():
         raise ValueError(f"model file {configured} does not exist")
     return configured
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (CUDA, Metal, ...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def log_softmax_row(row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -101,6 +108,11 @@ class EmbeddedBackend:
         return llama_n_ubatch(self._settings.batch_size, self._settings.ctx_size)
 
     @property
+    def n_gpu_layers(self) -> int:
+        """Layers offloaded to the GPU (the scoring contexts share the model, so they follow)."""
+        return int(getattr(self._settings, "n_gpu_layers", 0))
+
+    @property
     def n_vocab(self) -> int:
         if self._llama is None:
             raise BackendError("model not loaded")
@@ -121,6 +133,7 @@ class EmbeddedBackend:
         s = self._settings
         llama = llama_cpp.Llama(
             model_path=str(self.info.path),
+            n_gpu_layers=self.n_gpu_layers,
             n_ctx=s.ctx_size,
             n_batch=min(s.batch_size, s.ctx_size),
             n_threads=s.threads,
@@ -146,11 +159,22 @@ class EmbeddedBackend:
         )
         self._llama = llama
 
-    def make_scorer(self, reference: KVConfig) -> EmbeddedScorer:
-        """Scoring contexts (this KV config and ``reference``) on the weights already loaded."""
+    def make_scorer(
+        self, reference: KVConfig, *, path: ScorePath | None = None, max_sequences: int | None = None
+    ) -> EmbeddedScorer:
+        """Scoring contexts (this KV config and ``reference``) on the weights already loaded.
+
+        The decode path prefills the prompt with this context's batch and micro-batch, as
+        generation did. ``path`` and ``max_sequences`` default to the settings' ``score_path``
+        (else ``prefill``) and ``score_sequences`` (else 1)."""
         if self._llama is None:
             raise BackendError("model not loaded")
         s = self._settings
+        given = path if path is not None else getattr(s, "score_path", "prefill")
+        chosen = str(getattr(given, "value", given))  # a plain string or a str Enum
+        sequences = max_sequences or int(getattr(s, "score_sequences", 1))
+        if chosen not in SCORE_PATHS:
+            raise ValueError(f"score path must be one of {SCORE_PATHS}, not {chosen!r}")
         return EmbeddedScorer(
             self._llama._model,
             primary=self.kv,
@@ -160,6 +184,9 @@ class EmbeddedBackend:
             flash_attn=s.flash_attn,
             chunk=s.shadow_chunk,
             batch=min(s.batch_size, s.ctx_size),
+            path="decode" if chosen == "decode" else "prefill",
+            ubatch=self.n_ubatch,
+            max_sequences=sequences if chosen == "decode" else 1,
         )
 
     def close(self) -> None:
