@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def test_decode_replay_reproduces_the_served_logprobs(gemma_path: Path) -> None:
     want = np.array([[s.logprob, *(t.logprob for t in s.top)] for s in served])
     got = {}
     for path in ("decode", "prefill"):
-        scorer = backend.make_scorer(F16, path=path)  # type: ignore[arg-type]
+        scorer = backend.make_scorer(F16, path=path)
         assert scorer.path == path
         scores = scorer.score(prompt, tokens, check)
         scorer.close()
@@ -98,12 +99,8 @@ def test_decode_replay_reproduces_the_served_logprobs(gemma_path: Path) -> None:
     assert prefill_diff > 1e-4  # the chunked replay computes other numerics
 
 
-def _jobs(model: object, n: int) -> list[ScoreRequest]:
+def _jobs(llm: Any, n: int) -> list[ScoreRequest]:
     """Greedy completions of English prompts of different lengths, generated on the decode path."""
-    import llama_cpp
-
-    llm = model
-    assert isinstance(llm, llama_cpp.Llama)
     out = []
     for i in range(n):
         prompt = llm.tokenize(_words(300 * i, 40 + 15 * i).encode(), add_bos=True)
@@ -118,7 +115,7 @@ def _jobs(model: object, n: int) -> list[ScoreRequest]:
 
 
 @pytest.fixture(scope="module")
-def llm_and_jobs(gemma_path: Path) -> tuple[object, list[ScoreRequest]]:
+def llm_and_jobs(gemma_path: Path) -> tuple[Any, list[ScoreRequest]]:
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -134,9 +131,9 @@ def llm_and_jobs(gemma_path: Path) -> tuple[object, list[ScoreRequest]]:
     return llm, _jobs(llm, 5)
 
 
-def _scorer(llm: object, sequences: int) -> EmbeddedScorer:
+def _scorer(llm: Any, sequences: int) -> EmbeddedScorer:
     return EmbeddedScorer(
-        llm._model,  # type: ignore[attr-defined]
+        llm._model,
         primary=Q4,
         reference=F16,
         n_ctx=256,
@@ -148,7 +145,7 @@ def _scorer(llm: object, sequences: int) -> EmbeddedScorer:
 
 
 def test_two_sequences_in_lockstep_give_the_single_sequence_figures(
-    llm_and_jobs: tuple[object, list[ScoreRequest]],
+    llm_and_jobs: tuple[Any, list[ScoreRequest]],
 ) -> None:
     llm, jobs = llm_and_jobs
     single = _scorer(llm, 1)
@@ -187,7 +184,7 @@ def test_gpu_offload_is_reported() -> None:
 class CountingScorer(ThreadedScorer):
     """The real threaded scorer, recording how many jobs each call took."""
 
-    def __init__(self, llm: object, sequences: int) -> None:
+    def __init__(self, llm: Any, sequences: int) -> None:
         super().__init__(lambda: _scorer(llm, sequences))
         self.calls: list[int] = []
 
@@ -201,7 +198,7 @@ class CountingScorer(ThreadedScorer):
 
 
 def test_shadow_pool_hands_queued_jobs_to_the_batched_scorer(
-    llm_and_jobs: tuple[object, list[ScoreRequest]],
+    llm_and_jobs: tuple[Any, list[ScoreRequest]],
 ) -> None:
     llm, jobs = llm_and_jobs
     single = _scorer(llm, 1)

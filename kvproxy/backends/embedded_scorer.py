@@ -32,8 +32,11 @@ Memory stays bounded whatever the vocabulary V, the sequence length and the numb
   with 16 to spare, plus the KLD's fixed 8 MiB; 72 MiB for Gemma at the default chunk of 8
   (`benchmarks/kld_throughput.py` measured 62.6 MiB).
 
-The two contexts' KV caches come on top, fixed at creation: ``n_ctx`` cells per sequence, so B
-times one context's on the batched decode path.
+Both paths cap llama.cpp's outputs per call (``n_outputs_max``) at the rows they read: by default
+llama.cpp reserves a graph output for n_batch rows, which for Gemma made each context's compute
+buffer 514.5 MiB instead of 19.8 MiB (allocated as VRAM on a GPU). The two contexts' KV caches come
+on top, fixed at creation: ``n_ctx`` cells per sequence, so B times one context's on the batched
+decode path.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class EmbeddedScorer:
             self.batch_size = max(batch, chunk)
             n_batch = n_ubatch = self.batch_size
             self.prompt_ubatch = self._prompt_call = n_ubatch
-            n_outputs_max = 0  # llama.cpp's default (n_batch): private callers decode with all logits
+            n_outputs_max = chunk  # rows per call: llama.cpp's default (n_batch) reserves 512 rows
         else:
             serving_ubatch = ubatch if ubatch is not None else llama_n_ubatch(batch, n_ctx)
             self.batch_size = batch
@@ -160,7 +163,7 @@ class EmbeddedScorer:
             n_ubatch = max(serving_ubatch, max_sequences)
             # calls of n_batch tokens as Llama.eval makes them, or of the smaller micro-batch asked for
             self._prompt_call = batch if self.prompt_ubatch >= n_ubatch else self.prompt_ubatch
-            n_outputs_max = max_sequences  # one row per sequence per step: bounds llama.cpp's buffers
+            n_outputs_max = max_sequences  # one row per sequence per step
         self._ctx_primary = self._context(
             _internals, primary, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
         )
@@ -289,8 +292,8 @@ class EmbeddedScorer:
 
     # ---- decode path ----------------------------------------------------------------------------
 
-    def _fill(self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[int], logits: bool) -> None:
-        """Put tokens in the batch; logits for every token, or (``logits`` False) only the last."""
+    def _fill(self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[int], outputs: int) -> None:
+        """Put tokens in the batch, the last ``outputs`` of them with logits."""
         b = self._batch.batch
         n = len(tokens)
         b.n_tokens = n
@@ -299,16 +302,17 @@ class EmbeddedScorer:
             b.pos[k] = pos[k]
             b.seq_id[k][0] = seqs[k]
             b.n_seq_id[k] = 1
-            b.logits[k] = logits
-        b.logits[n - 1] = True
+            b.logits[k] = k >= n - outputs
 
     def _prefill_prompt(self, ctx: Any, prompt: Sequence[int], seq: int) -> None:
-        """The prompt as generation feeds it: calls of ``batch`` tokens (or of ``prompt_ubatch``)."""
+        """The prompt as generation feeds it: calls of ``batch`` tokens (or of ``prompt_ubatch``),
+        logits for the last token only. Llama.eval also asks for the last row of each earlier call;
+        those rows change no KV cell, so they are not computed here."""
         ctx.kv_cache_seq_rm(seq, -1, -1)
         step = self._prompt_call
         for i in range(0, len(prompt), step):
             part = prompt[i : i + step]
-            self._fill(part, range(i, i + len(part)), [seq] * len(part), logits=False)
+            self._fill(part, range(i, i + len(part)), [seq] * len(part), int(i + step >= len(prompt)))
             ctx.decode(self._batch)
 
     def _rows(self, ctx: Any, n_rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -370,7 +374,7 @@ class EmbeddedScorer:
             pos = [len(r.request.prompt) + r.step - 1 for r in active]
             seqs = [r.seq for r in active]
             for ctx in contexts:
-                self._fill(tokens, pos, seqs, logits=True)
+                self._fill(tokens, pos, seqs, len(tokens))
                 ctx.decode(self._batch)
             self._consume(active)
             for run in [r for r in active if r.done]:
