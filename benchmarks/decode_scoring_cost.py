@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--reference-type", type=KVCacheType, default=KVCacheType.F16)
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated (and scored) per job")
     ap.add_argument("--jobs", type=int, default=8, help="prompts, each one job")
-    ap.add_argument("--prompt-words", type=int, default=120)
+    ap.add_argument("--prompt-words", type=int, default=120, help="job i: (1 + i %% 4) times this")
     ap.add_argument("--batch-size", type=int, default=512, help="the serving context's n_batch")
     ap.add_argument("--chunk", type=int, default=8, help="prefill path: positions per call")
     ap.add_argument("--sequences", default="1,2,4,8", help="decode path: jobs in lockstep, comma-separated")
@@ -113,8 +113,13 @@ def main() -> None:
         f"loading {model} with {args.n_gpu_layers} GPU layers (offload supported: {gpu_offload_supported()})"
     )
     probe = llama_cpp.Llama(model, n_ctx=16, vocab_only=True, verbose=False)
+    # prompts of 1 to 4 times --prompt-words, from different places of the text (read round): past 256
+    # and 512 cells llama.cpp's CPU flash attention changes kernels for an f16 cache
+    words = words * (2 + 4 * args.prompt_words // len(words))
     prompts = [
-        probe.tokenize(" ".join(words[i * 300 : i * 300 + args.prompt_words]).encode(), add_bos=True)
+        probe.tokenize(
+            " ".join(words[i * 173 : i * 173 + args.prompt_words * (1 + i % 4)]).encode(), add_bos=True
+        )
         for i in range(args.jobs)
     ]
     probe.close()

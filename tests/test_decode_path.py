@@ -62,20 +62,39 @@ async def _generate(
     raise AssertionError("no Finished event")
 
 
-def test_decode_replay_reproduces_the_served_logprobs(gemma_path: Path) -> None:
-    # batch 64 < the prompt: generation prefills it in three llama_decode calls, and so must the replay
-    settings = Settings(model=gemma_path, ctx_size=512, batch_size=64, threads=2, shadow_rate=0)
+@pytest.mark.parametrize(
+    ("kv", "words", "batch"),
+    [
+        # batch 64 < the prompt: generation prefills it in three llama_decode calls, and so must the replay
+        (T.Q4_0, 110, 64),
+        # an f16 primary past 512 cells: llama.cpp's CPU attention splits the KV over the threads
+        (T.F16, 500, 512),
+    ],
+)
+def test_decode_replay_reproduces_the_served_logprobs(
+    gemma_path: Path, kv: T, words: int, batch: int
+) -> None:
+    settings = Settings(
+        model=gemma_path,
+        ctx_size=1024,
+        batch_size=batch,
+        threads=2,
+        shadow_rate=0,
+        cache_type_k=kv,
+        cache_type_v=kv,
+    )
     backend = EmbeddedBackend(settings, read_model_info(gemma_path))
-    assert backend.kv == Q4 and backend.n_gpu_layers == 0
+    assert backend.kv == KVConfig(kv, kv) and backend.n_gpu_layers == 0
 
     async def run() -> tuple[list[int], list[TokenLogprob], Finished]:
         await backend.load()
-        prompt = backend.tokenize(_words(0, 110), add_bos=True)
+        prompt = backend.tokenize(_words(0, words), add_bos=True)
         served, finished = await _generate(backend, prompt, 48)
         return prompt, served, finished
 
     prompt, served, finished = asyncio.run(run())
-    assert len(prompt) > 2 * 64 and len(served) == finished.completion_tokens >= 40
+    assert len(prompt) > 2 * batch or len(prompt) > 512
+    assert len(served) == finished.completion_tokens >= 40
     tokens = list(finished.token_ids)
     # per position: the emitted token first, then the served top 5
     check = [[s.token_id, *(t.token_id for t in s.top)] for s in served]
@@ -91,11 +110,13 @@ def test_decode_replay_reproduces_the_served_logprobs(gemma_path: Path) -> None:
     backend.close()
     decode_diff = float(np.abs(got["decode"] - want).max())
     prefill_diff = float(np.abs(got["prefill"] - want).max())
+    bitwise = np.array_equal(got["decode"], want)
     print(
-        f"\n{len(served)} served positions, q4_0 K/V, greedy: decode replay max |Δ logprob| {decode_diff:.3g}"
-        f" (bitwise equal: {np.array_equal(got['decode'], want)}), prefill replay {prefill_diff:.3g}"
+        f"\n{len(served)} served positions after a {len(prompt)}-token prompt, {kv.value} K/V, greedy: "
+        f"decode replay max |Δ logprob| {decode_diff:.3g} (bitwise equal: {bitwise}),"
+        f" prefill replay {prefill_diff:.3g}"
     )
-    assert np.array_equal(got["decode"], want)  # bit for bit: the same rows, the same arithmetic
+    assert bitwise  # bit for bit: the same rows, the same arithmetic
     assert prefill_diff > 1e-4  # the chunked replay computes other numerics
 
 
@@ -147,6 +168,8 @@ def _scorer(llm: Any, sequences: int) -> EmbeddedScorer:
 def test_two_sequences_in_lockstep_give_the_single_sequence_figures(
     llm_and_jobs: tuple[Any, list[ScoreRequest]],
 ) -> None:
+    """Within 256 cells. Past 512, llama.cpp's CPU attention reads an f16 cache with a KV-split
+    kernel for one sequence only, and the figures move by up to 0.1 a position (the benchmark)."""
     llm, jobs = llm_and_jobs
     single = _scorer(llm, 1)
     alone = [single.score(j.prompt, j.completion) for j in jobs]

@@ -16,7 +16,18 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   its own KV stream, as llama-server without ``--kv-unified``): one token per sequence per call.
 * ``prefill`` is the cheaper chunked replay: the prompt prefix without logits, then ``chunk``
   positions per call. It understates what a quantized KV cache costs where the kernels differ
-  (CUDA), and reads slightly differently even on a CPU.
+  (CUDA). On a CPU an f16 cache is read by a vector attention kernel for calls under 64 query rows
+  and by a tiled one from 64 (what a 512-token prefill uses), so small chunks mix the two kinds of
+  numerics: at chunks of 8, q8_0 read 11 % above ``llama-perplexity -ub 512``, at 128 within 0.2 %
+  (tests/test_score_paths_agreement.py).
+
+Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
+on the rows per call. On a CPU (benchmarks/decode_scoring_cost.py) a q4_0 primary's logprobs of
+the served tokens stayed bit-identical at 2 or 3 sequences, but an f16 cache past 512 cells is read
+by a KV-split attention kernel for one sequence and by another for several, and from 4 rows on the
+repacked weights are multiplied 4 rows at a time: the mean KLD moved 0.4-0.5 % at 2-3 sequences
+and 2.6-4.5 % at 4-8. So several sequences are for GPUs, once measured there
+(``EmbeddedBackend.make_scorer``).
 
 Memory stays bounded whatever the vocabulary V, the sequence length and the number of jobs.
 
