@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
@@ -240,8 +240,7 @@ class ShadowPool:
     async def _score(self, jobs: list[ShadowJob]) -> Sequence[PositionScores | Exception]:
         if len(jobs) == 1:
             return [await self.scorer.score(jobs[0])]
-        many: BatchScorer = self.scorer  # type: ignore[assignment]  # _batch_limit checked score_many
-        results = await many.score_many(jobs)
+        results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
         if len(results) != len(jobs):
             raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
         return results
