@@ -170,9 +170,10 @@ class EmbeddedBackend:
 
         Several sequences in lockstep are taken from the settings only with layers on a GPU, where
         they remain to be measured. On a CPU they are not worth it (benchmarks/decode_scoring_cost.py,
-        Gemma 3 270M, 2 threads): 2 or 3 sequences stay within 1 % of the single-sequence mean KLD
-        but save at most 3 % of the time, and from 4 on llama.cpp multiplies 4 rows at a time with
-        other kernels and the mean moves 2.6 to 4.5 %."""
+        Gemma 3 270M, 2 threads, best of 3 rounds): 2 or 3 sequences stay within 1 % of the
+        single-sequence mean KLD but save only 4-6 % of the time, and from 4 on, where they would
+        save 12-27 %, llama.cpp multiplies 4 rows at a time with other kernels and the mean moves
+        2.6 to 4.5 %."""
         if self._llama is None:
             raise BackendError("model not loaded")
         s = self._settings
@@ -181,7 +182,8 @@ class EmbeddedBackend:
         if chosen not in SCORE_PATHS:
             raise ValueError(f"score path must be one of {SCORE_PATHS}, not {chosen!r}")
         sequences = max_sequences or int(getattr(s, "score_sequences", 1))
-        if max_sequences is None and sequences > 1 and self.n_gpu_layers == 0:
+        on_gpu = self.n_gpu_layers > 0 and gpu_offload_supported()
+        if max_sequences is None and sequences > 1 and not on_gpu:
             log.warning("%d scoring sequences at once are for GPU layers only: one at a time", sequences)
             sequences = 1
         return EmbeddedScorer(

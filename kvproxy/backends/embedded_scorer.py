@@ -26,8 +26,8 @@ on the rows per call. On a CPU (benchmarks/decode_scoring_cost.py) a q4_0 primar
 the served tokens stayed bit-identical at 2 or 3 sequences, but an f16 cache past 512 cells is read
 by a KV-split attention kernel for one sequence and by another for several, and from 4 rows on the
 repacked weights are multiplied 4 rows at a time: the mean KLD moved 0.4-0.5 % at 2-3 sequences
-and 2.6-4.5 % at 4-8. So several sequences are for GPUs, once measured there
-(``EmbeddedBackend.make_scorer``).
+(for 4-6 % less time) and 2.6-4.5 % at 4-8 (12-27 % less). So several sequences are for GPUs,
+once measured there (``EmbeddedBackend.make_scorer``).
 
 Memory stays bounded whatever the vocabulary V, the sequence length and the number of jobs.
 
