@@ -288,7 +288,7 @@ def sweep(
             n_ctx=ctx_size,
             threads=threads,
             flash_attn=True,
-            path=score_path.value,  # type: ignore[arg-type]
+            path=score_path,
             chunk=PREFILL_CHUNK,
         )
         for c in scored

@@ -93,7 +93,17 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Shadow jobs waiting at most; more are dropped."
     )
     shadow_chunk: int = Field(
-        default=8, ge=1, le=256, description="Positions scored per chunk (bounds the scorer's memory)."
+        default=64,
+        ge=1,
+        le=256,
+        description="Positions per call on the prefill score path (64 or more: llama.cpp's prefill "
+        "kernels on every backend; memory grows with it, docs/kld.md).",
+    )
+    score_sequences: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Shadow jobs decoded together as sequences of one context (decode path, GPU only).",
     )
     metrics_port: int | None = Field(
         default=None,

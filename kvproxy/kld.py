@@ -50,11 +50,15 @@ def log_softmax(logits: npt.ArrayLike) -> npt.NDArray[np.floating[Any]]:
 
 
 def logprobs_at(row: npt.ArrayLike, ids: Sequence[int]) -> list[float]:
-    """log-softmax of one logits row at ``ids`` only (no full-width result)."""
+    """log-softmax of one logits row at ``ids`` only, with :func:`log_softmax`'s very arithmetic
+    (a float32 row: float32 shift, float64 normaliser, float32 result), so equal rows give bit-equal
+    logprobs: the replay's check of what a primary served compares like with like."""
     x = np.asarray(row)
-    m = float(x.max())
-    log_z = m + float(np.log(np.exp(x - x.dtype.type(m)).sum(dtype=np.float64)))
-    return [float(x[i]) - log_z for i in ids]
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
+    m = x.max()
+    log_z = x.dtype.type(np.log(np.exp(x - m).sum(dtype=np.float64)))
+    return [float((x[i] - m) - log_z) for i in ids]
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,12 @@ class Metrics:
             ("deployment", "outcome"),
             registry=registry,
         )
+        self.context_device = Gauge(
+            "kvproxy_llama_context_device",
+            "1 for the device each in-process llama.cpp context computes on (CPU, CUDA0, ...).",
+            ("deployment", "context", "device"),
+            registry=registry,
+        )
         kv = ("deployment", "role", "cache_type_k", "cache_type_v")
         self.kv_bytes_per_token = Gauge(
             "kvproxy_kv_cache_bytes_per_token",

@@ -41,6 +41,8 @@ async def info(request: Request) -> dict[str, Any]:
         "primary": d.backend.kv.as_dict(),
         "reference": (d.reference_kv or d.backend.kv).as_dict(),
         "n_ctx": d.backend.n_ctx,
+        "score_path": d.score_path,
+        "device": str(d.backend.offload),
     }
 
 

@@ -33,10 +33,11 @@ from kvproxy.backends.base import (
     TokenLogprob,
     TopLogprob,
 )
+from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
-from kvproxy.config import Settings
+from kvproxy.config import ScorePath, Settings
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.kld import log_softmax
 from kvproxy.memory import ggml_type, llama_n_ubatch
@@ -105,6 +106,16 @@ class EmbeddedBackend:
         return llama_n_ubatch(self._settings.batch_size, self._settings.ctx_size)
 
     @property
+    def offload(self) -> Offload:
+        """Where this model's layers run (and so its scoring contexts', which share its weights)."""
+        return offload(self._settings.n_gpu_layers, self.info.attention.n_layers)
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """llama.cpp's ``n_gpu_layers`` (the scoring contexts share the model, so they follow)."""
+        return resolve_gpu_layers(self._settings.n_gpu_layers)
+
+    @property
     def n_vocab(self) -> int:
         if self._llama is None:
             raise BackendError("model not loaded")
@@ -125,6 +136,7 @@ class EmbeddedBackend:
         s = self._settings
         llama = llama_cpp.Llama(
             model_path=str(self.info.path),
+            n_gpu_layers=self.n_gpu_layers,
             n_ctx=s.ctx_size,
             n_batch=min(s.batch_size, s.ctx_size),
             n_threads=s.threads,
@@ -151,11 +163,26 @@ class EmbeddedBackend:
         )
         self._llama = llama
 
-    def make_scorer(self, reference: KVConfig) -> EmbeddedScorer:
-        """Scoring contexts (this KV config and ``reference``) on the weights already loaded."""
+    def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
+        """Scoring contexts (this KV config and ``reference``) on the weights already loaded.
+
+        On the decode path (the default) the prompt is prefilled with this context's batch and
+        micro-batch, as generation did, then one token a step; on the prefill path in calls of
+        ``shadow_chunk`` positions. Several jobs in lockstep (``score_sequences``) only with layers
+        on a GPU: on a CPU they are not worth it (docs/benchmarks.md: 2 or 3 sequences stay within
+        1 % of the single-sequence figure but save 4-6 % of the time; from 4 on llama.cpp multiplies
+        4 rows at a time with other kernels and the mean moves 2.6 to 4.5 %)."""
         if self._llama is None:
             raise BackendError("model not loaded")
         s = self._settings
+        path = ScorePath(path) if path is not None else s.score_path  # the settings' unless told
+        decode = path is ScorePath.DECODE
+        sequences = s.score_sequences
+        if sequences > 1 and not (decode and self.offload.label != "CPU"):
+            log.warning(
+                "%d scoring sequences at once are for the decode path on a GPU: one at a time", sequences
+            )
+            sequences = 1
         return EmbeddedScorer(
             self._llama._model,
             primary=self.kv,
@@ -165,6 +192,9 @@ class EmbeddedBackend:
             flash_attn=s.flash_attn,
             chunk=s.shadow_chunk,
             batch=min(s.batch_size, s.ctx_size),
+            path=path,
+            ubatch=self.n_ubatch,
+            max_sequences=sequences,
         )
 
     def close(self) -> None:

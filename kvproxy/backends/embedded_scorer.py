@@ -3,45 +3,130 @@
 One context has the primary's KV configuration, one the reference's (f16 by default). Both are fed
 the exact tokens the primary produced (prompt, then the completion), and at every completion
 position the full-vocabulary KL(P_reference || Q_primary) is computed. The weights are loaded once
-(the contexts share the primary's ``llama_model``).
+(the contexts share the primary's ``llama_model``, so they also share its GPU offload).
 
-Memory stays bounded whatever the vocabulary and sequence length: the prompt prefix is decoded
-without logits, and the scored part in chunks of ``chunk`` positions. Per chunk, for vocabulary V,
-the bound is 36 bytes per logit (:func:`scoring_chunk_bytes`): in each of the two contexts
-llama.cpp's output tensor and output buffer (2 x 2 x 4 bytes) and one float32 copy of the
-reference's rows (4), with 16 to spare. :func:`kvproxy.kld.exact_kld` no longer takes memory per
-logit: its temporaries are four 1 MiB slabs per thread, 8 MiB in all, whatever the chunk. For Gemma
-(V = 262,144) and the default chunk of 8 the bound is 72 MiB, independent of sequence length;
-`benchmarks/kld_throughput.py` measured 62.6 MiB (chunk 8) and 235 MiB (chunk 32, bound 288), so
-about 28 bytes a logit; at chunk 1 the fixed buffers (about 12 MiB of llama.cpp's, plus the slabs)
-pass the 9 MiB bound. The two scoring contexts' KV caches come on top, fixed at creation (32 MiB
-measured for n_ctx 1024).
+Two paths (DESIGN.md, "Which numerics served the tokens": llama.cpp computes a one-token decode
+and a batched prefill with different kernels, and a quantized KV cache reads differently in each):
+
+* ``decode`` replays what generation computed. Each context clears its cache, prefills the prompt
+  as llama-cpp-python's ``Llama.eval`` does (calls of ``batch`` tokens split by llama.cpp into
+  micro-batches of ``ubatch``, logits only for the last token, whose row predicts completion[0]),
+  then decodes ``completion[:-1]`` one token per ``llama_decode`` call. With ``max_sequences`` B > 1,
+  up to B jobs are decoded in lockstep as B sequences of one context (``n_seq_max`` B, each sequence
+  its own KV stream, as llama-server without ``--kv-unified``): one token per sequence per call.
+* ``prefill`` is the cheaper chunked replay: the prompt prefix without logits, then ``chunk``
+  positions per call. It understates what a quantized KV cache costs where the kernels differ
+  (CUDA). On a CPU an f16 cache is read by a vector attention kernel for calls under 64 query rows
+  and by a tiled one from 64 (what a 512-token prefill uses), so small chunks mix the two kinds of
+  numerics: at chunks of 8, q8_0 read 11 % above ``llama-perplexity -ub 512``, at 128 within 0.2 %
+  (tests/test_score_paths_agreement.py).
+
+Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
+on the rows per call. On a CPU (benchmarks/decode_scoring_cost.py) a q4_0 primary's logprobs of
+the served tokens stayed bit-identical at 2 or 3 sequences, but an f16 cache past 512 cells is read
+by a KV-split attention kernel for one sequence and by another for several, and from 4 rows on the
+repacked weights are multiplied 4 rows at a time: the mean KLD moved 0.4-0.5 % at 2-3 sequences
+(for 4-6 % less time) and 2.6-4.5 % at 4-8 (12-27 % less). So several sequences are for GPUs,
+once measured there (``EmbeddedBackend.make_scorer``).
+
+Memory stays bounded whatever the vocabulary V, the sequence length and the number of jobs.
+
+* ``decode``: no row is copied. The KLD reads each step's rows where llama.cpp left them, so the
+  extra memory is what llama.cpp holds for the step's outputs, per context its output buffer and
+  the graph's output tensor (at most ``n_outputs_max`` = B rows each: 2 x 2 x 4 bytes a logit for
+  the two contexts), plus :func:`kvproxy.kld.exact_kld`'s fixed 8 MiB and, when the primary's own
+  logprobs are checked, two rows of temporaries: 16 B V bytes + 8 MiB + 8 V bytes
+  (:func:`decode_step_bytes`). For Gemma (V = 262,144) that is 4 MiB + 10 MiB at B = 1 and 32 MiB +
+  10 MiB at B = 8.
+* ``prefill``: per chunk 36 bytes a logit (:func:`scoring_chunk_bytes`): in each context llama.cpp's
+  output tensor and output buffer (2 x 2 x 4 bytes), one float32 copy of the reference's rows (4),
+  with 16 to spare, plus the KLD's fixed 8 MiB; 72 MiB for Gemma at the default chunk of 8
+  (`benchmarks/kld_throughput.py` measured 62.6 MiB).
+
+Both paths cap llama.cpp's outputs per call (``n_outputs_max``) at the rows they read: by default
+llama.cpp reserves a graph output for n_batch rows, which for Gemma made each context's compute
+buffer 514.5 MiB instead of 19.8 MiB (allocated as VRAM on a GPU). The two contexts' KV caches come
+on top, fixed at creation: ``n_ctx`` cells per sequence, so B times one context's on the batched
+decode path.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.worker import close_on
+from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
-from kvproxy.memory import ggml_type
+from kvproxy.memory import ggml_type, llama_n_ubatch
 from kvproxy.priority import lower_thread_priority
 from kvproxy.shadow.job import ShadowJob
 
+KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
+
 
 def scoring_chunk_bytes(chunk: int, n_vocab: int) -> int:
-    """Upper bound of the extra bytes one scoring chunk needs (see the module docstring)."""
+    """Upper bound of the extra bytes one prefill-path chunk needs (see the module docstring)."""
     return chunk * n_vocab * (2 * 2 * 4 + 4 + 4 * 4)
 
 
+def decode_step_bytes(max_sequences: int, n_vocab: int) -> int:
+    """Upper bound of the extra bytes the decode path needs (see the module docstring)."""
+    return max_sequences * n_vocab * 2 * 2 * 4 + KLD_FIXED_BYTES + 2 * n_vocab * 4
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One job's tokens: position j scores ``completion[j]`` given ``prompt + completion[:j]``."""
+
+    prompt: Sequence[int]
+    completion: Sequence[int]
+    check_ids: Sequence[Sequence[int]] | None = None
+
+
+@dataclass
+class _Run:
+    """One job in flight on the decode path: its sequence id and what has been scored so far."""
+
+    index: int
+    request: ScoreRequest
+    seq: int
+    step: int = 0  # the next completion position to score
+    kld: list[float] = field(default_factory=list)
+    same_top: list[bool] = field(default_factory=list)
+    p_ref: list[float] = field(default_factory=list)
+    p_primary: list[float] = field(default_factory=list)
+    checks: list[list[float]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.request.completion)
+
+    def scores(self) -> PositionScores:
+        s = PositionScores(
+            np.asarray(self.kld, dtype=np.float64),
+            np.asarray(self.same_top, dtype=bool),
+            np.asarray(self.p_ref, dtype=np.float64),
+            np.asarray(self.p_primary, dtype=np.float64),
+        ).at(len(self.request.prompt))
+        return s if self.request.check_ids is None else s.with_checks(self.checks)
+
+
 class EmbeddedScorer:
-    """Not thread-safe: call ``score`` from one thread at a time (the shadow worker's)."""
+    """Not thread-safe: call ``score`` / ``score_batch`` from one thread at a time (the shadow worker's).
+
+    ``batch`` and ``ubatch`` are the serving context's ``n_batch`` and micro-batch (default
+    llama.cpp's: min(batch, n_ctx, 512)); on the decode path they shape the prompt's prefill as in
+    generation. ``prompt_ubatch`` prefills the prompt in smaller micro-batches than that (1 mirrors
+    ``llama-perplexity -ub 1``).
+    """
 
     def __init__(
         self,
@@ -54,28 +139,68 @@ class EmbeddedScorer:
         flash_attn: bool,
         chunk: int = 8,
         batch: int = 512,
+        path: ScorePath | str = ScorePath.PREFILL,
+        ubatch: int | None = None,
+        prompt_ubatch: int | None = None,
+        max_sequences: int = 1,
     ) -> None:
         from llama_cpp import _internals
 
+        path = ScorePath(path)  # a ValueError names anything else
+        if max_sequences < 1 or (path == "prefill" and max_sequences != 1):
+            raise ValueError("several sequences at once exist only on the decode path")
+        if prompt_ubatch is not None and (path == "prefill" or prompt_ubatch < 1):
+            raise ValueError("prompt_ubatch is a decode-path option of at least 1")
         self.primary_kv = primary
         self.reference_kv = reference
         self.n_ctx = n_ctx
         self.chunk = chunk
-        self.batch_size = max(batch, chunk)
+        self.path = path
+        self.max_sequences = max_sequences
         self._model = model
         self.n_vocab = int(model.n_vocab())
-        self._ctx_primary = self._context(_internals, primary, n_ctx, threads, flash_attn)
-        self._ctx_reference = self._context(_internals, reference, n_ctx, threads, flash_attn)
-        self._batch = _internals.LlamaBatch(n_tokens=self.batch_size, embd=0, n_seq_max=1, verbose=False)
+        if path == "prefill":
+            self.batch_size = max(batch, chunk)
+            n_batch = n_ubatch = self.batch_size
+            self.prompt_ubatch = self._prompt_call = n_ubatch
+            n_outputs_max = chunk  # rows per call: llama.cpp's default (n_batch) reserves 512 rows
+        else:
+            serving_ubatch = ubatch if ubatch is not None else llama_n_ubatch(batch, n_ctx)
+            self.batch_size = batch
+            self.prompt_ubatch = prompt_ubatch if prompt_ubatch is not None else serving_ubatch
+            n_batch = max(batch, max_sequences)
+            n_ubatch = max(serving_ubatch, max_sequences)
+            # calls of n_batch tokens as Llama.eval makes them, or of the smaller micro-batch asked for
+            self._prompt_call = batch if self.prompt_ubatch >= n_ubatch else self.prompt_ubatch
+            n_outputs_max = max_sequences  # one row per sequence per step
+        self._ctx_primary = self._context(
+            _internals, primary, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
+        )
+        self._ctx_reference = self._context(
+            _internals, reference, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
+        )
+        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
 
-    def _context(self, internals: Any, kv: KVConfig, n_ctx: int, threads: int, flash_attn: bool) -> Any:
+    def _context(
+        self,
+        internals: Any,
+        kv: KVConfig,
+        n_ctx: int,
+        threads: int,
+        flash_attn: bool,
+        n_batch: int,
+        n_ubatch: int,
+        n_outputs_max: int,
+    ) -> Any:
         import llama_cpp
 
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = self.batch_size
-        params.n_ubatch = self.batch_size
-        params.n_seq_max = 1
+        params.n_ctx = n_ctx * self.max_sequences  # each sequence its own stream of n_ctx cells
+        params.n_batch = n_batch
+        params.n_ubatch = n_ubatch
+        params.n_seq_max = self.max_sequences
+        params.kv_unified = False
+        params.n_outputs_max = n_outputs_max
         params.n_threads = threads
         params.n_threads_batch = threads
         params.type_k = int(ggml_type(kv.cache_type_k))
@@ -112,13 +237,46 @@ class EmbeddedScorer:
         (token ids per position), the primary config's logprobs of those tokens are returned too,
         in ``PositionScores.check_logprobs``.
         """
-        if not prompt:
+        request = ScoreRequest(prompt, completion, check_ids)
+        self._check(request)
+        if self.path == "prefill":
+            return self._score_prefill(request)
+        result = self._score_decode([request])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[PositionScores | ValueError]:
+        """Score several jobs; on the decode path up to ``max_sequences`` of them in lockstep.
+
+        A job that cannot be scored (no prompt, too long) gets its ValueError in its place and the
+        others are scored; a llama.cpp failure raises for all of them."""
+        if self.path == "prefill":
+            out: list[PositionScores | ValueError] = []
+            for r in requests:
+                try:
+                    self._check(r)
+                except ValueError as exc:
+                    out.append(exc)
+                else:
+                    out.append(self._score_prefill(r))
+            return out
+        return self._score_decode(requests)
+
+    def _check(self, request: ScoreRequest) -> None:
+        if not request.prompt:
             raise ValueError("scoring needs at least one prompt token")
+        n = len(request.prompt) + max(len(request.completion) - 1, 0)
+        if n > self.n_ctx:
+            raise ValueError(f"{n} tokens do not fit the scoring context of {self.n_ctx}")
+
+    # ---- prefill path ---------------------------------------------------------------------------
+
+    def _score_prefill(self, request: ScoreRequest) -> PositionScores:
+        prompt, completion, check_ids = request.prompt, request.completion, request.check_ids
         if not completion:
-            return PositionScores.concat([])
+            return PositionScores.concat([]).at(len(prompt))
         seq = list(prompt) + list(completion[:-1])
-        if len(seq) > self.n_ctx:
-            raise ValueError(f"{len(seq)} tokens do not fit the scoring context of {self.n_ctx}")
         start = len(prompt) - 1  # the position whose logits predict completion[0]
         for ctx in (self._ctx_primary, self._ctx_reference):
             ctx.kv_cache_clear()
@@ -141,6 +299,101 @@ class EmbeddedScorer:
         scores = PositionScores.concat(parts).at(len(prompt))
         return scores if check_ids is None else scores.with_checks(checks)
 
+    # ---- decode path ----------------------------------------------------------------------------
+
+    def _fill(self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[int], outputs: int) -> None:
+        """Put tokens in the batch, the last ``outputs`` of them with logits."""
+        b = self._batch.batch
+        n = len(tokens)
+        b.n_tokens = n
+        for k in range(n):
+            b.token[k] = tokens[k]
+            b.pos[k] = pos[k]
+            b.seq_id[k][0] = seqs[k]
+            b.n_seq_id[k] = 1
+            b.logits[k] = k >= n - outputs
+
+    def _prefill_prompt(self, ctx: Any, prompt: Sequence[int], seq: int) -> None:
+        """The prompt as generation feeds it: calls of ``batch`` tokens (or of ``prompt_ubatch``),
+        logits for the last token only. Llama.eval also asks for the last row of each earlier call;
+        those rows change no KV cell, so they are not computed here."""
+        ctx.kv_cache_seq_rm(seq, -1, -1)
+        step = self._prompt_call
+        for i in range(0, len(prompt), step):
+            part = prompt[i : i + step]
+            self._fill(part, range(i, i + len(part)), [seq] * len(part), int(i + step >= len(prompt)))
+            ctx.decode(self._batch)
+
+    def _rows(self, ctx: Any, n_rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The last ``n_rows`` output rows, read in place (valid until the context's next decode)."""
+        if n_rows == 1:
+            return np.ctypeslib.as_array(ctx.get_logits_ith(-1), shape=(1, self.n_vocab))
+        return self._logits(ctx, n_rows)
+
+    def _consume(self, runs: Sequence[_Run]) -> None:
+        """Score the rows both contexts just produced, one per run, in batch order."""
+        n = len(runs)
+        ref, primary = self._rows(self._ctx_reference, n), self._rows(self._ctx_primary, n)
+        targets = [r.request.completion[r.step] for r in runs]
+        s = exact_kld(ref, primary, targets)
+        for k, run in enumerate(runs):
+            run.kld.append(float(s.kld[k]))
+            run.same_top.append(bool(s.same_top[k]))
+            run.p_ref.append(float(s.p_ref[k]))
+            run.p_primary.append(float(s.p_primary[k]))
+            check_ids = run.request.check_ids
+            if check_ids is not None and run.step < len(check_ids):
+                run.checks.append(logprobs_at(primary[k], check_ids[run.step]))
+            run.step += 1
+
+    def _score_decode(self, requests: Sequence[ScoreRequest]) -> list[PositionScores | ValueError]:
+        results: list[PositionScores | ValueError | None] = [None] * len(requests)
+        pending: deque[int] = deque()
+        for i, r in enumerate(requests):
+            try:
+                self._check(r)
+            except ValueError as exc:
+                results[i] = exc
+                continue
+            if r.completion:
+                pending.append(i)
+            else:
+                results[i] = PositionScores.concat([]).at(len(r.prompt))
+        contexts = (self._ctx_reference, self._ctx_primary)
+        for ctx in contexts:
+            ctx.kv_cache_clear()
+        free = list(range(self.max_sequences - 1, -1, -1))
+        active: list[_Run] = []
+        while pending or active:
+            while pending and free:  # a free sequence takes the next job: prompt prefill, first row
+                i = pending.popleft()
+                run = _Run(i, requests[i], free.pop())
+                for ctx in contexts:
+                    self._prefill_prompt(ctx, run.request.prompt, run.seq)
+                self._consume([run])
+                if run.done:
+                    results[i] = run.scores()
+                    free.append(run.seq)
+                else:
+                    active.append(run)
+            if not active:
+                continue
+            # one token per sequence per call: the completion token before the one each row predicts
+            tokens = [r.request.completion[r.step - 1] for r in active]
+            pos = [len(r.request.prompt) + r.step - 1 for r in active]
+            seqs = [r.seq for r in active]
+            for ctx in contexts:
+                self._fill(tokens, pos, seqs, len(tokens))
+                ctx.decode(self._batch)
+            self._consume(active)
+            for run in [r for r in active if r.done]:
+                active.remove(run)
+                results[run.index] = run.scores()
+                free.append(run.seq)
+        for ctx in contexts:
+            ctx.kv_cache_clear()
+        return [r if r is not None else ValueError("not scored") for r in results]
+
 
 class ThreadedScorer:
     """The async face of :class:`EmbeddedScorer`: scoring runs on one low-priority worker thread."""
@@ -161,8 +414,22 @@ class ThreadedScorer:
             self._scorer = self._factory()
         return self._scorer
 
+    @property
+    def max_jobs(self) -> int:
+        """How many queued jobs one :meth:`score_many` call takes (the shadow pool asks)."""
+        return self._scorer.max_sequences if self._scorer is not None else 1
+
     async def score(self, job: ShadowJob) -> PositionScores:
         return await self.score_tokens(job.prompt_tokens, job.token_ids)
+
+    async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
+        """Several jobs in one pass (lockstep sequences on the batched decode path)."""
+        requests = [ScoreRequest(j.prompt_tokens, j.token_ids) for j in jobs]
+
+        def run() -> list[PositionScores | ValueError]:
+            return self._get().score_batch(requests)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def score_tokens(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvproxy import __version__
+from kvproxy.backends.devices import offload
 from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.http import HttpDeployment
@@ -30,10 +31,11 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"{m['bytes_per_token'] / m['f16_bytes_per_token']:.1%}){swa}",
             f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for the "
             f"{settings.ctx_size:,}-token context (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
+            f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
-            f"{settings.reference_cache_type.value} KV reference on the same weights "
-            f"(status: /kvproxy/v1/status)",
+            f"{settings.reference_cache_type.value} KV reference on the same weights, "
+            f"{settings.score_path.value} path (status: /kvproxy/v1/status)",
         ]
     )
 

@@ -73,6 +73,7 @@ def embedded_deployment(
         drift=drift_detector(spec.drift, backend.kv, settings.score_path.value) if spec else None,
         guard=guard_for(spec.guard) if spec else None,
         queue_size=settings.shadow_queue_size,
+        score_path=settings.score_path.value,
         metrics=metrics,
     )
 

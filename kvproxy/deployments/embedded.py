@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.devices import Offload
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.backends.embedded_scorer import ThreadedScorer
 from kvproxy.deployments.base import DeploymentBase
@@ -37,6 +38,7 @@ class EmbeddedDeployment(DeploymentBase):
         drift: DriftDetector | None = None,
         guard: Guard | None = None,
         queue_size: int = 64,
+        score_path: str = "decode",
         metrics: Metrics | None = None,
     ) -> None:
         name = backend.model_name
@@ -49,6 +51,7 @@ class EmbeddedDeployment(DeploymentBase):
         )
         self.backend = backend
         self.scorer = scorer
+        self.score_path = score_path
         self.load_error: str | None = None  # why the model failed to load, once it has
         self.shadow = ShadowPath(
             sampler,
@@ -66,6 +69,8 @@ class EmbeddedDeployment(DeploymentBase):
     def _export(self, metrics: Metrics) -> None:
         backend = self.backend
         export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
+        for context, where in self.devices().items():
+            metrics.context_device.labels(self.name, context, where.label).set(1)
         if self.guard is not None:
             export_guard(metrics, self.name, self.guard)
         for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
@@ -80,6 +85,15 @@ class EmbeddedDeployment(DeploymentBase):
     @property
     def model_label(self) -> str:
         return self.backend.info.name
+
+    def devices(self) -> dict[str, Offload]:
+        """Where each llama.cpp context computes: the served model and its two scoring contexts
+        (which share its weights, so its offload)."""
+        where = self.backend.offload
+        return {"primary": where, "scorer": where}
+
+    def backend_status(self) -> dict[str, Any]:
+        return {"devices": {context: str(where) for context, where in self.devices().items()}}
 
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend

@@ -6,6 +6,7 @@ A job is dropped as soon as it is scored: it holds the prompt and the completion
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,3 +83,13 @@ class ShadowJob:
 
 class Scorer(Protocol):
     async def score(self, job: ShadowJob) -> PositionScores: ...
+
+
+class BatchScorer(Scorer, Protocol):
+    """A scorer that can take several queued jobs in one call (up to ``max_jobs``, read per call):
+    one result per job, in order, a job's own failure in its place."""
+
+    @property
+    def max_jobs(self) -> int: ...
+
+    async def score_many(self, jobs: Sequence[ShadowJob]) -> Sequence[PositionScores | Exception]: ...

@@ -7,7 +7,9 @@
   finish (client gone, backend error) or a full queue drops the job, and the drop is counted.
 * The pool's workers score jobs through a :class:`Scorer` and feed the deployment's
   :class:`~kvproxy.shadow.quality.QualityTracker`. A scorer failure is counted, logged and never reaches
-  a client.
+  a client. A scorer with ``score_many`` (:class:`~kvproxy.shadow.job.BatchScorer`) is handed what is
+  queued, up to its ``max_jobs``, in one call: the batched decode path scores them as sequences of one
+  context.
 
 Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``.
 """
@@ -19,14 +21,14 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
-from kvproxy.shadow.job import Scorer, ShadowJob
+from kvproxy.shadow.job import BatchScorer, Scorer, ShadowJob
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.token_scores import DROPPED, FAILED, KeptScores, claim
 from kvproxy.tasks import cancel_and_wait
@@ -160,47 +162,78 @@ class ShadowPool:
             waited += 0.01
         return True
 
+    def _batch_limit(self) -> int:
+        """How many queued jobs one scoring call may take: a scorer with ``score_many`` says."""
+        if getattr(self.scorer, "score_many", None) is None:
+            return 1
+        return max(1, int(getattr(self.scorer, "max_jobs", 1)))
+
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
-            self.in_flight += 1
+            jobs = [await self._queue.get()]
+            limit = self._batch_limit()
+            while len(jobs) < limit and not self._queue.empty():  # what is queued now, up to the limit
+                jobs.append(self._queue.get_nowait())
+            self.in_flight += len(jobs)
             try:
                 if not await self._calm():
-                    self.drop(job.keep)
+                    while jobs:
+                        self.in_flight -= 1
+                        self.drop(jobs.pop().keep)
                     log.debug("shadow job dropped: the proxy stayed saturated")
                     continue
-                scores = await self.scorer.score(job)
+                results = await self._score(jobs)
             except asyncio.CancelledError:
-                self.drop(job.keep)
+                while jobs:
+                    self.in_flight -= 1
+                    self.drop(jobs.pop().keep)
                 raise
             except Exception as exc:
-                self.count("failed")
-                if job.keep is not None:
-                    job.keep.end(FAILED)
-                # the traceback only at debug level: its frames hold the job (prompt, completion),
-                # and a log record kept by a handler would keep them alive
-                log.warning(
-                    "shadow scoring failed: %s: %s",
-                    type(exc).__name__,
-                    str(exc),
-                    exc_info=log.isEnabledFor(logging.DEBUG),
-                )
-            else:
-                if job.keep is not None:
-                    job.keep.scored(scores)
-                self.tracker.add(scores)
-                lag = time.monotonic() - job.ended_at
-                self.counters.scored_tokens += len(scores)
-                self.counters.last_lag_seconds = lag
-                self.count("scored")
-                if self.on_scored is not None and len(scores):
-                    self.on_scored(scores)
-                self.events.scored(scores, lag)
-            finally:
-                self.in_flight -= 1
-                # the job holds the prompt and the completion: let it go now, not when the next job
-                # arrives (the loop variable would keep it alive while the queue is idle)
-                del job
+                results = [exc] * len(jobs)
+            self._record_all(jobs, results)
+            # the jobs hold prompts and completions: let them go now, not when the next job arrives
+            # (the loop variables would keep them alive while the queue is idle)
+            del jobs, results
+
+    def _record_all(self, jobs: list[ShadowJob], results: Sequence[PositionScores | Exception]) -> None:
+        for job, result in zip(jobs, results, strict=True):
+            self.in_flight -= 1
+            self._record(job, result)
+
+    async def _score(self, jobs: list[ShadowJob]) -> Sequence[PositionScores | Exception]:
+        if len(jobs) == 1:
+            return [await self.scorer.score(jobs[0])]
+        results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
+        if len(results) != len(jobs):
+            raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+        return results
+
+    def _record(self, job: ShadowJob, result: PositionScores | Exception) -> None:
+        """One job's outcome: its scores into the tracker and observers, or a counted failure."""
+        if isinstance(result, Exception):
+            self.count("failed")
+            if job.keep is not None:
+                job.keep.end(FAILED)
+            # the traceback only at debug level: its frames hold the job (prompt, completion),
+            # and a log record kept by a handler would keep them alive
+            log.warning(
+                "shadow scoring failed: %s: %s",
+                type(result).__name__,
+                str(result),
+                exc_info=result if log.isEnabledFor(logging.DEBUG) else None,
+            )
+            return
+        scores = result
+        if job.keep is not None:
+            job.keep.scored(scores)
+        self.tracker.add(scores)
+        lag = time.monotonic() - job.ended_at
+        self.counters.scored_tokens += len(scores)
+        self.counters.last_lag_seconds = lag
+        self.count("scored")
+        if self.on_scored is not None and len(scores):
+            self.on_scored(scores)
+        self.events.scored(scores, lag)
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until nothing is queued or being scored (tests, graceful shutdown)."""
