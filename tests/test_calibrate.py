@@ -46,6 +46,7 @@ def test_pareto_and_recommendation() -> None:
 
 
 def test_calibrate_on_gemma(tmp_path: Path) -> None:
+    """The sweep on the (cheaper) prefill path; the decode path is the next test's."""
     out = tmp_path / "calib"
     result = run_cli(
         "calibrate",
@@ -57,6 +58,8 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
         str(out),
         "--budget",
         "0.05",
+        "--score-path",
+        "prefill",
     )
     assert result.returncode == 0, result.stderr
     assert "recommendation for a mean KLD budget of 0.05: q8_0/q4_0" in result.stdout
@@ -71,6 +74,7 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
     assert doc["recommendation"] == "q8_0/q4_0" and "q4_0" in doc["pareto_front"] and not doc["interrupted"]
     baseline = json.loads((out / "baseline.json").read_text())
     assert baseline["configs"]["q4_0"]["mean_kld"] == pytest.approx(kld["q4_0"])
+    assert baseline["score_path"] == doc["score_path"] == "prefill"
     assert_a_deployment_arms_its_drift_detector_from(out / "baseline.json", kld)
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +86,21 @@ def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
     short.write_text("Too short.")
     result = run_cli("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "fewer than 512 tokens" in result.stderr
+
+
+def test_calibrate_on_the_decode_path_by_default(tmp_path: Path) -> None:
+    """Without --score-path: the decode path (generation's numerics), said in the table and files."""
+    out = tmp_path / "calib"
+    result = run_cli(
+        "calibrate", "--configs", "f16,q4_0", "--ctx-size", "256", "--max-chunks", "1", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "decode path" in result.stdout and "CPU" in result.stdout
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["score_path"] == "decode" and doc["device"] == "CPU"
+    q4 = next(row for row in doc["results"] if row["config"] == "q4_0")
+    assert q4["tokens"] == 256 - 1 - 128 and 0.02 < q4["mean_kld"] < 0.5
+    assert json.loads((out / "baseline.json").read_text())["score_path"] == "decode"
 
 
 def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
@@ -108,6 +127,8 @@ def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
             str(text),
             "--out",
             str(out),
+            "--score-path",
+            "prefill",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
