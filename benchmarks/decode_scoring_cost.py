@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8, help="prompts, each one job")
     ap.add_argument("--prompt-words", type=int, default=120, help="job i: (1 + i %% 4) times this")
     ap.add_argument("--batch-size", type=int, default=512, help="the serving context's n_batch")
-    ap.add_argument("--chunk", type=int, default=8, help="prefill path: positions per call")
+    ap.add_argument("--chunk", type=int, default=64, help="prefill path: positions per call")
     ap.add_argument("--sequences", default="1,2,4,8", help="decode path: jobs in lockstep, comma-separated")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over every variant; the best time counts")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ import numpy as np
 
 from kvproxy.backends.embedded import bundled_model_path
 from kvproxy.corpus import english_text
-from kvproxy.kld import PositionScores, coarse_kld_row
+from kvproxy.kld import PositionScores
 from kvproxy.shadow.job import PrimaryReport
 from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_text
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
@@ -98,11 +98,8 @@ async def case(
         top.append(await topk_ref.score(prompt, report))
         scores = await exact_ref.score(prompt, report)
         exact.append(scores)
-        for ids, reported, replayed in zip(
-            report.top_ids, report.top_logprobs, scores.check_logprobs or [], strict=False
-        ):
-            if reported and replayed:
-                served.append(coarse_kld_row(ids, reported, ids, replayed))
+        if scores.served_divergence is not None:
+            served += [float(x) for x in scores.served_divergence if x == x]  # NaN: nothing to compare
     for pool in (primary, f16, scorer):
         await pool.close()
     top_all, exact_all = PositionScores.concat(top), PositionScores.concat(exact)

@@ -15,6 +15,7 @@ import pytest
 from kvproxy.app import create_app
 from kvproxy.backends.base import KVConfig
 from kvproxy.config import KVCacheType
+from kvproxy.deployments.base import ShadowOptions
 from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.deployments.spec import DeploymentSpec
@@ -31,7 +32,7 @@ def stub_deployment(backend: StubBackend) -> EmbeddedDeployment:
         backend,  # type: ignore[arg-type]
         IdleScorer(),  # type: ignore[arg-type]
         reference_kv=KVConfig(KVCacheType.F16, KVCacheType.F16),
-        sampler=ShadowSampler(0.0),
+        shadow=ShadowOptions(ShadowSampler(0.0)),
     )
 
 

@@ -198,12 +198,8 @@ class EmbeddedBackend:
         )
 
     def close(self) -> None:
-        def _free() -> None:
-            if self._llama is not None:
-                self._llama.close()
-                self._llama = None
-
-        close_on(self._executor, _free)
+        close_on(self._executor, self._llama)
+        self._llama = None
 
     # ---- tokens and text --------------------------------------------------------------------
 

@@ -443,9 +443,5 @@ class ThreadedScorer:
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     def close(self) -> None:
-        def free() -> None:
-            if self._scorer is not None:
-                self._scorer.close()
-                self._scorer = None
-
-        close_on(self._executor, free)
+        close_on(self._executor, self._scorer)
+        self._scorer = None

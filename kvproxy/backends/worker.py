@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 
-def close_on(executor: ThreadPoolExecutor, free: Callable[[], None]) -> None:
-    """Free llama.cpp objects on the thread that used them, after its queued work, then stop it."""
-    executor.submit(free).result()
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def close_on(executor: ThreadPoolExecutor, obj: Closable | None) -> None:
+    """Close a llama.cpp object on the thread that used it, after its queued work, then stop that
+    thread. The caller drops its reference afterwards: nothing can run on the thread any more."""
+    if obj is not None:
+        executor.submit(obj.close).result()
     executor.shutdown(wait=True)

@@ -98,29 +98,10 @@ def serve(
     With no --primary/--config: llama.cpp in process (the embedded default). With --primary (and
     --reference) or --config: a proxy in front of llama-server processes.
     """
-    settings = load_settings(
-        model=model,
-        alias=alias,
-        cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v,
-        flash_attn=flash_attn,
-        ctx_size=ctx_size,
-        batch_size=batch_size,
-        host=host,
-        port=port,
-        threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        score_path=score_path,
-        log_level=log_level,
-        shadow_rate=shadow_rate,
-        reference_cache_type=reference_cache_type,
-        shadow_queue_size=shadow_queue_size,
-        metrics_port=metrics_port,
-        api_keys=api_key or None,
-        admin_token=admin_token,
-        max_body_bytes=max_body_bytes,
-        drain_timeout=drain_timeout,
-    )
+    # every flag named like its setting, given or not (None: not given, so the environment or the
+    # default decides); the repeatable --api-key is the one whose name differs
+    given = {name: value for name, value in locals().items() if name in Settings.model_fields}
+    settings = load_settings(**given, api_keys=api_key or None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
     metrics = default_metrics()

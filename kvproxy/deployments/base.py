@@ -11,20 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.observers import NULL_SERVING, ServingEvents
+from kvproxy.metrics import DeploymentObserver, Metrics, ServingObserver, export_guard
+from kvproxy.observers import NULL_SERVING, NULL_SHADOW, ServingEvents
+from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
+from kvproxy.shadow.job import Scorer
 from kvproxy.shadow.path import ShadowPath
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
+from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ShadowOptions:
+    """How a deployment's shadow path is set up (kvproxy.shadow.path)."""
+
+    sampler: ShadowSampler
+    tracker: QualityTracker | None = None
+    drift: DriftDetector | None = None
+    queue_size: int = 64
+    concurrency: int = 1
+
+
 class DeploymentBase:
-    """Subclasses build ``self.shadow`` (it needs their scorer) and say whether they are ready."""
+    """Subclasses make their scorer and hand it to :meth:`_start_shadow`, and say whether they are
+    ready."""
 
     shadow: ShadowPath
     estimator: str = "exact"
@@ -37,14 +54,30 @@ class DeploymentBase:
         primary_kv: KVConfig | None,
         reference_kv: KVConfig | None,
         guard: Guard | None = None,
-        events: ServingEvents = NULL_SERVING,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.primary_kv = primary_kv
         self.reference_kv = reference_kv
         self.guard = guard
-        self.events = events
+        self.metrics = metrics
+        self.events: ServingEvents = ServingObserver(metrics, name) if metrics else NULL_SERVING
         self.probes: set[asyncio.Task[None]] = set()  # the guard's replays on a drifting primary
+        if metrics is not None and guard is not None:
+            export_guard(metrics, name, guard)
+
+    def _start_shadow(self, options: ShadowOptions, scorer: Scorer) -> None:
+        """The shadow path on this deployment's scorer, its outcomes told to the metrics if any."""
+        self.shadow = ShadowPath(
+            options.sampler,
+            scorer,
+            tracker=options.tracker,
+            drift=options.drift,
+            queue_size=options.queue_size,
+            concurrency=options.concurrency,
+            events=DeploymentObserver(self.metrics, self) if self.metrics else NULL_SHADOW,
+            after_scored=self.after_scored,
+        )
 
     @property
     def model_label(self) -> str:

@@ -8,6 +8,7 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
 from kvproxy.backends.embedded_scorer import ThreadedScorer
 from kvproxy.config import KVCacheType, Settings
+from kvproxy.deployments.base import ShadowOptions
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.deployments.spec import DeploymentSpec, DriftSpec, GuardSpec, ProxyConfig
@@ -68,11 +69,13 @@ def embedded_deployment(
         backend,
         ThreadedScorer(lambda: backend.make_scorer(reference)),
         reference_kv=reference,
-        sampler=ShadowSampler(settings.shadow_rate),
-        tracker=QualityTracker(window=settings.status_window),
-        drift=drift_detector(spec.drift, backend.kv, settings.score_path.value) if spec else None,
+        shadow=ShadowOptions(
+            ShadowSampler(settings.shadow_rate),
+            tracker=QualityTracker(window=settings.status_window),
+            drift=drift_detector(spec.drift, backend.kv, settings.score_path.value) if spec else None,
+            queue_size=settings.shadow_queue_size,
+        ),
         guard=guard_for(spec.guard) if spec else None,
-        queue_size=settings.shadow_queue_size,
         score_path=settings.score_path.value,
         metrics=metrics,
     )
@@ -95,13 +98,15 @@ def http_deployment(
         reference_pool=pool(ref.urls, ref.api_key()) if ref else None,
         primary_kv=primary_kv,
         reference_kv=ref.kv(KVCacheType.F16) if ref else None,
-        sampler=ShadowSampler(spec.shadow_rate),
-        tracker=QualityTracker(window=window),
-        drift=drift_detector(spec.drift, primary_kv),
+        shadow=ShadowOptions(
+            ShadowSampler(spec.shadow_rate),
+            tracker=QualityTracker(window=window),
+            drift=drift_detector(spec.drift, primary_kv),
+            queue_size=spec.queue_size,
+            concurrency=spec.concurrency,
+        ),
         guard=guard_for(spec.guard),
         top_k=spec.top_k,
-        queue_size=spec.queue_size,
-        concurrency=spec.concurrency,
         metrics=metrics,
     )
 

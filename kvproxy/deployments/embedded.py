@@ -8,22 +8,10 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.backends.devices import Offload
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.backends.embedded_scorer import ThreadedScorer
-from kvproxy.deployments.base import DeploymentBase
+from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.memory import kv_memory_summary
-from kvproxy.metrics import (
-    DeploymentObserver,
-    Metrics,
-    ServingObserver,
-    export_backend_up,
-    export_guard,
-    export_kv_memory,
-)
-from kvproxy.observers import NULL_SERVING, NULL_SHADOW
-from kvproxy.shadow.drift import DriftDetector
+from kvproxy.metrics import Metrics, export_backend_up, export_kv_memory
 from kvproxy.shadow.guard import Guard
-from kvproxy.shadow.path import ShadowPath
-from kvproxy.shadow.pool import ShadowSampler
-from kvproxy.shadow.quality import QualityTracker
 
 
 class EmbeddedDeployment(DeploymentBase):
@@ -33,36 +21,18 @@ class EmbeddedDeployment(DeploymentBase):
         scorer: ThreadedScorer,
         *,
         reference_kv: KVConfig,
-        sampler: ShadowSampler,
-        tracker: QualityTracker | None = None,
-        drift: DriftDetector | None = None,
+        shadow: ShadowOptions,
         guard: Guard | None = None,
-        queue_size: int = 64,
         score_path: str = "decode",
         metrics: Metrics | None = None,
     ) -> None:
-        name = backend.model_name
-        super().__init__(
-            name,
-            primary_kv=backend.kv,
-            reference_kv=reference_kv,
-            guard=guard,
-            events=ServingObserver(metrics, name) if metrics else NULL_SERVING,
-        )
+        name, kv = backend.model_name, backend.kv
+        super().__init__(name, primary_kv=kv, reference_kv=reference_kv, guard=guard, metrics=metrics)
         self.backend = backend
         self.scorer = scorer
         self.score_path = score_path
         self.load_error: str | None = None  # why the model failed to load, once it has
-        self.shadow = ShadowPath(
-            sampler,
-            scorer,
-            tracker=tracker,
-            drift=drift,
-            queue_size=queue_size,
-            concurrency=1,
-            events=DeploymentObserver(metrics, self) if metrics else NULL_SHADOW,
-            after_scored=self.after_scored,
-        )
+        self._start_shadow(shadow, scorer)
         if metrics is not None:
             self._export(metrics)
 
@@ -71,8 +41,6 @@ class EmbeddedDeployment(DeploymentBase):
         export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
         for context, where in self.devices().items():
             metrics.context_device.labels(self.name, context, where.label).set(1)
-        if self.guard is not None:
-            export_guard(metrics, self.name, self.guard)
         for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
             if kv is not None:
                 shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.deployments.base import DeploymentBase
+from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.kld import PositionScores
-from kvproxy.metrics import DeploymentObserver, Metrics, ServingObserver, export_backend_up, export_guard
-from kvproxy.observers import NULL_SERVING, NULL_SHADOW
-from kvproxy.shadow.drift import DriftDetector
+from kvproxy.metrics import Metrics, export_backend_up
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
-from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowSampler
-from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
 from kvproxy.upstream.llama_server import LlamaServerPrimary
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
@@ -31,44 +28,25 @@ class HttpDeployment(DeploymentBase):
         reference_pool: ReplicaPool | None,
         primary_kv: KVConfig | None,
         reference_kv: KVConfig | None,
-        sampler: ShadowSampler,
-        tracker: QualityTracker | None = None,
-        drift: DriftDetector | None = None,
+        shadow: ShadowOptions,
         guard: Guard | None = None,
         top_k: int = 20,
-        queue_size: int = 64,
-        concurrency: int = 1,
         metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(
-            name,
-            primary_kv=primary_kv,
-            reference_kv=reference_kv,
-            guard=guard,
-            events=ServingObserver(metrics, name) if metrics else NULL_SERVING,
-        )
+        super().__init__(name, primary_kv=primary_kv, reference_kv=reference_kv, guard=guard, metrics=metrics)
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
         self.top_k = top_k
         self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
         self.resolver = ReferenceResolver(reference_pool, top_k=top_k) if reference_pool else None
-        scorer = HttpScorer(primary_pool, self.resolver) if self.resolver else _NoReference()
-        self.shadow = ShadowPath(
-            sampler if reference_pool is not None else ShadowSampler(0.0),
-            scorer,
-            tracker=tracker,
-            drift=drift,
-            queue_size=queue_size,
-            concurrency=concurrency,
-            events=DeploymentObserver(metrics, self) if metrics else NULL_SHADOW,
-            after_scored=self.after_scored,
-        )
+        if self.resolver is None:  # nothing to score on: nothing is sampled
+            self._start_shadow(dataclasses.replace(shadow, sampler=ShadowSampler(0.0)), _NoReference())
+        else:
+            self._start_shadow(shadow, HttpScorer(primary_pool, self.resolver))
         if metrics is not None:
             self._export(metrics)
 
     def _export(self, metrics: Metrics) -> None:
-        if self.guard is not None:
-            export_guard(metrics, self.name, self.guard)
         pools = [("primary", self.primary_pool)]
         if self.reference_pool is not None:
             pools.append(("reference", self.reference_pool))
