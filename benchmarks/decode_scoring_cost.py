@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kvproxy  # noqa: F401, I001  (first: llama.cpp before numpy, see kvproxy/__init__.py)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import kvproxy  # noqa: F401, I001  (first: llama.cpp before numpy, see kvproxy/__init__.py)
 import numpy as np
 
 from kvproxy.backends.base import KVConfig

@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--configs", default="q4_0,q8_0,f16")
+    parser.add_argument("--slots", type=int, default=8, help="the primary llama-server's -np")
+    parser.add_argument("--loads", default="1,8", help="streams at once, comma-separated")
     args = parser.parse_args()
     model = args.model or bundled_model_path()
     ngl = ["-ngl", str(args.n_gpu_layers)]
@@ -140,21 +142,21 @@ def main() -> None:
             with llama_servers(
                 model,
                 logs,
-                ("-np", "8", "-c", str(8 * 2048), "-fa", "on", *kv_flags, *ngl),
+                ("-np", str(args.slots), "-c", str(args.slots * 2048), "-fa", "on", *kv_flags, *ngl),
                 ("-np", "1", "--swa-full", "-fa", "on", *ngl),
             ) as (primary, f16):
-                for load in (1, 8):
+                for load in (int(x) for x in args.loads.split(",")):
                     row = asyncio.run(
                         case(primary.url, f16.url, backend.base_url, load, args.requests, args.tokens)
                     )
-                    row["config"] = kv
+                    row["config"], row["slots"] = kv, args.slots
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
             stop_server(backend)
     print(
-        f"\nGemma 3 270M through llama-server, -ngl {args.n_gpu_layers}, {args.requests} greedy "
-        f"completions of {args.tokens} tokens; primary -np 8; scored by kvproxy (mean KLD per token)"
+        f"\nGemma 3 270M via llama-server, -ngl {args.n_gpu_layers}, {args.requests} greedy "
+        f"completions of {args.tokens} tokens; primary -np {args.slots}; kvproxy's scores (mean KLD a token)"
     )
     print(
         "| primary KV | streams at once | top-20 (f16 llama-server) | exact, decode path (kvproxy backend) "
