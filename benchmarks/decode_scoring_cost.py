@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kvproxy  # noqa: F401, I001  (first: llama.cpp before numpy, see kvproxy/__init__.py)
 import numpy as np
+
+import kvproxy  # noqa: F401  (first: llama.cpp before numpy, see kvproxy/__init__.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
