@@ -25,12 +25,7 @@ from kvproxy.backends.base import (
 )
 from kvproxy.backends.devices import gpu_offload_supported
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.backends.embedded_scorer import (
-    EmbeddedScorer,
-    ScoreRequest,
-    ThreadedScorer,
-    decode_step_bytes,
-)
+from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest, decode_step_bytes
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
@@ -39,6 +34,7 @@ from kvproxy.kld import PositionScores
 from kvproxy.memory import ggml_type
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.scorers import ThreadedScorer
 
 F16 = KVConfig(T.F16, T.F16)
 Q4 = KVConfig(T.Q4_0, T.Q4_0)

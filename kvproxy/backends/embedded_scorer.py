@@ -22,12 +22,8 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   (tests/test_score_paths_agreement.py).
 
 Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
-on the rows per call. On a CPU (benchmarks/decode_scoring_cost.py) a q4_0 primary's logprobs of
-the served tokens stayed bit-identical at 2 or 3 sequences, but an f16 cache past 512 cells is read
-by a KV-split attention kernel for one sequence and by another for several, and from 4 rows on the
-repacked weights are multiplied 4 rows at a time: the mean KLD moved 0.4-0.5 % at 2-3 sequences
-(for 4-6 % less time) and 2.6-4.5 % at 4-8 (12-27 % less). So several sequences are for GPUs,
-once measured there (``EmbeddedBackend.make_scorer``).
+on the rows per call; on a CPU from 2 sequences, and on CUDA, they do (docs/kld.md has the
+figures), so several sequences are off unless asked for (``EmbeddedBackend.make_scorer``).
 
 Memory stays bounded whatever the vocabulary V, the sequence length and the number of jobs.
 
@@ -40,8 +36,8 @@ Memory stays bounded whatever the vocabulary V, the sequence length and the numb
   10 MiB at B = 8.
 * ``prefill``: per chunk 36 bytes a logit (:func:`scoring_chunk_bytes`): in each context llama.cpp's
   output tensor and output buffer (2 x 2 x 4 bytes), one float32 copy of the reference's rows (4),
-  with 16 to spare, plus the KLD's fixed 8 MiB; 72 MiB for Gemma at the default chunk of 8
-  (`benchmarks/kld_throughput.py` measured 62.6 MiB).
+  with 16 to spare, plus the KLD's fixed 8 MiB: 584 MiB for Gemma at the default chunk of 64
+  (the prefill path's price for llama.cpp's prefill kernels; the decode path is the default).
 
 Both paths cap llama.cpp's outputs per call (``n_outputs_max``) at the rows they read: by default
 llama.cpp reserves a graph output for n_batch rows, which for Gemma made each context's compute
@@ -52,22 +48,17 @@ decode path.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.worker import close_on
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.memory import ggml_type, llama_n_ubatch
-from kvproxy.priority import lower_thread_priority
-from kvproxy.shadow.job import ShadowJob
 
 KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
 
@@ -393,55 +384,3 @@ class EmbeddedScorer:
         for ctx in contexts:
             ctx.kv_cache_clear()
         return [r if r is not None else ValueError("not scored") for r in results]
-
-
-class ThreadedScorer:
-    """The async face of :class:`EmbeddedScorer`: scoring runs on one low-priority worker thread."""
-
-    def __init__(self, factory: Callable[[], EmbeddedScorer]) -> None:
-        self._factory = factory
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kvproxy-shadow", initializer=lower_thread_priority
-        )
-        self._scorer: EmbeddedScorer | None = None
-
-    async def start(self) -> EmbeddedScorer:
-        """Create the scoring contexts now (on the worker thread), so start-up fails early."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._get)
-
-    def _get(self) -> EmbeddedScorer:
-        if self._scorer is None:
-            self._scorer = self._factory()
-        return self._scorer
-
-    @property
-    def max_jobs(self) -> int:
-        """How many queued jobs one :meth:`score_many` call takes (the shadow pool asks)."""
-        return self._scorer.max_sequences if self._scorer is not None else 1
-
-    async def score(self, job: ShadowJob) -> PositionScores:
-        return await self.score_tokens(job.prompt_tokens, job.token_ids)
-
-    async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
-        """Several jobs in one pass (lockstep sequences on the batched decode path)."""
-        requests = [ScoreRequest(j.prompt_tokens, j.token_ids) for j in jobs]
-
-        def run() -> list[PositionScores | ValueError]:
-            return self._get().score_batch(requests)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-
-    async def score_tokens(
-        self,
-        prompt: Sequence[int],
-        completion: Sequence[int],
-        check_ids: Sequence[Sequence[int]] | None = None,
-    ) -> PositionScores:
-        def run() -> PositionScores:
-            return self._get().score(prompt, completion, check_ids)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-
-    def close(self) -> None:
-        close_on(self._executor, self._scorer)
-        self._scorer = None

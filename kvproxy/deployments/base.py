@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.metrics import DeploymentObserver, Metrics, ServingObserver, export_guard
+from kvproxy.metrics import Metrics
+from kvproxy.metrics_export import DeploymentObserver, ServingObserver, export_guard
 from kvproxy.observers import NULL_SERVING, NULL_SHADOW, ServingEvents
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard

@@ -6,7 +6,6 @@ import logging
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
-from kvproxy.backends.embedded_scorer import ThreadedScorer
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.deployments.base import ShadowOptions
 from kvproxy.deployments.embedded import EmbeddedDeployment
@@ -19,6 +18,7 @@ from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.scorers import ThreadedScorer
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 
 log = logging.getLogger(__name__)

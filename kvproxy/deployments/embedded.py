@@ -7,11 +7,12 @@ from typing import Any
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.devices import Offload
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.backends.embedded_scorer import ThreadedScorer
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.memory import kv_memory_summary
-from kvproxy.metrics import Metrics, export_backend_up, export_kv_memory
+from kvproxy.metrics import Metrics
+from kvproxy.metrics_export import export_backend_up, export_kv_memory
 from kvproxy.shadow.guard import Guard
+from kvproxy.shadow.scorers import ThreadedScorer
 
 
 class EmbeddedDeployment(DeploymentBase):

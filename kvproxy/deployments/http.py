@@ -9,7 +9,8 @@ from typing import Any
 from kvproxy.backends.base import KVConfig
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.kld import PositionScores
-from kvproxy.metrics import Metrics, export_backend_up
+from kvproxy.metrics import Metrics
+from kvproxy.metrics_export import export_backend_up
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler

@@ -1,12 +1,20 @@
-"""Scorers for HTTP primaries: what the reference is, found out once, and scoring a job on it.
+"""The shadow pool's scorers: in process (exact, on a low-priority thread) and for HTTP primaries.
 
-A kvproxy scoring server (``kvproxy backend``) answers ``/kvproxy/v1/info`` and scores exactly; a
-plain llama-server says 404 there and is scored per position from its top-K logprobs.
+For an HTTP primary, what the reference is is found out once: a kvproxy scoring server (``kvproxy
+backend``) answers ``/kvproxy/v1/info`` and scores exactly; a plain llama-server says 404 there and
+is scored per position from its top-K logprobs.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
+from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
+from kvproxy.priority import lower_thread_priority
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_chat, prompt_tokens_text
 from kvproxy.upstream.replicas import ReplicaPool
@@ -68,3 +76,55 @@ class HttpScorer:
         else:
             prompt = await prompt_tokens_text(self.primary, source.get("prompt", ""))
         return await reference.score(prompt, job.report)
+
+
+class ThreadedScorer:
+    """The async face of :class:`EmbeddedScorer`: scoring runs on one low-priority worker thread."""
+
+    def __init__(self, factory: Callable[[], EmbeddedScorer]) -> None:
+        self._factory = factory
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kvproxy-shadow", initializer=lower_thread_priority
+        )
+        self._scorer: EmbeddedScorer | None = None
+
+    async def start(self) -> EmbeddedScorer:
+        """Create the scoring contexts now (on the worker thread), so start-up fails early."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._get)
+
+    def _get(self) -> EmbeddedScorer:
+        if self._scorer is None:
+            self._scorer = self._factory()
+        return self._scorer
+
+    @property
+    def max_jobs(self) -> int:
+        """How many queued jobs one :meth:`score_many` call takes (the shadow pool asks)."""
+        return self._scorer.max_sequences if self._scorer is not None else 1
+
+    async def score(self, job: ShadowJob) -> PositionScores:
+        return await self.score_tokens(job.prompt_tokens, job.token_ids)
+
+    async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
+        """Several jobs in one pass (lockstep sequences on the batched decode path)."""
+        requests = [ScoreRequest(j.prompt_tokens, j.token_ids) for j in jobs]
+
+        def run() -> list[PositionScores | ValueError]:
+            return self._get().score_batch(requests)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def score_tokens(
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        check_ids: Sequence[Sequence[int]] | None = None,
+    ) -> PositionScores:
+        def run() -> PositionScores:
+            return self._get().score(prompt, completion, check_ids)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        close_on(self._executor, self._scorer)
+        self._scorer = None

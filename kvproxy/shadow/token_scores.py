@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
+from kvproxy import sse
 from kvproxy.kld import PositionScores
 
 TOKEN_SCORES_HEADER = "X-KVProxy-Token-Scores"
@@ -148,17 +149,12 @@ class TokenScoreStore:
         filed = False
         async for chunk in chunks:
             if not filed:
-                rid = _response_id(_first_event(chunk))
+                data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+                rid = _response_id(sse.first_data(data) or b"")
                 if rid is not None:
                     self.put(rid, slot)
                     filed = True
             yield chunk
-
-
-def _first_event(chunk: bytes | str | memoryview) -> bytes:
-    data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
-    event = data.split(b"\n\n", 1)[0].strip()
-    return event[6:] if event.startswith(b"data: ") else b""
 
 
 def _response_id(body: bytes) -> str | None:
