@@ -107,6 +107,7 @@ def http_deployment(
         ),
         guard=guard_for(spec.guard),
         top_k=spec.top_k,
+        prompt_fill=spec.primary.prompt_fill(),
         metrics=metrics,
     )
 

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.kld import PositionScores
 from kvproxy.metrics import Metrics
@@ -32,6 +33,7 @@ class HttpDeployment(DeploymentBase):
         shadow: ShadowOptions,
         guard: Guard | None = None,
         top_k: int = 20,
+        prompt_fill: PromptFill | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         super().__init__(name, primary_kv=primary_kv, reference_kv=reference_kv, guard=guard, metrics=metrics)
@@ -39,7 +41,11 @@ class HttpDeployment(DeploymentBase):
         self.reference_pool = reference_pool
         self.top_k = top_k
         self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
-        self.resolver = ReferenceResolver(reference_pool, top_k=top_k) if reference_pool else None
+        self.resolver = (
+            ReferenceResolver(reference_pool, top_k=top_k, prompt_fill=prompt_fill)
+            if reference_pool
+            else None
+        )
         if self.resolver is None:  # nothing to score on: nothing is sampled
             self._start_shadow(dataclasses.replace(shadow, sampler=ShadowSampler(0.0)), _NoReference())
         else:

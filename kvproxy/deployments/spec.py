@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import KVCacheType
 
 
@@ -55,6 +56,15 @@ class BackendSpec(_Strict):
     # the name of an environment variable holding the key these upstreams want (llama-server
     # --api-key, kvproxy backend --api-key): the secret stays out of the file
     api_key_env: str | None = None
+    # how these llama-servers were started (their -b, -ub and --ctx-checkpoints; llama-server's
+    # defaults): a kvproxy scoring server replays a primary's prompt cut the way they cut it, so its
+    # replay is the served rows (kvproxy.backends.prompt_fill, docs/production.md)
+    batch_size: Annotated[int, Field(ge=1)] = 2048
+    ubatch_size: Annotated[int, Field(ge=1)] = 512
+    ctx_checkpoints: Annotated[int, Field(ge=0)] = 32
+
+    def prompt_fill(self) -> PromptFill:
+        return PromptFill(self.batch_size, self.ubatch_size, self.ctx_checkpoints > 0)
 
     @field_validator("api_key_env")
     @classmethod

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
@@ -27,9 +28,12 @@ class ReferenceResolver:
     """Which kind of reference a pool is: asked at start-up and, if it could not be reached then,
     again before the first job (a connection error fails that job and is asked again)."""
 
-    def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
+    def __init__(self, pool: ReplicaPool, *, top_k: int, prompt_fill: PromptFill | None = None) -> None:
         self.pool = pool
         self.top_k = top_k
+        self.prompt_fill = (
+            prompt_fill  # how the primary llama-servers cut prompts (a scoring server mirrors it)
+        )
         self.reference: Reference | None = None
 
     @property
@@ -52,7 +56,7 @@ class ReferenceResolver:
         if self.reference is None:
             info = await probe_score_route(self.pool)
             self.reference = (
-                ScoreRouteReference(self.pool, info)
+                ScoreRouteReference(self.pool, info, prompt_fill=self.prompt_fill)
                 if info is not None
                 else LlamaServerReference(self.pool, top_k=self.top_k)
             )
@@ -119,9 +123,10 @@ class ThreadedScorer:
         prompt: Sequence[int],
         completion: Sequence[int],
         check_ids: Sequence[Sequence[int]] | None = None,
+        prompt_fill: PromptFill | None = None,
     ) -> PositionScores:
         def run() -> PositionScores:
-            return self._get().score(prompt, completion, check_ids)
+            return self._get().score(prompt, completion, check_ids, prompt_fill)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
