@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvproxy.backends.embedded_scorer import ScoreRequest
 from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_loading
@@ -19,7 +20,7 @@ from kvproxy.errors import OpenAIError, model_loading
 router = APIRouter(prefix="/kvproxy/v1")
 
 
-class ScoreRequest(BaseModel):
+class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt_tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -58,7 +59,7 @@ async def info(request: Request) -> dict[str, Any]:
 
 
 @router.post("/score")
-async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
+async def score(body: ScoreBody, request: Request) -> dict[str, Any]:
     d = _embedded(request)
     if not d.ready:
         raise model_loading()
@@ -75,7 +76,8 @@ async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
         )
     try:
         fill = PromptFill(**body.prompt_fill.model_dump()) if body.prompt_fill is not None else None
-        s = await d.scorer.score_tokens(body.prompt_tokens, body.token_ids, body.check_ids, fill)
+        job = ScoreRequest(body.prompt_tokens, body.token_ids, body.check_ids, fill)
+        s = await d.scorer.score_request(job)
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
     return {

@@ -107,7 +107,7 @@ class ThreadedScorer:
         return self._scorer.max_sequences if self._scorer is not None else 1
 
     async def score(self, job: ShadowJob) -> PositionScores:
-        return await self.score_tokens(job.prompt_tokens, job.token_ids)
+        return await self.score_request(ScoreRequest(job.prompt_tokens, job.token_ids))
 
     async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
         """Several jobs in one pass (lockstep sequences on the batched decode path)."""
@@ -118,15 +118,13 @@ class ThreadedScorer:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
-    async def score_tokens(
-        self,
-        prompt: Sequence[int],
-        completion: Sequence[int],
-        check_ids: Sequence[Sequence[int]] | None = None,
-        prompt_fill: PromptFill | None = None,
-    ) -> PositionScores:
+    async def score_request(self, request: ScoreRequest) -> PositionScores:
+        """One job given as tokens (the score route's), on the worker thread."""
+
         def run() -> PositionScores:
-            return self._get().score(prompt, completion, check_ids, prompt_fill)
+            return self._get().score(
+                request.prompt, request.completion, request.check_ids, request.prompt_fill
+            )
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
