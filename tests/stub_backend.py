@@ -8,6 +8,7 @@ generation that streams one letter a token and ends in a :class:`Finished` event
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,26 @@ class StubBackend:
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return ([1] if add_bos else []) + [2 + b for b in text.encode()]
 
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """llama-cpp-python's own schema converter (pure Python), as the embedded backend uses it."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        if schema is None:
+            return JSON_GBNF
+        try:
+            return json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:
+            raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         self.generated.append(request)
         if self.fail:
             raise BackendError("the stub was told to fail")
+        if request.grammar is not None:  # JSON output: "{}" in two tokens, ended by the grammar
+            yield TextDelta("{")
+            yield TextDelta("}")
+            yield Finished("stop", len(request.prompt_tokens), 2, (125, 127, 0))
+            return
         n = min(request.max_tokens, 3)
         for i in range(n):
             yield TextDelta(chr(ord("a") + i))

@@ -92,7 +92,7 @@ def test_unknown_model_invalid_json_and_unknown_routes(client: Client) -> None:
     bad = client.post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
     assert_openai_error(bad, 400, code="invalid_json", contains="JSON")
     assert client.post("/v1/chat/completions", content=b"[1, 2]").status_code == 400
-    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/nothing"), 404, contains="GET /v1/nothing")
     assert_openai_error(client.get("/v1/chat/completions"), 405)
 
 
@@ -127,7 +127,13 @@ def test_schema_violations_are_400(client: Client, body: dict[str, Any], param: 
         ),
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
         ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"response_format": {"type": "xml"}}, "response_format", "json_object"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio is not supported"),
+        ({"modalities": ["text", "audio"]}, "modalities", "modalities other than text"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction", "prediction is not supported"),
+        ({"reasoning_effort": "high"}, "reasoning_effort", "does not reason"),
+        ({"verbosity": "low"}, "verbosity", "verbosity 'low' is not supported"),
+        ({"web_search_options": {}}, "web_search_options", "built-in tools"),
         ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
         ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
     ],

@@ -239,6 +239,31 @@ class EmbeddedBackend:
             tokens.insert(0, self._bos)
         return tokens
 
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
+        ``json_object``), else values matching ``schema``, built by llama-cpp-python's converter
+        (the one llama.cpp's ``json_schema_to_grammar`` ports). A schema it cannot convert, or a
+        grammar llama.cpp would not parse, is a ValueError: never a crash in the sampler."""
+        import json
+
+        import llama_cpp
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        if schema is None:
+            grammar = JSON_GBNF
+        else:
+            try:
+                grammar = json_schema_to_gbnf(json.dumps(schema))
+            except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
+                raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+        if self._vocab is None:
+            raise BackendError("model not loaded")
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise ValueError("the JSON schema gives a grammar llama.cpp cannot parse")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
@@ -287,6 +312,7 @@ class EmbeddedBackend:
         cancel: threading.Event,
     ) -> Finished:
         import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         llama = self._llama
         sp = request.sampling
@@ -301,6 +327,7 @@ class EmbeddedBackend:
         # position in a different batch shape, which can flip a near-tie at temperature 0. The same
         # request must give the same bytes.
         llama.reset()
+        grammar = LlamaGrammar.from_string(request.grammar, verbose=False) if request.grammar else None
         tokens = llama.generate(
             request.prompt_tokens,
             top_k=sp.top_k,
@@ -312,6 +339,7 @@ class EmbeddedBackend:
             frequency_penalty=sp.frequency_penalty,
             presence_penalty=sp.presence_penalty,
             reset=True,
+            grammar=grammar,
         )
         try:
             for token in tokens:
