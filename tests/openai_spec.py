@@ -87,7 +87,10 @@ def assert_valid_completion_chunk(chunk: dict[str, Any]) -> None:
     """A ``/v1/completions`` stream chunk. The spec has no chunk schema for this route: a chunk is a
     CreateCompletionResponse, whose ``finish_reason`` it types as a string, while OpenAI's own
     streams (and llama-server's) send null until the last chunk. That null is the one exception."""
-    fixed = {**chunk, "choices": [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]}
+    fixed = {
+        **chunk,
+        "choices": [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]],
+    }
     assert_valid("CreateCompletionResponse", fixed)
 
 

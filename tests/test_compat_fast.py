@@ -103,7 +103,7 @@ def test_json_output_on_a_response(client: Client, backend: StubBackend) -> None
     assert resp.status_code == 200, resp.text
     assert resp.json()["output"][0]["content"][0]["text"] == "{}"
     assert resp.json()["text"]["format"]["name"] == "city"
-    assert 'city' in (backend.generated[-1].grammar or "")
+    assert "city" in (backend.generated[-1].grammar or "")
     assert_valid("Response", resp.json())
 
 
@@ -114,11 +114,19 @@ def test_json_output_on_a_response(client: Client, backend: StubBackend) -> None
         ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
         ({"background": True}, "background", "keeps no responses"),
         ({"tools": [{"type": "web_search"}]}, "tools", "built-in tool 'web_search'"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "kvproxy serve --primary"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+            "tools",
+            "kvproxy serve --primary",
+        ),
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
         ({"reasoning": {"effort": "high"}}, "reasoning.effort", "does not reason"),
         ({"text": {"verbosity": "high"}}, "text.verbosity", "verbosity"),
-        ({"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}}, "text.format.name", ""),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}},
+            "text.format.name",
+            "",
+        ),
         ({"truncation": "auto"}, "truncation", "never truncated"),
         ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
         ({"top_logprobs": 21}, "top_logprobs", "20"),
@@ -126,7 +134,11 @@ def test_json_output_on_a_response(client: Client, backend: StubBackend) -> None
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input", "function"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "keeps no responses"),
         (
-            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/a.png"}]}]},
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "http://x/a.png"}]}
+                ]
+            },
             "input",
             "image input is not supported",
         ),
@@ -171,8 +183,10 @@ def test_a_completion_stream_keeps_one_id(client: Client) -> None:
     assert len(chunks) >= 4 and len({c["id"] for c in chunks}) == 1
     for chunk in chunks:
         assert_valid_completion_chunk(chunk)
-    assert_valid("CreateCompletionResponse", client.post("/v1/completions", json={**body, "stream": False,
-                                                                                  "stream_options": None}).json())
+    assert_valid(
+        "CreateCompletionResponse",
+        client.post("/v1/completions", json={**body, "stream": False, "stream_options": None}).json(),
+    )
 
 
 def test_json_output_on_chat(client: Client, backend: StubBackend) -> None:
@@ -180,12 +194,19 @@ def test_json_output_on_chat(client: Client, backend: StubBackend) -> None:
         {"type": "json_object"},
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
     ):
-        resp = client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": fmt})
+        resp = client.post(
+            "/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": fmt}
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["content"] == "{}"
         assert backend.generated[-1].grammar
-    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "$ref": "#/nowhere"}}}
-    resp = client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": bad})
+    bad = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "$ref": "#/nowhere"}},
+    }
+    resp = client.post(
+        "/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": bad}
+    )
     assert_openai_error(resp, 400, param="response_format", contains="grammar")
 
 
@@ -249,8 +270,12 @@ def test_unprefixed_aliases_and_model_retrieval(client: Client) -> None:
         ("/completions", {"prompt": "x"}),
         ("/responses", {"input": "x"}),
     ):
-        resp = client.post(path, json={"model": "stub", "max_tokens": 1, **body} if "input" not in body
-                           else {"model": "stub", **body})
+        resp = client.post(
+            path,
+            json={"model": "stub", "max_tokens": 1, **body}
+            if "input" not in body
+            else {"model": "stub", **body},
+        )
         assert resp.status_code == 200, (path, resp.text)
     listed = client.get("/models").json()
     assert_valid("ListModelsResponse", listed)
@@ -277,7 +302,9 @@ def test_embeddings_are_refused_by_the_embedded_backend_and_relayed_in_proxy_mod
     # the relay deployment's llama-server is down: the request did go there
     assert_openai_error(client.post("/v1/embeddings", json={"model": "relay", "input": ["hi"]}), 502)
     assert_openai_error(client.post("/v1/rerank", json={"model": "relay", "query": "q"}), 502)
-    assert_openai_error(client.post("/v1/rerank", json={"model": "stub", "query": "q"}), 404, contains="/v1/rerank")
+    assert_openai_error(
+        client.post("/v1/rerank", json={"model": "stub", "query": "q"}), 404, contains="/v1/rerank"
+    )
 
 
 def test_aliases_need_the_api_key(client: Client) -> None:

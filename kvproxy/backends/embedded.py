@@ -15,7 +15,7 @@ import asyncio
 import ctypes
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -312,7 +312,6 @@ class EmbeddedBackend:
         cancel: threading.Event,
     ) -> Finished:
         import llama_cpp
-        from llama_cpp.llama_grammar import LlamaGrammar
 
         llama = self._llama
         sp = request.sampling
@@ -327,19 +326,20 @@ class EmbeddedBackend:
         # position in a different batch shape, which can flip a near-tie at temperature 0. The same
         # request must give the same bytes.
         llama.reset()
-        grammar = LlamaGrammar.from_string(request.grammar, verbose=False) if request.grammar else None
-        tokens = llama.generate(
-            request.prompt_tokens,
-            top_k=sp.top_k,
-            top_p=sp.top_p,
-            min_p=sp.min_p,
-            typical_p=1.0,
-            temp=sp.temperature,
-            repeat_penalty=sp.repeat_penalty,
-            frequency_penalty=sp.frequency_penalty,
-            presence_penalty=sp.presence_penalty,
-            reset=True,
-            grammar=grammar,
+        chain = {
+            "top_k": sp.top_k,
+            "top_p": sp.top_p,
+            "min_p": sp.min_p,
+            "typical_p": 1.0,
+            "temp": sp.temperature,
+            "repeat_penalty": sp.repeat_penalty,
+            "frequency_penalty": sp.frequency_penalty,
+            "presence_penalty": sp.presence_penalty,
+        }
+        tokens = (
+            _constrained_tokens(llama, self._vocab, request.prompt_tokens, request.grammar, chain)
+            if request.grammar
+            else llama.generate(request.prompt_tokens, reset=True, **chain)
         )
         try:
             for token in tokens:
@@ -382,3 +382,51 @@ class EmbeddedBackend:
             idx = idx[np.argsort(-logprobs[idx], kind="stable")]
             top = tuple(TopLogprob(int(i), self.piece(int(i)), float(logprobs[i])) for i in idx)
         return TokenLogprob(token, self.piece(token), float(logprobs[token]), top)
+
+
+def _constrained_tokens(
+    llama: Any, vocab: Any, prompt: list[int], grammar: str, chain: dict[str, Any]
+) -> Generator[int, None, None]:
+    """``Llama.generate`` under a grammar, sampled as llama.cpp's own ``common_sampler`` does.
+
+    A grammar sampler placed in the chain (llama-cpp-python's way) checks every token of the
+    vocabulary at every step: with Gemma's 262,144 tokens that cost about a second a token on 2 cores.
+    Instead the chain (penalties, top-k/top-p/min-p, temperature, seeded draw or greedy: the same as
+    ``Llama.generate`` builds) picks a token from the raw logits, the grammar checks that one token,
+    and only when it is refused is the grammar applied to the whole vocabulary and the pick made
+    again. Both samplers then accept the token. The logits themselves are never changed, so logprobs
+    (and the shadow path, which replays without the grammar) see the raw distribution."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaTokenDataArray
+
+    sampler = llama._init_sampler(**chain)  # the chain llama.generate would use, grammar-free
+    constraint = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not constraint:
+        raise BackendError("the grammar did not parse")
+    n_vocab = llama.n_vocab()
+    candidates = LlamaTokenDataArray(n_vocab=n_vocab)
+    full = ctypes.byref(candidates.candidates)
+    one_data = (llama_cpp.llama_token_data * 1)()
+    one = llama_cpp.llama_token_data_array(data=one_data, size=1, selected=-1, sorted=False)
+    try:
+        llama.eval(prompt)
+        while True:
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            candidates.copy_logits(logits)
+            llama_cpp.llama_sampler_apply(sampler.sampler, full)
+            token = int(candidates.candidates_data.id[candidates.candidates.selected])
+            one_data[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
+            one.size, one.selected = 1, -1
+            llama_cpp.llama_sampler_apply(constraint, ctypes.byref(one))
+            if not np.isfinite(one_data[0].logit):  # refused: constrain the whole vocabulary
+                candidates.copy_logits(logits)
+                llama_cpp.llama_sampler_apply(constraint, full)
+                llama_cpp.llama_sampler_apply(sampler.sampler, full)
+                token = int(candidates.candidates_data.id[candidates.candidates.selected])
+            llama_cpp.llama_sampler_accept(constraint, token)
+            llama_cpp.llama_sampler_accept(sampler.sampler, token)
+            yield token
+            llama.eval([token])
+    finally:
+        llama_cpp.llama_sampler_free(constraint)
+        sampler.close()
