@@ -54,7 +54,9 @@ def test_chat_objects_and_chunks_match_the_spec(http: httpx.Client, server: Runn
     }
     out = http.post("/v1/chat/completions", json=body).json()
     assert_valid("CreateChatCompletionResponse", out)
-    assert out["choices"][0]["message"]["refusal"] is None and out["choices"][0]["logprobs"]["refusal"] is None
+    assert (
+        out["choices"][0]["message"]["refusal"] is None and out["choices"][0]["logprobs"]["refusal"] is None
+    )
     events = stream(http, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
     assert events[-1][1] == b"[DONE]"
     chunks = [data for _, data in events[:-1]]
@@ -96,7 +98,9 @@ def test_response_objects_and_events_match_the_spec(http: httpx.Client, server: 
     assert final["output"][0]["content"][0]["text"] == text["text"]  # temperature 0: the same answer
     # a stream that ends by itself (the JSON schema's grammar ends it) ends in response.completed
     fmt = {"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}}
-    events = stream(http, "/v1/responses", {"model": server.model, "input": "The capital of France", "text": fmt})
+    events = stream(
+        http, "/v1/responses", {"model": server.model, "input": "The capital of France", "text": fmt}
+    )
     for _, data in events:
         assert_valid_event(data)
     assert events[-1][1]["type"] == "response.completed"
@@ -142,7 +146,9 @@ def kept(http: httpx.Client, response_id: str) -> dict[str, Any]:
 
 def scored_requests(http: httpx.Client, server: RunningServer) -> float:
     text = http.get("/metrics").text
-    pattern = rf'kvproxy_shadow_requests_total{{deployment="{re.escape(server.model)}",outcome="scored"}} (\S+)'
+    pattern = (
+        rf'kvproxy_shadow_requests_total{{deployment="{re.escape(server.model)}",outcome="scored"}} (\S+)'
+    )
     m = re.search(pattern, text)
     return float(m.group(1)) if m else 0.0
 

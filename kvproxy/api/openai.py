@@ -145,10 +145,11 @@ async def stored_response(response_id: str) -> Response:
     )
 
 
-async def relay_other(request: Request) -> Response:
-    """A route kvproxy does not serve itself: relayed to the primary of the deployment its body's
-    ``model`` names (a 404 naming the route on the embedded backend, or without a model)."""
-    path = request.url.path
+async def relay_other(request: Request, path: str | None = None) -> Response:
+    """A route kvproxy does not serve itself: relayed (to ``path``, by default the one asked for) to
+    the primary of the deployment its body's ``model`` names (a 404 naming the route on the
+    embedded backend, or without a model)."""
+    path = path or request.url.path
     raw, body = await _json_body(request)
     if "model" not in body:
         raise unknown_route(request.method, path)
@@ -159,9 +160,9 @@ async def relay_other(request: Request) -> Response:
 @router.post("/embeddings", responses={502: {"model": ErrorResponse}})
 @aliases.post("/embeddings")
 async def embeddings(request: Request) -> Response:
-    """Relayed to a llama-server primary (started with ``--embeddings``); the embedded backend
-    serves generation only and answers 404."""
-    return await relay_other(request)
+    """Relayed to a llama-server primary's ``/v1/embeddings`` (started with ``--embeddings``; its
+    unprefixed ``/embeddings`` has another format); the embedded backend answers 404."""
+    return await relay_other(request, "/v1/embeddings")
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -123,9 +123,9 @@ def chat_body(
         spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         out["response_format"] = {"type": "json_schema", "json_schema": spec}
     wanted, top = wants_logprobs(body)
-    if wanted:
+    if wanted:  # llama-server reports no logprobs at all for top_logprobs 0: ask for one, strip it
         out["logprobs"] = True
-        out["top_logprobs"] = top
+        out["top_logprobs"] = max(top, 1)
     if body.get("stream"):
         out["stream_options"] = {"include_usage": True}  # the final event carries the usage
     return out
