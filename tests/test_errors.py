@@ -94,7 +94,7 @@ def test_schema_violations_are_400(
         ),
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
         ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported"),
         ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
         ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
     ],
