@@ -8,7 +8,6 @@ generation that streams one letter a token and ends in a :class:`Finished` event
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from kvproxy.backends.base import (
     KVConfig,
     TextDelta,
 )
+from kvproxy.backends.embedded import json_gbnf
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import KVCacheType
 from kvproxy.gguf_info import ModelInfo
@@ -57,15 +57,9 @@ class StubBackend:
         return ([1] if add_bos else []) + [2 + b for b in text.encode()]
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
-        """llama-cpp-python's own schema converter (pure Python), as the embedded backend uses it."""
-        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-        if schema is None:
-            return JSON_GBNF
-        try:
-            return json_schema_to_gbnf(json.dumps(schema))
-        except Exception as exc:
-            raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+        """The embedded backend's grammar builder (pure Python; the backend also has llama.cpp
+        parse the result, which needs the model's vocabulary)."""
+        return json_gbnf(schema)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         self.generated.append(request)

