@@ -164,7 +164,9 @@ def test_langchain(srv: RunningServer) -> None:
         model=srv.model, base_url=srv.v1, api_key="unused", use_responses_api=True, max_retries=0
     )
     message = llm.invoke("The sea is")
-    assert message.text and message.usage_metadata and message.usage_metadata["output_tokens"] > 0
+    assert message.text and message.usage_metadata
+    assert 0 < message.usage_metadata["output_tokens"] <= 16  # it sent no limit: the server's default
+    assert "  max tokens 16 tokens for requests that set no limit (--max-tokens-default)\n" in srv.output
     assert "".join(chunk.text for chunk in llm.stream("The sea is"))
     embeddings = OpenAIEmbeddings(
         model=srv.model, base_url=srv.v1, api_key="unused", check_embedding_ctx_length=False, max_retries=0

@@ -368,3 +368,35 @@ def test_cors_is_off_by_default(backend: StubBackend) -> None:
         assert resp.status_code == 405 and "access-control-allow-origin" not in resp.headers
     finally:
         c.close()
+
+
+def test_a_guarded_deployment_serves_responses_from_its_fallback_in_drift() -> None:
+    import time as _time
+
+    from kvproxy.backends.base import KVConfig
+    from kvproxy.config import KVCacheType
+    from kvproxy.deployments.base import ShadowOptions
+    from kvproxy.deployments.embedded import EmbeddedDeployment
+    from kvproxy.shadow.guard import Guard
+    from kvproxy.shadow.pool import ShadowSampler
+    from tests.stub_backend import IdleScorer
+
+    primary, fallback = StubBackend("a"), StubBackend("b")
+    guard = Guard(fallback="b", active=True, since=_time.monotonic())  # in drift, held
+    guarded = EmbeddedDeployment(
+        primary,  # type: ignore[arg-type]
+        IdleScorer(),  # type: ignore[arg-type]
+        reference_kv=KVConfig(KVCacheType.F16, KVCacheType.F16),
+        shadow=ShadowOptions(ShadowSampler(0.0)),
+        guard=guard,
+    )
+    c = Client(create_app([guarded, stub_deployment(fallback)]))
+    try:
+        resp = c.post("/v1/responses", json={"model": "a", "input": "Hi"})
+        assert resp.status_code == 200 and resp.headers["x-kvproxy-served-by"] == "b"
+        assert resp.json()["model"] == "b" and fallback.generated and not primary.generated
+        guard.active = False
+        resp = c.post("/responses", json={"model": "a", "input": "Hi"})
+        assert resp.headers["x-kvproxy-served-by"] == "a" and primary.generated
+    finally:
+        c.close()
