@@ -91,7 +91,7 @@ def test_unknown_model_invalid_json_and_unknown_routes(client: Client) -> None:
     bad = client.post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
     assert_openai_error(bad, 400, code="invalid_json", contains="JSON")
     assert client.post("/v1/chat/completions", content=b"[1, 2]").status_code == 400
-    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/nothing"), 404, contains="GET /v1/nothing")
     assert_openai_error(client.get("/v1/chat/completions"), 405)
 
 

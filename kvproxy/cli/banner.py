@@ -56,9 +56,17 @@ def describe_proxy(deployments: list[Deployment]) -> str:
 
 
 def describe_access(settings: Settings) -> str:
-    keys, admin = settings.api_keys, settings.admin_token
+    keys, admin, origins = settings.api_keys, settings.admin_token, settings.cors_origins
+    cors = f"serving routes open to {', '.join(origins)}" if origins else "off (no --cors-origin)"
     return (
         f"  access     /v1: {f'{len(keys)} API key(s)' if keys else 'open (no --api-key)'}; "
         f"status and metrics: {'admin token' if admin else 'open (no --admin-token)'}; "
-        f"bodies up to {settings.max_body_bytes:,} bytes"
+        f"bodies up to {settings.max_body_bytes:,} bytes\n"
+        f"  CORS       {cors}"
     )
+
+
+def describe_limits(settings: Settings) -> str:
+    n = settings.max_tokens_default
+    limit = f"{n:,} tokens" if n else "up to the end of the context"
+    return f"  max tokens {limit} for requests that set no limit (--max-tokens-default)"

@@ -92,6 +92,16 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help=setting_help("admin_token"))] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help=setting_help("max_body_bytes"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
+    max_tokens_default: Annotated[int | None, typer.Option(help=setting_help("max_tokens_default"))] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help=setting_help("cors_origins")
+            .replace("Comma-separated in the env.", "Repeatable.")
+            .replace("(env: KVPROXY_CORS_ORIGINS)", "(env: KVPROXY_CORS_ORIGINS, comma-separated)"),
+        ),
+    ] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -99,9 +109,9 @@ def serve(
     --reference) or --config: a proxy in front of llama-server processes.
     """
     # every flag named like its setting, given or not (None: not given, so the environment or the
-    # default decides); the repeatable --api-key is the one whose name differs
+    # default decides); the repeatable --api-key and --cors-origin are the ones whose names differ
     given = {name: value for name, value in locals().items() if name in Settings.model_fields}
-    settings = load_settings(**given, api_keys=api_key or None)
+    settings = load_settings(**given, api_keys=api_key or None, cors_origins=cors_origin or None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
     metrics = default_metrics()

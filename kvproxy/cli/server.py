@@ -13,7 +13,7 @@ import uvicorn
 
 from kvproxy.access import KeySet
 from kvproxy.app import create_app
-from kvproxy.cli.banner import describe_access
+from kvproxy.cli.banner import describe_access, describe_limits
 from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
@@ -100,8 +100,11 @@ def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> 
         admin_token=admin,
         max_body_bytes=settings.max_body_bytes,
         drain_timeout=settings.drain_timeout,
+        max_tokens_default=settings.max_tokens_default,
+        cors_origins=settings.cors_origins,
     )
     typer.echo(describe_access(settings))
+    typer.echo(describe_limits(settings))
     config = uvicorn.Config(
         asgi,
         host=settings.host,

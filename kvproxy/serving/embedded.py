@@ -3,8 +3,10 @@
 A validated request becomes prompt tokens and a token budget (checked against the context size):
 the chat template is rendered and the prompt tokenized on a worker thread, never on the event loop,
 and a prompt that cannot fit is refused from its length in bytes before it is tokenized at all.
-The backend's events then become one response object or a stream of SSE chunks; a finished
-generation hands its tokens to the shadow path with a non-blocking put.
+The backend's events then become one response object or a stream of SSE chunks (chat completions,
+completions, or the Responses API's events); a finished generation hands its tokens to the shadow
+path with a non-blocking put. A JSON response format becomes a llama.cpp grammar; the shadow path
+replays the tokens without it, so their KLD is that of the raw distributions (docs/design.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from kvproxy.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    OutputFormat,
 )
+from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -46,11 +50,13 @@ from kvproxy.serving.openai_format import (
     collect,
     legacy_logprobs,
     prepend,
+    responses_logprob,
     sampling,
     sse_stream,
     usage,
     wire_logprob,
 )
+from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 
@@ -66,10 +72,11 @@ def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
 class EmbeddedServing:
     """Chat completions and completions for one embedded deployment."""
 
-    def __init__(self, deployment: EmbeddedDeployment) -> None:
+    def __init__(self, deployment: EmbeddedDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
         self.backend = deployment.backend
         self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
+        self.max_tokens_default = max_tokens_default  # for requests that set no limit; 0: the context
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
@@ -86,6 +93,25 @@ class EmbeddedServing:
         if req.stream:
             return _streaming(await self.completion_stream(req, shadow))
         return _json_response(await self.completion(req, shadow))
+
+    async def handle_responses(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req = validated(ResponsesRequest, body)
+        if req.stream:
+            return _streaming(await self.responses_stream(req, shadow))
+        return _json_response(await self.responses(req, shadow))
+
+    async def handle_other(
+        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        raise OpenAIError(
+            404,
+            f"{path} is not served by the embedded backend: kvproxy serves generation only (chat "
+            "completions, completions, responses). Put kvproxy in front of llama-server (kvproxy serve "
+            "--primary URL) to have it relay this route.",
+            code="unsupported_route",
+        )
 
     # ---- generation and its hand-over to the shadow path ------------------------------------
 
@@ -141,10 +167,14 @@ class EmbeddedServing:
     # ---- prompts ----------------------------------------------------------------------------
 
     def _budget(self, prompt: Sequence[int], requested: int | None) -> int:
+        """The request's own limit, else ``--max-tokens-default`` (or what the context leaves)."""
         n_ctx = self.backend.n_ctx
         if len(prompt) >= n_ctx or (requested is not None and len(prompt) + requested > n_ctx):
             raise context_length_exceeded(n_ctx, len(prompt), requested)
-        return requested if requested is not None else n_ctx - len(prompt)
+        if requested is not None:
+            return requested
+        room = n_ctx - len(prompt)
+        return min(room, self.max_tokens_default) if self.max_tokens_default > 0 else room
 
     def _tokenize(self, text: str, requested: int | None) -> list[int]:
         """Tokenize (on a worker thread), unless the text surely cannot fit the context: no token
@@ -162,16 +192,56 @@ class EmbeddedServing:
             raise OpenAIError(400, str(exc), param="messages") from exc
         return self._tokenize(text, requested)
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+    async def _grammar(self, fmt: OutputFormat | None, param: str) -> str | None:
+        """The llama.cpp grammar of a JSON response format (built on a worker thread), or a 400."""
+        if fmt is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.backend.json_grammar, fmt.schema)
+        except ValueError as exc:
+            raise OpenAIError(400, f"Invalid value for '{param}': {exc}", param=param) from exc
+
+    async def _prepare_messages(
+        self,
+        messages: list[dict[str, Any]],
+        limit: int | None,
+        req: ChatCompletionRequest | ResponsesRequest,
+        *,
+        stop: tuple[str, ...],
+        top_logprobs: int | None,
+        format_param: str,
+    ) -> GenerationRequest:
         self._check_ready()
-        messages = [m.template_dict() for m in req.messages]
-        prompt = await asyncio.to_thread(self._chat_prompt, messages, req.completion_limit)
+        grammar = await self._grammar(req.output_format, format_param)
+        prompt = await asyncio.to_thread(self._chat_prompt, messages, limit)
         return GenerationRequest(
             prompt_tokens=prompt,
-            max_tokens=self._budget(prompt, req.completion_limit),
+            max_tokens=self._budget(prompt, limit),
             sampling=sampling(req),
+            stop=stop,
+            top_logprobs=top_logprobs,
+            grammar=grammar,
+        )
+
+    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+        messages = [m.template_dict() for m in req.messages]
+        return await self._prepare_messages(
+            messages,
+            req.completion_limit,
+            req,
             stop=req.stop_sequences(),
             top_logprobs=req.top_logprobs_count,
+            format_param="response_format",
+        )
+
+    async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
+        return await self._prepare_messages(
+            req.messages,
+            req.max_output_tokens,
+            req,
+            stop=(),
+            top_logprobs=req.top_logprobs_count,
+            format_param="text.format",
         )
 
     async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
@@ -256,10 +326,10 @@ class EmbeddedServing:
     # ---- /v1/completions --------------------------------------------------------------------
 
     def _completion(
-        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None
+        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None, rid: str = ""
     ) -> Completion:
         return Completion(
-            id=f"cmpl-{uuid.uuid4().hex}",
+            id=rid or f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.backend.model_name,
             system_fingerprint=self.fingerprint,
@@ -282,21 +352,58 @@ class EmbeddedServing:
         self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None]
     ) -> AsyncIterator[bytes]:
         offset = 0
+        rid = f"cmpl-{uuid.uuid4().hex}"  # one id for every chunk of the stream, as chat streams have
 
         def delta(event: TextDelta) -> Completion:
             nonlocal offset
             lp = legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
             offset += len(event.text)
-            return self._completion(event.text, None, lp)
+            return self._completion(event.text, None, lp, rid)
 
         def final_usage(done: Finished) -> Completion:
-            final = self._completion("", None, None)
+            final = self._completion("", None, None, rid)
             final.choices = []
             final.usage = usage(done)
             return final
 
         def finish(done: Finished) -> Completion:
-            return self._completion("", done.finish_reason, None)
+            return self._completion("", done.finish_reason, None, rid)
 
         async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
             yield out
+
+    # ---- /v1/responses ----------------------------------------------------------------------
+
+    async def responses(self, req: ResponsesRequest, shadow: ShadowDirective | None = None) -> BaseModel:
+        got = await self._collected(await self.prepare_responses(req), shadow)
+        out = ResponsesRenderer(req, self.backend.model_name)
+        want = req.top_logprobs_count is not None
+        out.add(got.text, [responses_logprob(lp) for lp in got.logprobs] if want else ())
+        done = got.done
+        return out.response(done.finish_reason, responses_usage(done.prompt_tokens, done.completion_tokens))
+
+    async def responses_stream(
+        self, req: ResponsesRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
+        return self._responses_events(req, await self._started(await self.prepare_responses(req), shadow))
+
+    async def _responses_events(
+        self, req: ResponsesRequest, events: AsyncGenerator[GenerationEvent, None]
+    ) -> AsyncIterator[bytes]:
+        out = ResponsesRenderer(req, self.backend.model_name)
+        want = req.top_logprobs_count is not None
+        yield out.start()
+        try:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if event.text or event.logprobs:
+                        lps = [responses_logprob(lp) for lp in event.logprobs] if want else []
+                        yield out.delta(event.text, lps)
+                    continue
+                used = responses_usage(event.prompt_tokens, event.completion_tokens)
+                yield out.finish(event.finish_reason, used)
+                return
+        except BackendError as exc:
+            yield out.failed(f"The backend failed: {exc}")
+        finally:
+            await events.aclose()

@@ -37,6 +37,7 @@ from kvproxy.upstream.replicas import (
 
 log = logging.getLogger(__name__)
 
+DONE_END = (b"[DONE]",)  # an OpenAI stream's end: its last event is ``data: [DONE]``
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -127,13 +128,16 @@ class LlamaServerPrimary:
         if prompt and completion:
             self.events.tokens(int(prompt.group(1)), int(completion.group(1)))
 
-    async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
+    async def open_stream(
+        self, path: str, content: bytes, *, ends: tuple[bytes, ...] | None = DONE_END
+    ) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
 
         Returns the raw SSE byte stream, cut at event boundaries (LF, CRLF or CR line ends): an event
         split across chunks is held until it is whole. If the upstream dies or stalls mid-stream, or
-        ends without ``data: [DONE]``, the iterator raises :class:`UpstreamFailure` after the last
-        whole event (the serving layer sends it as an SSE error event) and closes.
+        ends without ``data: [DONE]`` (or, given ``ends``, without an event holding one of those
+        markers; ``None``: any end is an end), the iterator raises :class:`UpstreamFailure` after
+        the last whole event (the serving layer sends it as an SSE error event) and closes.
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
@@ -142,6 +146,8 @@ class LlamaServerPrimary:
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
             decoder = SSEDecoder()
+            markers = None if ends is DONE_END else ends
+            ended = ends is None
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in resp.content.iter_any():
@@ -149,11 +155,15 @@ class LlamaServerPrimary:
                         tail = (tail + chunk)[-600:]
                         whole = decoder.feed_raw(chunk)
                         if whole:
+                            if markers and not ended:
+                                ended = any(m in whole for m in markers)
                             yield whole
                 if decoder.pending:
                     yield decoder.pending
                 self._count_usage(tail)
-                if b"[DONE]" not in tail[-32:]:
+                if ends is DONE_END:
+                    ended = b"[DONE]" in tail[-32:]
+                if not ended:
                     self.record_error("stream_ended")
                     raise UpstreamFailure(
                         502,
