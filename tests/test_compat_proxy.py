@@ -30,7 +30,8 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tmp = tmp_path_factory.mktemp("compat-proxy")
     template = tmp / "gemma.jinja"
     template.write_text(GEMMA_TEMPLATE)
-    tpl = ("--chat-template-file", str(template))
+    # Jinja on (the helper turns it off for the built-in format): tools need it
+    tpl = ("--jinja", "--chat-template-file", str(template))
     with llama_servers(
         gemma_path,
         tmp,
