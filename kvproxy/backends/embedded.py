@@ -85,6 +85,7 @@ class EmbeddedBackend:
         self._pieces: dict[int, bytes] = {}
         self._add_bos = True
         self._bos = -1
+        self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -154,12 +155,16 @@ class EmbeddedBackend:
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._bos = llama.token_bos()
         self._vocab = vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.max_token_bytes = _max_token_bytes(llama_cpp, vocab)
+        # A vocabulary may define no BOS or EOS (llama.cpp answers -1, LLAMA_TOKEN_NULL): asking for
+        # the text of -1 throws std::out_of_range inside llama.cpp, which aborts the process.
+        eos = llama.token_eos()
         self._template = ChatTemplate.for_model(
             self.info.architecture,
             self.info.chat_template,
             bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
-            eos_token=self._piece_text(llama.token_eos(), special=True),
+            eos_token=self._piece_text(eos, special=True) if eos >= 0 else "",
         )
         self._llama = llama
 
@@ -206,6 +211,8 @@ class EmbeddedBackend:
     def _token_piece(self, token: int, *, special: bool = False) -> bytes:
         import llama_cpp
 
+        if not 0 <= token < self._n_vocab:  # llama.cpp would throw (and abort) on any other id
+            raise ValueError(f"token id {token} is outside the vocabulary of {self._n_vocab}")
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
