@@ -181,6 +181,34 @@ def kv_cells(
     return KVCells(n_ctx_seq, swa, streams)
 
 
+def kv_cache_parts(
+    shape: AttentionShape,
+    type_k: KVCacheType,
+    type_v: KVCacheType,
+    n_ctx: int,
+    *,
+    n_ubatch: int = 512,
+    n_seq: int = 1,
+    kv_unified: bool = False,
+    swa_full: bool = False,
+    flash_attn: bool = True,
+) -> tuple[int, int]:
+    """Bytes of the full-attention cache and of the sliding-window cache (llama.cpp logs one line
+    for each), cells as :func:`kv_cells` gives them; only layers that hold KV count
+    (:meth:`AttentionShape.kv_layers`), and without flash attention V rows are padded to the widest
+    layer's. A recurrent state is not KV: :meth:`AttentionShape.recurrent_bytes`."""
+    cells = kv_cells(shape, n_ctx, n_ubatch=n_ubatch, n_seq=n_seq, kv_unified=kv_unified, swa_full=swa_full)
+    v_pad = None if flash_attn else shape.max_v_values
+    full = swa = 0
+    for layer in shape.kv_layers():
+        per_cell = _layer_bytes(layer, type_k, type_v, v_pad)
+        if layer.swa:
+            swa += per_cell * cells.swa * cells.streams
+        else:
+            full += per_cell * cells.full * cells.streams
+    return full, swa
+
+
 def kv_cache_allocated_bytes(
     shape: AttentionShape,
     type_k: KVCacheType,
@@ -193,17 +221,21 @@ def kv_cache_allocated_bytes(
     swa_full: bool = False,
     flash_attn: bool = True,
 ) -> int:
-    """Bytes llama.cpp allocates for the KV cache of a context of ``n_ctx`` tokens (cells as
-    :func:`kv_cells` gives them); only layers that hold KV count (:meth:`AttentionShape.kv_layers`),
-    and without flash attention V rows are padded to the widest layer's. A recurrent state is not
-    KV: :meth:`AttentionShape.recurrent_bytes`."""
-    cells = kv_cells(shape, n_ctx, n_ubatch=n_ubatch, n_seq=n_seq, kv_unified=kv_unified, swa_full=swa_full)
-    v_pad = None if flash_attn else shape.max_v_values
-    total = 0
-    for layer in shape.kv_layers():
-        per_cell = _layer_bytes(layer, type_k, type_v, v_pad)
-        total += per_cell * (cells.swa if layer.swa else cells.full)
-    return total * cells.streams
+    """Bytes llama.cpp allocates for the KV cache of a context of ``n_ctx`` tokens: both parts of
+    :func:`kv_cache_parts`."""
+    return sum(
+        kv_cache_parts(
+            shape,
+            type_k,
+            type_v,
+            n_ctx,
+            n_ubatch=n_ubatch,
+            n_seq=n_seq,
+            kv_unified=kv_unified,
+            swa_full=swa_full,
+            flash_attn=flash_attn,
+        )
+    )
 
 
 KV_MEMORY_FIELDS = (

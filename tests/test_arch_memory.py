@@ -1,0 +1,146 @@
+"""KV and recurrent-state bytes per architecture against what llama.cpp itself logs.
+
+For every tiny model (tests/arch_models.py), at two context sizes, for f16, q8_0, q4_0 and q8_0 K +
+q4_0 V, the bytes kvproxy.memory computes must equal llama.cpp's logged ``llama_kv_cache: size``
+of each cache (full attention and sliding window) within 1 % or the log's own rounding (it prints
+MiB to two decimals), with the same cell and layer counts; the recurrent state of the hybrid Qwen
+models must equal ``llama_memory_recurrent: size`` and not move with the KV types. llama-server
+with ``-np 1`` and ``-np 4`` (not unified: a stream per slot) and its default (4 unified slots) is
+checked on the real Gemma 3 270M, whose sliding-window cache the old unified sizing got 5 % wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kvproxy.config import KVCacheType as T
+from kvproxy.gguf_info import read_model_info
+from kvproxy.memory import ggml_type, kv_cache_parts, kv_cells, kv_memory_summary
+from tests.arch_models import ARCHS, tiny_model
+from tests.llama_logged_memory import Logged, logged_contexts, parse, within_log_precision
+from tests.llama_servers import start_llama_server
+
+TYPES = [(T.F16, T.F16), (T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q8_0, T.Q4_0)]
+CONTEXTS = [4096, 16384]
+CONFIGS = [(n_ctx, k, v, True) for n_ctx in CONTEXTS for k, v in TYPES]
+
+
+def _check(path: Path, configs: list[tuple[int, T, T, bool]], logged: list[Logged], n_seq: int = 1) -> None:
+    shape = read_model_info(path).attention
+    recurrent = set()
+    for (n_ctx, k, v, fa), got in zip(configs, logged, strict=True):
+        cells = kv_cells(shape, n_ctx, n_seq=n_seq)
+        parts = kv_cache_parts(shape, k, v, n_ctx, n_seq=n_seq, flash_attn=fa)
+        layers = shape.kv_layers()
+        expected = [
+            (parts[0], cells.full, sum(not la.swa for la in layers)),
+            (parts[1], cells.swa, sum(la.swa for la in layers)),
+        ]
+        expected = [e for e in expected if e[2]]  # llama.cpp makes no cache without layers
+        label = f"{path.name} n_ctx={n_ctx} K={k.value} V={v.value} fa={fa}"
+        assert len(got.kv_mib) == len(expected), label
+        for (mine, n_cells, n_layers), mib, c, nl in zip(
+            expected, got.kv_mib, got.kv_cells, got.kv_layers, strict=True
+        ):
+            assert (c, nl) == (n_cells, n_layers), label
+            assert within_log_precision(mine, mib), f"{label}: {mine / 2**20:.4f} MiB, logged {mib}"
+        if shape.recurrent_layers:
+            assert got.recurrent_mib is not None, label
+            assert within_log_precision(shape.recurrent_bytes(n_seq), got.recurrent_mib), label
+            recurrent.add(got.recurrent_mib)
+        else:
+            assert got.recurrent_mib is None, label
+    assert len(recurrent) <= 1  # -ctk/-ctv leave the recurrent state alone
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_and_recurrent_bytes_equal_llama_cpp_logs(arch: str) -> None:
+    path = tiny_model(arch)
+    configs = list(CONFIGS)
+    if arch == "gemma4":  # without flash attention V is padded to the widest layer's (here 256 vs 128)
+        configs.append((4096, T.F16, T.F16, False))
+    logged = logged_contexts(
+        path,
+        [
+            {"n_ctx": n, "type_k": int(ggml_type(k)), "type_v": int(ggml_type(v)), "flash_attn": fa}
+            for n, k, v, fa in configs
+        ],
+    )
+    _check(path, configs, logged)
+
+
+def test_hybrid_shapes_from_the_gguf() -> None:
+    """Qwen3.5: layer 0 is recurrent, layer 1 attention (``attention.recurrent_layers``); the state
+    is llama.cpp's n_embd_r = (conv 4 - 1) x (inner 256 + 2 x 2 groups x state 128) and n_embd_s =
+    128 x 256, in f32."""
+    for arch in ("qwen35", "qwen35moe"):
+        shape = read_model_info(tiny_model(arch)).attention
+        assert [la.index for la in shape.kv_layers()] == [1]
+        assert shape.recurrent_layers == {0}
+        assert shape.recurrent is not None
+        assert (shape.recurrent.conv_values, shape.recurrent.state_values) == (2304, 32768)
+        assert shape.recurrent_bytes() == 140288
+        assert shape.recurrent_bytes(4) == 4 * 140288
+        # the saving is a KV figure: the state is beside it, the same for every KV type
+        q4 = kv_memory_summary(shape, T.Q4_0, T.Q4_0, 4096)
+        f16 = kv_memory_summary(shape, T.F16, T.F16, 4096)
+        assert q4["recurrent_bytes"] == f16["recurrent_bytes"] == 140288
+        assert q4["saved_fraction"] == pytest.approx(1 - 144 / 512)
+
+
+def test_shared_kv_layers_hold_none() -> None:
+    shape = read_model_info(tiny_model("gemma4")).attention
+    layers = shape.kv_layers()
+    assert [la.index for la in layers] == [0, 1, 2, 3]  # 4 and 5 read layers 2 and 3
+    assert [(la.swa, la.k_values) for la in layers] == [(True, 256)] * 3 + [(False, 128)]
+
+
+def _llama_server_log(model: Path, tmp_path: Path, *args: str) -> str:
+    srv = start_llama_server(
+        model, tmp_path, "-fit", "off", "-lv", "4", *args
+    )  # -lv 4: llama.cpp's own lines
+    try:
+        return srv.log.read_text()
+    finally:
+        srv.kill()
+
+
+@pytest.mark.parametrize(
+    ("slots", "unified"),
+    [(["-np", "1"], False), (["-np", "4"], False), ([], True)],  # no -np: 4 slots, unified
+    ids=["np1", "np4", "default"],
+)
+def test_llama_server_slots_on_gemma3_270m(
+    slots: list[str], unified: bool, gemma_path: Path, tmp_path: Path
+) -> None:
+    shape = read_model_info(gemma_path).attention
+    n_seq = int(slots[1]) if slots else 4
+    n_ctx = 131072
+    for k in (T.F16, T.Q4_0):
+        log = _llama_server_log(
+            gemma_path, tmp_path, "-c", str(n_ctx), "-ctk", k.value, "-ctv", k.value, *slots
+        )
+        assert f"kv_unified = '{str(unified).lower()}'" in log
+        got = parse(log)
+        cells = kv_cells(shape, n_ctx, n_seq=n_seq, kv_unified=unified)
+        full, swa = kv_cache_parts(shape, k, k, n_ctx, n_seq=n_seq, kv_unified=unified)
+        assert got.kv_cells == (cells.full, cells.swa)
+        for mine, mib in zip((full, swa), got.kv_mib, strict=True):
+            assert mine / 2**20 == pytest.approx(mib, rel=0.01), (k, slots, mine / 2**20, mib)
+        if not unified and n_seq == 4:
+            assert cells.swa == 1024  # 512-token window + 512-token micro-batch, per stream
+
+
+def test_llama_server_recurrent_state_per_slot(tmp_path: Path) -> None:
+    """A recurrent state per sequence: 4 slots keep 4 states."""
+    path = tiny_model("qwen35moe")
+    shape = read_model_info(path).attention
+    log = _llama_server_log(path, tmp_path, "-c", "4096", "-np", "4", "-ctk", "q4_0", "-ctv", "q4_0")
+    got = parse(log)
+    assert re.search(r"llama_memory_recurrent: size =\s+[0-9.]+ MiB \(\s*4 cells", log)
+    assert got.recurrent_mib is not None
+    assert within_log_precision(shape.recurrent_bytes(4), got.recurrent_mib)
+    _check(path, [(4096, T.Q4_0, T.Q4_0, True)], [got], n_seq=4)
