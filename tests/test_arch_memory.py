@@ -144,3 +144,37 @@ def test_llama_server_recurrent_state_per_slot(tmp_path: Path) -> None:
     assert got.recurrent_mib is not None
     assert within_log_precision(shape.recurrent_bytes(4), got.recurrent_mib)
     _check(path, [(4096, T.Q4_0, T.Q4_0, True)], [got], n_seq=4)
+
+
+def test_deployments_file_sizes_a_llama_server_as_it_was_started(gemma_path: Path, tmp_path: Path) -> None:
+    """The `server` table says how the primary's llama-servers run (-c 131072 -np 4, a stream per
+    slot): the status and the metrics then give what that llama-server logs (issue 18: 124.88 MiB
+    at q4_0, where one unified stream's sizing read 118.55)."""
+    from prometheus_client import CollectorRegistry
+
+    from kvproxy.config import Settings
+    from kvproxy.deployments.build import build_deployments
+    from kvproxy.deployments.spec import ProxyConfig
+    from kvproxy.deployments.status import memory_status
+    from kvproxy.memory import kv_cache_allocated_bytes
+    from kvproxy.metrics import Metrics
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "gemma.gguf").symlink_to(gemma_path)
+    cfg = tmp_path / "deployments.toml"
+    cfg.write_text(
+        '[[deployments]]\nmodel = "gemma-q4"\n'
+        '[deployments.primary]\nurls = ["http://127.0.0.1:9"]\ncache_type_k = "q4_0"\n'
+        '[deployments.primary.server]\nmodel = "models/gemma.gguf"\nctx_size = 131072\nparallel = 4\n'
+    )
+    metrics = Metrics(CollectorRegistry())
+    [d] = build_deployments(ProxyConfig.from_file(cfg), Settings(), metrics=metrics)
+    m = memory_status(d)
+    assert m is not None
+    shape = read_model_info(gemma_path).attention
+    q4 = T.Q4_0
+    assert m["allocated_bytes"] == kv_cache_allocated_bytes(shape, q4, q4, 131072, n_seq=4)
+    assert m["allocated_bytes"] / 2**20 == pytest.approx(124.88, abs=0.005)
+    assert m["f16_allocated_bytes"] / 2**20 == pytest.approx(444.00, abs=0.005)
+    labels = {"deployment": "gemma-q4", "role": "primary", "cache_type_k": "q4_0", "cache_type_v": "q4_0"}
+    assert metrics.registry.get_sample_value("kvproxy_kv_cache_bytes", labels) == m["allocated_bytes"]

@@ -103,6 +103,10 @@ class EmbeddedBackend:
         return self._settings.ctx_size
 
     @property
+    def flash_attn(self) -> bool:
+        return self._settings.flash_attn
+
+    @property
     def n_ubatch(self) -> int:
         return llama_n_ubatch(self._settings.batch_size, self._settings.ctx_size)
 

@@ -8,9 +8,11 @@ from typing import Any
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
+from kvproxy.deployments.spec import ServerSpec
 from kvproxy.kld import PositionScores
+from kvproxy.memory import AttentionShape, kv_memory_summary
 from kvproxy.metrics import Metrics
-from kvproxy.metrics_export import export_backend_up
+from kvproxy.metrics_export import export_backend_up, export_kv_memory
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler
@@ -33,8 +35,12 @@ class HttpDeployment(DeploymentBase):
         guard: Guard | None = None,
         top_k: int = 20,
         metrics: Metrics | None = None,
+        servers: dict[str, tuple[AttentionShape, ServerSpec]] | None = None,
     ) -> None:
         super().__init__(name, primary_kv=primary_kv, reference_kv=reference_kv, guard=guard, metrics=metrics)
+        # per role, the model's shape and how its llama-servers were started (the deployments
+        # file's `server` tables): what the KV figures need
+        self.servers = servers or {}
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
         self.top_k = top_k
@@ -54,6 +60,21 @@ class HttpDeployment(DeploymentBase):
         for role, pool in pools:
             for replica in pool.replicas:
                 export_backend_up(metrics, self.name, role, replica.url, lambda r=replica: r.healthy)  # type: ignore[misc]
+        for role, kv in (("primary", self.primary_kv), ("reference", self._declared_reference_kv)):
+            if kv is not None and role in self.servers:
+                shape, srv = self.servers[role]
+                export_kv_memory(
+                    metrics,
+                    self.name,
+                    role,
+                    shape,
+                    kv,
+                    srv.ctx_size,
+                    n_ubatch=srv.ubatch_size,
+                    n_seq=srv.n_seq,
+                    kv_unified=srv.unified,
+                    flash_attn=srv.flash_attn,
+                )
 
     @property
     def estimator(self) -> str:  # type: ignore[override]
@@ -101,6 +122,24 @@ class HttpDeployment(DeploymentBase):
 
     def close(self) -> None:
         pass
+
+    def kv_figures(self) -> dict[str, Any] | None:
+        """KV bytes of one primary replica, as its llama-server sizes them, where the deployments
+        file says how it was started (its `server` table); else unknown."""
+        kv = self.primary_kv
+        if kv is None or "primary" not in self.servers:
+            return None
+        shape, srv = self.servers["primary"]
+        return kv_memory_summary(
+            shape,
+            kv.cache_type_k,
+            kv.cache_type_v,
+            srv.ctx_size,
+            n_ubatch=srv.ubatch_size,
+            n_seq=srv.n_seq,
+            kv_unified=srv.unified,
+            flash_attn=srv.flash_attn,
+        )
 
     def backend_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"primary_replicas": self.primary_pool.status()}
