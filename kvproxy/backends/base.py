@@ -38,6 +38,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; otherwise alternatives per position
+    # special tokens whose text is part of the output (llama-server's "preserved tokens": a
+    # reasoning template's <think> or <|channel>, which kvproxy.reasoning then splits on)
+    special_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class EmbeddedBackend:
         self._bos = -1
         self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
+        self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -169,7 +170,13 @@ class EmbeddedBackend:
             self.info.chat_template,
             bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
             eos_token=self._piece_text(eos, special=True) if eos >= 0 else "",
+            add_bos=self._add_bos and self._bos >= 0,
         )
+        fmt = self._template.reasoning
+        for text in fmt.preserved if fmt is not None else ():
+            ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:  # llama-server preserves only tags that are one token
+                self.preserved_tokens |= {int(ids[0])}
         self._llama = llama
 
     def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
@@ -336,7 +343,12 @@ class EmbeddedBackend:
                 if request.top_logprobs is not None:
                     row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
                     pending.append(self._token_logprob(row, token, request.top_logprobs))
-                text = assembler.push(self.piece(token))
+                piece = (
+                    self._token_piece(token, special=True)
+                    if token in request.special_tokens
+                    else self.piece(token)
+                )
+                text = assembler.push(piece)
                 if text or assembler.stopped:
                     emit(TextDelta(text, tuple(pending)))
                     pending = []
