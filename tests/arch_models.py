@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
@@ -77,18 +78,33 @@ def tiny_model(arch: str) -> Path:
 
 def with_chat_template(src: Path, template: str, dest: Path) -> Path:
     """A copy of ``src`` whose ``tokenizer.chat_template`` is ``template`` (what a real GGUF carries)."""
+    return rewritten(src, dest, {"tokenizer.chat_template": template})
+
+
+def rewritten(src: Path, dest: Path, changes: dict[str, Any], *, architecture: str | None = None) -> Path:
+    """A copy of ``src`` with some metadata values replaced or added (strings, ints as uint32,
+    floats as float32), the tensors as they were; ``architecture`` renames the architecture and its
+    keys."""
     reader = GGUFReader(src)
     arch = str(reader.fields["general.architecture"].contents())
-    writer = GGUFWriter(str(dest), arch)
+    writer = GGUFWriter(str(dest), architecture or arch)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
+        if name.startswith("GGUF.") or name == "general.architecture" or name in changes:
             continue
+        if architecture and name.startswith(f"{arch}."):
+            name = f"{architecture}.{name[len(arch) + 1 :]}"
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         if vtype == GGUFValueType.ARRAY and not field.data:  # the writer refuses empty arrays
             continue
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    writer.add_chat_template(template)
+    for name, value in changes.items():
+        if isinstance(value, str):
+            writer.add_string(name, value)
+        elif isinstance(value, float):
+            writer.add_float32(name, value)
+        else:
+            writer.add_uint32(name, int(value))
     for t in reader.tensors:
         writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()

@@ -74,8 +74,9 @@ def _max_token_bytes(llama_cpp: Any, vocab: Any) -> int:
 class EmbeddedBackend:
     """Serves one GGUF with one KV configuration from a llama.cpp context in this process."""
 
-    def __init__(self, settings: Settings, model_info: ModelInfo) -> None:
+    def __init__(self, settings: Settings, model_info: ModelInfo, *, verbose: bool = False) -> None:
         self._settings = settings
+        self._verbose = verbose  # llama.cpp's log on stderr (the start-up probe reads its reasons)
         self.info = model_info
         self.kv = KVConfig(settings.cache_type_k, settings.cache_type_v)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvproxy-llama")
@@ -94,6 +95,10 @@ class EmbeddedBackend:
     @property
     def ready(self) -> bool:
         return self._llama is not None
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     @property
     def model_name(self) -> str:
@@ -154,7 +159,7 @@ class EmbeddedBackend:
             # KV figures printed at start-up assume it); llama.cpp's library default keeps them full.
             swa_full=False,
             logits_all=False,
-            verbose=False,
+            verbose=self._verbose,
         )
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
