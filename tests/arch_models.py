@@ -30,7 +30,14 @@ from tests.tiny_gguf import write_tiny_llama
 
 ARCHS = ("qwen35moe", "qwen35", "gemma3", "gemma4", "llama")
 SEED = 42
-_SAVED_BY_LLAMA_CPP = {"qwen35moe": "qwen35moe-moe", "qwen35": "qwen35-dense", "gemma3": "gemma3-dense"}
+# name: (llama.cpp architecture, the file test-llama-archs writes); "llama-dense" is its own Llama
+# (one KV head per query head, the same 128-token "test" vocabulary as the others)
+_SAVED_BY_LLAMA_CPP = {
+    "qwen35moe": ("qwen35moe", "qwen35moe-moe"),
+    "qwen35": ("qwen35", "qwen35-dense"),
+    "gemma3": ("gemma3", "gemma3-dense"),
+    "llama-dense": ("llama", "llama-dense"),
+}
 
 
 def cache_dir() -> Path:
@@ -53,7 +60,8 @@ def _atomic(dest: Path, write: Callable[[Path], object]) -> Path:
     return dest
 
 
-def _saved_by_llama_cpp(arch: str, dest: Path) -> None:
+def _saved_by_llama_cpp(name: str, dest: Path) -> None:
+    arch, stem = _SAVED_BY_LLAMA_CPP[name]
     with tempfile.TemporaryDirectory(dir=dest.parent) as out:
         subprocess.run(
             [str(llama_bin() / "test-llama-archs"), "-a", f"^{arch}$", "-s", str(SEED), "-o", out],
@@ -61,11 +69,11 @@ def _saved_by_llama_cpp(arch: str, dest: Path) -> None:
             capture_output=True,
             timeout=120,
         )
-        os.replace(Path(out) / f"{_SAVED_BY_LLAMA_CPP[arch]}.gguf", dest)
+        os.replace(Path(out) / f"{stem}.gguf", dest)
 
 
 def tiny_model(arch: str) -> Path:
-    """The cached tiny model of ``arch`` (one of :data:`ARCHS`), made on first use."""
+    """The cached tiny model of ``arch`` (one of :data:`ARCHS`, or "llama-dense"), made on first use."""
     dest = cache_dir() / f"{arch}-seed{SEED}.gguf"
     if arch in _SAVED_BY_LLAMA_CPP:
         return _atomic(dest, lambda tmp: _saved_by_llama_cpp(arch, tmp))
