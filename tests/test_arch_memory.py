@@ -178,3 +178,22 @@ def test_deployments_file_sizes_a_llama_server_as_it_was_started(gemma_path: Pat
     assert m["f16_allocated_bytes"] / 2**20 == pytest.approx(444.00, abs=0.005)
     labels = {"deployment": "gemma-q4", "role": "primary", "cache_type_k": "q4_0", "cache_type_v": "q4_0"}
     assert metrics.registry.get_sample_value("kvproxy_kv_cache_bytes", labels) == m["allocated_bytes"]
+
+
+def test_cells_per_stream_by_hand() -> None:
+    """Pure arithmetic, Gemma 3 270M (512-token window on 15 of 18 layers, one 256-wide KV head)."""
+    from kvproxy.memory import AttentionShape, kv_cache_allocated_bytes
+
+    shape = AttentionShape(18, 1, 256, 256, 512, frozenset(i for i in range(18) if i % 6 < 5))
+    one = kv_cells(shape, 16000)  # padded to 16,128; the window cache pad(512 + 512)
+    assert (one.full, one.swa, one.streams) == (16128, 1024, 1)
+    np4 = kv_cells(shape, 131072, n_seq=4)  # a stream per slot
+    assert (np4.full, np4.swa, np4.streams) == (32768, 1024, 4)
+    unified = kv_cells(shape, 131072, n_seq=4, kv_unified=True)  # one stream, 4 windows
+    assert (unified.full, unified.swa, unified.streams) == (131072, 2560, 1)
+    f16 = 2 * 256 * 2  # K + V bytes of a cell in one layer
+    assert kv_cache_allocated_bytes(shape, T.F16, T.F16, 131072, n_seq=4) == f16 * 4 * (3 * 32768 + 15 * 1024)
+    assert kv_cache_allocated_bytes(shape, T.F16, T.F16, 131072, n_seq=4) / 2**20 == 444.0
+    assert kv_cache_allocated_bytes(shape, T.F16, T.F16, 131072, n_seq=4, kv_unified=True) / 2**20 == 421.5
+    # -np 3: 1,024 padded cells / 3 = 341 a stream, padded again to 512 (llama.cpp then says n_ctx 1,536)
+    assert kv_cells(shape, 1000, n_seq=3).full == 512

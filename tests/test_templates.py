@@ -244,3 +244,21 @@ def test_serve_answers_with_reasoning_content(
         assert (reasoning, content) == (message["reasoning_content"], message["content"] or "")
     finally:
         stop_server(server)
+
+
+@pytest.mark.parametrize("fmt", [QWEN, GEMMA4], ids=lambda f: f.name)
+def test_the_split_does_not_depend_on_where_the_stream_is_cut(fmt: ReasoningFormat) -> None:
+    """Pure: every raw output, cut into pieces at every pair of points, splits as it does whole."""
+    tail = fmt.assistant_prefix + ("<think>\n" if fmt is QWEN else "")
+    for raw in RAW_OUTPUTS[fmt]:
+        whole = split_reasoning(fmt, tail, raw)
+        for i in range(len(raw) + 1):
+            for j in range(i, len(raw) + 1, 3):
+                splitter = ReasoningSplitter(fmt, tail)
+                got = [
+                    splitter.push(raw[:i]),
+                    splitter.push(raw[i:j]),
+                    splitter.push(raw[j:]),
+                    splitter.finish(),
+                ]
+                assert ("".join(g[0] for g in got), "".join(g[1] for g in got)) == whole, (raw, i, j)
