@@ -197,3 +197,44 @@ def test_cells_per_stream_by_hand() -> None:
     assert kv_cache_allocated_bytes(shape, T.F16, T.F16, 131072, n_seq=4, kv_unified=True) / 2**20 == 421.5
     # -np 3: 1,024 padded cells / 3 = 341 a stream, padded again to 512 (llama.cpp then says n_ctx 1,536)
     assert kv_cells(shape, 1000, n_seq=3).full == 512
+
+
+def test_a_server_table_that_does_not_match_the_llama_server_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The figures follow the file; a llama-server whose /props counts other slots is named in the log."""
+    import asyncio
+    import logging
+
+    from kvproxy.config import Settings
+    from kvproxy.deployments.build import build_deployments
+    from kvproxy.deployments.http import HttpDeployment
+    from kvproxy.deployments.spec import ProxyConfig
+
+    path = tiny_model("qwen35moe")
+    srv = start_llama_server(path, tmp_path, "-c", "1024", "-np", "1")
+    try:
+        for declared, warned in ((1, False), (2, True)):
+            cfg = tmp_path / f"d{declared}.toml"
+            cfg.write_text(
+                f'[[deployments]]\nmodel = "q"\n[deployments.primary]\nurls = ["{srv.url}"]\n'
+                f'cache_type_k = "q4_0"\n[deployments.primary.server]\nmodel = "{path}"\n'
+                f"ctx_size = 1024\nparallel = {declared}\n"
+            )
+            [d] = build_deployments(ProxyConfig.from_file(cfg), Settings())
+            assert isinstance(d, HttpDeployment)
+            m = d.kv_figures()
+            assert m is not None and m["recurrent_bytes"] == declared * 140288
+
+            async def check(d: HttpDeployment = d) -> None:
+                try:
+                    await d.check_servers()
+                finally:
+                    await d.primary_pool.close()
+
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="kvproxy.deployments.http"):
+                asyncio.run(check())
+            assert ("runs 1 slots, its server table says 2" in caplog.text) == warned
+    finally:
+        srv.kill()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any
+
+import orjson
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
@@ -20,6 +23,8 @@ from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
 from kvproxy.upstream.llama_server import LlamaServerPrimary
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
 from kvproxy.upstream.score_client import ScoreRouteReference
+
+log = logging.getLogger(__name__)
 
 
 class HttpDeployment(DeploymentBase):
@@ -91,11 +96,36 @@ class HttpDeployment(DeploymentBase):
     async def start(self) -> None:
         self.primary_pool.start()
         await self.primary_pool.check_health()
+        await self.check_servers()
         if self.reference_pool is not None and self.resolver is not None:
             self.reference_pool.start()
             with contextlib.suppress(*UpstreamError, UpstreamFailure):  # asked again before a job
                 await self.resolve_reference()
         self.shadow.pool.start()
+
+    async def check_servers(self) -> None:
+        """Say so when a llama-server runs other slots than its `server` table declares: the KV
+        figures would be sized for the wrong number of streams (its /props reports its slots)."""
+        pools = [("primary", self.primary_pool), ("reference", self.reference_pool)]
+        for role, pool in pools:
+            if pool is None or role not in self.servers:
+                continue
+            declared = self.servers[role][1].n_seq
+            for replica in pool.replicas:
+                with contextlib.suppress(*UpstreamError, ValueError, KeyError, TypeError):
+                    status, body = await replica.get("/props", timeout=5)
+                    slots = int(orjson.loads(body)["total_slots"]) if status == 200 else declared
+                    if slots != declared:
+                        log.warning(
+                            "deployment %s: %s %s runs %d slots, its server table says %d: the KV "
+                            "figures assume %d",
+                            self.name,
+                            role,
+                            replica.url,
+                            slots,
+                            declared,
+                            declared,
+                        )
 
     async def resolve_reference(self) -> None:
         assert self.resolver is not None
