@@ -150,6 +150,11 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
     )
+    probe: bool = Field(
+        default=True,
+        description="Before serving, load the model in a child process and generate and score there: "
+        "a model llama.cpp would abort on stops start-up (exit 2) instead of the server.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -88,6 +88,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
+    # an earlier answer's reasoning, as llama-server returns and accepts it (reasoning templates
+    # read it back)
+    reasoning_content: str | None = None
     name: str | None = None
     tool_calls: list[Any] | None = None
     function_call: Any | None = None
@@ -113,9 +116,17 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it ("developer" is OpenAI's new name for system)."""
+        """The message as chat templates expect it ("developer" is OpenAI's new name for system):
+        content parts stay a list (the template decides, kvproxy.chat_template), and an assistant's
+        reasoning goes along, as llama-server passes them."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        content: Any = (
+            self.text() if not isinstance(self.content, list) else [p.model_dump() for p in self.content]
+        )
+        out = {"role": role, "content": content}
+        if self.role == "assistant" and self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
+        return out
 
 
 class StreamOptions(_Strict):
@@ -247,6 +258,8 @@ class ChatCompletionRequest(_SamplingFields):
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    # llama-server's extension: extra chat-template variables (e.g. {"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("tools", "functions")
     @classmethod
@@ -390,6 +403,16 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: str | None = None  # required by OpenAI's spec, may be null
+    # a reasoning model's thinking, split from the content as llama-server splits it (kvproxy.reasoning);
+    # absent for other models
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -419,6 +442,7 @@ class ChatCompletion(_Envelope):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -41,6 +41,9 @@ class GenerationRequest:
     # a llama.cpp grammar (GBNF) constraining the sampled tokens; logprobs stay those of the raw
     # distribution, before the grammar (as the shadow path, which replays without it, scores them)
     grammar: str | None = None
+    # special tokens whose text is part of the output (llama-server's "preserved tokens": a
+    # reasoning template's <think> or <|channel>, which kvproxy.reasoning then splits on)
+    special_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -101,8 +101,9 @@ def _max_token_bytes(llama_cpp: Any, vocab: Any) -> int:
 class EmbeddedBackend:
     """Serves one GGUF with one KV configuration from a llama.cpp context in this process."""
 
-    def __init__(self, settings: Settings, model_info: ModelInfo) -> None:
+    def __init__(self, settings: Settings, model_info: ModelInfo, *, verbose: bool = False) -> None:
         self._settings = settings
+        self._verbose = verbose  # llama.cpp's log on stderr (the start-up probe reads its reasons)
         self.info = model_info
         self.kv = KVConfig(settings.cache_type_k, settings.cache_type_v)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvproxy-llama")
@@ -112,7 +113,9 @@ class EmbeddedBackend:
         self._pieces: dict[int, bytes] = {}
         self._add_bos = True
         self._bos = -1
+        self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
+        self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -121,12 +124,20 @@ class EmbeddedBackend:
         return self._llama is not None
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def model_name(self) -> str:
         return self._settings.alias or self.info.name
 
     @property
     def n_ctx(self) -> int:
         return self._settings.ctx_size
+
+    @property
+    def flash_attn(self) -> bool:
+        return self._settings.flash_attn
 
     @property
     def n_ubatch(self) -> int:
@@ -175,19 +186,29 @@ class EmbeddedBackend:
             # KV figures printed at start-up assume it); llama.cpp's library default keeps them full.
             swa_full=False,
             logits_all=False,
-            verbose=False,
+            verbose=self._verbose,
         )
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._bos = llama.token_bos()
         self._vocab = vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.max_token_bytes = _max_token_bytes(llama_cpp, vocab)
+        # A vocabulary may define no BOS or EOS (llama.cpp answers -1, LLAMA_TOKEN_NULL): asking for
+        # the text of -1 throws std::out_of_range inside llama.cpp, which aborts the process.
+        eos = llama.token_eos()
         self._template = ChatTemplate.for_model(
             self.info.architecture,
             self.info.chat_template,
             bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
-            eos_token=self._piece_text(llama.token_eos(), special=True),
+            eos_token=self._piece_text(eos, special=True) if eos >= 0 else "",
+            add_bos=self._add_bos and self._bos >= 0,
         )
+        fmt = self._template.reasoning
+        for text in fmt.preserved if fmt is not None else ():
+            ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:  # llama-server preserves only tags that are one token
+                self.preserved_tokens |= {int(ids[0])}
         self._llama = llama
 
     def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
@@ -233,6 +254,8 @@ class EmbeddedBackend:
     def _token_piece(self, token: int, *, special: bool = False) -> bytes:
         import llama_cpp
 
+        if not 0 <= token < self._n_vocab:  # llama.cpp would throw (and abort) on any other id
+            raise ValueError(f"token id {token} is outside the vocabulary of {self._n_vocab}")
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
@@ -369,7 +392,12 @@ class EmbeddedBackend:
                 if request.top_logprobs is not None:
                     row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
                     pending.append(self._token_logprob(row, token, request.top_logprobs))
-                text = assembler.push(self.piece(token))
+                piece = (
+                    self._token_piece(token, special=True)
+                    if token in request.special_tokens
+                    else self.piece(token)
+                )
+                text = assembler.push(piece)
                 if text or assembler.stopped:
                     emit(TextDelta(text, tuple(pending)))
                     pending = []

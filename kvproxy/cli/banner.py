@@ -16,12 +16,28 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
     n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
-    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch)
+    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch, flash_attn=settings.flash_attn)
+    kv_layers = shape.kv_layers()
+    n_swa = sum(layer.swa for layer in kv_layers)
     swa = (
-        f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
-        if shape.swa_layers
+        f", {n_swa} of {len(kv_layers)} layers sliding-window ({shape.sliding_window} tokens)"
+        if n_swa
         else ""
     )
+    layers = []
+    if len(kv_layers) < shape.n_layers:  # hybrid or shared-KV: say which layers hold KV at all
+        others = []
+        if shape.recurrent_layers:
+            others.append(f"{len(shape.recurrent_layers)} recurrent")
+        shared = shape.n_layers - len(kv_layers) - len(shape.recurrent_layers)
+        if shared:
+            others.append(f"{shared} reading an earlier layer's KV")
+        layers.append(f"  layers     {len(kv_layers)} of {shape.n_layers} hold KV ({', '.join(others)})")
+    if m["recurrent_bytes"]:
+        layers.append(
+            f"  recurrent  {m['recurrent_bytes'] / 2**20:.2f} MiB of f32 state per sequence, whatever the KV "
+            "types (not in the KV figures)"
+        )
     return "\n".join(
         [
             f"kvproxy {__version__}",
@@ -31,6 +47,7 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"{m['bytes_per_token'] / m['f16_bytes_per_token']:.1%}){swa}",
             f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for the "
             f"{settings.ctx_size:,}-token context (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
+            *layers,
             f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "

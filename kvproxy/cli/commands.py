@@ -8,6 +8,7 @@ defaults are also the flags' help (kvproxy.cli.options).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ import typer
 from kvproxy import __version__
 from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
+from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli.banner import describe_proxy, describe_startup
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
@@ -23,6 +25,7 @@ from kvproxy.cli.proxy import proxy_deployments
 from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.gguf_info import read_model_info
 from kvproxy.metrics import Metrics
 
@@ -102,6 +105,7 @@ def serve(
             .replace("(env: KVPROXY_CORS_ORIGINS)", "(env: KVPROXY_CORS_ORIGINS, comma-separated)"),
         ),
     ] = None,
+    probe: Annotated[bool | None, typer.Option("--probe/--no-probe", help=setting_help("probe"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -123,7 +127,21 @@ def serve(
         if reference is not None:
             raise fail("--reference needs --primary (the embedded default scores in process)")
         deployments = [_embedded(settings, metrics)]
+    for d in deployments:
+        if isinstance(d, EmbeddedDeployment) and settings.probe:
+            _probe(d.backend.settings)
     run(settings, deployments, metrics)
+
+
+def _probe(settings: Settings) -> None:
+    """What llama.cpp would abort on ends start-up here, in a child, not in the server."""
+    start = time.monotonic()
+    reason = probe_model(settings)
+    if reason is not None:
+        raise fail(f"llama.cpp cannot serve {settings.model}: {reason}")
+    typer.echo(
+        f"  probe      loaded, generated and scored in a child process in {time.monotonic() - start:.1f} s"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -142,11 +160,12 @@ def backend(ctx: typer.Context) -> None:
 
 def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
     try:
-        info = read_model_info(resolve_model_path(settings.model))
+        path = resolve_model_path(settings.model)
+        info = read_model_info(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
     typer.echo(describe_startup(settings, info))
-    return embedded_deployment(settings, info, metrics=metrics)
+    return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
 
 
 app.command()(calibrate_command.calibrate)

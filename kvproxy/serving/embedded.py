@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from kvproxy import __version__, sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
-from kvproxy.chat_template import ChatTemplateError
+from kvproxy.chat_template import ChatTemplateError, RenderedChat
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
 from kvproxy.observers import TokenClock
@@ -43,6 +43,7 @@ from kvproxy.protocol import (
     OutputFormat,
 )
 from kvproxy.protocol_responses import ResponsesRequest
+from kvproxy.reasoning import ReasoningSplitter
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -185,12 +186,14 @@ class EmbeddedServing:
             raise context_length_exceeded(n_ctx, at_least, requested, at_least=True)
         return self.backend.tokenize(text, add_bos=True)
 
-    def _chat_prompt(self, messages: list[dict[str, Any]], requested: int | None) -> list[int]:
+    def _chat_prompt(
+        self, messages: list[dict[str, Any]], variables: dict[str, Any] | None, requested: int | None
+    ) -> tuple[list[int], RenderedChat]:
         try:
-            text = self.backend.render_chat(messages)
+            rendered = self.backend.chat_template.render_chat(messages, variables=variables)
         except ChatTemplateError as exc:
             raise OpenAIError(400, str(exc), param="messages") from exc
-        return self._tokenize(text, requested)
+        return self._tokenize(rendered.prompt, requested), rendered
 
     async def _grammar(self, fmt: OutputFormat | None, param: str) -> str | None:
         """The llama.cpp grammar of a JSON response format (built on a worker thread), or a 400."""
@@ -210,20 +213,30 @@ class EmbeddedServing:
         stop: tuple[str, ...],
         top_logprobs: int | None,
         format_param: str,
-    ) -> GenerationRequest:
+        variables: dict[str, Any] | None = None,
+    ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
+        """The generation, and for a reasoning template the splitter its output goes through."""
         self._check_ready()
         grammar = await self._grammar(req.output_format, format_param)
-        prompt = await asyncio.to_thread(self._chat_prompt, messages, limit)
-        return GenerationRequest(
+        prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit)
+        fmt = self.backend.chat_template.reasoning
+        gen = GenerationRequest(
             prompt_tokens=prompt,
             max_tokens=self._budget(prompt, limit),
             sampling=sampling(req),
             stop=stop,
             top_logprobs=top_logprobs,
             grammar=grammar,
+            special_tokens=getattr(self.backend, "preserved_tokens", frozenset()) if fmt else frozenset(),
         )
+        return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
     async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+        return (await self._prepare_chat(req))[0]
+
+    async def _prepare_chat(
+        self, req: ChatCompletionRequest
+    ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         messages = [m.template_dict() for m in req.messages]
         return await self._prepare_messages(
             messages,
@@ -232,10 +245,13 @@ class EmbeddedServing:
             stop=req.stop_sequences(),
             top_logprobs=req.top_logprobs_count,
             format_param="response_format",
+            variables=req.chat_template_kwargs,
         )
 
     async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
-        return await self._prepare_messages(
+        # a reasoning model's thinking stays in the output text here: the Responses API has its own
+        # reasoning items, which kvproxy does not produce (docs/design.md)
+        gen, _ = await self._prepare_messages(
             req.messages,
             req.max_output_tokens,
             req,
@@ -243,6 +259,7 @@ class EmbeddedServing:
             top_logprobs=req.top_logprobs_count,
             format_param="text.format",
         )
+        return gen
 
     async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
         self._check_ready()
@@ -271,7 +288,13 @@ class EmbeddedServing:
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
-        got = await self._collected(await self.prepare_chat(req), shadow)
+        gen, splitter = await self._prepare_chat(req)
+        got = await self._collected(gen, shadow)
+        message = AssistantMessage(content=got.text)
+        if splitter is not None:  # a reasoning model: its thinking apart, as llama-server answers
+            r1, c1 = splitter.push(got.text)
+            r2, c2 = splitter.finish()
+            message = AssistantMessage(content=c1 + c2, reasoning_content=(r1 + r2) or None)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -279,7 +302,7 @@ class EmbeddedServing:
             system_fingerprint=self.fingerprint,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=got.text),
+                    message=message,
                     logprobs=ChoiceLogprobs(content=[wire_logprob(lp) for lp in got.logprobs])
                     if req.logprobs
                     else None,
@@ -292,10 +315,14 @@ class EmbeddedServing:
     async def chat_stream(
         self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
     ) -> AsyncIterator[bytes]:
-        return self._chat_chunks(req, await self._started(await self.prepare_chat(req), shadow))
+        gen, splitter = await self._prepare_chat(req)
+        return self._chat_chunks(req, await self._started(gen, shadow), splitter)
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None]
+        self,
+        req: ChatCompletionRequest,
+        events: AsyncGenerator[GenerationEvent, None],
+        splitter: ReasoningSplitter | None = None,
     ) -> AsyncIterator[bytes]:
         chunk = ChatCompletionChunk(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -307,11 +334,19 @@ class EmbeddedServing:
 
         def delta(event: TextDelta) -> ChatCompletionChunk:
             lp = ChoiceLogprobs(content=[wire_logprob(x) for x in event.logprobs]) if req.logprobs else None
-            chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
+            d = ChatDelta(content=event.text)
+            if splitter is not None:
+                reasoning, content = splitter.push(event.text)
+                d = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            chunk.choices = [ChatChunkChoice(delta=d, logprobs=lp)]
             return chunk
 
         def finish(done: Finished) -> ChatCompletionChunk:
-            chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=done.finish_reason)]
+            d = ChatDelta()
+            if splitter is not None:  # what was held back as a possible tag
+                reasoning, content = splitter.finish()
+                d = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            chunk.choices = [ChatChunkChoice(delta=d, finish_reason=done.finish_reason)]
             return chunk
 
         def final_usage(done: Finished) -> ChatCompletionChunk:
