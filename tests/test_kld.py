@@ -24,6 +24,12 @@ def brute_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return math.fsum(math.exp(a - lse_p) * ((a - lse_p) - (b - lse_q)) for a, b in zip(ps, qs, strict=True))
 
 
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + math.log(math.fsum(np.exp(x - m))))
+
+
 # exact_kld works in stable float32 with float64 sums: accurate to about 1e-7 absolute.
 ABS = 1e-7
 
@@ -135,13 +141,17 @@ def test_properties(data: st.DataObject, p: np.ndarray) -> None:
     shifted = float(kld.exact_kld((p + shift)[None], (q - shift)[None], [0]).kld[0])
     assert shifted == pytest.approx(value, rel=1e-5, abs=ABS)
     assert value == pytest.approx(brute_kl(p, q), rel=1e-6, abs=ABS)
-    # coarse-graining onto any K tokens of each side plus "rest" never exceeds the exact value
+    # coarse-graining onto any K tokens of each side plus "rest" never exceeds the exact value (the
+    # data-processing inequality), checked in float64: from float32 log-probs the rest bucket's mass,
+    # 1 minus the known ones, loses its digits when K covers nearly everything (a rest of 7e-4 from
+    # masses rounded to 1e-7 is 1e-4 off in its log), which is conditioning, not the property
     k = data.draw(st.integers(1, p.size))
-    lp, lq = kld.log_softmax(p), kld.log_softmax(q)
+    lp, lq = log_softmax64(p), log_softmax64(q)
     ri = data.draw(st.permutations(range(p.size)))[:k]
     qi = data.draw(st.permutations(range(p.size)))[:k]
     coarse = kld.coarse_kld_row(ri, lp[ri], qi, lq[qi])
-    bound = value * (1 + 1e-5) + ABS  # float32 log-probs: about 1e-6 relative apart
+    exact = brute_kl(p, q)
+    bound = exact * (1 + 1e-9) + 1e-12
     assert 0 <= coarse <= bound
     assert kld.coarse_kld_full_reference(lp, qi, lq[qi]) <= bound
 
