@@ -79,6 +79,30 @@ class Settings(BaseSettings):
         description="How shadow scoring computes both sides: decode (one token a step, the numerics "
         "generation served) or prefill (chunked replay: cheaper, and it understates on CUDA).",
     )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Embedded slots: requests decoded together in one batch, each with its own "
+        "--ctx-size of KV cache; above 1 the served numerics are no longer those of one stream.",
+    )
+    max_queue: int = Field(
+        default=64,
+        ge=0,
+        description="Embedded: requests waiting for a slot at most; more get 503 with Retry-After.",
+    )
+    queue_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Embedded: seconds a request may wait for a slot before a 503 with Retry-After "
+        "(0: no deadline).",
+    )
+    prefill_chunk: int = Field(
+        default=128,
+        ge=1,
+        description="Embedded, with --parallel above 1: prompt tokens per batch while other slots "
+        "generate (a long prompt then delays their tokens by one such chunk at a time).",
+    )
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
     shadow_rate: float = Field(
         default=0.5,

@@ -96,6 +96,7 @@ KV_MEMORY_FIELDS = (
     "bytes_per_token",
     "f16_bytes_per_token",
     "n_ctx",
+    "n_streams",
     "allocated_bytes",
     "f16_allocated_bytes",
     "saved_bytes",
@@ -109,18 +110,29 @@ def llama_n_ubatch(batch_size: int, n_ctx: int) -> int:
 
 
 def kv_memory_summary(
-    shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, n_ctx: int, *, n_ubatch: int = 512
+    shape: AttentionShape,
+    type_k: KVCacheType,
+    type_v: KVCacheType,
+    n_ctx: int,
+    *,
+    n_ubatch: int = 512,
+    n_streams: int = 1,
 ) -> dict[str, float | int]:
     """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``:
     the figures of the start-up banner, the status endpoint (and page) and the KV metrics, whose
-    keys are :data:`KV_MEMORY_FIELDS`."""
+    keys are :data:`KV_MEMORY_FIELDS`.
+
+    ``n_streams``: separate KV streams of ``n_ctx`` cells each, as the embedded server's
+    ``--parallel`` slots have them (a context with ``n_seq_max`` streams and ``kv_unified`` off gives
+    every stream the cells, sliding-window cache included, of a one-sequence context of ``n_ctx``)."""
     f16 = KVCacheType.F16
-    at_ctx = kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, n_ubatch=n_ubatch)
-    f16_at_ctx = kv_cache_allocated_bytes(shape, f16, f16, n_ctx, n_ubatch=n_ubatch)
+    at_ctx = n_streams * kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, n_ubatch=n_ubatch)
+    f16_at_ctx = n_streams * kv_cache_allocated_bytes(shape, f16, f16, n_ctx, n_ubatch=n_ubatch)
     summary: dict[str, float | int] = {
         "bytes_per_token": kv_bytes_per_token(shape, type_k, type_v),
         "f16_bytes_per_token": kv_bytes_per_token(shape, f16, f16),
         "n_ctx": n_ctx,
+        "n_streams": n_streams,
         "allocated_bytes": at_ctx,
         "f16_allocated_bytes": f16_at_ctx,
         "saved_bytes": f16_at_ctx - at_ctx,

@@ -119,11 +119,14 @@ def export_kv_memory(
     n_ctx: int,
     *,
     n_ubatch: int,
+    n_streams: int = 1,
 ) -> None:
     """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
-    figures as the start-up banner and the status endpoint)."""
+    figures as the start-up banner and the status endpoint); ``n_streams``: the embedded slots."""
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
-    m = kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, n_ctx, n_ubatch=n_ubatch)
+    m = kv_memory_summary(
+        shape, kv.cache_type_k, kv.cache_type_v, n_ctx, n_ubatch=n_ubatch, n_streams=n_streams
+    )
     metrics.kv_bytes_per_token.labels(*labels).set(m["bytes_per_token"])
     metrics.kv_bytes.labels(*labels).set(m["allocated_bytes"])
     metrics.kv_f16_bytes.labels(*labels).set(m["f16_allocated_bytes"])

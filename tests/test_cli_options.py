@@ -11,7 +11,7 @@ from kvproxy.cli.options import default_text
 from kvproxy.config import Settings
 
 # settings that are tuning knobs of the shadow path or the status, set by environment variable only
-ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys"}
+ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "prefill_chunk"}
 
 
 def serve_params() -> dict[str, typer.core.click.Parameter]:

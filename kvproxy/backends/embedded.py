@@ -12,40 +12,27 @@ logprobs are computed from the one logits row llama.cpp keeps for the position j
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from kvproxy.backends.base import (
-    BackendError,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    KVConfig,
-    TextDelta,
-    TokenLogprob,
-    TopLogprob,
-)
+from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
+from kvproxy.backends.sequence import SequenceOutput
+from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
 from kvproxy.gguf_info import ModelInfo
-from kvproxy.kld import log_softmax
 from kvproxy.memory import ggml_type, llama_n_ubatch
-from kvproxy.textstream import StopTextAssembler
 
 log = logging.getLogger(__name__)
-
-_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 
 
 def bundled_model_path() -> Path:
@@ -86,12 +73,13 @@ class EmbeddedBackend:
         self._add_bos = True
         self._bos = -1
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
+        self._slots: SlotScheduler | None = None  # generation (set at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._llama is not None
+        return self._llama is not None and self._slots is not None
 
     @property
     def model_name(self) -> str:
@@ -128,7 +116,9 @@ class EmbeddedBackend:
         return self._template
 
     async def load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load_blocking)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_blocking)
+        await loop.run_in_executor(self._executor, self._start_slots)
 
     def _load_blocking(self) -> None:
         import llama_cpp
@@ -198,6 +188,9 @@ class EmbeddedBackend:
         )
 
     def close(self) -> None:
+        if self._slots is not None:  # the generation context goes before the model it uses
+            self._slots.close()
+            self._slots = None
         close_on(self._executor, self._llama)
         self._llama = None
 
@@ -239,14 +232,63 @@ class EmbeddedBackend:
             tokens.insert(0, self._bos)
         return tokens
 
-    # ---- generation -------------------------------------------------------------------------
+    # ---- generation (kvproxy.backends.slots) ---------------------------------------------------
+    # Generation has its own llama.cpp context, owned by the slot scheduler's thread; the model
+    # loaded above only lends it the weights. Nothing here touches how the model is loaded.
+
+    @property
+    def n_slots(self) -> int:
+        """Sequences decoded together (``--parallel``), each with its own ``n_ctx`` of KV cache."""
+        return self._settings.parallel
+
+    def slot_config(self) -> SlotConfig:
+        s = self._settings
+        return SlotConfig(
+            n_slots=s.parallel,
+            n_ctx=s.ctx_size,
+            n_batch=min(s.batch_size, s.ctx_size),
+            n_ubatch=self.n_ubatch,
+            prefill_chunk=s.prefill_chunk,
+            threads=s.threads,
+            flash_attn=s.flash_attn,
+            type_k=int(ggml_type(s.cache_type_k)),
+            type_v=int(ggml_type(s.cache_type_v)),
+            max_queue=s.max_queue,
+        )
+
+    def _start_slots(self) -> None:
+        """The generation context on the loaded weights, and the thread that decodes in it."""
+        llama = self._llama
+        slots = SlotScheduler(llama._model, self.slot_config(), int(llama.n_vocab()))
+        slots.start()
+        # Llama() made a context of its own that nothing uses now: free it, so that its KV cache and
+        # compute buffer (VRAM on a GPU) are not held twice. Tokenizing reads the model only.
+        llama._ctx.close()
+        self._slots = slots
+
+    def slots_status(self) -> dict[str, int]:
+        """How busy the slots are: for the status route."""
+        slots = self._slots
+        if slots is None:
+            return {"slots": self.n_slots, "busy": 0, "waiting": 0}
+        return {"slots": self.n_slots, "busy": slots.busy, "waiting": slots.waiting}
+
+    def is_end_of_generation(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        if self._llama is None:
+        """The request's events. Raises :class:`~kvproxy.backends.slots.QueueFull` at once when
+        ``--max-queue`` requests already wait, and :class:`~kvproxy.backends.slots.QueueTimeout`
+        when no slot came within ``--queue-timeout`` seconds (both before any event)."""
+        slots = self._slots
+        if slots is None:
             raise BackendError("model not loaded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         cancel = threading.Event()
+        admitted = asyncio.Event()
 
         def emit(event: GenerationEvent | BaseException) -> None:
             try:
@@ -254,103 +296,35 @@ class EmbeddedBackend:
             except RuntimeError:  # the event loop already closed (shutdown): nobody is listening
                 cancel.set()
 
-        self._executor.submit(self._generate_blocking, request, emit, cancel)
+        def on_admit() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(admitted.set)
+
+        entry = Entry(request, SequenceOutput(request, self, emit), cancel, on_admit)
+        slots.submit(entry)
         try:
+            deadline = self._settings.queue_timeout
+            if deadline > 0 and not admitted.is_set():
+                try:
+                    async with asyncio.timeout(deadline):
+                        await admitted.wait()
+                except TimeoutError:
+                    if slots.withdraw(entry):
+                        raise QueueTimeout(
+                            f"No slot became free within {deadline:g} s "
+                            f"({slots.busy} busy, {slots.waiting} waiting). Retry later.",
+                            slots.retry_after(),
+                        ) from None
             while True:
                 event = await events.get()
                 if isinstance(event, BaseException):
-                    raise BackendError(f"generation failed: {event}") from event
+                    raise event if isinstance(event, BackendError) else BackendError(
+                        f"generation failed: {event}"
+                    ) from event
                 yield event
                 if isinstance(event, Finished):
                     return
         finally:
-            cancel.set()  # the client left or the stream ended: stop the worker at the next token
-
-    def _generate_blocking(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> None:
-        try:
-            if cancel.is_set():  # the client left while this request was queued
-                return
-            emit(self._generate_tokens(request, emit, cancel))
-        except Exception as exc:  # reported to the waiting request, never lost in the executor
-            log.exception("embedded generation failed")
-            emit(exc)
-
-    def _generate_tokens(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> Finished:
-        import llama_cpp
-
-        llama = self._llama
-        sp = request.sampling
-        llama.set_seed(sp.seed & 0xFFFFFFFF if sp.seed is not None else _RANDOM_SEED)
-        assembler = StopTextAssembler(request.stop)
-        pending: list[TokenLogprob] = []
-        produced: list[int] = []
-        n_completion = 0
-        finish: str = "length"
-        n_vocab = llama.n_vocab()
-        # Prefill every request from scratch: reusing a cached prefix computes the last prompt
-        # position in a different batch shape, which can flip a near-tie at temperature 0. The same
-        # request must give the same bytes.
-        llama.reset()
-        tokens = llama.generate(
-            request.prompt_tokens,
-            top_k=sp.top_k,
-            top_p=sp.top_p,
-            min_p=sp.min_p,
-            typical_p=1.0,
-            temp=sp.temperature,
-            repeat_penalty=sp.repeat_penalty,
-            frequency_penalty=sp.frequency_penalty,
-            presence_penalty=sp.presence_penalty,
-            reset=True,
-        )
-        try:
-            for token in tokens:
-                if cancel.is_set():
-                    break
-                produced.append(token)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                n_completion += 1
-                if request.top_logprobs is not None:
-                    row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
-                    pending.append(self._token_logprob(row, token, request.top_logprobs))
-                text = assembler.push(self.piece(token))
-                if text or assembler.stopped:
-                    emit(TextDelta(text, tuple(pending)))
-                    pending = []
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-                if n_completion >= request.max_tokens:
-                    break
-        finally:
-            tokens.close()
-        tail = assembler.flush()
-        if tail or pending:
-            emit(TextDelta(tail, tuple(pending)))
-        return Finished(
-            finish_reason="stop" if finish == "stop" else "length",
-            prompt_tokens=len(request.prompt_tokens),
-            completion_tokens=n_completion,
-            token_ids=tuple(produced),
-        )
-
-    def _token_logprob(self, row: npt.NDArray[np.float32], token: int, n_top: int) -> TokenLogprob:
-        logprobs = log_softmax(row)
-        top: tuple[TopLogprob, ...] = ()
-        if n_top > 0:
-            idx = np.argpartition(logprobs, -n_top)[-n_top:]
-            idx = idx[np.argsort(-logprobs[idx], kind="stable")]
-            top = tuple(TopLogprob(int(i), self.piece(int(i)), float(logprobs[i])) for i in idx)
-        return TokenLogprob(token, self.piece(token), float(logprobs[token]), top)
+            # the client left or the stream ended: out of the queue, or stopped at the next token
+            cancel.set()
+            slots.withdraw(entry)

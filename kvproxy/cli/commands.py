@@ -58,6 +58,9 @@ def serve(
         int | None, typer.Option("--n-gpu-layers", "-ngl", help=setting_help("n_gpu_layers"))
     ] = None,
     score_path: Annotated[ScorePath | None, typer.Option(help=setting_help("score_path"))] = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", "-np", help=setting_help("parallel"))] = None,
+    max_queue: Annotated[int | None, typer.Option(help=setting_help("max_queue"))] = None,
+    queue_timeout: Annotated[float | None, typer.Option(help=setting_help("queue_timeout"))] = None,
     log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))

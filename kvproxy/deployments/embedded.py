@@ -42,10 +42,16 @@ class EmbeddedDeployment(DeploymentBase):
         export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
         for context, where in self.devices().items():
             metrics.context_device.labels(self.name, context, where.label).set(1)
-        for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
+        # the served context has one KV stream per slot; the scorer's reference context one
+        for role, kv, streams in (
+            ("primary", self.primary_kv, backend.n_slots),
+            ("reference", self.reference_kv, 1),
+        ):
             if kv is not None:
                 shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
-                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch)
+                export_kv_memory(
+                    metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch, n_streams=streams
+                )
 
     @property
     def ready(self) -> bool:
@@ -62,12 +68,20 @@ class EmbeddedDeployment(DeploymentBase):
         return {"primary": where, "scorer": where}
 
     def backend_status(self) -> dict[str, Any]:
-        return {"devices": {context: str(where) for context, where in self.devices().items()}}
+        return {
+            "devices": {context: str(where) for context, where in self.devices().items()},
+            "slots": self.backend.slots_status(),
+        }
 
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend
         return kv_memory_summary(
-            b.info.attention, b.kv.cache_type_k, b.kv.cache_type_v, b.n_ctx, n_ubatch=b.n_ubatch
+            b.info.attention,
+            b.kv.cache_type_k,
+            b.kv.cache_type_v,
+            b.n_ctx,
+            n_ubatch=b.n_ubatch,
+            n_streams=b.n_slots,
         )
 
     async def start(self) -> None:
