@@ -163,6 +163,12 @@ class Metrics:
             ("deployment", "role", "replica"),
             registry=registry,
         )
+        self.embedded_slots = Gauge(
+            "kvproxy_embedded_slots",
+            "Embedded server slots (--parallel) and requests: total slots, busy slots, requests waiting.",
+            ("deployment", "state"),
+            registry=registry,
+        )
         self.drift_state = Gauge(
             "kvproxy_drift_state",
             "Drift detector state: -1 warm-up, 0 ok, 1 warning, 2 drift.",

@@ -270,8 +270,8 @@ class EmbeddedBackend:
         """How busy the slots are: for the status route."""
         slots = self._slots
         if slots is None:
-            return {"slots": self.n_slots, "busy": 0, "waiting": 0}
-        return {"slots": self.n_slots, "busy": slots.busy, "waiting": slots.waiting}
+            return {"total": self.n_slots, "busy": 0, "waiting": 0}
+        return {"total": self.n_slots, "busy": slots.busy, "waiting": slots.waiting}
 
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
@@ -317,10 +317,10 @@ class EmbeddedBackend:
                         ) from None
             while True:
                 event = await events.get()
+                if isinstance(event, BackendError):  # a llama.cpp failure, or shutting down
+                    raise event
                 if isinstance(event, BaseException):
-                    raise event if isinstance(event, BackendError) else BackendError(
-                        f"generation failed: {event}"
-                    ) from event
+                    raise BackendError(f"generation failed: {event}") from event
                 yield event
                 if isinstance(event, Finished):
                     return

@@ -40,6 +40,10 @@ class EmbeddedDeployment(DeploymentBase):
     def _export(self, metrics: Metrics) -> None:
         backend = self.backend
         export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
+        for state in ("total", "busy", "waiting"):
+            metrics.embedded_slots.labels(self.name, state).set_function(
+                lambda state=state: float(backend.slots_status()[state])  # type: ignore[misc]
+            )
         for context, where in self.devices().items():
             metrics.context_device.labels(self.name, context, where.label).set(1)
         # the served context has one KV stream per slot; the scorer's reference context one
