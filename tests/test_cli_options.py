@@ -43,9 +43,16 @@ def test_the_readme_options_table_shows_the_settings_defaults() -> None:
         ("--batch-size", "512"),
         ("--shadow-queue-size", "64"),
         ("--score-path", "`decode`"),
+        ("--parallel", "| 1 |"),
+        ("--max-queue", "| 64 |"),
+        ("--queue-timeout", "| 60 |"),
     ):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}"))
         assert default in row, row
     assert Settings.model_fields["ctx_size"].default == 4096
     assert Settings.model_fields["batch_size"].default == 512
     assert Settings.model_fields["shadow_queue_size"].default == 64
+    assert Settings.model_fields["parallel"].default == 1
+    assert Settings.model_fields["max_queue"].default == 64
+    assert Settings.model_fields["queue_timeout"].default == 60
+    assert Settings.model_fields["prefill_chunk"].default == 128

@@ -124,7 +124,7 @@ def test_a_burst_leaves_rss_where_it_was_and_the_excess_gets_503() -> None:
     """Issue 20's finding 1: 300 concurrent 1-token chats took RSS from 437 MiB to 1,362, for good.
     Now: what waits is bounded by --max-queue, the rest get 503 with Retry-After in OpenAI's shape,
     and after the burst RSS is back within 100 MiB of its level before."""
-    max_queue = BURST * 2 // 3
+    max_queue = BURST // 3  # the rest are refused (in CI, 100 served: a 3 MiB leak each would show)
     with serving("--ctx-size", "1024", "--max-queue", str(max_queue), "--queue-timeout", "0") as server:
         figures = run_burst(server, BURST, idle=5)
         assert rss_mib(server.process.pid) - figures["rss_before_mib"] < 100
@@ -133,7 +133,7 @@ def test_a_burst_leaves_rss_where_it_was_and_the_excess_gets_503() -> None:
     assert set(statuses) <= {"200", "503"}, statuses
     assert statuses["200"] >= max_queue  # everything that could wait was answered
     refused = statuses.get("503", 0)
-    assert refused >= BURST // 6  # they all arrive within a second; one slot serves a few by then
+    assert refused >= BURST // 2  # they all arrive within a second; one slot serves a few by then
     assert figures["busy_with_retry_after"] == figures["busy_openai_shape"] == refused
     assert figures["busy_codes"] == ["server_busy"]
     assert figures["rss_growth_mib"] < 100

@@ -1,9 +1,11 @@
 """llama.cpp in process through llama-cpp-python: the zero-configuration default backend.
 
-One llama.cpp context is not thread-safe, so every call that touches it runs on one dedicated
-worker thread (a single-thread executor): concurrent requests queue there in arrival order while
-the event loop stays free. Tokens travel back to the event loop one by one, so streaming is live;
-a client that goes away sets a cancel flag the worker checks after every token.
+Loading (the model, its vocabulary and chat template) runs on one worker thread. Generation runs in
+a context of its own on the same weights, owned by the slot scheduler (kvproxy/backends/slots.py):
+``--parallel`` sequences decoded together, requests waiting for a slot in arrival order (at most
+``--max-queue``, each for at most ``--queue-timeout`` seconds). Tokens travel back to the event loop
+one by one, so streaming is live; a client that goes away sets a cancel flag the scheduler checks
+before every decode.
 
 ``logits_all`` stays off (for Gemma's 262,144-token vocabulary it would cost n_ctx MiB of float32):
 logprobs are computed from the one logits row llama.cpp keeps for the position just sampled.
