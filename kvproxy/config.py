@@ -40,6 +40,9 @@ class ScorePath(enum.StrEnum):
     PREFILL = "prefill"  # chunked replay: cheaper, and on CUDA it understates
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -79,7 +82,7 @@ class Settings(BaseSettings):
         description="How shadow scoring computes both sides: decode (one token a step, the numerics "
         "generation served) or prefill (chunked replay: cheaper, and it understates on CUDA).",
     )
-    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error, critical.")
     shadow_rate: float = Field(
         default=0.5,
         ge=0.0,
@@ -125,24 +128,53 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open client connections at most: at the cap a new one replaces the oldest still "
+        "waiting for its headers, else it gets 503 (/health is still answered).",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers (from connecting, or from "
+        "the previous response); then it is closed (408).",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a request has to send its body once its headers are in; then 408 and closed.",
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
     )
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         # KVPROXY_API_KEYS="k1,k2": split here (NoDecode keeps pydantic-settings from reading JSON)
         if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
+            keys = [k.strip() for k in value.split(",") if k.strip()]
+            if not keys:  # set but empty would leave /v1 open: refused like an empty --api-key
+                raise ValueError("KVPROXY_API_KEYS is set but holds no key; unset it to serve without keys")
+            return keys
         return value
 
     @field_validator("api_keys", "admin_token")
     @classmethod
     def _usable_secrets(cls, value: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
-        for secret in value if isinstance(value, list) else [value] if value else []:
+        # an empty SecretStr is falsy: test for None, or an empty token would pass as "no token"
+        for secret in value if isinstance(value, list) else [] if value is None else [value]:
             text = secret.get_secret_value()
             if not text or any(c.isspace() for c in text) or not text.isascii():
                 raise ValueError("keys and tokens must be non-empty printable ASCII without spaces")

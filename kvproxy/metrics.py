@@ -118,6 +118,19 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.connections_open = Gauge(
+            "kvproxy_connections_open",
+            "Open client connections (capped by --max-connections).",
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "kvproxy_connections_closed",
+            "Client connections the server closed on its own limits, by reason: header_timeout, "
+            "body_timeout, unread_body (answered before its body was in), evicted (the oldest waiting "
+            "for its headers, at the cap), over_cap (503 at the cap), refused (past the hard ceiling).",
+            ("reason",),
+            registry=registry,
+        )
         self.requests = Counter(
             "kvproxy_requests",
             "HTTP requests by route and status.",

@@ -198,3 +198,20 @@ def test_prompt_token_ids_outside_the_vocabulary_are_400(http: httpx.Client, ser
         assert_openai_error(resp, 400, param="prompt")
     ok = http.post("/v1/completions", json={"model": server.model, "prompt": [2, 1000], "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_score_route_refuses_ids_outside_the_vocabulary(http: httpx.Client) -> None:
+    """Issue 20, finding 3: ``check_ids`` at or past the vocabulary gave a 500 (an IndexError)."""
+    n_vocab = 262_144
+    good = {"prompt_tokens": [2, 651], "token_ids": [1000, 1001]}
+    for field, body in [
+        ("check_ids", {**good, "check_ids": [[5, n_vocab], [7]]}),
+        ("check_ids", {**good, "check_ids": [[10**12]]}),
+        ("prompt_tokens", {**good, "prompt_tokens": [2, n_vocab]}),
+        ("token_ids", {**good, "token_ids": [1000, n_vocab + 5]}),
+    ]:
+        resp = http.post("/kvproxy/v1/score", json=body)
+        assert_openai_error(resp, 400, param=field, contains="outside the vocabulary")
+    ok = http.post("/kvproxy/v1/score", json={**good, "check_ids": [[5, n_vocab - 1], [7]]})
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["check_logprobs"]) == 2

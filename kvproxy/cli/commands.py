@@ -18,6 +18,7 @@ from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli.banner import describe_proxy, describe_startup
+from kvproxy.cli.listen import listen
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
 from kvproxy.cli.proxy import proxy_deployments
 from kvproxy.cli.server import run
@@ -91,6 +92,9 @@ def serve(
     ] = None,
     admin_token: Annotated[str | None, typer.Option(help=setting_help("admin_token"))] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help=setting_help("max_body_bytes"))] = None,
+    max_connections: Annotated[int | None, typer.Option(help=setting_help("max_connections"))] = None,
+    header_timeout: Annotated[float | None, typer.Option(help=setting_help("header_timeout"))] = None,
+    body_timeout: Annotated[float | None, typer.Option(help=setting_help("body_timeout"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
@@ -104,6 +108,8 @@ def serve(
     settings = load_settings(**given, api_keys=api_key or None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    # the ports first: one that cannot be had stops start-up before a model loads (exit 2)
+    sockets, metrics_sockets = listen(settings.host, settings.port, settings.metrics_port)
     metrics = default_metrics()
     deployments: list[Deployment]
     if config_file is not None or primary is not None:
@@ -113,7 +119,7 @@ def serve(
         if reference is not None:
             raise fail("--reference needs --primary (the embedded default scores in process)")
         deployments = [_embedded(settings, metrics)]
-    run(settings, deployments, metrics)
+    run(settings, deployments, metrics, sockets, metrics_sockets)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
