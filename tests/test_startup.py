@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -71,8 +72,61 @@ def test_quantized_v_without_flash_attention_is_refused() -> None:
 )
 def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict[str, str], message: str) -> None:
     result = run_cli("serve", *args, env=env)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert_startup_failure(result, message)
+
+
+def assert_startup_failure(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit 2, and one line on stderr that names the cause: no traceback (issue 20)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvproxy: error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--log-level", "bogus"], {}, "unknown log level 'bogus'"),
+        ([], {"KVPROXY_LOG_LEVEL": "verbose"}, "unknown log level 'verbose'"),
+        (["--admin-token", ""], {}, "admin_token"),
+        ([], {"KVPROXY_ADMIN_TOKEN": ""}, "admin_token"),
+        (["--api-key", ""], {}, "api_keys"),
+        ([], {"KVPROXY_API_KEYS": " , "}, "KVPROXY_API_KEYS is set but holds no key"),
+        (["--host", "no-such-host.invalid", "--port", "0"], {}, "cannot resolve 'no-such-host.invalid'"),
+        (["--port", "8123", "--metrics-port", "8123"], {}, "--metrics-port 8123 is --port too"),
+        (["--port", "0", "--max-connections", "999999999"], {}, "open-file limit"),
+    ],
+)
+def test_startup_failures_exit_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    """Issue 20, findings 6, 7 and 9."""
+    result = run_cli("serve", *args, env=env)
+    assert_startup_failure(result, message)
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    """Issue 20, finding 6: a second instance on a port exited 3 with an AttributeError; a taken
+    --metrics-port exited 1 with an OSError traceback. Both are refused before the model loads."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        start = time.monotonic()
+        result = run_cli("serve", "--port", port)
+        assert_startup_failure(
+            result, f"cannot listen on 127.0.0.1:{port} (--host/--port): the address is already in use"
+        )
+        result = run_cli("serve", "--port", "0", "--metrics-port", port)
+        assert_startup_failure(result, f"127.0.0.1:{port} (--metrics-port): the address is already in use")
+        assert time.monotonic() - start < 30  # before any model is loaded
+        assert "model " not in result.stdout  # nor its banner printed
+
+
+def test_gguf_files_that_are_not_models_exit_2_with_the_reason(tmp_path: Path) -> None:
+    """Issue 20, finding 8."""
+    from tests.test_gguf_info import bad_ggufs
+
+    for path, reason in bad_ggufs(tmp_path).values():
+        assert_startup_failure(run_cli("serve", "--port", "0", "--model", str(path)), reason)
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ defaults are also the flags' help (kvproxy.cli.options).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol, cast
 
 import typer
 
@@ -133,7 +134,9 @@ def backend(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if not any(a == "--shadow-rate" or a.startswith("--shadow-rate=") for a in args):
         args = ["--shadow-rate", "0", *args]
-    app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    code = app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    if isinstance(code, int) and code:  # serve's exit code (not standalone: returned, not raised)
+        raise typer.Exit(code)
 
 
 def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
@@ -155,4 +158,33 @@ def version() -> None:
 
 
 def main() -> None:
-    app(prog_name="kvproxy")
+    """The console script: a usage error (an unknown flag, a value a flag cannot take) is one line
+    and exit 2, like every other start-up failure (kvproxy.cli.options.fail)."""
+    try:
+        code = app(prog_name="kvproxy", standalone_mode=False)
+    except _CLICK_EXCEPTION as raised:
+        exc = cast(_ClickException, raised)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `kvproxy`: the help
+            exc.show()
+        else:
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"kvproxy: error: {message} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+class _ClickException(Protocol):
+    exit_code: int
+
+    def show(self) -> None: ...
+
+    def format_message(self) -> str: ...
+
+
+# the click that typer runs on (typer vendors its own in recent releases): its usage errors' base
+_CLICK_EXCEPTION: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
