@@ -8,6 +8,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from kvproxy.access import key_owner
 from kvproxy.errors import OpenAIError
 from kvproxy.protocol import (
     ChatCompletion,
@@ -70,7 +71,7 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     if not _keeps_token_scores(request):
         return await handle(raw, body, shadow)
     store: TokenScoreStore = request.app.state.token_scores
-    return await store.serve(lambda: handle(raw, body, shadow))
+    return await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
 
 
 def _keeps_token_scores(request: Request) -> bool:
