@@ -215,3 +215,25 @@ def test_a_failed_load_is_reported_not_hidden(gemma_path: Path) -> None:
         assert health.json()["error"]["code"] == "model_load_failed"
         chat = http.post("/v1/chat/completions", json={"model": "Gemma 3 270m", "messages": MSG})
         assert chat.status_code == 500 and "injected load failure" in chat.json()["error"]["message"]
+
+
+def test_a_model_llama_cpp_cannot_load_exits_2_with_one_error_line(tmp_path: Path) -> None:
+    """A GGUF whose header is a model's but that has no weights: llama.cpp fails to load it after the
+    server started (it exited 1, and the cause was logged twice). And one whose head size does not
+    fill the KV type's blocks, refused before loading (it was a ValueError traceback)."""
+    from tests.test_gguf_info import write_bad_gguf
+
+    hollow = write_bad_gguf(
+        tmp_path / "hollow.gguf", "llama", block_count=2, embedding_length=256, attention__head_count=4
+    )
+    result = run_cli("serve", "--port", "0", "--model", str(hollow))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+    assert errors == [f"kvproxy: error: the model failed to load: Failed to load model from file: {hollow}"]
+    narrow = write_bad_gguf(
+        tmp_path / "narrow.gguf", "llama", block_count=2, embedding_length=64, attention__head_count=4
+    )
+    result = run_cli("serve", "--port", "0", "--model", str(narrow))
+    assert_startup_failure(
+        result, "its KV cache cannot be q4_0/q4_0: 16 values do not fill whole q4_0 blocks"
+    )

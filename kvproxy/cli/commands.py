@@ -144,7 +144,13 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
         info = read_model_info(resolve_model_path(settings.model))
     except ValueError as exc:
         raise fail(str(exc)) from None
-    typer.echo(describe_startup(settings, info))
+    try:
+        banner = describe_startup(settings, info)
+    except ValueError as exc:  # e.g. a head size that does not fill the KV type's blocks
+        raise fail(
+            f"{info.path.name}: its KV cache cannot be {settings.cache_type_k}/{settings.cache_type_v}: {exc}"
+        ) from None
+    typer.echo(banner)
     return embedded_deployment(settings, info, metrics=metrics)
 
 
