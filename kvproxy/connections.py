@@ -251,8 +251,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.table.waiting.pop(self, None)
         self._cancel_deadline()
         self._message_complete = False
-        if not self._tracked:  # closed (evicted) while this read was parsed
-            return
         if self._over:
             app = self.app
             self.app = _over_cap(app, self.table)
@@ -262,6 +260,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.app = app
         else:
             super().on_headers_complete()
+        if not self.pipeline:  # a pipelined request's body is read (and timed) once it starts
+            self._receive_body()
+
+    def _receive_body(self) -> None:
+        """The running request's body is still to come: evictable, and on the body deadline."""
         if not self._message_complete and self._tracked:
             self.table.receiving[self] = None
             self._arm(self.table.limits.body_timeout, self._body_late)
@@ -273,14 +276,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        if not self._message_complete and not self.transport.is_closing():
+        pipelined = bool(self.pipeline)  # else the request answered is the last one parsed
+        if not pipelined and not self._message_complete and not self.transport.is_closing():
             # answered before its body was all in: the rest is not wanted, and reading it would let
             # a slow body keep the connection
             self.close_guarded("unread_body")
         super().on_response_complete()
+        if self.transport.is_closing() or not self._tracked:
+            return
         if self._over:
             self.transport.close()
-        elif self._tracked and self.timeout_keep_alive_task is not None and not self.transport.is_closing():
+        elif pipelined:
+            self._receive_body()  # the pipelined request that starts now
+        elif self.timeout_keep_alive_task is not None:
             self._await_request()  # idle: the next request's headers are on the deadline again
 
 

@@ -122,6 +122,24 @@ def test_header_and_body_deadlines() -> None:
     assert sorted(set(closed)) == ["body_timeout", "header_timeout", "unread_body"]
 
 
+def test_a_pipelined_request_is_timed_from_when_it_starts() -> None:
+    """Its body is not read while the request before it runs (uvicorn pauses reading), so its
+    deadline starts with it: the long first answer is not cut, the slow second body still is."""
+    limits = ConnectionLimits(max_connections=50, ceiling=60, header_timeout=1.0, body_timeout=1.5)
+    with guarded_server(limits) as (port, closed):
+        sock = _connect(port)
+        sock.sendall(
+            b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+        )
+        t0 = time.monotonic()
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\n\r\nok" in answer, answer[:200]
+        assert answer.count(b"HTTP/1.1 408 ") == 1
+        assert 3 + 1.4 < time.monotonic() - t0 < 8
+    assert closed == ["body_timeout"]
+
+
 def test_the_cap_evicts_slow_senders_then_refuses_with_503() -> None:
     limits = ConnectionLimits(max_connections=4, ceiling=6, header_timeout=30, body_timeout=30)
     with guarded_server(limits) as (port, closed):
