@@ -2,9 +2,9 @@
 
 Three kinds of route:
 
-* serving (``/v1/*``; a scoring server's ``/kvproxy/v1/score`` and ``/info``, which carry prompt
-  tokens; ``/kvproxy/v1/scores/{id}``, the per-token scores of a client's own response, kept at its
-  request): any of the API keys, when keys are configured;
+* serving (``/v1/*`` and its unprefixed aliases; a scoring server's ``/kvproxy/v1/score`` and
+  ``/info``, which carry prompt tokens; ``/kvproxy/v1/scores/{id}``, the per-token scores of a
+  client's own response, kept at its request): any of the API keys, when keys are configured;
 * admin (the rest of ``/kvproxy/*``, and ``/metrics``): the admin token, when one is configured.
   An API key does not open them: a client's key should not read the fleet's metrics, and a
   Prometheus token should not buy completions;
@@ -26,6 +26,9 @@ from typing import Any
 from kvproxy.errors import OpenAIError, error_response
 
 SCORING_ROUTES = frozenset({"/kvproxy/v1/score", "/kvproxy/v1/info"})
+# the OpenAI routes without their /v1 prefix, as llama-server serves them (kvproxy.api.openai)
+OPENAI_ALIASES = ("/chat/completions", "/completions", "/responses", "/models", "/embeddings")
+_UNDER_ALIASES = tuple(a + "/" for a in OPENAI_ALIASES)
 
 
 class RouteKind(enum.Enum):
@@ -36,6 +39,8 @@ class RouteKind(enum.Enum):
 
 def route_kind(path: str) -> RouteKind:
     if path.startswith(("/v1/", "/kvproxy/v1/scores/")) or path == "/v1" or path in SCORING_ROUTES:
+        return RouteKind.SERVING
+    if path in OPENAI_ALIASES or path.startswith(_UNDER_ALIASES):
         return RouteKind.SERVING
     if path.startswith("/kvproxy/") or path == "/metrics":
         return RouteKind.ADMIN

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -41,6 +42,13 @@ class ScorePath(enum.StrEnum):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The completion limit of a request that sets none. OpenAI's models stop long before a context of
+# thousands of tokens is full; llama.cpp goes on to the end of the context, which is minutes of
+# generation for a client waiting on its default timeout (measured: 4,086 tokens in 84 s on 2 cores,
+# past llama-index's 60 s). 1,024 tokens is a long answer (about 750 English words) and about 20 s on
+# that machine; clients that want more say so (max_tokens, max_completion_tokens, max_output_tokens).
+DEFAULT_MAX_TOKENS = 1024
 
 
 def default_threads() -> int:
@@ -145,10 +153,26 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a request has to send its body once its headers are in; then 408 and closed.",
     )
+    max_tokens_default: int = Field(
+        default=DEFAULT_MAX_TOKENS,
+        ge=0,
+        description="Completion limit (tokens) of requests that set none (no max_tokens, "
+        "max_completion_tokens or max_output_tokens); 0: up to the end of the context.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port], or *) allowed to call the serving routes "
+        "across origins; none: CORS off. The admin routes are never opened. Comma-separated in the env.",
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
+    )
+    probe: bool = Field(
+        default=True,
+        description="Before serving, load the model in a child process and generate and score there: "
+        "a model llama.cpp would abort on stops start-up (exit 2) instead of the server.",
     )
 
     @field_validator("log_level")
@@ -169,6 +193,22 @@ class Settings(BaseSettings):
                 raise ValueError("KVPROXY_API_KEYS is set but holds no key; unset it to serve without keys")
             return keys
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = [o.rstrip("/") for o in value]
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] (or *)")
+        return origins
 
     @field_validator("api_keys", "admin_token")
     @classmethod

@@ -247,6 +247,13 @@ class Metrics:
             kv,
             registry=registry,
         )
+        self.recurrent_bytes = Gauge(
+            "kvproxy_recurrent_state_bytes",
+            "Recurrent-state bytes of a hybrid model (f32, one state per sequence; not KV, not "
+            "changed by the KV types, not in the saving ratio).",
+            ("deployment", "role"),
+            registry=registry,
+        )
 
     def observe_scores(
         self, labels: dict[str, str], scores: PositionScores, positions: Iterable[int]

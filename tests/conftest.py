@@ -62,7 +62,9 @@ def start_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        # the start-up probe (a child that loads the model once more, ~7 s) is off unless a test asks
+        # for it with --probe: tests/test_model_faults.py and tests/test_architectures.py do
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "KVPROXY_PROBE": "0", **(env or {})},
         preexec_fn=limit_files if file_limit is not None else None,
     )
     output: list[str] = []

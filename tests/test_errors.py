@@ -9,8 +9,11 @@ import openai
 import pytest
 
 from tests.conftest import RunningServer
-
-MSG = [{"role": "user", "content": "Hi"}]
+from tests.error_cases import (
+    MSG,
+    SCHEMA_VIOLATIONS,
+    UNHONOURED,
+)
 
 
 def assert_openai_error(
@@ -59,21 +62,7 @@ def test_invalid_json_is_400(http: httpx.Client) -> None:
     assert resp.status_code == 400
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "contains"),
-    [
-        ({"model": None, "messages": MSG}, "model", "Field required"),
-        ({"messages": None}, "messages", "Field required"),
-        ({"messages": []}, "messages", "at least 1"),
-        ({"messages": MSG, "temperature": 5}, "temperature", "less than or equal to 2"),
-        ({"messages": MSG, "max_tokens": "many"}, "max_tokens", "integer"),
-        ({"messages": MSG, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs", "20"),
-        ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
-        ({"messages": MSG, "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
-    ],
-)
+@pytest.mark.parametrize(("body", "param", "contains"), SCHEMA_VIOLATIONS)
 def test_schema_violations_are_400(
     http: httpx.Client, server: RunningServer, body: dict[str, Any], param: str, contains: str
 ) -> None:
@@ -83,22 +72,7 @@ def test_schema_violations_are_400(
     assert_openai_error(resp, 400, param=param, contains=contains)
 
 
-@pytest.mark.parametrize(
-    ("extra", "param", "contains"),
-    [
-        ({"n": 2}, "n", "n > 1 is not supported"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            "tools",
-            "tools is not supported",
-        ),
-        ({"tool_choice": "required"}, "tool_choice", "not supported"),
-        ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
-        ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
-    ],
-)
+@pytest.mark.parametrize(("extra", "param", "contains"), UNHONOURED)
 def test_parameters_that_cannot_be_honoured_are_400(
     http: httpx.Client, server: RunningServer, extra: dict[str, Any], param: str | None, contains: str
 ) -> None:

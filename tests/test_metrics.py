@@ -83,6 +83,7 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
         "cache_type_v": "q4_0",
         "reference_type": "f16",
         "estimator": "exact",
+        "score_path": "decode",
     }
     tokens = status["shadow"]["scored_tokens"]
     assert tokens >= 40

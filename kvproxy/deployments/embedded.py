@@ -45,7 +45,8 @@ class EmbeddedDeployment(DeploymentBase):
         for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
             if kv is not None:
                 shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
-                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch)
+                fa = backend.flash_attn
+                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch, flash_attn=fa)
 
     @property
     def ready(self) -> bool:
@@ -67,7 +68,12 @@ class EmbeddedDeployment(DeploymentBase):
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend
         return kv_memory_summary(
-            b.info.attention, b.kv.cache_type_k, b.kv.cache_type_v, b.n_ctx, n_ubatch=b.n_ubatch
+            b.info.attention,
+            b.kv.cache_type_k,
+            b.kv.cache_type_v,
+            b.n_ctx,
+            n_ubatch=b.n_ubatch,
+            flash_attn=b.flash_attn,
         )
 
     async def start(self) -> None:

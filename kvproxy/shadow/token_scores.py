@@ -167,9 +167,13 @@ class TokenScoreStore:
 
 
 def _response_id(body: bytes) -> str | None:
+    """A response's ``id``: at the top of a completion or a chunk, inside ``response`` for the
+    Responses API's object's first event (``response.created``)."""
     try:
         data = orjson.loads(body)
     except ValueError:
         return None
+    if isinstance(data, dict) and isinstance(data.get("response"), dict):
+        data = data["response"]
     rid = data.get("id") if isinstance(data, dict) else None
     return rid if isinstance(rid, str) and rid else None
