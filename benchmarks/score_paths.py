@@ -28,12 +28,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvproxy  # noqa: F401, I001  (first: llama.cpp before numpy, see kvproxy/__init__.py)
-import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.calibrate import parse_config
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
+from tests.test_perplexity_agreement import read_base_tokens
 
 N_CTX = 512
 UB = {"prefill": "512", "decode": "1"}
@@ -57,15 +57,6 @@ def parse(out: str) -> dict[str, float]:
         "error": float(mean.group(2)),
         "same_top": float(same.group(1)) / 100,
     }
-
-
-def read_base_tokens(path: Path) -> tuple[int, int, np.ndarray[Any, Any]]:
-    with path.open("rb") as f:
-        assert f.read(8) == b"_logits_"
-        n_ctx = int(np.frombuffer(f.read(4), dtype=np.uint32)[0])
-        _n_vocab, n_chunk = (int(x) for x in np.frombuffer(f.read(8), dtype=np.int32))
-        tokens = np.frombuffer(f.read(4 * n_ctx * n_chunk), dtype=np.int32)
-    return n_ctx, n_chunk, tokens
 
 
 def kv_args(kv: KVConfig) -> list[str]:

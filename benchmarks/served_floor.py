@@ -38,6 +38,7 @@ import httpx
 import numpy as np
 
 from kvproxy.backends.embedded import bundled_model_path
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores
 from kvproxy.shadow.job import PrimaryReport
@@ -75,13 +76,14 @@ async def complete(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) 
 
 
 async def case(
-    primary_url: str, f16_url: str, scorer_url: str, load: int, n: int, tokens: int
+    primary_url: str, f16_url: str, scorer_url: str, load: int, n: int, tokens: int, one_call: bool
 ) -> dict[str, Any]:
     t = Timeouts()
     primary, f16, scorer = (ReplicaPool([u], t) for u in (primary_url, f16_url, scorer_url))
     info = await probe_score_route(scorer)
     assert info is not None, "the scoring server did not answer /kvproxy/v1/info"
-    exact_ref = ScoreRouteReference(scorer, info)
+    # the replay cuts the prompt as llama-server (its defaults, started below) did, unless asked not to
+    exact_ref = ScoreRouteReference(scorer, info, prompt_fill=None if one_call else PromptFill())
     topk_ref = LlamaServerReference(f16, top_k=TOP_K)
     texts = prompts(n)
     async with httpx.AsyncClient(timeout=600) as http:
@@ -127,6 +129,11 @@ def main() -> None:
     parser.add_argument("--configs", default="q4_0,q8_0,f16")
     parser.add_argument("--slots", type=int, default=8, help="the primary llama-server's -np")
     parser.add_argument("--loads", default="1,8", help="streams at once, comma-separated")
+    parser.add_argument(
+        "--one-call-replay",
+        action="store_true",
+        help="replay the prompt in one call instead of llama-server's checkpoint cuts (to show the gap)",
+    )
     args = parser.parse_args()
     model = args.model or bundled_model_path()
     ngl = ["-ngl", str(args.n_gpu_layers)]
@@ -147,7 +154,15 @@ def main() -> None:
             ) as (primary, f16):
                 for load in (int(x) for x in args.loads.split(",")):
                     row = asyncio.run(
-                        case(primary.url, f16.url, backend.base_url, load, args.requests, args.tokens)
+                        case(
+                            primary.url,
+                            f16.url,
+                            backend.base_url,
+                            load,
+                            args.requests,
+                            args.tokens,
+                            args.one_call_replay,
+                        )
                     )
                     row["config"], row["slots"] = kv, args.slots
                     rows.append(row)

@@ -2,9 +2,9 @@
 
 Three kinds of route:
 
-* serving (``/v1/*``; a scoring server's ``/kvproxy/v1/score`` and ``/info``, which carry prompt
-  tokens; ``/kvproxy/v1/scores/{id}``, the per-token scores of a client's own response, kept at its
-  request): any of the API keys, when keys are configured;
+* serving (``/v1/*`` and its unprefixed aliases; a scoring server's ``/kvproxy/v1/score`` and
+  ``/info``, which carry prompt tokens; ``/kvproxy/v1/scores/{id}``, the per-token scores of a
+  client's own response, kept at its request): any of the API keys, when keys are configured;
 * admin (the rest of ``/kvproxy/*``, and ``/metrics``): the admin token, when one is configured.
   An API key does not open them: a client's key should not read the fleet's metrics, and a
   Prometheus token should not buy completions;
@@ -26,6 +26,9 @@ from typing import Any
 from kvproxy.errors import OpenAIError, error_response
 
 SCORING_ROUTES = frozenset({"/kvproxy/v1/score", "/kvproxy/v1/info"})
+# the OpenAI routes without their /v1 prefix, as llama-server serves them (kvproxy.api.openai)
+OPENAI_ALIASES = ("/chat/completions", "/completions", "/responses", "/models", "/embeddings")
+_UNDER_ALIASES = tuple(a + "/" for a in OPENAI_ALIASES)
 
 
 class RouteKind(enum.Enum):
@@ -36,6 +39,8 @@ class RouteKind(enum.Enum):
 
 def route_kind(path: str) -> RouteKind:
     if path.startswith(("/v1/", "/kvproxy/v1/scores/")) or path == "/v1" or path in SCORING_ROUTES:
+        return RouteKind.SERVING
+    if path in OPENAI_ALIASES or path.startswith(_UNDER_ALIASES):
         return RouteKind.SERVING
     if path.startswith("/kvproxy/") or path == "/metrics":
         return RouteKind.ADMIN
@@ -56,11 +61,25 @@ class KeySet:
         return bool(self._digests)
 
     def matches(self, presented: bytes) -> bool:
+        return self.match(presented) is not None
+
+    def match(self, presented: bytes) -> bytes | None:
+        """The digest of the key matched (who the caller is, never the key), or None."""
         given = _digest(presented)
         found = False
         for d in self._digests:  # no early exit: every key is compared every time
             found |= hmac.compare_digest(given, d)
-        return found
+        return given if found else None
+
+
+def key_owner(scope: Any) -> bytes | None:
+    """Which API key the request came with (its digest), as AccessControl noted it; None when the
+    serving routes are open. Kept per-token scores belong to it (kvproxy.shadow.token_scores)."""
+    owner: bytes | None = (scope.get("state") or {}).get(_OWNER)
+    return owner
+
+
+_OWNER = "kvproxy_api_key_digest"
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -103,10 +122,13 @@ class AccessControl:
             keys = self.keys.get(kind)
             if keys:
                 token = bearer_token(scope["headers"])
-                if token is None or not keys.matches(token):
+                owner = keys.match(token) if token is not None else None
+                if owner is None:
                     err = refusal(kind, presented=token is not None)
                     response = error_response(err)
                     response.headers["www-authenticate"] = "Bearer"
                     await response(scope, receive, send)
                     return
+                if kind is RouteKind.SERVING:
+                    scope.setdefault("state", {})[_OWNER] = owner
         await self.app(scope, receive, send)

@@ -22,14 +22,17 @@ from kvproxy import __version__
 from kvproxy.access import AccessControl, KeySet
 from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
-from kvproxy.api.openai import CHAT, COMPLETIONS
+from kvproxy.api.openai import GENERATION_ROUTES
 from kvproxy.body_limit import BodyLimit
+from kvproxy.config import DEFAULT_MAX_TOKENS
+from kvproxy.cors import CORS
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import install_error_handlers
 from kvproxy.gpu import GpuCollector, GpuMonitor
 from kvproxy.metrics import Metrics, RequestMetricsMiddleware
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
+from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 
@@ -67,6 +70,8 @@ def create_app(
     admin_token: str | None = None,
     max_body_bytes: int = 4 * 2**20,
     drain_timeout: float = 30.0,
+    max_tokens_default: int = DEFAULT_MAX_TOKENS,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the ASGI app; its lifespan starts (loads) and stops every deployment.
 
@@ -75,13 +80,15 @@ def create_app(
     process collector (RSS, CPU, open files). ``gpu``: the NVML monitor (a test passes one with its
     own reader); its readings are exported on the same registry. ``api_keys`` guard the serving routes,
     ``admin_token`` the status and metrics routes (kvproxy.access); none given: open.
+    ``max_tokens_default`` limits requests that set no limit (0: the context's room). ``cors_origins``
+    opens the serving routes to browsers on those origins (kvproxy.cors); none: CORS off.
 
     On shutdown, queued and running shadow jobs get until ``app.state.drain_deadline`` (set by the
     server when SIGTERM arrives; else ``drain_timeout`` from the start of shutdown) to finish; what
     is left is counted as dropped, and both counts are logged.
     """
     deps = deployments if isinstance(deployments, list) else [deployments]
-    router = Router(deps)
+    router = Router(deps, max_tokens_default=max_tokens_default)
     metrics = metrics or default_metrics()
     gpu = gpu or GpuMonitor()
     metrics.registry.register(GpuCollector(gpu.latest))
@@ -90,9 +97,10 @@ def create_app(
         try:
             await d.start()
         except Exception as exc:
-            log.error("starting deployment %s failed: %s", d.name, exc)
-            if on_load_failed is not None:
+            if on_load_failed is not None:  # the CLI says it, in the one line a start-up failure gets
                 on_load_failed(exc)
+            else:
+                log.error("starting deployment %s failed: %s", d.name, exc)
             raise
 
     async def start_all() -> None:
@@ -116,12 +124,17 @@ def create_app(
                 d.close()
 
     app = KVProxyApp(title="kvproxy", version=__version__, lifespan=lifespan)
+    hot = {*GENERATION_ROUTES, *(p.removeprefix("/v1") for p in GENERATION_ROUTES)}  # and their aliases
     hot_routes = {
-        r.path: r for r in openai.router.routes if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)
+        r.path: r
+        for r in [*openai.router.routes, *openai.aliases.routes]
+        if isinstance(r, APIRoute) and r.path in hot and "POST" in (r.methods or ())
     }
-    assert len(hot_routes) == 2, hot_routes  # the fast path answers exactly the routes declared
+    assert len(hot_routes) == len(hot), hot_routes  # the fast path answers exactly the routes declared
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
+    if cors_origins:  # preflights are answered before the API-key check (they carry no key)
+        app.front.append((CORS, {"origins": list(cors_origins)}))
     if api_keys or admin_token:  # refused before the body is read or limited
         keys = {"api_keys": KeySet(api_keys), "admin_token": KeySet([admin_token])}
         app.front.append((AccessControl, keys))
@@ -135,6 +148,7 @@ def create_app(
     app.state.token_scores = TokenScoreStore()  # per-token scores kept on request (opt-in header)
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(openai.aliases)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(admin.metrics_router)
@@ -187,7 +201,7 @@ def _document_request_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = default()
             _, defs = models_json_schema(
-                [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+                [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest, ResponsesRequest)],
                 ref_template="#/components/schemas/{model}",
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))

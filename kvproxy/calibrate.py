@@ -43,19 +43,20 @@ def parse_config(spec: str) -> KVConfig:
 
 
 def text_chunks(
-    blocks: Iterable[str], tokenize: Callable[[str], list[int]], ctx_size: int, bos: int
+    blocks: Iterable[str], tokenize: Callable[[str], list[int]], ctx_size: int, bos: int | None
 ) -> Iterator[list[int]]:
     """Chunks of ``ctx_size`` tokens from text arriving block by block; each starts with BOS.
 
     The same cut as llama-perplexity: the whole text tokenized after one BOS, split every
-    ``ctx_size`` tokens, and each chunk's first token replaced by BOS.
+    ``ctx_size`` tokens, and each chunk's first token replaced by BOS. A vocabulary that adds no
+    BOS (``bos`` None; llama-perplexity checks ``llama_vocab_get_add_bos``) gets the text as it is.
     """
-    pending: list[int] = [bos]
+    pending: list[int] = [bos] if bos is not None else []
     for block in blocks:
         pending.extend(tokenize(block))
         while len(pending) >= ctx_size:
             chunk, pending = pending[:ctx_size], pending[ctx_size:]
-            yield [bos, *chunk[1:]]
+            yield [bos, *chunk[1:]] if bos is not None else chunk
 
 
 def read_blocks(path: Path, size: int = 1 << 16) -> Iterator[str]:
@@ -302,8 +303,10 @@ def sweep(
     def tokenize(text: str) -> list[int]:
         return list(llm.tokenize(text.encode(), add_bos=False, special=False))
 
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and llm.token_bos() >= 0
     try:
-        for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos()):
+        for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos() if adds_bos else None):
             if max_chunks is not None and n >= max_chunks:
                 break
             for scorer, tracker, means, spread in zip(scorers, trackers, chunk_means, spreads, strict=True):

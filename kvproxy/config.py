@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -38,6 +39,16 @@ class ScorePath(enum.StrEnum):
 
     DECODE = "decode"  # one token a step: what generation served
     PREFILL = "prefill"  # chunked replay: cheaper, and on CUDA it understates
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The completion limit of a request that sets none. OpenAI's models stop long before a context of
+# thousands of tokens is full; llama.cpp goes on to the end of the context, which is minutes of
+# generation for a client waiting on its default timeout (measured: 4,086 tokens in 84 s on 2 cores,
+# past llama-index's 60 s). 1,024 tokens is a long answer (about 750 English words) and about 20 s on
+# that machine; clients that want more say so (max_tokens, max_completion_tokens, max_output_tokens).
+DEFAULT_MAX_TOKENS = 1024
 
 
 def default_threads() -> int:
@@ -103,7 +114,7 @@ class Settings(BaseSettings):
         description="Embedded, with --parallel above 1: prompt tokens per batch while other slots "
         "generate (a long prompt then delays their tokens by one such chunk at a time).",
     )
-    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error, critical.")
     shadow_rate: float = Field(
         default=0.5,
         ge=0.0,
@@ -149,24 +160,85 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open client connections at most: at the cap a new one replaces the oldest still "
+        "waiting for its headers, else it gets 503 (/health is still answered).",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers (from connecting, or from "
+        "the previous response); then it is closed (408).",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a request has to send its body once its headers are in; then 408 and closed.",
+    )
+    max_tokens_default: int = Field(
+        default=DEFAULT_MAX_TOKENS,
+        ge=0,
+        description="Completion limit (tokens) of requests that set none (no max_tokens, "
+        "max_completion_tokens or max_output_tokens); 0: up to the end of the context.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port], or *) allowed to call the serving routes "
+        "across origins; none: CORS off. The admin routes are never opened. Comma-separated in the env.",
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
     )
+    probe: bool = Field(
+        default=True,
+        description="Before serving, load the model in a child process and generate and score there: "
+        "a model llama.cpp would abort on stops start-up (exit 2) instead of the server.",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         # KVPROXY_API_KEYS="k1,k2": split here (NoDecode keeps pydantic-settings from reading JSON)
         if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
+            keys = [k.strip() for k in value.split(",") if k.strip()]
+            if not keys:  # set but empty would leave /v1 open: refused like an empty --api-key
+                raise ValueError("KVPROXY_API_KEYS is set but holds no key; unset it to serve without keys")
+            return keys
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = [o.rstrip("/") for o in value]
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] (or *)")
+        return origins
 
     @field_validator("api_keys", "admin_token")
     @classmethod
     def _usable_secrets(cls, value: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
-        for secret in value if isinstance(value, list) else [value] if value else []:
+        # an empty SecretStr is falsy: test for None, or an empty token would pass as "no token"
+        for secret in value if isinstance(value, list) else [] if value is None else [value]:
             text = secret.get_secret_value()
             if not text or any(c.isspace() for c in text) or not text.isascii():
                 raise ValueError("keys and tokens must be non-empty printable ASCII without spaces")

@@ -48,6 +48,15 @@ def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+def unknown_route(method: str, path: str) -> OpenAIError:
+    """A 404 that names the route (OpenAI words it so too)."""
+    return OpenAIError(
+        404,
+        f"Invalid URL ({method} {path}): kvproxy serves no such route.",
+        code="unknown_route",
+    )
+
+
 def model_loading() -> OpenAIError:
     return OpenAIError(503, "Loading model", type="unavailable_error", code="model_loading")
 
@@ -162,10 +171,13 @@ def install_error_handlers(app: FastAPI) -> None:
         err = validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = OpenAIError(exc.status_code, str(exc.detail), code=code)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route matched: say which
+            err = unknown_route(request.method, request.url.path)
+        else:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            err = OpenAIError(exc.status_code, str(exc.detail), code=code)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:

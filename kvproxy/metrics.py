@@ -27,6 +27,10 @@ LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
+# the method label's values; any other method the HTTP parser accepts (PROPFIND, M-SEARCH, ...: 35 in
+# all) counts as "other", so a client cannot add series
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
 # the token's position in its context: quantization loss tends to grow with context
 POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
 POSITION_OVER = ">32k"
@@ -116,6 +120,19 @@ class Metrics:
             "From the end of a response to its score being recorded.",
             ("deployment",),
             buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.connections_open = Gauge(
+            "kvproxy_connections_open",
+            "Open client connections (capped by --max-connections).",
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "kvproxy_connections_closed",
+            "Client connections the server closed on its own limits, by reason: header_timeout, "
+            "body_timeout, unread_body (answered before its body was in), evicted (the oldest waiting "
+            "for its headers, at the cap), over_cap (503 at the cap), refused (past the hard ceiling).",
+            ("reason",),
             registry=registry,
         )
         self.requests = Counter(
@@ -236,6 +253,13 @@ class Metrics:
             kv,
             registry=registry,
         )
+        self.recurrent_bytes = Gauge(
+            "kvproxy_recurrent_state_bytes",
+            "Recurrent-state bytes of a hybrid model (f32, one state per sequence; not KV, not "
+            "changed by the KV types, not in the saving ratio).",
+            ("deployment", "role"),
+            registry=registry,
+        )
 
     def observe_scores(
         self, labels: dict[str, str], scores: PositionScores, positions: Iterable[int]
@@ -287,5 +311,7 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
+            method = scope.get("method", "")
+            method = method if method in HTTP_METHODS else "other"  # the parser accepts WebDAV's too
+            self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)

@@ -119,18 +119,30 @@ def export_kv_memory(
     n_ctx: int,
     *,
     n_ubatch: int,
-    n_streams: int = 1,
+    n_seq: int = 1,
+    kv_unified: bool = False,
+    flash_attn: bool = True,
 ) -> None:
     """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
-    figures as the start-up banner and the status endpoint); ``n_streams``: the embedded slots."""
+    figures as the start-up banner and the status endpoint), and a hybrid model's recurrent state."""
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
     m = kv_memory_summary(
-        shape, kv.cache_type_k, kv.cache_type_v, n_ctx, n_ubatch=n_ubatch, n_streams=n_streams
+        shape,
+        kv.cache_type_k,
+        kv.cache_type_v,
+        n_ctx,
+        n_ubatch=n_ubatch,
+        n_seq=n_seq,
+        kv_unified=kv_unified,
+        flash_attn=flash_attn,
     )
     metrics.kv_bytes_per_token.labels(*labels).set(m["bytes_per_token"])
     metrics.kv_bytes.labels(*labels).set(m["allocated_bytes"])
     metrics.kv_f16_bytes.labels(*labels).set(m["f16_allocated_bytes"])
-    metrics.kv_saving_ratio.labels(*labels).set(m["f16_allocated_bytes"] / m["allocated_bytes"])
+    if m["allocated_bytes"]:
+        metrics.kv_saving_ratio.labels(*labels).set(m["f16_allocated_bytes"] / m["allocated_bytes"])
+    if shape.recurrent_layers:
+        metrics.recurrent_bytes.labels(deployment, role).set(m["recurrent_bytes"])
 
 
 UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "status", "stream_ended", "invalid_response")

@@ -1,16 +1,17 @@
 """The OpenAI wire format kvproxy accepts and returns, as pydantic models.
 
 Requests are strict in the way OpenAI's own API is strict: an unknown field is a 400 ("Unrecognized
-request argument"), and a parameter kvproxy cannot honour (``n > 1``, tools, ``logit_bias``, JSON
-mode, ``echo``) is a 400 naming that parameter, never silently ignored. Informational fields that
-change nothing about generation (``user``, ``metadata``, ``store``, ``service_tier``) are accepted.
+request argument"), and a parameter kvproxy cannot honour (``n > 1``, tools, ``logit_bias``, audio,
+``echo``) is a 400 naming that parameter, never silently ignored. Known OpenAI fields that cannot
+change the output here are accepted and ignored (:data:`IGNORED_PARAMETERS`, listed in the README).
 llama.cpp's own sampling extensions ``top_k``, ``min_p`` and ``repeat_penalty`` are accepted as
-llama-server accepts them.
+llama-server accepts them. The Responses API's models are in :mod:`kvproxy.protocol_responses`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,24 @@ from pydantic import (
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+
+# Known OpenAI request fields that cannot change what kvproxy generates: accepted, then ignored.
+IGNORED_PARAMETERS = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "parallel_tool_calls",
+    "stream_options.include_obfuscation",
+)
+TOOLS_REFUSAL = (
+    "kvproxy's embedded backend does not parse tool calls; serve this model with llama-server and put "
+    "kvproxy in front of it (kvproxy serve --primary URL), where llama-server handles tools"
+)
+IMAGE_REFUSAL = "this deployment's model takes text only"
 
 
 class _Strict(BaseModel):
@@ -39,6 +58,28 @@ class TextContentPart(_Strict):
     text: str
 
 
+_MEDIA_PARTS = {
+    "image_url": "image input",
+    "input_image": "image input",
+    "input_audio": "audio input",
+    "input_file": "file input",
+    "file": "file input",
+}
+
+
+def refuse_media_parts(content: Any, text_types: tuple[str, ...]) -> None:
+    """A clear 400 for a content part kvproxy cannot read (images, audio, files), before pydantic
+    reports it as a shape mismatch."""
+    if not isinstance(content, list):
+        return
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise _unsupported(_MEDIA_PARTS[kind], f"{IMAGE_REFUSAL} (content part type '{kind}')")
+        if isinstance(kind, str) and kind not in text_types:
+            raise ValueError(f"content part type '{kind}' is not supported; use {' or '.join(text_types)}")
+
+
 class ChatMessage(BaseModel):
     # Clients often send back an assistant message exactly as they received it (with refusal,
     # annotations, audio: null ...), so unknown keys are ignored here; ones that would carry meaning
@@ -47,15 +88,24 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
+    # an earlier answer's reasoning, as llama-server returns and accepts it (reasoning templates
+    # read it back)
+    reasoning_content: str | None = None
     name: str | None = None
     tool_calls: list[Any] | None = None
     function_call: Any | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        refuse_media_parts(value, ("text",))
+        return value
 
     @field_validator("tool_calls", "function_call")
     @classmethod
     def _no_tool_calls(cls, value: Any) -> Any:
         if value:
-            raise _unsupported("tool calls", "this deployment's model has no tool-calling template")
+            raise _unsupported("tool calls", TOOLS_REFUSAL)
         return value
 
     def text(self) -> str:
@@ -66,18 +116,70 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it ("developer" is OpenAI's new name for system)."""
+        """The message as chat templates expect it ("developer" is OpenAI's new name for system):
+        content parts stay a list (the template decides, kvproxy.chat_template), and an assistant's
+        reasoning goes along, as llama-server passes them."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        content: Any = (
+            self.text() if not isinstance(self.content, list) else [p.model_dump() for p in self.content]
+        )
+        out = {"role": role, "content": content}
+        if self.role == "assistant" and self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
+        return out
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # no obfuscation padding is ever added: nothing to turn off
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
+class JsonSchemaSpec(_Strict):
+    """``response_format.json_schema`` (chat) and the flat ``text.format`` of the Responses API."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What a JSON response format asks of generation: any JSON object, or one matching ``schema``
+    (an empty schema: any JSON value). Turned into a llama.cpp grammar by the embedded backend."""
+
+    schema: dict[str, Any] | None = None  # None: json_object
+
+
+_T = TypeVar("_T")
+
+
+def refuse_unless(name: str, value: _T, allowed: tuple[Any, ...], why: str) -> _T:
+    """A known parameter is accepted only with a value that changes nothing here."""
+    if value is not None and value not in allowed:
+        raise _unsupported(f"{name} {value!r}" if isinstance(value, str) else name, why)
+    return value
+
+
+NO_REASONING = "this model does not reason (accepted: none)"
+NO_VERBOSITY = "this model has no verbosity control (accepted: medium, the default)"
 
 
 class _SamplingFields(_Strict):
@@ -95,7 +197,7 @@ class _SamplingFields(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     n: int | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # ignored, as the other IGNORED_PARAMETERS
     # llama.cpp sampling extensions (as llama-server accepts them)
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -141,31 +243,84 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
+    # accepted and ignored (IGNORED_PARAMETERS): they cannot change the output here
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    # known, and refused unless their value changes nothing
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # llama-server's extension: extra chat-template variables (e.g. {"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
-            raise _unsupported("tools", "this deployment's model has no tool-calling template")
+            raise _unsupported("tools", TOOLS_REFUSAL)
         return value
 
     @field_validator("tool_choice", "function_call")
     @classmethod
     def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise _unsupported("tool_choice", "this deployment's model has no tool-calling template")
+        if value not in (None, "none", "auto"):
+            raise _unsupported("tool_choice", TOOLS_REFUSAL)
         return value
 
-    @field_validator("response_format")
+    @field_validator("reasoning_effort")
     @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise _unsupported(f"response_format {value.type}", "only plain text output is offered")
+    def _no_reasoning(cls, value: str | None) -> str | None:
+        return refuse_unless("reasoning_effort", value, ("none",), NO_REASONING)
+
+    @field_validator("verbosity")
+    @classmethod
+    def _no_verbosity(cls, value: str | None) -> str | None:
+        return refuse_unless("verbosity", value, ("medium",), NO_VERBOSITY)
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise _unsupported("modalities other than text", "kvproxy generates text only")
         return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise _unsupported("audio", "kvproxy generates text only")
+        return value
+
+    @field_validator("prediction")
+    @classmethod
+    def _no_prediction(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise _unsupported("prediction", "predicted outputs are not offered")
+        return value
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _no_web_search(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise _unsupported("web_search_options", "kvproxy has no built-in tools")
+        return value
+
+    @property
+    def output_format(self) -> OutputFormat | None:
+        fmt = self.response_format
+        if isinstance(fmt, JsonObjectFormat):
+            return OutputFormat()
+        if isinstance(fmt, JsonSchemaFormat):
+            return OutputFormat(fmt.json_schema.schema_ or {})
+        return None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -238,6 +393,7 @@ class TokenLogprob(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None  # required by OpenAI's spec, may be null
 
 
 FinishReason = Literal["stop", "length"]
@@ -246,6 +402,17 @@ FinishReason = Literal["stop", "length"]
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # required by OpenAI's spec, may be null
+    # a reasoning model's thinking, split from the content as llama-server splits it (kvproxy.reasoning);
+    # absent for other models
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -275,6 +442,7 @@ class ChatCompletion(_Envelope):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -28,16 +28,19 @@ def encode(
     *,
     exclude: set[str] | None = None,
     newline: bytes = b"\n",
+    event: str | None = None,
 ) -> bytes:
     """One event carrying a JSON payload (``bytes`` are taken as JSON already serialized); a relay
-    that rewrites an upstream's event passes that event's ``newline`` to keep its framing."""
+    that rewrites an upstream's event passes that event's ``newline`` to keep its framing. ``event``
+    names the event (an ``event:`` line first, as the Responses API's streams have)."""
     if isinstance(payload, BaseModel):
         body = payload.model_dump_json(exclude=exclude).encode()
     elif isinstance(payload, bytes):
         body = payload
     else:
         body = orjson.dumps(payload)
-    return b"data: " + body + newline + newline
+    head = b"event: " + event.encode() + newline if event else b""
+    return head + b"data: " + body + newline + newline
 
 
 @dataclass(frozen=True)

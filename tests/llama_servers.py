@@ -49,6 +49,9 @@ def start_llama_server(model: Path, log_dir: Path, *args: str, timeout: float = 
             "1",
             "-c",
             "2048",
+            # the built-in Gemma turn format: with Jinja on (this llama.cpp's default) a bare name
+            # is read as a template whose whole text is "gemma"
+            "--no-jinja",
             "--chat-template",
             "gemma",
             "--no-webui",

@@ -20,6 +20,7 @@ from kvproxy.backends.base import (
     KVConfig,
     TextDelta,
 )
+from kvproxy.backends.embedded import json_gbnf
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import KVCacheType
 from kvproxy.gguf_info import ModelInfo
@@ -55,10 +56,20 @@ class StubBackend:
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return ([1] if add_bos else []) + [2 + b for b in text.encode()]
 
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """The embedded backend's grammar builder (pure Python; the backend also has llama.cpp
+        parse the result, which needs the model's vocabulary)."""
+        return json_gbnf(schema)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         self.generated.append(request)
         if self.fail:
             raise BackendError("the stub was told to fail")
+        if request.grammar is not None:  # JSON output: "{}" in two tokens, ended by the grammar
+            yield TextDelta("{")
+            yield TextDelta("}")
+            yield Finished("stop", len(request.prompt_tokens), 2, (125, 127, 0))
+            return
         n = min(request.max_tokens, 3)
         for i in range(n):
             yield TextDelta(chr(ord("a") + i))

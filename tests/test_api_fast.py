@@ -20,11 +20,10 @@ from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.deployments.spec import DeploymentSpec
 from kvproxy.shadow.pool import ShadowSampler
+from tests.error_cases import MSG, SCHEMA_VIOLATIONS, UNHONOURED
 from tests.llama_servers import free_port
 from tests.stub_backend import IdleScorer, StubBackend
 from tests.test_errors import assert_openai_error
-
-MSG = [{"role": "user", "content": "Hi"}]
 
 
 def stub_deployment(backend: StubBackend) -> EmbeddedDeployment:
@@ -92,46 +91,17 @@ def test_unknown_model_invalid_json_and_unknown_routes(client: Client) -> None:
     bad = client.post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
     assert_openai_error(bad, 400, code="invalid_json", contains="JSON")
     assert client.post("/v1/chat/completions", content=b"[1, 2]").status_code == 400
-    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/nothing"), 404, contains="GET /v1/nothing")
     assert_openai_error(client.get("/v1/chat/completions"), 405)
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "contains"),
-    [
-        ({"model": None, "messages": MSG}, "model", "Field required"),
-        ({"messages": None}, "messages", "Field required"),
-        ({"messages": []}, "messages", "at least 1"),
-        ({"messages": MSG, "temperature": 5}, "temperature", "less than or equal to 2"),
-        ({"messages": MSG, "max_tokens": "many"}, "max_tokens", "integer"),
-        ({"messages": MSG, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs", "20"),
-        ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
-        ({"messages": MSG, "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
-    ],
-)
+@pytest.mark.parametrize(("body", "param", "contains"), SCHEMA_VIOLATIONS)
 def test_schema_violations_are_400(client: Client, body: dict[str, Any], param: str, contains: str) -> None:
     body = {k: v for k, v in {"model": "stub", **body}.items() if v is not None}  # None: left out
     assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param=param, contains=contains)
 
 
-@pytest.mark.parametrize(
-    ("extra", "param", "contains"),
-    [
-        ({"n": 2}, "n", "n > 1 is not supported"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            "tools",
-            "tools is not supported",
-        ),
-        ({"tool_choice": "required"}, "tool_choice", "not supported"),
-        ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
-        ({"stream_options": {"include_usage": True}}, None, "only allowed when stream is true"),
-    ],
-)
+@pytest.mark.parametrize(("extra", "param", "contains"), UNHONOURED)
 def test_parameters_that_cannot_be_honoured_are_400(
     client: Client, extra: dict[str, Any], param: str | None, contains: str
 ) -> None:

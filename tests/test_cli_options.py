@@ -10,8 +10,9 @@ from kvproxy.cli import app
 from kvproxy.cli.options import default_text
 from kvproxy.config import Settings
 
-# settings that are tuning knobs of the shadow path or the status, set by environment variable only
-ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "prefill_chunk"}
+# settings that are tuning knobs of the shadow path or the status, set by environment variable only;
+# and the two lists, whose repeatable flags are named in the singular (checked below)
+ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "cors_origins", "prefill_chunk"}
 
 
 def serve_params() -> dict[str, typer.core.click.Parameter]:
@@ -31,6 +32,10 @@ def test_every_setting_is_a_flag_whose_help_is_the_settings() -> None:
         assert f"Default: {default_text(name)}." in help_text, (name, help_text)
         assert f"(env: KVPROXY_{name.upper()})" in help_text, name
     assert "--api-key" in params["api_key"].opts and "KVPROXY_API_KEYS" in (params["api_key"].help or "")  # type: ignore[attr-defined]
+    cors = params["cors_origin"]
+    assert "--cors-origin" in cors.opts and cors.multiple  # type: ignore[attr-defined]
+    description = Settings.model_fields["cors_origins"].description or ""
+    assert (cors.help or "").startswith(description[:60]) and "KVPROXY_CORS_ORIGINS" in (cors.help or "")  # type: ignore[attr-defined]
 
 
 def test_the_readme_options_table_shows_the_settings_defaults() -> None:
@@ -46,6 +51,7 @@ def test_the_readme_options_table_shows_the_settings_defaults() -> None:
         ("--parallel", "| 1 |"),
         ("--max-queue", "| 64 |"),
         ("--queue-timeout", "| 60 |"),
+        ("--max-tokens-default", "1024"),
     ):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}"))
         assert default in row, row
@@ -56,3 +62,5 @@ def test_the_readme_options_table_shows_the_settings_defaults() -> None:
     assert Settings.model_fields["max_queue"].default == 64
     assert Settings.model_fields["queue_timeout"].default == 60
     assert Settings.model_fields["prefill_chunk"].default == 128
+    assert Settings.model_fields["max_tokens_default"].default == 1024
+    assert "| `--cors-origin ORIGIN` (repeatable) | `KVPROXY_CORS_ORIGINS` (comma-separated) |" in readme

@@ -8,6 +8,7 @@ what can be proven."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -459,9 +460,19 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
 
 def make_dry_run(tmp: Path, *args: str) -> list[str]:
     """The commands `make -n ARGS` would run for a fresh venv (nothing is run)."""
+    # under `make test` the inherited MAKELEVEL makes a nested make print "Entering directory"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", f"VENV={tmp / 'venv'}", f"KVPROXY_CACHE={tmp / 'cache'}", *args],
+        [
+            "make",
+            "-n",
+            "--no-print-directory",
+            f"VENV={tmp / 'venv'}",
+            f"KVPROXY_CACHE={tmp / 'cache'}",
+            *args,
+        ],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,

@@ -141,7 +141,7 @@ def test_properties(data: st.DataObject, p: np.ndarray) -> None:
     ri = data.draw(st.permutations(range(p.size)))[:k]
     qi = data.draw(st.permutations(range(p.size)))[:k]
     coarse = kld.coarse_kld_row(ri, lp[ri], qi, lq[qi])
-    bound = value * (1 + 1e-6) + ABS
+    bound = value * (1 + 1e-5) + ABS  # float32 log-probs: about 1e-6 relative apart
     assert 0 <= coarse <= bound
     assert kld.coarse_kld_full_reference(lp, qi, lq[qi]) <= bound
 

@@ -4,7 +4,8 @@ The server is the real embedded default (Gemma 3 270M, q4_0 KV, shadow scoring o
 bodies are fuzzed everywhere except two places, so the run stays minutes, not hours: a valid
 ``max_tokens`` (or ``max_completion_tokens``) is capped at 1 and one is added where none was
 generated (an invalid value is left as generated, to be refused), and nine requests in ten name
-the served model (the tenth keeps its random name and must get a 404, not a 5xx).
+the served model (the tenth keeps its random name and must get a 404, not a 5xx). ``/v1/responses``
+is fuzzed the same way, its limit being ``max_output_tokens``.
 """
 
 from __future__ import annotations
@@ -29,17 +30,24 @@ def fuzz_server() -> Iterator[RunningServer]:
     stop_server(srv)
 
 
-EXAMPLES = {"/v1/chat/completions": 550, "/v1/completions": 550, "/kvproxy/v1/score": 150}
+EXAMPLES = {
+    "/v1/chat/completions": 550,
+    "/v1/completions": 550,
+    "/v1/responses": 450,
+    "/kvproxy/v1/score": 150,
+}
+GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
-def _bounded(body: dict[str, Any], model: str, serial: int) -> None:
-    limits = [k for k in ("max_tokens", "max_completion_tokens") if k in body]
+def _bounded(body: dict[str, Any], model: str, serial: int, path: str) -> None:
+    keys = ("max_output_tokens",) if path == "/v1/responses" else ("max_tokens", "max_completion_tokens")
+    limits = [k for k in keys if k in body]
     for key in limits:
         value = body[key]
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             body[key] = 1
     if not limits:
-        body["max_tokens"] = 1
+        body[keys[0]] = 1
     if serial % 10:
         body["model"] = model
 
@@ -52,8 +60,8 @@ def test_no_generated_request_is_a_server_error(fuzz_server: RunningServer) -> N
     def check(case: Any) -> None:
         key = f"{case.method} {case.path}"
         cases[key] = cases.get(key, 0) + 1
-        if isinstance(case.body, dict) and case.path in ("/v1/chat/completions", "/v1/completions"):
-            _bounded(case.body, fuzz_server.model, cases[key])
+        if isinstance(case.body, dict) and case.path in GENERATION:
+            _bounded(case.body, fuzz_server.model, cases[key], case.path)
         response = case.call(timeout=60)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
@@ -74,5 +82,6 @@ def test_no_generated_request_is_a_server_error(fuzz_server: RunningServer) -> N
     print(f"schemathesis: {total} cases, by operation {cases}, by status {dict(sorted(statuses.items()))}")
     assert total >= MIN_CASES, cases
     assert cases.get("POST /v1/chat/completions", 0) >= 400
+    assert cases.get("POST /v1/responses", 0) >= 300
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0  # both accepted and refused bodies
     assert httpx.get(f"{fuzz_server.base_url}/health", timeout=10).status_code == 200  # still serving

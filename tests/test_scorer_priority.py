@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kvproxy.backends.embedded_scorer import ScoreRequest
 from kvproxy.config import Settings
 from kvproxy.deployments.build import embedded_deployment
 from kvproxy.gguf_info import read_model_info
@@ -40,7 +41,7 @@ def test_scoring_threads_are_idle_class_and_serving_threads_are_not(gemma_path: 
             before = _policies()
             scorer = deployment.scorer
             tokens = deployment.backend.tokenize("The quick brown fox jumps over the lazy dog", add_bos=True)
-            scores = await scorer.score_tokens(tokens[:5], tokens[5:])
+            scores = await scorer.score_request(ScoreRequest(tokens[:5], tokens[5:]))
             assert len(scores) == len(tokens) - 5
             loop = asyncio.get_running_loop()
             worker = await loop.run_in_executor(scorer._executor, threading.get_native_id)

@@ -44,7 +44,7 @@ def test_the_slots_kv_cache_is_what_the_banner_and_metrics_say(
     gemma_path: Path, slots: int, types: tuple[T, T]
 ) -> None:
     """One KV stream of ``--ctx-size`` cells per slot (sliding-window cache included), as
-    ``kv_memory_summary(n_streams=slots)`` counts it; checked against llama.cpp's own log."""
+    ``kv_memory_summary(n_seq=slots)`` counts it; checked against llama.cpp's own log."""
     from kvproxy.memory import ggml_type
 
     n_ctx = 1000  # not a multiple of 256: llama.cpp pads each stream
@@ -57,7 +57,7 @@ def test_the_slots_kv_cache_is_what_the_banner_and_metrics_say(
     assert sizes, logs[-2000:]
     reported = sum(float(s) for s in sizes) * 2**20
     info = read_model_info(gemma_path)
-    figures = kv_memory_summary(info.attention, *types, n_ctx, n_ubatch=512, n_streams=slots)
+    figures = kv_memory_summary(info.attention, *types, n_ctx * slots, n_ubatch=512, n_seq=slots)
     assert figures["allocated_bytes"] == pytest.approx(reported, rel=0.01)
     assert "n_ctx_seq 1024" in logs
 

@@ -625,3 +625,71 @@ def test_states_this_machine_cannot_reach(unloaded_app: TestClient, browser: Any
         assert second.find_element(By.CSS_SELECTOR, '[data-field="memory.cache_type_k"]').text == "q8_0"
         assert first.find_element(By.CSS_SELECTOR, "svg.timechart").get_attribute("data-points") == "0"
         browser.save_screenshot(str(ARTIFACTS / "ui-states.png"))
+
+
+def test_kept_scores_belong_to_the_key_that_asked() -> None:
+    """Issue 20, finding 10: another key could read a kept entry given its id, and 64 cheap keeps
+    from another key evicted it. Each owner has its own quota now."""
+    store = TokenScoreStore(capacity=3, ttl=600, clock=Clock())
+    owner, other = b"a" * 32, b"b" * 32
+    mine = store.new_slot()
+    store.put("r-mine", mine, owner)
+    for i in range(100):
+        store.put(f"r{i}", store.new_slot(), other)
+    store.put("r-mine", store.new_slot(), other)  # the same id under another key replaces nothing
+    assert store.get("r-mine", owner) is mine
+    assert store.get("r-mine", other) is not mine and store.get("r-mine") is None
+    assert store.get("r99", owner) is None and store.get("r99", other) is not None
+    assert len(store) == 1 + 3
+
+
+def test_a_page_on_another_origin_calls_the_api(browser: Any) -> None:
+    """CORS in a real browser (issue 19): a page served from another origin calls kvproxy's serving
+    routes with an API key (Chromium sends the preflight), reads an error too, and cannot read the
+    admin routes, which CORS never opens."""
+    from tests.stub_backend import StubBackend
+    from tests.test_api_fast import stub_deployment
+
+    async def page(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await no_lifespan(receive, send)
+            return
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]}
+        )
+        await send(
+            {"type": "http.response.body", "body": b"<!doctype html><title>elsewhere</title><p>app</p>"}
+        )
+
+    script = """
+    const [base, done] = arguments;
+    (async () => {
+      const key = {"Authorization": "Bearer key-1", "Content-Type": "application/json"};
+      const out = {};
+      let r = await fetch(base + "/v1/chat/completions", {method: "POST", headers: key,
+        body: JSON.stringify({model: "stub", messages: [{role: "user", content: "Hi"}], max_tokens: 2})});
+      out.chat = [r.status, (await r.json()).choices[0].message.content];
+      r = await fetch(base + "/responses", {method: "POST", headers: key,
+        body: JSON.stringify({model: "stub", input: "Hi", stream: true})});
+      out.responses = [r.status, (await r.text()).includes("event: response.incomplete")];
+      r = await fetch(base + "/v1/models", {headers: {"Authorization": "Bearer wrong"}});
+      out.unauthorized = [r.status, (await r.json()).error.code];
+      for (const path of ["/kvproxy/v1/status", "/metrics"]) {
+        try { await fetch(base + path); out[path] = "readable"; } catch (e) { out[path] = "blocked"; }
+      }
+      return out;
+    })().then(done, (e) => done("failed: " + e));
+    """
+    with serve_in_thread(page) as page_url:
+        app = create_app(stub_deployment(StubBackend()), api_keys=["key-1"], cors_origins=[page_url])
+        with serve_in_thread(app) as api_url:
+            browser.get(page_url + "/")
+            assert browser.title == "elsewhere"
+            got = browser.execute_async_script(script, api_url)
+    assert got == {
+        "chat": [200, "ab"],
+        "responses": [200, True],
+        "unauthorized": [401, "invalid_api_key"],
+        "/kvproxy/v1/status": "blocked",
+        "/metrics": "blocked",
+    }, got

@@ -1,10 +1,11 @@
-"""The two hot routes, served straight from ASGI in front of FastAPI's router.
+"""The generation routes, served straight from ASGI in front of FastAPI's router.
 
-``POST /v1/chat/completions`` and ``POST /v1/completions`` are what every client request hits. Through
+``POST /v1/chat/completions`` and ``POST /v1/completions`` are what every client request hits (with
+``POST /v1/responses`` and the three without their ``/v1`` prefix, answered the same way). Through
 FastAPI's router, its exception and exit-stack middleware, the request/response wrapper and the
 dependency solver, the framework cost more CPU than the whole relay (py-spy at concurrency 1: about
 half of the proxy's time in those layers, 9 % in kvproxy's handler). This middleware answers the
-same two routes with the same function (``kvproxy.api.openai.complete``) and the same error bodies, and hands
+same routes with the same function (``kvproxy.api.openai.complete``) and the same error bodies, and hands
 every other request to FastAPI. The FastAPI routes stay declared: they document the API (OpenAPI) and
 define the route objects the metrics label requests by.
 """

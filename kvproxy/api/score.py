@@ -12,17 +12,29 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvproxy.backends.embedded_scorer import ScoreRequest
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_loading
 
 router = APIRouter(prefix="/kvproxy/v1")
 
 
-class ScoreRequest(BaseModel):
+class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt_tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     check_ids: list[list[Annotated[int, Field(ge=0)]]] | None = None
+    # how the live primary (a llama-server) cut the prompt into calls: the decode-path replay cuts it
+    # the same way, so its rows are the served ones (kvproxy.backends.prompt_fill)
+    prompt_fill: PromptFillSpec | None = None
+
+
+class PromptFillSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch: Annotated[int, Field(ge=1)] = 2048
+    ubatch: Annotated[int, Field(ge=1)] = 512
+    checkpoints: bool = True
 
 
 def _embedded(request: Request) -> EmbeddedDeployment:
@@ -47,14 +59,17 @@ async def info(request: Request) -> dict[str, Any]:
 
 
 @router.post("/score")
-async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
+async def score(body: ScoreBody, request: Request) -> dict[str, Any]:
     d = _embedded(request)
     if not d.ready:
         raise model_loading()
     n_vocab = d.backend.n_vocab
-    bad = [t for t in (*body.prompt_tokens, *body.token_ids) if t >= n_vocab]
-    if bad:
-        raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary of {n_vocab}", param="token_ids")
+    fields = {"prompt_tokens": body.prompt_tokens, "token_ids": body.token_ids}
+    fields["check_ids"] = [t for ids in body.check_ids or [] for t in ids]
+    for param, ids in fields.items():  # llama.cpp and numpy would index past the vocabulary (a 500)
+        bad = next((t for t in ids if t >= n_vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is outside the vocabulary of {n_vocab}", param=param)
     if len(body.prompt_tokens) + len(body.token_ids) - 1 > d.backend.n_ctx:
         raise OpenAIError(
             400,
@@ -63,7 +78,9 @@ async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
             code="context_length_exceeded",
         )
     try:
-        s = await d.scorer.score_tokens(body.prompt_tokens, body.token_ids, body.check_ids)
+        fill = PromptFill(**body.prompt_fill.model_dump()) if body.prompt_fill is not None else None
+        job = ScoreRequest(body.prompt_tokens, body.token_ids, body.check_ids, fill)
+        s = await d.scorer.score_request(job)
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
     return {

@@ -46,6 +46,12 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; otherwise alternatives per position
+    # a llama.cpp grammar (GBNF) constraining the sampled tokens; logprobs stay those of the raw
+    # distribution, before the grammar (as the shadow path, which replays without it, scores them)
+    grammar: str | None = None
+    # special tokens whose text is part of the output (llama-server's "preserved tokens": a
+    # reasoning template's <think> or <|channel>, which kvproxy.reasoning then splits on)
+    special_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -117,5 +123,7 @@ class Backend(Protocol):
     def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str: ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...

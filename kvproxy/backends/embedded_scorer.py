@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.memory import ggml_type, llama_n_ubatch
@@ -80,6 +81,9 @@ class ScoreRequest:
     prompt: Sequence[int]
     completion: Sequence[int]
     check_ids: Sequence[Sequence[int]] | None = None
+    # how the serving process cut the prompt into calls (decode path; None: as the embedded
+    # backend's own generation does, calls of ``batch`` tokens)
+    prompt_fill: PromptFill | None = None
 
 
 @dataclass
@@ -149,6 +153,15 @@ class EmbeddedScorer:
         self.path = path
         self.max_sequences = max_sequences
         self._model = model
+        # llama-server's checkpoint cuts apply to models with sliding-window layers (kvproxy keeps
+        # them windowed: swa_full off) or with recurrent state (kvproxy.backends.prompt_fill)
+        import llama_cpp
+
+        self.cuts_apply = bool(
+            llama_cpp.llama_model_n_swa(model.model) > 0
+            or llama_cpp.llama_model_is_recurrent(model.model)
+            or llama_cpp.llama_model_is_hybrid(model.model)
+        )
         self.n_vocab = int(model.n_vocab())
         if path == "prefill":
             self.batch_size = max(batch, chunk)
@@ -221,6 +234,7 @@ class EmbeddedScorer:
         prompt: Sequence[int],
         completion: Sequence[int],
         check_ids: Sequence[Sequence[int]] | None = None,
+        prompt_fill: PromptFill | None = None,
     ) -> PositionScores:
         """Per-position exact scores for every completion token, teacher-forced on both configs.
 
@@ -228,7 +242,7 @@ class EmbeddedScorer:
         (token ids per position), the primary config's logprobs of those tokens are returned too,
         in ``PositionScores.check_logprobs``.
         """
-        request = ScoreRequest(prompt, completion, check_ids)
+        request = ScoreRequest(prompt, completion, check_ids, prompt_fill)
         self._check(request)
         if self.path == "prefill":
             return self._score_prefill(request)
@@ -260,6 +274,12 @@ class EmbeddedScorer:
         n = len(request.prompt) + max(len(request.completion) - 1, 0)
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens do not fit the scoring context of {self.n_ctx}")
+        fill = request.prompt_fill
+        if fill is not None and (self.path is not ScorePath.DECODE or fill.ubatch > self.batch_size):
+            raise ValueError(
+                f"a prompt fill of micro-batches of {fill.ubatch} needs the decode path and a scoring "
+                f"batch of at least that (this scorer: {self.path.value}, batch {self.batch_size})"
+            )
 
     # ---- prefill path ---------------------------------------------------------------------------
 
@@ -304,15 +324,23 @@ class EmbeddedScorer:
             b.n_seq_id[k] = 1
             b.logits[k] = k >= n - outputs
 
-    def _prefill_prompt(self, ctx: Any, prompt: Sequence[int], seq: int) -> None:
-        """The prompt as generation feeds it: calls of ``batch`` tokens (or of ``prompt_ubatch``),
-        logits for the last token only. Llama.eval also asks for the last row of each earlier call;
-        those rows change no KV cell, so they are not computed here."""
+    def _prefill_prompt(
+        self, ctx: Any, prompt: Sequence[int], seq: int, fill: PromptFill | None = None
+    ) -> None:
+        """The prompt as generation fed it, logits for the last token only: calls of ``batch``
+        tokens (or of ``prompt_ubatch``) as the embedded backend's generation makes them, or the
+        micro-batches of another server's cuts (``fill``, kvproxy.backends.prompt_fill). Llama.eval
+        also asks for the last row of each earlier call; those rows change no KV cell, so they are not
+        computed here."""
         ctx.kv_cache_seq_rm(seq, -1, -1)
-        step = self._prompt_call
-        for i in range(0, len(prompt), step):
-            part = prompt[i : i + step]
-            self._fill(part, range(i, i + len(part)), [seq] * len(part), int(i + step >= len(prompt)))
+        n = len(prompt)
+        if fill is None:
+            pieces = [(i, min(i + self._prompt_call, n)) for i in range(0, n, self._prompt_call)]
+        else:
+            pieces = fill.pieces(n, cuts_apply=self.cuts_apply)
+        for start, end in pieces:
+            part = prompt[start:end]
+            self._fill(part, range(start, end), [seq] * len(part), int(end >= n))
             ctx.decode(self._batch)
 
     def _rows(self, ctx: Any, n_rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -360,7 +388,7 @@ class EmbeddedScorer:
                 i = pending.popleft()
                 run = _Run(i, requests[i], free.pop())
                 for ctx in contexts:
-                    self._prefill_prompt(ctx, run.request.prompt, run.seq)
+                    self._prefill_prompt(ctx, run.request.prompt, run.seq, run.request.prompt_fill)
                 self._consume([run])
                 if run.done:
                     results[i] = run.scores()

@@ -34,6 +34,8 @@ class Vocabulary(Protocol):
 
     def piece(self, token: int) -> bytes: ...
 
+    def special_piece(self, token: int) -> bytes: ...
+
 
 class SequenceOutput:
     """Turns one request's tokens into events; :meth:`push` says when the sequence is done."""
@@ -60,7 +62,9 @@ class SequenceOutput:
         n_top = self.request.top_logprobs
         if n_top is not None:
             self._pending.append(self._token_logprob(row(), token, n_top))
-        text = self._assembler.push(self._vocab.piece(token))
+        special = token in self.request.special_tokens  # a reasoning template's tags, spelled out
+        piece = self._vocab.special_piece(token) if special else self._vocab.piece(token)
+        text = self._assembler.push(piece)
         if text or self._assembler.stopped:
             self._emit(TextDelta(text, tuple(self._pending)))
             self._pending = []

@@ -239,7 +239,14 @@ class SlotScheduler:
             if entry.cancel.is_set():
                 self._release_seq(seq)
                 continue
-            sampler = SamplerChain(entry.request.sampling, self._n_vocab)
+            try:
+                sampler = SamplerChain(
+                    entry.request.sampling, self._n_vocab, entry.request.grammar, self._model.vocab
+                )
+            except (BackendError, MemoryError) as exc:  # the request fails, the slot stays free
+                entry.output.fail(exc if isinstance(exc, BackendError) else BackendError(str(exc)))
+                self._release_seq(seq)
+                continue
             self._active.append(_Sequence(entry, seq, sampler, admitted=now))
             entry.on_admit()
         return True

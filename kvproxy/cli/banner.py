@@ -16,19 +16,43 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
     n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
-    slots = settings.parallel
-    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch, n_streams=slots)
+    slots = settings.parallel  # one KV stream of --ctx-size cells per slot (kvproxy.backends.slots)
+    m = kv_memory_summary(
+        shape,
+        k,
+        v,
+        settings.ctx_size * slots,
+        n_ubatch=n_ubatch,
+        n_seq=slots,
+        flash_attn=settings.flash_attn,
+    )
     room = (
         f"the {settings.ctx_size:,}-token context"
         if slots == 1
         else f"{slots} slots of {settings.ctx_size:,} tokens"
     )
     deadline = f"{settings.queue_timeout:g} s" if settings.queue_timeout > 0 else "none"
+    kv_layers = shape.kv_layers()
+    n_swa = sum(layer.swa for layer in kv_layers)
     swa = (
-        f", {len(shape.swa_layers)} of {shape.n_layers} layers sliding-window ({shape.sliding_window} tokens)"
-        if shape.swa_layers
+        f", {n_swa} of {len(kv_layers)} layers sliding-window ({shape.sliding_window} tokens)"
+        if n_swa
         else ""
     )
+    layers = []
+    if len(kv_layers) < shape.n_layers:  # hybrid or shared-KV: say which layers hold KV at all
+        others = []
+        if shape.recurrent_layers:
+            others.append(f"{len(shape.recurrent_layers)} recurrent")
+        shared = shape.n_layers - len(kv_layers) - len(shape.recurrent_layers)
+        if shared:
+            others.append(f"{shared} reading an earlier layer's KV")
+        layers.append(f"  layers     {len(kv_layers)} of {shape.n_layers} hold KV ({', '.join(others)})")
+    if m["recurrent_bytes"]:
+        layers.append(
+            f"  recurrent  {m['recurrent_bytes'] / 2**20:.2f} MiB of f32 state per sequence, whatever the KV "
+            "types (not in the KV figures)"
+        )
     return "\n".join(
         [
             f"kvproxy {__version__}",
@@ -40,6 +64,7 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"{room} (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
             f"  slots      {slots} (--parallel), {settings.max_queue} waiting at most, "
             f"queue deadline {deadline}",
+            *layers,
             f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
@@ -65,9 +90,17 @@ def describe_proxy(deployments: list[Deployment]) -> str:
 
 
 def describe_access(settings: Settings) -> str:
-    keys, admin = settings.api_keys, settings.admin_token
+    keys, admin, origins = settings.api_keys, settings.admin_token, settings.cors_origins
+    cors = f"serving routes open to {', '.join(origins)}" if origins else "off (no --cors-origin)"
     return (
         f"  access     /v1: {f'{len(keys)} API key(s)' if keys else 'open (no --api-key)'}; "
         f"status and metrics: {'admin token' if admin else 'open (no --admin-token)'}; "
-        f"bodies up to {settings.max_body_bytes:,} bytes"
+        f"bodies up to {settings.max_body_bytes:,} bytes\n"
+        f"  CORS       {cors}"
     )
+
+
+def describe_limits(settings: Settings) -> str:
+    n = settings.max_tokens_default
+    limit = f"{n:,} tokens" if n else "up to the end of the context"
+    return f"  max tokens {limit} for requests that set no limit (--max-tokens-default)"

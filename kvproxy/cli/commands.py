@@ -8,21 +8,26 @@ defaults are also the flags' help (kvproxy.cli.options).
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol, cast
 
 import typer
 
 from kvproxy import __version__
 from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
+from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli.banner import describe_proxy, describe_startup
+from kvproxy.cli.listen import listen
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
 from kvproxy.cli.proxy import proxy_deployments
 from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
+from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.gguf_info import read_model_info
 from kvproxy.metrics import Metrics
 
@@ -94,7 +99,21 @@ def serve(
     ] = None,
     admin_token: Annotated[str | None, typer.Option(help=setting_help("admin_token"))] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help=setting_help("max_body_bytes"))] = None,
+    max_connections: Annotated[int | None, typer.Option(help=setting_help("max_connections"))] = None,
+    header_timeout: Annotated[float | None, typer.Option(help=setting_help("header_timeout"))] = None,
+    body_timeout: Annotated[float | None, typer.Option(help=setting_help("body_timeout"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
+    max_tokens_default: Annotated[int | None, typer.Option(help=setting_help("max_tokens_default"))] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help=setting_help("cors_origins")
+            .replace("Comma-separated in the env.", "Repeatable.")
+            .replace("(env: KVPROXY_CORS_ORIGINS)", "(env: KVPROXY_CORS_ORIGINS, comma-separated)"),
+        ),
+    ] = None,
+    probe: Annotated[bool | None, typer.Option("--probe/--no-probe", help=setting_help("probe"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -102,11 +121,13 @@ def serve(
     --reference) or --config: a proxy in front of llama-server processes.
     """
     # every flag named like its setting, given or not (None: not given, so the environment or the
-    # default decides); the repeatable --api-key is the one whose name differs
+    # default decides); the repeatable --api-key and --cors-origin are the ones whose names differ
     given = {name: value for name, value in locals().items() if name in Settings.model_fields}
-    settings = load_settings(**given, api_keys=api_key or None)
+    settings = load_settings(**given, api_keys=api_key or None, cors_origins=cors_origin or None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    # the ports first: one that cannot be had stops start-up before a model loads (exit 2)
+    sockets, metrics_sockets = listen(settings.host, settings.port, settings.metrics_port)
     metrics = default_metrics()
     deployments: list[Deployment]
     if config_file is not None or primary is not None:
@@ -116,7 +137,21 @@ def serve(
         if reference is not None:
             raise fail("--reference needs --primary (the embedded default scores in process)")
         deployments = [_embedded(settings, metrics)]
-    run(settings, deployments, metrics)
+    for d in deployments:
+        if isinstance(d, EmbeddedDeployment) and settings.probe:
+            _probe(d.backend.settings)
+    run(settings, deployments, metrics, sockets, metrics_sockets)
+
+
+def _probe(settings: Settings) -> None:
+    """What llama.cpp would abort on ends start-up here, in a child, not in the server."""
+    start = time.monotonic()
+    reason = probe_model(settings)
+    if reason is not None:
+        raise fail(f"llama.cpp cannot serve {settings.model}: {reason}")
+    typer.echo(
+        f"  probe      loaded, generated and scored in a child process in {time.monotonic() - start:.1f} s"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -130,16 +165,25 @@ def backend(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if not any(a == "--shadow-rate" or a.startswith("--shadow-rate=") for a in args):
         args = ["--shadow-rate", "0", *args]
-    app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    code = app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    if isinstance(code, int) and code:  # serve's exit code (not standalone: returned, not raised)
+        raise typer.Exit(code)
 
 
 def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
     try:
-        info = read_model_info(resolve_model_path(settings.model))
+        path = resolve_model_path(settings.model)
+        info = read_model_info(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    typer.echo(describe_startup(settings, info))
-    return embedded_deployment(settings, info, metrics=metrics)
+    try:
+        banner = describe_startup(settings, info)
+    except ValueError as exc:  # e.g. a head size that does not fill the KV type's blocks
+        raise fail(
+            f"{info.path.name}: its KV cache cannot be {settings.cache_type_k}/{settings.cache_type_v}: {exc}"
+        ) from None
+    typer.echo(banner)
+    return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
 
 
 app.command()(calibrate_command.calibrate)
@@ -152,4 +196,33 @@ def version() -> None:
 
 
 def main() -> None:
-    app(prog_name="kvproxy")
+    """The console script: a usage error (an unknown flag, a value a flag cannot take) is one line
+    and exit 2, like every other start-up failure (kvproxy.cli.options.fail)."""
+    try:
+        code = app(prog_name="kvproxy", standalone_mode=False)
+    except _CLICK_EXCEPTION as raised:
+        exc = cast(_ClickException, raised)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `kvproxy`: the help
+            exc.show()
+        else:
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"kvproxy: error: {message} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+class _ClickException(Protocol):
+    exit_code: int
+
+    def show(self) -> None: ...
+
+    def format_message(self) -> str: ...
+
+
+# the click that typer runs on (typer vendors its own in recent releases): its usage errors' base
+_CLICK_EXCEPTION: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)

@@ -10,8 +10,16 @@ from kvproxy.config import KVCacheType, Settings
 from kvproxy.deployments.base import ShadowOptions
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.deployments.http import HttpDeployment
-from kvproxy.deployments.spec import DeploymentSpec, DriftSpec, GuardSpec, ProxyConfig
+from kvproxy.deployments.spec import (
+    BackendSpec,
+    DeploymentSpec,
+    DriftSpec,
+    GuardSpec,
+    ProxyConfig,
+    ServerSpec,
+)
 from kvproxy.gguf_info import ModelInfo, read_model_info
+from kvproxy.memory import AttentionShape
 from kvproxy.metrics import Metrics
 from kvproxy.shadow.baseline import read_baseline
 from kvproxy.shadow.drift import DriftDetector
@@ -81,6 +89,27 @@ def embedded_deployment(
     )
 
 
+def _servers(spec: DeploymentSpec) -> dict[str, tuple[AttentionShape, ServerSpec]]:
+    """Per role, the shape of the GGUF its llama-servers load and how they were started; the
+    context defaults to the GGUF's training context, as llama-server's ``-c 0`` does."""
+    out: dict[str, tuple[AttentionShape, ServerSpec]] = {}
+    backends: list[tuple[str, BackendSpec | None]] = [
+        ("primary", spec.primary),
+        ("reference", spec.reference),
+    ]
+    for role, backend in backends:
+        if backend is None or backend.server is None:
+            continue
+        srv = backend.server
+        info = read_model_info(srv.model)  # a ValueError names the file
+        if not srv.ctx_size:
+            if info.context_length is None:
+                raise ValueError(f"{srv.model} gives no context length: set ctx_size in its `server` table")
+            srv = srv.model_copy(update={"ctx_size": info.context_length})
+        out[role] = (info.attention, srv)
+    return out
+
+
 def http_deployment(
     spec: DeploymentSpec, *, window: int = 4096, metrics: Metrics | None = None
 ) -> HttpDeployment:
@@ -107,7 +136,9 @@ def http_deployment(
         ),
         guard=guard_for(spec.guard),
         top_k=spec.top_k,
+        prompt_fill=spec.primary.prompt_fill(),
         metrics=metrics,
+        servers=_servers(spec),
     )
 
 

@@ -53,8 +53,17 @@ class EmbeddedDeployment(DeploymentBase):
         ):
             if kv is not None:
                 shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
+                fa = backend.flash_attn
                 export_kv_memory(
-                    metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch, n_streams=streams
+                    metrics,
+                    self.name,
+                    role,
+                    shape,
+                    kv,
+                    n_ctx * streams,
+                    n_ubatch=n_ubatch,
+                    n_seq=streams,
+                    flash_attn=fa,
                 )
 
     @property
@@ -83,9 +92,10 @@ class EmbeddedDeployment(DeploymentBase):
             b.info.attention,
             b.kv.cache_type_k,
             b.kv.cache_type_v,
-            b.n_ctx,
+            b.n_ctx * b.n_slots,
             n_ubatch=b.n_ubatch,
-            n_streams=b.n_slots,
+            n_seq=b.n_slots,
+            flash_attn=b.flash_attn,
         )
 
     async def start(self) -> None:

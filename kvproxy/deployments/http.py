@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any
 
+import orjson
+
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
+from kvproxy.deployments.spec import ServerSpec
 from kvproxy.kld import PositionScores
+from kvproxy.memory import AttentionShape, kv_memory_summary
 from kvproxy.metrics import Metrics
-from kvproxy.metrics_export import export_backend_up
+from kvproxy.metrics_export import export_backend_up, export_kv_memory
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler
@@ -18,6 +24,8 @@ from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
 from kvproxy.upstream.llama_server import LlamaServerPrimary
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
 from kvproxy.upstream.score_client import ScoreRouteReference
+
+log = logging.getLogger(__name__)
 
 
 class HttpDeployment(DeploymentBase):
@@ -32,14 +40,23 @@ class HttpDeployment(DeploymentBase):
         shadow: ShadowOptions,
         guard: Guard | None = None,
         top_k: int = 20,
+        prompt_fill: PromptFill | None = None,
         metrics: Metrics | None = None,
+        servers: dict[str, tuple[AttentionShape, ServerSpec]] | None = None,
     ) -> None:
         super().__init__(name, primary_kv=primary_kv, reference_kv=reference_kv, guard=guard, metrics=metrics)
+        # per role, the model's shape and how its llama-servers were started (the deployments
+        # file's `server` tables): what the KV figures need
+        self.servers = servers or {}
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
         self.top_k = top_k
         self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
-        self.resolver = ReferenceResolver(reference_pool, top_k=top_k) if reference_pool else None
+        self.resolver = (
+            ReferenceResolver(reference_pool, top_k=top_k, prompt_fill=prompt_fill)
+            if reference_pool
+            else None
+        )
         if self.resolver is None:  # nothing to score on: nothing is sampled
             self._start_shadow(dataclasses.replace(shadow, sampler=ShadowSampler(0.0)), _NoReference())
         else:
@@ -54,6 +71,21 @@ class HttpDeployment(DeploymentBase):
         for role, pool in pools:
             for replica in pool.replicas:
                 export_backend_up(metrics, self.name, role, replica.url, lambda r=replica: r.healthy)  # type: ignore[misc]
+        for role, kv in (("primary", self.primary_kv), ("reference", self._declared_reference_kv)):
+            if kv is not None and role in self.servers:
+                shape, srv = self.servers[role]
+                export_kv_memory(
+                    metrics,
+                    self.name,
+                    role,
+                    shape,
+                    kv,
+                    srv.ctx_size,
+                    n_ubatch=srv.ubatch_size,
+                    n_seq=srv.n_seq,
+                    kv_unified=srv.unified,
+                    flash_attn=srv.flash_attn,
+                )
 
     @property
     def estimator(self) -> str:  # type: ignore[override]
@@ -70,11 +102,36 @@ class HttpDeployment(DeploymentBase):
     async def start(self) -> None:
         self.primary_pool.start()
         await self.primary_pool.check_health()
+        await self.check_servers()
         if self.reference_pool is not None and self.resolver is not None:
             self.reference_pool.start()
             with contextlib.suppress(*UpstreamError, UpstreamFailure):  # asked again before a job
                 await self.resolve_reference()
         self.shadow.pool.start()
+
+    async def check_servers(self) -> None:
+        """Say so when a llama-server runs other slots than its `server` table declares: the KV
+        figures would be sized for the wrong number of streams (its /props reports its slots)."""
+        pools = [("primary", self.primary_pool), ("reference", self.reference_pool)]
+        for role, pool in pools:
+            if pool is None or role not in self.servers:
+                continue
+            declared = self.servers[role][1].n_seq
+            for replica in pool.replicas:
+                with contextlib.suppress(*UpstreamError, ValueError, KeyError, TypeError):
+                    status, body = await replica.get("/props", timeout=5)
+                    slots = int(orjson.loads(body)["total_slots"]) if status == 200 else declared
+                    if slots != declared:
+                        log.warning(
+                            "deployment %s: %s %s runs %d slots, its server table says %d: the KV "
+                            "figures assume %d",
+                            self.name,
+                            role,
+                            replica.url,
+                            slots,
+                            declared,
+                            declared,
+                        )
 
     async def resolve_reference(self) -> None:
         assert self.resolver is not None
@@ -101,6 +158,24 @@ class HttpDeployment(DeploymentBase):
 
     def close(self) -> None:
         pass
+
+    def kv_figures(self) -> dict[str, Any] | None:
+        """KV bytes of one primary replica, as its llama-server sizes them, where the deployments
+        file says how it was started (its `server` table); else unknown."""
+        kv = self.primary_kv
+        if kv is None or "primary" not in self.servers:
+            return None
+        shape, srv = self.servers["primary"]
+        return kv_memory_summary(
+            shape,
+            kv.cache_type_k,
+            kv.cache_type_v,
+            srv.ctx_size,
+            n_ubatch=srv.ubatch_size,
+            n_seq=srv.n_seq,
+            kv_unified=srv.unified,
+            flash_attn=srv.flash_attn,
+        )
 
     def backend_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"primary_replicas": self.primary_pool.status()}

@@ -12,6 +12,12 @@ urls = ["http://10.0.0.5:8080", "http://10.0.0.6:8080"]
 cache_type_k = "q4_0"
 cache_type_v = "q4_0"
 
+[deployments.primary.server]              # optional: how each replica was started, for KV figures
+model = "/models/gemma-3-27b-it-Q4_K_M.gguf"  # the GGUF it loads (read here for its shape)
+ctx_size = 131072                         # its -c
+parallel = 4                              # its -np; left out: llama-server's auto (4, unified)
+kv_unified = false                        # its --kv-unified; left out: true only without -np
+
 [deployments.reference]                   # a llama-server with an f16 cache, or `kvproxy backend`
 urls = ["http://10.0.0.7:8080"]
 api_key_env = "REFERENCE_API_KEY"         # optional: its --api-key, read from this variable
@@ -40,11 +46,32 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import KVCacheType
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ServerSpec(_Strict):
+    """How a llama-server was started, so its KV bytes can be sized as it sizes them
+    (kvproxy.memory.kv_cells): llama-server reports neither its KV types nor its streams."""
+
+    model: Path  # the GGUF it serves, readable here
+    ctx_size: Annotated[int, Field(ge=0)] = 0  # -c; 0 (its default): the GGUF's training context
+    parallel: Annotated[int, Field(ge=1)] | None = None  # -np; None: auto, which is 4 slots, unified
+    kv_unified: bool | None = None  # --kv-unified; None: llama-server's default (on only for auto -np)
+    ubatch_size: Annotated[int, Field(ge=1)] = 512  # -ub
+    flash_attn: bool = True  # -fa; llama-server's auto turns it on wherever the device supports it
+
+    @property
+    def n_seq(self) -> int:
+        return self.parallel if self.parallel is not None else 4
+
+    @property
+    def unified(self) -> bool:
+        return self.kv_unified if self.kv_unified is not None else self.parallel is None
 
 
 class BackendSpec(_Strict):
@@ -55,6 +82,17 @@ class BackendSpec(_Strict):
     # the name of an environment variable holding the key these upstreams want (llama-server
     # --api-key, kvproxy backend --api-key): the secret stays out of the file
     api_key_env: str | None = None
+    # how these llama-servers were started (their -b, -ub and --ctx-checkpoints; llama-server's
+    # defaults): a kvproxy scoring server replays a primary's prompt cut the way they cut it, so its
+    # replay is the served rows (kvproxy.backends.prompt_fill, docs/production.md)
+    batch_size: Annotated[int, Field(ge=1)] = 2048
+    ubatch_size: Annotated[int, Field(ge=1)] = 512
+    ctx_checkpoints: Annotated[int, Field(ge=0)] = 32
+
+    def prompt_fill(self) -> PromptFill:
+        return PromptFill(self.batch_size, self.ubatch_size, self.ctx_checkpoints > 0)
+
+    server: ServerSpec | None = None
 
     @field_validator("api_key_env")
     @classmethod
@@ -78,6 +116,8 @@ class BackendSpec(_Strict):
     def _one_kind(self) -> Self:
         if bool(self.urls) == self.embedded:
             raise ValueError("give either urls or embedded = true")
+        if self.embedded and self.server is not None:
+            raise ValueError("`server` describes llama-server replicas; an embedded backend sizes its own")
         return self
 
     def kv(self, default: KVCacheType | None = None) -> KVConfig | None:
@@ -173,10 +213,13 @@ class ProxyConfig(BaseSettings):
         return self
 
     def resolve_paths(self, base: Path) -> ProxyConfig:
-        """Relative baseline paths are relative to the deployments file."""
+        """Relative baseline and model paths are relative to the deployments file."""
         for d in self.deployments:
             if d.drift.baseline is not None and not d.drift.baseline.is_absolute():
                 d.drift.baseline = base / d.drift.baseline
+            for b in (d.primary, d.reference):
+                if b is not None and b.server is not None and not b.server.model.is_absolute():
+                    b.server.model = base / b.server.model
         return self
 
     @classmethod

@@ -27,6 +27,17 @@ class Serving(Protocol):
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response: ...
 
+    async def handle_responses(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response: ...
+
+    async def handle_other(
+        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        """A ``/v1`` route kvproxy does not serve itself (``/v1/embeddings``, ...): relayed to a
+        llama-server primary, a 404 on the embedded backend."""
+        ...
+
 
 _M = TypeVar("_M", bound=BaseModel)
 

@@ -3,8 +3,10 @@
 A validated request becomes prompt tokens and a token budget (checked against the context size):
 the chat template is rendered and the prompt tokenized on a worker thread, never on the event loop,
 and a prompt that cannot fit is refused from its length in bytes before it is tokenized at all.
-The backend's events then become one response object or a stream of SSE chunks; a finished
-generation hands its tokens to the shadow path with a non-blocking put.
+The backend's events then become one response object or a stream of SSE chunks (chat completions,
+completions, or the Responses API's events); a finished generation hands its tokens to the shadow
+path with a non-blocking put. A JSON response format becomes a llama.cpp grammar; the shadow path
+replays the tokens without it, so their KLD is that of the raw distributions (docs/design.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 
 from kvproxy import __version__, sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
-from kvproxy.chat_template import ChatTemplateError
+from kvproxy.chat_template import ChatTemplateError, RenderedChat
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
 from kvproxy.observers import TokenClock
@@ -38,7 +40,10 @@ from kvproxy.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    OutputFormat,
 )
+from kvproxy.protocol_responses import ResponsesRequest
+from kvproxy.reasoning import ReasoningSplitter
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -46,11 +51,13 @@ from kvproxy.serving.openai_format import (
     collect,
     legacy_logprobs,
     prepend,
+    responses_logprob,
     sampling,
     sse_stream,
     usage,
     wire_logprob,
 )
+from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 
@@ -66,10 +73,11 @@ def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
 class EmbeddedServing:
     """Chat completions and completions for one embedded deployment."""
 
-    def __init__(self, deployment: EmbeddedDeployment) -> None:
+    def __init__(self, deployment: EmbeddedDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
         self.backend = deployment.backend
         self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
+        self.max_tokens_default = max_tokens_default  # for requests that set no limit; 0: the context
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
@@ -86,6 +94,25 @@ class EmbeddedServing:
         if req.stream:
             return _streaming(await self.completion_stream(req, shadow))
         return _json_response(await self.completion(req, shadow))
+
+    async def handle_responses(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req = validated(ResponsesRequest, body)
+        if req.stream:
+            return _streaming(await self.responses_stream(req, shadow))
+        return _json_response(await self.responses(req, shadow))
+
+    async def handle_other(
+        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        raise OpenAIError(
+            404,
+            f"{path} is not served by the embedded backend: kvproxy serves generation only (chat "
+            "completions, completions, responses). Put kvproxy in front of llama-server (kvproxy serve "
+            "--primary URL) to have it relay this route.",
+            code="unsupported_route",
+        )
 
     # ---- generation and its hand-over to the shadow path ------------------------------------
 
@@ -141,10 +168,14 @@ class EmbeddedServing:
     # ---- prompts ----------------------------------------------------------------------------
 
     def _budget(self, prompt: Sequence[int], requested: int | None) -> int:
+        """The request's own limit, else ``--max-tokens-default`` (or what the context leaves)."""
         n_ctx = self.backend.n_ctx
         if len(prompt) >= n_ctx or (requested is not None and len(prompt) + requested > n_ctx):
             raise context_length_exceeded(n_ctx, len(prompt), requested)
-        return requested if requested is not None else n_ctx - len(prompt)
+        if requested is not None:
+            return requested
+        room = n_ctx - len(prompt)
+        return min(room, self.max_tokens_default) if self.max_tokens_default > 0 else room
 
     def _tokenize(self, text: str, requested: int | None) -> list[int]:
         """Tokenize (on a worker thread), unless the text surely cannot fit the context: no token
@@ -155,24 +186,80 @@ class EmbeddedServing:
             raise context_length_exceeded(n_ctx, at_least, requested, at_least=True)
         return self.backend.tokenize(text, add_bos=True)
 
-    def _chat_prompt(self, messages: list[dict[str, Any]], requested: int | None) -> list[int]:
+    def _chat_prompt(
+        self, messages: list[dict[str, Any]], variables: dict[str, Any] | None, requested: int | None
+    ) -> tuple[list[int], RenderedChat]:
         try:
-            text = self.backend.render_chat(messages)
+            rendered = self.backend.chat_template.render_chat(messages, variables=variables)
         except ChatTemplateError as exc:
             raise OpenAIError(400, str(exc), param="messages") from exc
-        return self._tokenize(text, requested)
+        return self._tokenize(rendered.prompt, requested), rendered
+
+    async def _grammar(self, fmt: OutputFormat | None, param: str) -> str | None:
+        """The llama.cpp grammar of a JSON response format (built on a worker thread), or a 400."""
+        if fmt is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.backend.json_grammar, fmt.schema)
+        except ValueError as exc:
+            raise OpenAIError(400, f"Invalid value for '{param}': {exc}", param=param) from exc
+
+    async def _prepare_messages(
+        self,
+        messages: list[dict[str, Any]],
+        limit: int | None,
+        req: ChatCompletionRequest | ResponsesRequest,
+        *,
+        stop: tuple[str, ...],
+        top_logprobs: int | None,
+        format_param: str,
+        variables: dict[str, Any] | None = None,
+    ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
+        """The generation, and for a reasoning template the splitter its output goes through."""
+        self._check_ready()
+        grammar = await self._grammar(req.output_format, format_param)
+        prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit)
+        fmt = self.backend.chat_template.reasoning
+        gen = GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=self._budget(prompt, limit),
+            sampling=sampling(req),
+            stop=stop,
+            top_logprobs=top_logprobs,
+            grammar=grammar,
+            special_tokens=getattr(self.backend, "preserved_tokens", frozenset()) if fmt else frozenset(),
+        )
+        return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
     async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
-        self._check_ready()
+        return (await self._prepare_chat(req))[0]
+
+    async def _prepare_chat(
+        self, req: ChatCompletionRequest
+    ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         messages = [m.template_dict() for m in req.messages]
-        prompt = await asyncio.to_thread(self._chat_prompt, messages, req.completion_limit)
-        return GenerationRequest(
-            prompt_tokens=prompt,
-            max_tokens=self._budget(prompt, req.completion_limit),
-            sampling=sampling(req),
+        return await self._prepare_messages(
+            messages,
+            req.completion_limit,
+            req,
             stop=req.stop_sequences(),
             top_logprobs=req.top_logprobs_count,
+            format_param="response_format",
+            variables=req.chat_template_kwargs,
         )
+
+    async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
+        # a reasoning model's thinking stays in the output text here: the Responses API has its own
+        # reasoning items, which kvproxy does not produce (docs/design.md)
+        gen, _ = await self._prepare_messages(
+            req.messages,
+            req.max_output_tokens,
+            req,
+            stop=(),
+            top_logprobs=req.top_logprobs_count,
+            format_param="text.format",
+        )
+        return gen
 
     async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
         self._check_ready()
@@ -201,7 +288,13 @@ class EmbeddedServing:
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
-        got = await self._collected(await self.prepare_chat(req), shadow)
+        gen, splitter = await self._prepare_chat(req)
+        got = await self._collected(gen, shadow)
+        message = AssistantMessage(content=got.text)
+        if splitter is not None:  # a reasoning model: its thinking apart, as llama-server answers
+            r1, c1 = splitter.push(got.text)
+            r2, c2 = splitter.finish()
+            message = AssistantMessage(content=c1 + c2, reasoning_content=(r1 + r2) or None)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -209,7 +302,7 @@ class EmbeddedServing:
             system_fingerprint=self.fingerprint,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=got.text),
+                    message=message,
                     logprobs=ChoiceLogprobs(content=[wire_logprob(lp) for lp in got.logprobs])
                     if req.logprobs
                     else None,
@@ -222,10 +315,14 @@ class EmbeddedServing:
     async def chat_stream(
         self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
     ) -> AsyncIterator[bytes]:
-        return self._chat_chunks(req, await self._started(await self.prepare_chat(req), shadow))
+        gen, splitter = await self._prepare_chat(req)
+        return self._chat_chunks(req, await self._started(gen, shadow), splitter)
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, events: AsyncGenerator[GenerationEvent, None]
+        self,
+        req: ChatCompletionRequest,
+        events: AsyncGenerator[GenerationEvent, None],
+        splitter: ReasoningSplitter | None = None,
     ) -> AsyncIterator[bytes]:
         chunk = ChatCompletionChunk(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -237,11 +334,19 @@ class EmbeddedServing:
 
         def delta(event: TextDelta) -> ChatCompletionChunk:
             lp = ChoiceLogprobs(content=[wire_logprob(x) for x in event.logprobs]) if req.logprobs else None
-            chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=lp)]
+            d = ChatDelta(content=event.text)
+            if splitter is not None:
+                reasoning, content = splitter.push(event.text)
+                d = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            chunk.choices = [ChatChunkChoice(delta=d, logprobs=lp)]
             return chunk
 
         def finish(done: Finished) -> ChatCompletionChunk:
-            chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=done.finish_reason)]
+            d = ChatDelta()
+            if splitter is not None:  # what was held back as a possible tag
+                reasoning, content = splitter.finish()
+                d = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            chunk.choices = [ChatChunkChoice(delta=d, finish_reason=done.finish_reason)]
             return chunk
 
         def final_usage(done: Finished) -> ChatCompletionChunk:
@@ -256,10 +361,10 @@ class EmbeddedServing:
     # ---- /v1/completions --------------------------------------------------------------------
 
     def _completion(
-        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None
+        self, text: str, finish: FinishReason | None, logprobs: CompletionLogprobs | None, rid: str = ""
     ) -> Completion:
         return Completion(
-            id=f"cmpl-{uuid.uuid4().hex}",
+            id=rid or f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.backend.model_name,
             system_fingerprint=self.fingerprint,
@@ -282,21 +387,58 @@ class EmbeddedServing:
         self, req: CompletionRequest, events: AsyncGenerator[GenerationEvent, None]
     ) -> AsyncIterator[bytes]:
         offset = 0
+        rid = f"cmpl-{uuid.uuid4().hex}"  # one id for every chunk of the stream, as chat streams have
 
         def delta(event: TextDelta) -> Completion:
             nonlocal offset
             lp = legacy_logprobs(event.logprobs, offset) if req.logprobs is not None else None
             offset += len(event.text)
-            return self._completion(event.text, None, lp)
+            return self._completion(event.text, None, lp, rid)
 
         def final_usage(done: Finished) -> Completion:
-            final = self._completion("", None, None)
+            final = self._completion("", None, None, rid)
             final.choices = []
             final.usage = usage(done)
             return final
 
         def finish(done: Finished) -> Completion:
-            return self._completion("", done.finish_reason, None)
+            return self._completion("", done.finish_reason, None, rid)
 
         async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
             yield out
+
+    # ---- /v1/responses ----------------------------------------------------------------------
+
+    async def responses(self, req: ResponsesRequest, shadow: ShadowDirective | None = None) -> BaseModel:
+        got = await self._collected(await self.prepare_responses(req), shadow)
+        out = ResponsesRenderer(req, self.backend.model_name)
+        want = req.top_logprobs_count is not None
+        out.add(got.text, [responses_logprob(lp) for lp in got.logprobs] if want else ())
+        done = got.done
+        return out.response(done.finish_reason, responses_usage(done.prompt_tokens, done.completion_tokens))
+
+    async def responses_stream(
+        self, req: ResponsesRequest, shadow: ShadowDirective | None = None
+    ) -> AsyncIterator[bytes]:
+        return self._responses_events(req, await self._started(await self.prepare_responses(req), shadow))
+
+    async def _responses_events(
+        self, req: ResponsesRequest, events: AsyncGenerator[GenerationEvent, None]
+    ) -> AsyncIterator[bytes]:
+        out = ResponsesRenderer(req, self.backend.model_name)
+        want = req.top_logprobs_count is not None
+        yield out.start()
+        try:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if event.text or event.logprobs:
+                        lps = [responses_logprob(lp) for lp in event.logprobs] if want else []
+                        yield out.delta(event.text, lps)
+                    continue
+                used = responses_usage(event.prompt_tokens, event.completion_tokens)
+                yield out.finish(event.finish_reason, used)
+                return
+        except BackendError as exc:
+            yield out.failed(f"The backend failed: {exc}")
+        finally:
+            await events.aclose()

@@ -26,13 +26,15 @@ from kvproxy.shadow.pool import ShadowDirective
 log = logging.getLogger(__name__)
 
 SERVED_BY_HEADER = "X-KVProxy-Served-By"
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "responses"]
 
 
 Handler = Callable[[bytes, dict[str, Any], ShadowDirective | None], Awaitable[Response]]
 
 
 def _handler(serving: Serving, kind: Kind) -> Handler:
+    if kind == "responses":
+        return serving.handle_responses
     return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
@@ -51,6 +53,20 @@ class GuardedServing:
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         return await self._serve("completion", raw, body, shadow)
+
+    async def handle_responses(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        return await self._serve("responses", raw, body, shadow)
+
+    async def handle_other(
+        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        """Routes kvproxy does not serve itself (embeddings, ...) are not generation: the guard
+        does not apply, the deployment's own serving answers."""
+        response: Response = await self.primary.handle_other(path, raw, body, shadow)
+        response.headers[SERVED_BY_HEADER] = self.deployment.name
+        return response
 
     async def _serve(
         self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None

@@ -26,6 +26,7 @@ from kvproxy.errors import OpenAIError, server_busy
 from kvproxy.protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Usage
 from kvproxy.protocol import TokenLogprob as WireTokenLogprob
 from kvproxy.protocol import TopLogprob as WireTopLogprob
+from kvproxy.protocol_responses import ResponsesLogprob, ResponsesRequest, ResponsesTopLogprob
 
 
 def _text(token: bytes) -> str:
@@ -39,6 +40,18 @@ def wire_logprob(lp: TokenLogprob) -> WireTokenLogprob:
         bytes=list(lp.token),
         top_logprobs=[
             WireTopLogprob(token=_text(t.token), logprob=t.logprob, bytes=list(t.token)) for t in lp.top
+        ],
+    )
+
+
+def responses_logprob(lp: TokenLogprob) -> ResponsesLogprob:
+    """The Responses API's logprob entry (as chat's, without token ids)."""
+    return ResponsesLogprob(
+        token=_text(lp.token),
+        logprob=lp.logprob,
+        bytes=list(lp.token),
+        top_logprobs=[
+            ResponsesTopLogprob(token=_text(t.token), logprob=t.logprob, bytes=list(t.token)) for t in lp.top
         ],
     )
 
@@ -66,7 +79,7 @@ def usage(done: Finished) -> Usage:
     )
 
 
-def sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+def sampling(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> SamplingParams:
     defaults = SamplingParams()
     return SamplingParams(
         temperature=req.temperature if req.temperature is not None else defaults.temperature,

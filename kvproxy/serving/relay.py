@@ -3,8 +3,11 @@
 The proxy checks only what it must (a JSON object with ``model``, the fields it reads itself) and
 leaves every other parameter to the upstream, which supports more than the embedded backend does
 (tools, grammars, JSON schemas with ``--jinja``); the upstream's errors come back as OpenAI errors.
-Unsampled requests are relayed byte for byte. A shadowed request asks the primary for logprobs,
-strips what the client did not ask for, and hands what the primary reported to the shadow path.
+Unsampled requests are relayed byte for byte (a request that sets no completion limit gets
+``--max-tokens-default`` added first). A shadowed request asks the primary for logprobs, strips what
+the client did not ask for, and hands what the primary reported to the shadow path. ``/v1/responses``
+is served through the primary's chat route (kvproxy.serving.relay_responses); other ``/v1`` routes
+kvproxy does not serve itself (``/v1/embeddings``, ...) are relayed to the primary as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
+from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage
+from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
+from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 from kvproxy.upstream.llama_server import strip_logprobs
@@ -44,9 +50,30 @@ class RelayChatRequest(_Lenient):
     top_logprobs: Annotated[int, Field(ge=0)] | None = None
 
 
+# llama-server reads token ids as int32 and wraps larger ones (2**32 + 5 became 5): refused here
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class RelayCompletionRequest(_Lenient):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[TokenId]
     logprobs: Annotated[int, Field(ge=0)] | None = None
+
+
+def _text_only(messages: list[dict[str, Any]]) -> None:
+    """A 400 for a content part that is not text (an image, audio, a file). kvproxy serves text: the
+    embedded backend refuses such parts too, and the shadow path replays prompts as text. A primary
+    without a projector answered them with a 500, which reached the client as a 502."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise OpenAIError(
+                    400,
+                    f"Content parts of type {kind!r} are not supported: kvproxy serves text only.",
+                    param=f"messages.{i}.content.{j}.type",
+                    code="unsupported_content",
+                )
 
 
 async def _error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -63,12 +90,32 @@ def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(_error_events(chunks), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
 
+class RelayResponsesRequest(_Lenient):
+    input: str | Annotated[list[Any], Field(min_length=1)]
+
+
+# the events that end a stream of llama-server's own /v1/responses (which sends no [DONE])
+RESPONSES_END = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
 class RelayServing:
-    def __init__(self, deployment: HttpDeployment) -> None:
+    def __init__(self, deployment: HttpDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
+        self.max_tokens_default = max_tokens_default  # added to requests that set no limit; 0: none
+
+    def _limited(
+        self, raw: bytes, body: dict[str, Any], keys: tuple[str, ...]
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The request with ``max_tokens_default`` as its limit when it sets none (else as sent)."""
+        if self.max_tokens_default <= 0 or any(body.get(k) is not None for k in keys):
+            return raw, body
+        body = {**body, keys[0]: self.max_tokens_default}
+        return orjson.dumps(body), body
 
     async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
         req = validated(RelayChatRequest, body)
+        _text_only(req.messages)
+        raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
         wants = (bool(req.logprobs), req.top_logprobs or 0)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         return await self._serve(
@@ -79,6 +126,7 @@ class RelayServing:
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         req = validated(RelayCompletionRequest, body)
+        raw, body = self._limited(raw, body, ("max_tokens",))
         wants = (req.logprobs is not None, req.logprobs or 0)
         ask: dict[str, Any] = {"logprobs": max(wants[1], self.deployment.top_k)}
         prompt = (
@@ -89,6 +137,75 @@ class RelayServing:
         return await self._serve(
             "/v1/completions", raw, body, req.stream, shadow, wants, ask, {"prompt": prompt}
         )
+
+    async def handle_other(
+        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        """A route kvproxy does not serve itself, relayed to the primary as it is (both ways)."""
+        try:
+            if body.get("stream") is True:
+                return _streaming(await self.deployment.primary.open_stream(path, raw, ends=None))
+            return await self._relay(path, raw, stream=False)
+        except UpstreamFailure as failure:
+            raise upstream_error(failure) from failure
+
+    async def handle_responses(
+        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
+    ) -> Response:
+        req = validated(RelayResponsesRequest, body)
+        messages = relay_responses.translatable(body)
+        try:
+            if messages is None:  # tools and the like: llama-server's own route, as it is
+                raw, body = self._limited(raw, body, ("max_output_tokens",))
+                if req.stream:
+                    primary = self.deployment.primary
+                    return _streaming(await primary.open_stream("/v1/responses", raw, ends=RESPONSES_END))
+                return await self._relay("/v1/responses", raw, stream=False)
+            return await self._responses_via_chat(body, messages, req.stream, shadow)
+        except UpstreamFailure as failure:
+            raise upstream_error(failure) from failure
+
+    async def _responses_via_chat(
+        self,
+        body: dict[str, Any],
+        messages: list[dict[str, Any]],
+        stream: bool,
+        shadow: ShadowDirective | None,
+    ) -> Response:
+        chat = relay_responses.chat_body(body, messages, self.max_tokens_default)
+        wants = relay_responses.wants_logprobs(body)
+        ticket = self.deployment.ticket(shadow)
+        if ticket is not None:
+            chat["logprobs"] = True
+            chat["top_logprobs"] = max(wants[1], self.deployment.top_k)
+        renderer = ResponsesRenderer(_echoable(body), str(body["model"]))
+        source = {"messages": messages}
+        primary = self.deployment.primary
+        report = PrimaryReport()
+        try:
+            if stream:
+                chunks = await primary.open_stream("/v1/chat/completions", orjson.dumps(chat))
+                events = _responses_events(chunks, renderer, ticket, report, wants, source)
+                return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+            content = await primary.post_json("/v1/chat/completions", orjson.dumps(chat))
+            try:
+                data = orjson.loads(content)
+                choice = data["choices"][0]
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise self._invalid_json(ValueError(str(exc))) from exc
+        except BaseException:
+            if ticket is not None:
+                ticket.abandon()
+            raise
+        entries = strip_logprobs(choice, *wants)
+        if ticket is not None:
+            report.add(entries)
+            report.note_end(data)
+            _settle(ticket, report, source, streamed=False)
+        message = choice.get("message") or {}
+        renderer.add(str(message.get("content") or ""), relay_responses.responses_logprobs(choice))
+        out: ResponseObject = renderer.response(choice.get("finish_reason"), _usage(data))
+        return Response(out.model_dump_json(), media_type="application/json")
 
     async def _serve(
         self,
@@ -238,3 +355,75 @@ def _rewrite_event(event: sse.Event, report: PrimaryReport, wants: Wants, client
         elif not wants[0]:
             choice.pop("logprobs", None)
     return sse.encode(orjson.dumps(data), newline=event.newline)
+
+
+def _echoable(body: dict[str, Any]) -> ResponsesRequest:
+    """The request as the renderer echoes it: as kvproxy's model reads it, or (when it holds what
+    only the upstream takes, such as images) its defaults."""
+    try:
+        return ResponsesRequest.model_validate(body)
+    except ValueError:
+        return ResponsesRequest.model_construct(model=str(body.get("model")), input="")
+
+
+def _usage(data: dict[str, Any]) -> ResponsesUsage:
+    found = data.get("usage")
+    usage: dict[str, Any] = found if isinstance(found, dict) else {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return responses_usage(prompt, completion)
+
+
+async def _responses_events(
+    chunks: AsyncIterator[bytes],
+    renderer: ResponsesRenderer,
+    ticket: ShadowTicket | None,
+    report: PrimaryReport,
+    wants: Wants,
+    source: dict[str, Any],
+) -> AsyncIterator[bytes]:
+    """The primary's chat stream as the Responses API's events; what it reported goes to the shadow
+    path as a chat stream's would. A stream that breaks ends with ``response.failed``."""
+    decoder = sse.SSEDecoder()
+    finish: str | None = None
+    usage: dict[str, Any] = {}
+    yield renderer.start()
+    try:
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                for event in decoder.feed(chunk):
+                    if event.is_done:
+                        if ticket is not None:
+                            _settle(ticket, report, source, streamed=True)
+                        continue
+                    data = _event_json(event)
+                    if data is None:
+                        continue
+                    if ticket is not None:
+                        report.note_end(data)
+                    if isinstance(data.get("usage"), dict):
+                        usage = data["usage"]
+                    for choice in data.get("choices") or []:
+                        entries = strip_logprobs(choice, *wants) if choice.get("logprobs") else []
+                        if ticket is not None and entries:
+                            report.add(entries)
+                        finish = choice.get("finish_reason") or finish
+                        text = str((choice.get("delta") or {}).get("content") or "")
+                        logprobs = relay_responses.responses_logprobs(choice)
+                        if text or logprobs:
+                            yield renderer.delta(text, logprobs)
+        yield renderer.finish(finish, _usage({"usage": usage}))  # the upstream's stream ended in [DONE]
+    except UpstreamFailure as failure:
+        yield renderer.failed(failure.message)
+    finally:
+        if ticket is not None:
+            ticket.abandon()  # a no-op once submitted
+
+
+def _event_json(event: sse.Event) -> dict[str, Any] | None:
+    if event.data is None or not event.data.startswith(b"{"):
+        return None
+    try:
+        data = orjson.loads(event.data)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -16,11 +16,17 @@ from kvproxy.serving.relay import RelayServing
 
 
 class Router:
-    def __init__(self, deployments: list[Deployment]) -> None:
+    """``max_tokens_default``: the completion limit of requests that set none (0: the context's
+    room; the settings' ``max_tokens_default``)."""
+
+    def __init__(self, deployments: list[Deployment], *, max_tokens_default: int = 0) -> None:
         check_names([d.name for d in deployments], {d.name: d.guard.fallback for d in deployments if d.guard})
         self.deployments = deployments
+        limit = max_tokens_default
         own: dict[str, Serving] = {
-            d.name: EmbeddedServing(d) if isinstance(d, EmbeddedDeployment) else RelayServing(d)
+            d.name: EmbeddedServing(d, max_tokens_default=limit)
+            if isinstance(d, EmbeddedDeployment)
+            else RelayServing(d, max_tokens_default=limit)
             for d in deployments
         }
         self._serving = dict(own)
@@ -44,3 +50,9 @@ class Router:
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=d.name, created=self._created) for d in self.deployments])
+
+    def model(self, name: str) -> ModelCard:
+        """``GET /v1/models/{id}``: the served model of that name, or a 404."""
+        if not any(d.name == name for d in self.deployments):
+            raise model_not_found(name)
+        return ModelCard(id=name, created=self._created)

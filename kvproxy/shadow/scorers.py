@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
@@ -27,9 +28,12 @@ class ReferenceResolver:
     """Which kind of reference a pool is: asked at start-up and, if it could not be reached then,
     again before the first job (a connection error fails that job and is asked again)."""
 
-    def __init__(self, pool: ReplicaPool, *, top_k: int) -> None:
+    def __init__(self, pool: ReplicaPool, *, top_k: int, prompt_fill: PromptFill | None = None) -> None:
         self.pool = pool
         self.top_k = top_k
+        self.prompt_fill = (
+            prompt_fill  # how the primary llama-servers cut prompts (a scoring server mirrors it)
+        )
         self.reference: Reference | None = None
 
     @property
@@ -52,7 +56,7 @@ class ReferenceResolver:
         if self.reference is None:
             info = await probe_score_route(self.pool)
             self.reference = (
-                ScoreRouteReference(self.pool, info)
+                ScoreRouteReference(self.pool, info, prompt_fill=self.prompt_fill)
                 if info is not None
                 else LlamaServerReference(self.pool, top_k=self.top_k)
             )
@@ -103,7 +107,7 @@ class ThreadedScorer:
         return self._scorer.max_sequences if self._scorer is not None else 1
 
     async def score(self, job: ShadowJob) -> PositionScores:
-        return await self.score_tokens(job.prompt_tokens, job.token_ids)
+        return await self.score_request(ScoreRequest(job.prompt_tokens, job.token_ids))
 
     async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
         """Several jobs in one pass (lockstep sequences on the batched decode path)."""
@@ -114,14 +118,13 @@ class ThreadedScorer:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
-    async def score_tokens(
-        self,
-        prompt: Sequence[int],
-        completion: Sequence[int],
-        check_ids: Sequence[Sequence[int]] | None = None,
-    ) -> PositionScores:
+    async def score_request(self, request: ScoreRequest) -> PositionScores:
+        """One job given as tokens (the score route's), on the worker thread."""
+
         def run() -> PositionScores:
-            return self._get().score(prompt, completion, check_ids)
+            return self._get().score(
+                request.prompt, request.completion, request.check_ids, request.prompt_fill
+            )
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 

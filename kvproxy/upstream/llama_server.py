@@ -10,9 +10,11 @@ strips from the client's response what the client did not ask for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,6 +39,7 @@ from kvproxy.upstream.replicas import (
 
 log = logging.getLogger(__name__)
 
+DONE_END = (b"[DONE]",)  # an OpenAI stream's end: its last event is ``data: [DONE]``
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -127,13 +130,16 @@ class LlamaServerPrimary:
         if prompt and completion:
             self.events.tokens(int(prompt.group(1)), int(completion.group(1)))
 
-    async def open_stream(self, path: str, content: bytes) -> AsyncIterator[bytes]:
+    async def open_stream(
+        self, path: str, content: bytes, *, ends: tuple[bytes, ...] | None = DONE_END
+    ) -> AsyncIterator[bytes]:
         """Start a streamed request and wait for the upstream's status before any byte goes out.
 
         Returns the raw SSE byte stream, cut at event boundaries (LF, CRLF or CR line ends): an event
         split across chunks is held until it is whole. If the upstream dies or stalls mid-stream, or
-        ends without ``data: [DONE]``, the iterator raises :class:`UpstreamFailure` after the last
-        whole event (the serving layer sends it as an SSE error event) and closes.
+        ends without ``data: [DONE]`` (or, given ``ends``, without an event holding one of those
+        markers; ``None``: any end is an end), the iterator raises :class:`UpstreamFailure` after
+        the last whole event (the serving layer sends it as an SSE error event) and closes.
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
@@ -142,6 +148,8 @@ class LlamaServerPrimary:
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
             decoder = SSEDecoder()
+            markers = None if ends is DONE_END else ends
+            ended = ends is None
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in resp.content.iter_any():
@@ -149,11 +157,15 @@ class LlamaServerPrimary:
                         tail = (tail + chunk)[-600:]
                         whole = decoder.feed_raw(chunk)
                         if whole:
+                            if markers and not ended:
+                                ended = any(m in whole for m in markers)
                             yield whole
                 if decoder.pending:
                     yield decoder.pending
                 self._count_usage(tail)
-                if b"[DONE]" not in tail[-32:]:
+                if ends is DONE_END:
+                    ended = b"[DONE]" in tail[-32:]
+                if not ended:
                     self.record_error("stream_ended")
                     raise UpstreamFailure(
                         502,
@@ -173,6 +185,14 @@ class LlamaServerPrimary:
         return relay()
 
 
+@dataclass
+class _ServerState:
+    """What the per-position scorer learns once about one reference llama-server."""
+
+    free_slots: list[int]  # slots no job of this process scores on now; empty: do not pin
+    plain_token: int | None  # a token whose text is whole UTF-8, to steer the one sampled token
+
+
 class LlamaServerReference:
     """Teacher-forced top-K scoring on a plain llama-server: an n_predict=1 completion per position.
 
@@ -180,19 +200,50 @@ class LlamaServerReference:
     reuses the cached prefix and each step costs about one decode. Up to ``batch`` positions go in
     one request (``/completion`` takes an array of prompts and answers a list, in order of
     ``index``): the proxy's CPU per job was mostly the per-request HTTP work, about 0.2 ms a
-    position. Batched and one-by-one answers are identical from the same cache state
-    (docs/benchmarks.md).
+    position.
+
+    One job's requests are pinned to one server slot (``id_slot``). llama-server spreads the prompts
+    of one request over its free slots, and a slot whose cache ran past the next prefix must cut it
+    back: a recurrent state (Qwen3.5/3.6) or a sliding-window cache cannot be cut, so the prompt was
+    processed again from the start. On llama-server's default 4 slots that cost 52 to 81 prompt
+    tokens a position (120-token prompt, 64 positions, tiny qwen35moe, gemma3 and llama alike);
+    pinned, every position after the prompt costs one token and the answers equal a fresh prefill of
+    each prefix to 1e-5 (docs/production.md, "Hybrid and shared-KV models").
+
+    The one sampled token is steered to a plain one (``logit_bias``): llama-server reports no
+    ``completion_probabilities`` when the sampled token ends in an incomplete UTF-8 character (a
+    byte token), and the top-K it reports comes from the raw logits, which the bias does not touch.
     """
 
     def __init__(self, pool: ReplicaPool, *, top_k: int, batch: int = 32) -> None:
         self.pool = pool
         self.top_k = top_k
         self.batch = batch
+        self._servers: dict[str, _ServerState] = {}
+
+    async def _server(self, replica: Replica) -> _ServerState:
+        known = self._servers.get(replica.url)
+        if known is not None:
+            return known
+        slots: list[int] = []
+        plain: int | None = None
+        status, content = await replica.get("/props")
+        if status == 200:
+            with contextlib.suppress(ValueError, TypeError):
+                slots = list(range(int(orjson.loads(content)["total_slots"])))
+        body = {"content": "a", "add_special": False, "parse_special": False}
+        status, content = await replica.post("/tokenize", orjson.dumps(body))
+        if status == 200:
+            with contextlib.suppress(ValueError, TypeError, IndexError):
+                plain = int(orjson.loads(content)["tokens"][0])
+        state = _ServerState(slots, plain)
+        self._servers[replica.url] = state
+        return state
 
     async def _next_token_tops(
-        self, replica: Any, prefixes: list[list[int]]
+        self, replica: Any, prefixes: list[list[int]], slot: int | None, plain: int | None
     ) -> list[tuple[list[int], list[float]]]:
-        body = {
+        body: dict[str, Any] = {
             "prompt": prefixes if len(prefixes) > 1 else prefixes[0],
             "n_predict": 1,
             "n_probs": self.top_k,
@@ -200,6 +251,10 @@ class LlamaServerReference:
             "temperature": 0.0,
             "post_sampling_probs": False,
         }
+        if slot is not None:
+            body["id_slot"] = slot
+        if plain is not None:
+            body["logit_bias"] = [[plain, 1000.0]]
         status, content = await replica.post("/completion", orjson.dumps(body))
         if status != 200:
             raise map_upstream_status(replica, status, content)
@@ -209,6 +264,8 @@ class LlamaServerReference:
             raise ValueError(f"the reference answered {len(answers)} positions for {len(prefixes)} prompts")
         out = []
         for answer in answers:
+            if "completion_probabilities" not in answer:
+                raise ValueError("the reference gave no probabilities for a position")
             probs = answer["completion_probabilities"][0]["top_logprobs"]
             out.append(([int(p["id"]) for p in probs], [float(p["logprob"]) for p in probs]))
         return out
@@ -220,19 +277,30 @@ class LlamaServerReference:
         p_ref = np.zeros(n)
         p_pri = np.exp(np.asarray(report.token_logprobs, dtype=np.float64))
         async with self.pool.acquire() as replica:
+            slot: int | None = None
             try:
+                server = await self._server(replica)
+                slot = server.free_slots.pop() if server.free_slots else None
                 for start in range(0, n, self.batch):
                     stop = min(start + self.batch, n)
                     prefixes = [prompt + report.token_ids[:j] for j in range(start, stop)]
-                    tops = await self._next_token_tops(replica, prefixes)
+                    tops = await self._next_token_tops(replica, prefixes, slot, server.plain_token)
                     for j, (ids, lps) in zip(range(start, stop), tops, strict=True):
                         kld[j] = coarse_kld_row(ids, lps, report.top_ids[j], report.top_logprobs[j])
                         same[j] = bool(ids) and bool(report.top_ids[j]) and ids[0] == report.top_ids[j][0]
                         tok = report.token_ids[j]
                         # P_ref of the emitted token, when it is among the reference's top K (else 0)
                         p_ref[j] = float(np.exp(lps[ids.index(tok)])) if tok in ids else 0.0
-            except UpstreamError as exc:
-                raise map_transport_error(replica, exc) from exc
+            except BaseException as exc:
+                # the server may have restarted with other slots: learn them again next time
+                self._servers.pop(replica.url, None)
+                slot = None
+                if isinstance(exc, UpstreamError):
+                    raise map_transport_error(replica, exc) from exc
+                raise
+            finally:
+                if slot is not None and replica.url in self._servers:
+                    self._servers[replica.url].free_slots.append(slot)
         return PositionScores(kld, same, p_ref, p_pri, first_position=len(prompt))
 
 

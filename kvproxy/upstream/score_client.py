@@ -9,6 +9,7 @@ like the primary (a mismatch, such as a different KV type, is itself worth an al
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import orjson
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.kld import PositionScores, coarse_kld_row
 from kvproxy.shadow.job import PrimaryReport
 from kvproxy.upstream.replicas import (
@@ -59,9 +61,12 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
 
 
 class ScoreRouteReference:
-    def __init__(self, pool: ReplicaPool, info: ScoreServerInfo) -> None:
+    def __init__(
+        self, pool: ReplicaPool, info: ScoreServerInfo, *, prompt_fill: PromptFill | None = None
+    ) -> None:
         self.pool = pool
         self.info = info
+        self.prompt_fill = prompt_fill
         self._kl_sum = 0.0
         self._positions = 0
 
@@ -78,7 +83,13 @@ class ScoreRouteReference:
         }
 
     async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
-        body = {"prompt_tokens": prompt, "token_ids": report.token_ids, "check_ids": report.top_ids}
+        body: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "token_ids": report.token_ids,
+            "check_ids": report.top_ids,
+        }
+        if self.prompt_fill is not None and self.info.score_path == "decode":
+            body["prompt_fill"] = dataclasses.asdict(self.prompt_fill)
         async with self.pool.acquire() as replica:
             try:
                 status, content = await replica.post(SCORE_PATH, orjson.dumps(body))

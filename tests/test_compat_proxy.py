@@ -1,0 +1,161 @@
+"""Issue 19 in proxy mode, in front of real llama-server processes (the pinned llama.cpp) on Gemma 3
+270M: ``/v1/responses`` served through the primary's chat route (the same conversion llama-server
+applies itself, so the same tokens) and shadow-scored like chat; requests only llama-server's own
+``/v1/responses`` takes (tools) relayed to it as they are; ``/v1/embeddings`` relayed to an
+embeddings llama-server; ``--max-tokens-default`` applied to requests that set no limit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from kvproxy import sse
+from kvproxy.chat_template import GEMMA_TEMPLATE
+from tests.conftest import RunningServer, start_server, stop_server
+from tests.llama_servers import LlamaServer, llama_servers
+from tests.openai_spec import assert_valid, assert_valid_event
+
+FORCE_KEEP = {"X-KVProxy-Shadow": "force", "X-KVProxy-Token-Scores": "keep"}
+LIMIT = 8  # the proxy's --max-tokens-default
+
+
+@pytest.fixture(scope="module")
+def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("compat-proxy")
+    template = tmp / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
+    # Jinja on (the helper turns it off for the built-in format): tools need it
+    tpl = ("--jinja", "--chat-template-file", str(template))
+    with llama_servers(
+        gemma_path,
+        tmp,
+        ("-ctk", "q4_0", "-ctv", "q4_0", "-fa", "on", "-np", "1", *tpl),
+        ("-fa", "on", "-np", "1", "--swa-full", *tpl),
+        ("--embeddings", "--pooling", "mean", "-np", "1"),
+    ) as (q4, f16, embed):
+        config = tmp / "deployments.toml"
+        config.write_text(f"""
+[[deployments]]
+model = "gemma"
+shadow_rate = 0
+primary = {{ urls = ["{q4.url}"], cache_type_k = "q4_0", cache_type_v = "q4_0" }}
+reference = {{ urls = ["{f16.url}"] }}
+
+[[deployments]]
+model = "embed"
+shadow_rate = 0
+primary = {{ urls = ["{embed.url}"] }}
+""")
+        proxy = start_server("--config", str(config), "--max-tokens-default", str(LIMIT))
+        try:
+            yield {"proxy": proxy, "q4": q4}
+        finally:
+            stop_server(proxy)
+
+
+@pytest.fixture()
+def http(stack: dict[str, Any]) -> Iterator[httpx.Client]:
+    proxy: RunningServer = stack["proxy"]
+    with httpx.Client(base_url=proxy.base_url, timeout=300) as client:
+        yield client
+
+
+def events(resp: httpx.Response) -> list[dict[str, Any]]:
+    decoder = sse.SSEDecoder()
+    parsed = decoder.feed(resp.read()) + decoder.close()
+    return [orjson.loads(e.data) for e in parsed if e.data and e.data != b"[DONE]"]
+
+
+def test_a_response_is_served_through_the_chat_route(http: httpx.Client, stack: dict[str, Any]) -> None:
+    body = {
+        "model": "gemma",
+        "instructions": "Answer briefly.",
+        "input": [{"role": "user", "content": "Write about the sea."}],
+        "max_output_tokens": 6,
+        "temperature": 0,
+    }
+    out = http.post("/v1/responses", json={**body, "include": ["message.output_text.logprobs"]}).json()
+    assert_valid("Response", out)
+    assert out["usage"]["output_tokens"] == 6 and out["status"] == "incomplete"
+    assert len(out["output"][0]["content"][0]["logprobs"]) == 6
+    # the same tokens as llama-server's own /v1/responses (which converts to its chat route too)
+    q4: LlamaServer = stack["q4"]
+    own = httpx.post(f"{q4.url}/v1/responses", json=body, timeout=300).json()
+    assert out["output"][0]["content"][0]["text"] == own["output"][0]["content"][0]["text"]
+    with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        got = events(resp)
+    for event in got:
+        assert_valid_event(event)
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+    assert got[-1]["type"] == "response.incomplete"
+    assert got[-1]["response"]["output"][0]["content"][0]["text"] == own["output"][0]["content"][0]["text"]
+
+
+def kept(http: httpx.Client, response_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        r = http.get(f"/kvproxy/v1/scores/{response_id}")
+        if r.status_code == 200:
+            return r.json()  # type: ignore[no-any-return]
+        assert r.status_code == 202, r.text
+        time.sleep(0.3)
+    raise AssertionError(f"no scores for {response_id}")
+
+
+def test_a_relayed_response_is_shadow_scored(http: httpx.Client) -> None:
+    body = {"model": "gemma", "input": "Write about the sea.", "max_output_tokens": 5, "temperature": 0}
+    out = http.post("/v1/responses", json=body, headers=FORCE_KEEP).json()
+    assert out["output"][0]["content"][0]["logprobs"] == []  # asked for by kvproxy, not by the client
+    got = kept(http, out["id"])
+    assert got["status"] == "scored" and got["positions"] == 5
+    with http.stream("POST", "/v1/responses", json={**body, "stream": True}, headers=FORCE_KEEP) as resp:
+        streamed = events(resp)
+    assert all(not e.get("logprobs") for e in streamed)
+    assert kept(http, streamed[0]["response"]["id"])["status"] == "scored"
+
+
+def test_tools_go_to_llama_servers_own_route(http: httpx.Client) -> None:
+    tool = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+    body = {"model": "gemma", "input": "Hi", "tools": [tool], "max_output_tokens": 4}
+    out = http.post("/v1/responses", json=body)
+    assert out.status_code == 200, out.text
+    assert "parallel_tool_calls" not in out.json()  # llama-server's own rendering, relayed as it is
+    with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
+        raw = resp.read().decode()
+    # llama-server's stream ends with response.completed and no [DONE]: a complete stream, not an
+    # upstream that broke off (which would end in an error event)
+    assert "event: response.completed" in raw and '"timings"' in raw and "upstream_stream_ended" not in raw
+
+
+def test_embeddings_and_other_routes_are_relayed(http: httpx.Client) -> None:
+    for path in ("/v1/embeddings", "/embeddings"):
+        out = http.post(path, json={"model": "embed", "input": ["hello", "world"]})
+        assert out.status_code == 200, out.text
+        assert len(out.json()["data"]) == 2
+    assert_valid(
+        "CreateEmbeddingResponse", http.post("/v1/embeddings", json={"model": "embed", "input": "hi"}).json()
+    )
+    # a route llama-server has and kvproxy does not serve itself, relayed by the deployment's model
+    tokens = http.post(
+        "/v1/chat/completions/input_tokens",
+        json={"model": "gemma", "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert tokens.status_code == 200, tokens.text
+
+
+def test_the_default_limit_applies_in_proxy_mode(http: httpx.Client) -> None:
+    chat = http.post(
+        "/v1/chat/completions", json={"model": "gemma", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= LIMIT
+    alias = http.post("/completions", json={"model": "gemma", "prompt": "The sea", "max_tokens": None})
+    assert alias.status_code == 200 and alias.json()["usage"]["completion_tokens"] <= LIMIT
+    assert http.get("/models").json()["data"][0]["id"] == "gemma"
+    assert http.get("/v1/models/embed").json()["id"] == "embed"
