@@ -61,11 +61,25 @@ class KeySet:
         return bool(self._digests)
 
     def matches(self, presented: bytes) -> bool:
+        return self.match(presented) is not None
+
+    def match(self, presented: bytes) -> bytes | None:
+        """The digest of the key matched (who the caller is, never the key), or None."""
         given = _digest(presented)
         found = False
         for d in self._digests:  # no early exit: every key is compared every time
             found |= hmac.compare_digest(given, d)
-        return found
+        return given if found else None
+
+
+def key_owner(scope: Any) -> bytes | None:
+    """Which API key the request came with (its digest), as AccessControl noted it; None when the
+    serving routes are open. Kept per-token scores belong to it (kvproxy.shadow.token_scores)."""
+    owner: bytes | None = (scope.get("state") or {}).get(_OWNER)
+    return owner
+
+
+_OWNER = "kvproxy_api_key_digest"
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -108,10 +122,13 @@ class AccessControl:
             keys = self.keys.get(kind)
             if keys:
                 token = bearer_token(scope["headers"])
-                if token is None or not keys.matches(token):
+                owner = keys.match(token) if token is not None else None
+                if owner is None:
                     err = refusal(kind, presented=token is not None)
                     response = error_response(err)
                     response.headers["www-authenticate"] = "Bearer"
                     await response(scope, receive, send)
                     return
+                if kind is RouteKind.SERVING:
+                    scope.setdefault("state", {})[_OWNER] = owner
         await self.app(scope, receive, send)

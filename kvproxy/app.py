@@ -97,9 +97,10 @@ def create_app(
         try:
             await d.start()
         except Exception as exc:
-            log.error("starting deployment %s failed: %s", d.name, exc)
-            if on_load_failed is not None:
+            if on_load_failed is not None:  # the CLI says it, in the one line a start-up failure gets
                 on_load_failed(exc)
+            else:
+                log.error("starting deployment %s failed: %s", d.name, exc)
             raise
 
     async def start_all() -> None:

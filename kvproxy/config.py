@@ -41,6 +41,8 @@ class ScorePath(enum.StrEnum):
     PREFILL = "prefill"  # chunked replay: cheaper, and on CUDA it understates
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 # The completion limit of a request that sets none. OpenAI's models stop long before a context of
 # thousands of tokens is full; llama.cpp goes on to the end of the context, which is minutes of
 # generation for a client waiting on its default timeout (measured: 4,086 tokens in 84 s on 2 cores,
@@ -88,7 +90,31 @@ class Settings(BaseSettings):
         description="How shadow scoring computes both sides: decode (one token a step, the numerics "
         "generation served) or prefill (chunked replay: cheaper, and it understates on CUDA).",
     )
-    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Embedded slots: requests decoded together in one batch, each with its own "
+        "--ctx-size of KV cache; above 1 the served numerics are no longer those of one stream.",
+    )
+    max_queue: int = Field(
+        default=64,
+        ge=0,
+        description="Embedded: requests waiting for a slot at most; more get 503 with Retry-After.",
+    )
+    queue_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Embedded: seconds a request may wait for a slot before a 503 with Retry-After "
+        "(0: no deadline).",
+    )
+    prefill_chunk: int = Field(
+        default=128,
+        ge=1,
+        description="Embedded, with --parallel above 1: prompt tokens per batch while other slots "
+        "generate (a long prompt then delays their tokens by one such chunk at a time).",
+    )
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error, critical.")
     shadow_rate: float = Field(
         default=0.5,
         ge=0.0,
@@ -134,6 +160,23 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open client connections at most: at the cap a new one replaces the oldest still "
+        "waiting for its headers, else it gets 503 (/health is still answered).",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers (from connecting, or from "
+        "the previous response); then it is closed (408).",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a request has to send its body once its headers are in; then 408 and closed.",
+    )
     max_tokens_default: int = Field(
         default=DEFAULT_MAX_TOKENS,
         ge=0,
@@ -156,12 +199,23 @@ class Settings(BaseSettings):
         "a model llama.cpp would abort on stops start-up (exit 2) instead of the server.",
     )
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         # KVPROXY_API_KEYS="k1,k2": split here (NoDecode keeps pydantic-settings from reading JSON)
         if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
+            keys = [k.strip() for k in value.split(",") if k.strip()]
+            if not keys:  # set but empty would leave /v1 open: refused like an empty --api-key
+                raise ValueError("KVPROXY_API_KEYS is set but holds no key; unset it to serve without keys")
+            return keys
         return value
 
     @field_validator("cors_origins", mode="before")
@@ -183,7 +237,8 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "admin_token")
     @classmethod
     def _usable_secrets(cls, value: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
-        for secret in value if isinstance(value, list) else [value] if value else []:
+        # an empty SecretStr is falsy: test for None, or an empty token would pass as "no token"
+        for secret in value if isinstance(value, list) else [] if value is None else [value]:
             text = secret.get_secret_value()
             if not text or any(c.isspace() for c in text) or not text.isascii():
                 raise ValueError("keys and tokens must be non-empty printable ASCII without spaces")

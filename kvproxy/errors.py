@@ -27,10 +27,12 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict[str, Any]:
         return ErrorResponse(error=self.detail).model_dump()
@@ -57,6 +59,13 @@ def unknown_route(method: str, path: str) -> OpenAIError:
 
 def model_loading() -> OpenAIError:
     return OpenAIError(503, "Loading model", type="unavailable_error", code="model_loading")
+
+
+def server_busy(message: str, retry_after: int, *, code: str = "server_busy") -> OpenAIError:
+    """No capacity now: a 503 whose Retry-After says when to try again (the openai SDK honours it)."""
+    return OpenAIError(
+        503, message, type="unavailable_error", code=code, headers={"Retry-After": str(retry_after)}
+    )
 
 
 def model_load_failed(reason: str) -> OpenAIError:
@@ -144,7 +153,7 @@ def pydantic_error(exc: ValidationError) -> OpenAIError:
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def unexpected_error(exc: Exception) -> OpenAIError:

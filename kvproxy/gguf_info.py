@@ -180,19 +180,35 @@ def read_model_info(path: Path) -> ModelInfo:
     def hp(name: str) -> Any:
         return meta.get(f"{arch}.{name}")
 
-    n_layers = int(hp("block_count"))
+    def largest(value: Any) -> int:  # per-layer counts exist (e.g. OpenELM); take the largest
+        if isinstance(value, list):
+            value = max(value, default=0)
+        return int(value) if isinstance(value, int | float) else 0
+
+    kind = str(meta.get("general.type") or "model")
+    n_layers, n_embd = largest(hp("block_count")), largest(hp("embedding_length"))
+    if kind != "model" or n_layers <= 0 or n_embd <= 0:
+        what = f"a {kind} file, not a model" if kind != "model" else "not a model (an mmproj or LoRA file?)"
+        raise ValueError(
+            f"{path} has no model hyper-parameters ({arch}.block_count, {arch}.embedding_length): {what}"
+        )
     n_head = hp("attention.head_count")
     n_head_kv = hp("attention.head_count_kv")
     # llama.cpp: head_count_kv defaults to head_count, either may be one count per layer
     heads_kv = _per_layer(n_head_kv if n_head_kv is not None else n_head, n_layers)
     if heads_kv is not None:
         n_head_kv = max(heads_kv)
-    n_head_kv = int(n_head_kv if n_head_kv is not None else n_head)
-    n_embd = int(hp("embedding_length"))
-    first_head = int(n_head[0] if isinstance(n_head, list) else n_head)  # llama.cpp's n_head()
+    n_head_kv = largest(n_head_kv if n_head_kv is not None else n_head)
+    first_head = largest(n_head[0] if isinstance(n_head, list) and n_head else n_head)  # llama.cpp's n_head()
+    head_dim_k, head_dim_v = largest(hp("attention.key_length")), largest(hp("attention.value_length"))
+    if largest(n_head) <= 0 and not (head_dim_k and head_dim_v):
+        raise ValueError(
+            f"{path} has {arch}.attention.head_count {largest(n_head)} and no key/value lengths: its KV "
+            "cache cannot be sized (a damaged or unsupported model file)"
+        )
     default_head_dim = n_embd // first_head if first_head else 0
-    head_dim_k = int(hp("attention.key_length") or default_head_dim)
-    head_dim_v = int(hp("attention.value_length") or default_head_dim)
+    head_dim_k = head_dim_k or default_head_dim
+    head_dim_v = head_dim_v or default_head_dim
     window = hp("attention.sliding_window")
     window = int(window) if window else None
     swa = _swa_layers(n_layers, hp("attention.sliding_window_pattern"), arch) if window else frozenset()

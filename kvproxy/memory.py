@@ -242,6 +242,7 @@ KV_MEMORY_FIELDS = (
     "bytes_per_token",
     "f16_bytes_per_token",
     "n_ctx",
+    "n_streams",
     "allocated_bytes",
     "f16_allocated_bytes",
     "saved_bytes",
@@ -269,7 +270,11 @@ def kv_memory_summary(
     """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``:
     the figures of the start-up banner, the status endpoint (and page) and the KV metrics, whose
     keys are :data:`KV_MEMORY_FIELDS`. The recurrent state (hybrid models) is reported beside the
-    KV figures and kept out of the saving: ``-ctk/-ctv`` do not change it."""
+    KV figures and kept out of the saving: ``-ctk/-ctv`` do not change it.
+
+    ``n_ctx`` is the whole context, as llama.cpp is given it: without a unified cache each of the
+    ``n_seq`` sequences (the embedded ``--parallel`` slots, llama-server's ``-np``) gets a stream of
+    ``n_ctx / n_seq`` cells."""
     f16 = KVCacheType.F16
     layout: dict[str, Any] = {
         "n_ubatch": n_ubatch,
@@ -279,10 +284,12 @@ def kv_memory_summary(
     }
     at_ctx = kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, **layout)
     f16_at_ctx = kv_cache_allocated_bytes(shape, f16, f16, n_ctx, **layout)
+    n_streams = 1 if kv_unified else max(1, n_seq)  # llama.cpp's KV streams (one per slot)
     summary: dict[str, float | int] = {
         "bytes_per_token": kv_bytes_per_token(shape, type_k, type_v),
         "f16_bytes_per_token": kv_bytes_per_token(shape, f16, f16),
-        "n_ctx": n_ctx,
+        "n_ctx": n_ctx // n_streams,  # cells asked for per stream (a slot's context)
+        "n_streams": n_streams,
         "allocated_bytes": at_ctx,
         "f16_allocated_bytes": f16_at_ctx,
         "saved_bytes": f16_at_ctx - at_ctx,

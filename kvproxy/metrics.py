@@ -27,6 +27,10 @@ LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
+# the method label's values; any other method the HTTP parser accepts (PROPFIND, M-SEARCH, ...: 35 in
+# all) counts as "other", so a client cannot add series
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
 # the token's position in its context: quantization loss tends to grow with context
 POSITION_BUCKETS = ((512, "<512"), (2048, "512-2k"), (8192, "2k-8k"), (32768, "8k-32k"))
 POSITION_OVER = ">32k"
@@ -118,6 +122,19 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.connections_open = Gauge(
+            "kvproxy_connections_open",
+            "Open client connections (capped by --max-connections).",
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "kvproxy_connections_closed",
+            "Client connections the server closed on its own limits, by reason: header_timeout, "
+            "body_timeout, unread_body (answered before its body was in), evicted (the oldest waiting "
+            "for its headers, at the cap), over_cap (503 at the cap), refused (past the hard ceiling).",
+            ("reason",),
+            registry=registry,
+        )
         self.requests = Counter(
             "kvproxy_requests",
             "HTTP requests by route and status.",
@@ -161,6 +178,12 @@ class Metrics:
             "kvproxy_backend_up",
             "1 when a backend replica is healthy (or an embedded model loaded), else 0.",
             ("deployment", "role", "replica"),
+            registry=registry,
+        )
+        self.embedded_slots = Gauge(
+            "kvproxy_embedded_slots",
+            "Embedded server slots (--parallel) and requests: total slots, busy slots, requests waiting.",
+            ("deployment", "state"),
             registry=registry,
         )
         self.drift_state = Gauge(
@@ -288,5 +311,7 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
+            method = scope.get("method", "")
+            method = method if method in HTTP_METHODS else "other"  # the parser accepts WebDAV's too
+            self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)

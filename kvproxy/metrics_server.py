@@ -8,6 +8,7 @@ constant-time check as the main port's admin routes (kvproxy.access).
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -42,14 +43,44 @@ def guarded_metrics_app(registry: CollectorRegistry, admin_token: KeySet) -> Cal
     return app
 
 
-def start_metrics_server(host: str, port: int, registry: CollectorRegistry, admin_token: KeySet) -> int:
-    """Serve in a daemon thread; returns the bound port."""
-    server = make_server(
+class _BoundServer(ThreadingWSGIServer):
+    """The threaded WSGI server on a socket bound already (kvproxy.cli.listen binds every port
+    before start-up goes further, so a taken port is named at once)."""
+
+    bound: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.bound is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.bound
+        self.server_address = self.socket.getsockname()
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+        self.setup_environ()
+
+
+def start_metrics_server(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    admin_token: KeySet,
+    sock: socket.socket | None = None,
+) -> int:
+    """Serve in a daemon thread, on ``sock`` when given (bound, not yet listening), else on a socket
+    bound to ``host:port`` here; returns the bound port."""
+    server_class = type("_Server", (_BoundServer,), {"bound": sock, "address_family": _family(sock)})
+    server: _BoundServer = make_server(
         host,
         port,
         guarded_metrics_app(registry, admin_token),
-        ThreadingWSGIServer,
+        server_class,
         handler_class=_QuietHandler,
     )
     threading.Thread(target=server.serve_forever, name="kvproxy-metrics", daemon=True).start()
     return int(server.server_port)
+
+
+def _family(sock: socket.socket | None) -> socket.AddressFamily:
+    return sock.family if sock is not None else socket.AF_INET

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -43,9 +44,19 @@ READY = re.compile(r"ready: (http://\S+)/v1 serving models? (.+)$")
 
 
 def start_server(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 180, command: str = "serve"
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    command: str = "serve",
+    file_limit: int | None = None,
 ) -> RunningServer:
-    """Run ``python -m kvproxy serve --port 0 ARGS`` and wait for its ready line."""
+    """Run ``python -m kvproxy serve --port 0 ARGS`` and wait for its ready line. ``file_limit``:
+    the process's RLIMIT_NOFILE, soft and hard."""
+
+    def limit_files() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvproxy", command, "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -54,6 +65,7 @@ def start_server(
         # the start-up probe (a child that loads the model once more, ~7 s) is off unless a test asks
         # for it with --probe: tests/test_model_faults.py and tests/test_architectures.py do
         env={**os.environ, "PYTHONUNBUFFERED": "1", "KVPROXY_PROBE": "0", **(env or {})},
+        preexec_fn=limit_files if file_limit is not None else None,
     )
     output: list[str] = []
     found: list[tuple[str, str]] = []

@@ -181,3 +181,29 @@ def test_settings_read_keys_from_flags_and_environment(monkeypatch: pytest.Monke
     assert [k.get_secret_value() for k in Settings(api_keys=["x"]).api_keys] == ["x"]
     with pytest.raises(ValueError, match="without spaces"):
         Settings(api_keys=["has space"])
+
+
+def test_kept_scores_are_the_owning_keys(gemma_path: Any) -> None:
+    """Issue 20, finding 10, on a real embedded server set up as in production: another API key
+    gets a 404 for a kept entry, and its own 64+ keeps do not evict it."""
+    from tests.conftest import start_server, stop_server
+
+    env = {"KVPROXY_API_KEYS": ",".join(KEYS), "KVPROXY_ADMIN_TOKEN": ADMIN}
+    srv = start_server("--ctx-size", "512", env=env)
+    keep = {"X-KVProxy-Token-Scores": "keep", "X-KVProxy-Shadow": "skip"}
+    body = {"model": srv.model, "messages": MSG, "max_tokens": 1}
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=60) as http:
+            first = http.post("/v1/chat/completions", headers={**keep, **bearer(KEYS[0])}, json=body)
+            rid = first.json()["id"]
+            assert http.get(f"/kvproxy/v1/scores/{rid}", headers=bearer(KEYS[0])).status_code == 200
+            other = http.get(f"/kvproxy/v1/scores/{rid}", headers=bearer(KEYS[1]))
+            assert_openai_error(other, 404, code="not_found")
+            assert http.get(f"/kvproxy/v1/scores/{rid}", headers=bearer(ADMIN)).status_code == 401
+            for _ in range(70):
+                r = http.post("/v1/chat/completions", headers={**keep, **bearer(KEYS[1])}, json=body)
+                assert r.status_code == 200
+            mine = http.get(f"/kvproxy/v1/scores/{rid}", headers=bearer(KEYS[0]))
+            assert mine.status_code == 200 and mine.json()["status"] == "not_sampled"
+    finally:
+        stop_server(srv)

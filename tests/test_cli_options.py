@@ -12,7 +12,7 @@ from kvproxy.config import Settings
 
 # settings that are tuning knobs of the shadow path or the status, set by environment variable only;
 # and the two lists, whose repeatable flags are named in the singular (checked below)
-ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "cors_origins"}
+ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "cors_origins", "prefill_chunk"}
 
 
 def serve_params() -> dict[str, typer.core.click.Parameter]:
@@ -48,6 +48,9 @@ def test_the_readme_options_table_shows_the_settings_defaults() -> None:
         ("--batch-size", "512"),
         ("--shadow-queue-size", "64"),
         ("--score-path", "`decode`"),
+        ("--parallel", "| 1 |"),
+        ("--max-queue", "| 64 |"),
+        ("--queue-timeout", "| 60 |"),
         ("--max-tokens-default", "1024"),
     ):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}"))
@@ -55,5 +58,9 @@ def test_the_readme_options_table_shows_the_settings_defaults() -> None:
     assert Settings.model_fields["ctx_size"].default == 4096
     assert Settings.model_fields["batch_size"].default == 512
     assert Settings.model_fields["shadow_queue_size"].default == 64
+    assert Settings.model_fields["parallel"].default == 1
+    assert Settings.model_fields["max_queue"].default == 64
+    assert Settings.model_fields["queue_timeout"].default == 60
+    assert Settings.model_fields["prefill_chunk"].default == 128
     assert Settings.model_fields["max_tokens_default"].default == 1024
     assert "| `--cors-origin ORIGIN` (repeatable) | `KVPROXY_CORS_ORIGINS` (comma-separated) |" in readme

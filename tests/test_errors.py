@@ -172,3 +172,71 @@ def test_prompt_token_ids_outside_the_vocabulary_are_400(http: httpx.Client, ser
         assert_openai_error(resp, 400, param="prompt")
     ok = http.post("/v1/completions", json={"model": server.model, "prompt": [2, 1000], "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_score_route_refuses_ids_outside_the_vocabulary(http: httpx.Client) -> None:
+    """Issue 20, finding 3: ``check_ids`` at or past the vocabulary gave a 500 (an IndexError)."""
+    n_vocab = 262_144
+    good = {"prompt_tokens": [2, 651], "token_ids": [1000, 1001]}
+    for field, body in [
+        ("check_ids", {**good, "check_ids": [[5, n_vocab], [7]]}),
+        ("check_ids", {**good, "check_ids": [[10**12]]}),
+        ("prompt_tokens", {**good, "prompt_tokens": [2, n_vocab]}),
+        ("token_ids", {**good, "token_ids": [1000, n_vocab + 5]}),
+    ]:
+        resp = http.post("/kvproxy/v1/score", json=body)
+        assert_openai_error(resp, 400, param=field, contains="outside the vocabulary")
+    ok = http.post("/kvproxy/v1/score", json={**good, "check_ids": [[5, n_vocab - 1], [7]]})
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["check_logprobs"]) == 2
+
+
+def test_health_answers_within_a_second_while_huge_prompts_arrive(server: RunningServer) -> None:
+    """Issue 20, finding 2: one 3.9 MiB prompt kept /health waiting 7.7 to 10 s, five in a row made
+    48 s of near-outage. Templates and tokenization now run off the loop, behind a length check.
+    Eight such prompts at once (chat and completions), and eight that pass the length check but
+    still overflow once tokenized: /health, asked every 50 ms, answers within a second."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = "the quick brown fox jumps over the lazy dog "
+    huge = (words * (int(3.9 * 2**20) // len(words))).encode()  # 3.9 MiB
+    tokenized = (words * 4000).encode()  # 176 kB: within the length bound, about 36k tokens
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=30) as h:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                assert h.get("/health").status_code == 200
+                latencies.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+    def send(i: int) -> httpx.Response:
+        text = huge if i < 8 else tokenized
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        with httpx.Client(base_url=server.base_url, timeout=120) as h:
+            return _raw_chat(h, b'"' + text + b'"', server.model, path)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(send, range(16)))
+        elapsed = time.monotonic() - t0
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        prober.join()
+    for resp in responses:
+        assert_openai_error(resp, 400, code="context_length_exceeded")
+    print(
+        f"\n16 huge prompts (8 x 3.9 MiB, 8 x 176 kB) refused in {elapsed:.2f} s; /health max "
+        f"{max(latencies) * 1000:.0f} ms, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms "
+        f"over {len(latencies)} probes"
+    )
+    assert max(latencies) < 1.0

@@ -66,3 +66,54 @@ def test_fast_header_reader_agrees_with_gguf_reader(gemma_path: Path) -> None:
             assert isinstance(expected, list) and len(expected) > MAX_ARRAY
         else:
             assert value == pytest.approx(expected) if isinstance(value, float) else value == expected
+
+
+def write_bad_gguf(path: Path, arch: str, kind: str | None = None, **hparams: int) -> Path:
+    """A GGUF with only the keys given (``block_count=4`` writes ``<arch>.block_count``)."""
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name("bad")
+    if kind is not None:
+        writer.add_type(kind)
+    for key, value in hparams.items():
+        writer.add_uint32(f"{arch}.{key.replace('__', '.')}", value)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def bad_ggufs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Issue 20, finding 8: files that read as GGUF but are not models kvproxy can size; each with
+    the reason start-up must give (they were TypeError and ZeroDivisionError tracebacks)."""
+    return {
+        "mmproj": (write_bad_gguf(tmp_path / "mmproj.gguf", "clip", "mmproj"), "a mmproj file, not a model"),
+        "lora": (write_bad_gguf(tmp_path / "lora.gguf", "llama", "adapter"), "a adapter file, not a model"),
+        "no hyper-parameters": (write_bad_gguf(tmp_path / "bare.gguf", "llama"), "no model hyper-parameters"),
+        "head_count 0": (
+            write_bad_gguf(
+                tmp_path / "zero.gguf", "llama", block_count=4, embedding_length=64, attention__head_count=0
+            ),
+            "head_count 0",
+        ),
+    }
+
+
+def test_files_without_model_hyper_parameters_are_refused_with_a_reason(tmp_path: Path) -> None:
+    for path, reason in bad_ggufs(tmp_path).values():
+        with pytest.raises(ValueError, match=reason):
+            read_model_info(path)
+    # head_count 0 with explicit key/value lengths still sizes the cache (no division)
+    ok = write_bad_gguf(
+        tmp_path / "lengths.gguf",
+        "llama",
+        block_count=2,
+        embedding_length=64,
+        attention__head_count=0,
+        attention__head_count_kv=1,
+        attention__key_length=32,
+        attention__value_length=32,
+    )
+    a = read_model_info(ok).attention
+    assert (a.n_layers, a.n_head_kv, a.head_dim_k, a.head_dim_v) == (2, 1, 32, 32)

@@ -266,3 +266,43 @@ def test_pathological_prompts_through_the_proxy(stack: dict[str, Any]) -> None:
         st = wait_idle(proxy)["gemma-q4"]["shadow"]
         assert st["sampled"] == st["scored"] + st["failed"] + st["dropped"]
         assert send(b'"Hi"').status_code == 200
+
+
+def test_out_of_range_token_ids_and_images_are_400_before_relaying(stack: dict[str, Any]) -> None:
+    """Issue 20, findings 12 and 13: ids of 2**32 + 5 or 2**40 got a 200 (llama-server wraps them to
+    int32), and an image part became a 502 (llama-server without a projector answers 500)."""
+    proxy = stack["proxy"]
+    with httpx.Client(base_url=proxy.base_url, timeout=120) as http:
+        for ids in ([2**32 + 5], [2**40], [2, 2**31], [-1], [5, -(2**33)]):
+            resp = http.post("/v1/completions", json={"model": "gemma-q4", "prompt": ids, "max_tokens": 1})
+            assert resp.status_code == 400, (ids, resp.text)
+            assert resp.json()["error"]["param"] == "prompt"
+        ok = http.post("/v1/completions", json={"model": "gemma-q4", "prompt": [2, 1000], "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        for stream in (False, True):
+            resp = http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "gemma-q4",
+                    "stream": stream,
+                    "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}
+                    ],
+                },
+            )
+            assert resp.status_code == 400, resp.text
+            err = resp.json()["error"]
+            assert err["code"] == "unsupported_content" and err["param"] == "messages.0.content.1.type"
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client_for(proxy).chat.completions.create(
+            model="gemma-q4",
+            messages=[{"role": "user", "content": [image]}],
+            max_tokens=1,  # type: ignore[list-item]
+        )
+    text_parts = client_for(proxy).chat.completions.create(
+        model="gemma-q4",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        max_tokens=1,
+    )
+    assert text_parts.choices[0].finish_reason is not None

@@ -200,3 +200,47 @@ def test_metrics_on_a_separate_port() -> None:
             assert re.search(r"^kvproxy_gpu_present [01]\.0$", text, re.M)  # whatever this host has
     finally:
         stop_server(srv)
+
+
+# every method llhttp (uvicorn's httptools) parses
+PARSED_METHODS = {
+    "DELETE", "GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "COPY", "LOCK", "MKCOL", "MOVE",
+    "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND", "ACL", "REPORT", "MKACTIVITY",
+    "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PATCH", "PURGE", "MKCALENDAR",
+    "LINK", "UNLINK", "SOURCE", "QUERY",
+}  # fmt: skip
+
+
+def test_http_methods_are_labels_only_from_a_fixed_set() -> None:
+    """Issue 20, finding 11: 35 methods the parser accepts made 424 new kvproxy_requests_total series."""
+    import socket
+
+    from kvproxy.metrics import HTTP_METHODS
+
+    registry = CollectorRegistry()
+    with fault_server("ok") as up:
+        metrics = Metrics(registry)
+        spec = {"model": "m", "primary": {"urls": [up.url]}}
+        deployments = build_deployments(ProxyConfig(deployments=[spec]), Settings(), metrics=metrics)
+        app = create_app(deployments, metrics=metrics)
+        with serve_in_thread(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            for method in PARSED_METHODS:
+                for path in ("/v1/models", "/health", "/nowhere"):
+                    with socket.create_connection((host, int(port)), timeout=10) as sock:
+                        sock.sendall(
+                            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                        )
+                        while sock.recv(65536):
+                            pass
+    methods = {
+        s.labels["method"]
+        for family in registry.collect()
+        if family.name == "kvproxy_requests"
+        for s in family.samples
+    }
+    assert methods <= HTTP_METHODS | {"other"}, methods
+    assert "other" in methods and "GET" in methods
+    assert registry.get_sample_value(
+        "kvproxy_requests_total", {"route": "/health", "method": "other", "status": "405"}
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -71,8 +72,61 @@ def test_quantized_v_without_flash_attention_is_refused() -> None:
 )
 def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict[str, str], message: str) -> None:
     result = run_cli("serve", *args, env=env)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert_startup_failure(result, message)
+
+
+def assert_startup_failure(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit 2, and one line on stderr that names the cause: no traceback (issue 20)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvproxy: error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--log-level", "bogus"], {}, "unknown log level 'bogus'"),
+        ([], {"KVPROXY_LOG_LEVEL": "verbose"}, "unknown log level 'verbose'"),
+        (["--admin-token", ""], {}, "admin_token"),
+        ([], {"KVPROXY_ADMIN_TOKEN": ""}, "admin_token"),
+        (["--api-key", ""], {}, "api_keys"),
+        ([], {"KVPROXY_API_KEYS": " , "}, "KVPROXY_API_KEYS is set but holds no key"),
+        (["--host", "no-such-host.invalid", "--port", "0"], {}, "cannot resolve 'no-such-host.invalid'"),
+        (["--port", "8123", "--metrics-port", "8123"], {}, "--metrics-port 8123 is --port too"),
+        (["--port", "0", "--max-connections", "999999999"], {}, "open-file limit"),
+    ],
+)
+def test_startup_failures_exit_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    """Issue 20, findings 6, 7 and 9."""
+    result = run_cli("serve", *args, env=env)
+    assert_startup_failure(result, message)
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    """Issue 20, finding 6: a second instance on a port exited 3 with an AttributeError; a taken
+    --metrics-port exited 1 with an OSError traceback. Both are refused before the model loads."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        start = time.monotonic()
+        result = run_cli("serve", "--port", port)
+        assert_startup_failure(
+            result, f"cannot listen on 127.0.0.1:{port} (--host/--port): the address is already in use"
+        )
+        result = run_cli("serve", "--port", "0", "--metrics-port", port)
+        assert_startup_failure(result, f"127.0.0.1:{port} (--metrics-port): the address is already in use")
+        assert time.monotonic() - start < 30  # before any model is loaded
+        assert "model " not in result.stdout  # nor its banner printed
+
+
+def test_gguf_files_that_are_not_models_exit_2_with_the_reason(tmp_path: Path) -> None:
+    """Issue 20, finding 8."""
+    from tests.test_gguf_info import bad_ggufs
+
+    for path, reason in bad_ggufs(tmp_path).values():
+        assert_startup_failure(run_cli("serve", "--port", "0", "--model", str(path)), reason)
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
@@ -161,3 +215,25 @@ def test_a_failed_load_is_reported_not_hidden(gemma_path: Path) -> None:
         assert health.json()["error"]["code"] == "model_load_failed"
         chat = http.post("/v1/chat/completions", json={"model": "Gemma 3 270m", "messages": MSG})
         assert chat.status_code == 500 and "injected load failure" in chat.json()["error"]["message"]
+
+
+def test_a_model_llama_cpp_cannot_load_exits_2_with_one_error_line(tmp_path: Path) -> None:
+    """A GGUF whose header is a model's but that has no weights: llama.cpp fails to load it after the
+    server started (it exited 1, and the cause was logged twice). And one whose head size does not
+    fill the KV type's blocks, refused before loading (it was a ValueError traceback)."""
+    from tests.test_gguf_info import write_bad_gguf
+
+    hollow = write_bad_gguf(
+        tmp_path / "hollow.gguf", "llama", block_count=2, embedding_length=256, attention__head_count=4
+    )
+    result = run_cli("serve", "--port", "0", "--model", str(hollow))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+    assert errors == [f"kvproxy: error: the model failed to load: Failed to load model from file: {hollow}"]
+    narrow = write_bad_gguf(
+        tmp_path / "narrow.gguf", "llama", block_count=2, embedding_length=64, attention__head_count=4
+    )
+    result = run_cli("serve", "--port", "0", "--model", str(narrow))
+    assert_startup_failure(
+        result, "its KV cache cannot be q4_0/q4_0: 16 values do not fill whole q4_0 blocks"
+    )

@@ -627,6 +627,22 @@ def test_states_this_machine_cannot_reach(unloaded_app: TestClient, browser: Any
         browser.save_screenshot(str(ARTIFACTS / "ui-states.png"))
 
 
+def test_kept_scores_belong_to_the_key_that_asked() -> None:
+    """Issue 20, finding 10: another key could read a kept entry given its id, and 64 cheap keeps
+    from another key evicted it. Each owner has its own quota now."""
+    store = TokenScoreStore(capacity=3, ttl=600, clock=Clock())
+    owner, other = b"a" * 32, b"b" * 32
+    mine = store.new_slot()
+    store.put("r-mine", mine, owner)
+    for i in range(100):
+        store.put(f"r{i}", store.new_slot(), other)
+    store.put("r-mine", store.new_slot(), other)  # the same id under another key replaces nothing
+    assert store.get("r-mine", owner) is mine
+    assert store.get("r-mine", other) is not mine and store.get("r-mine") is None
+    assert store.get("r99", owner) is None and store.get("r99", other) is not None
+    assert len(store) == 1 + 3
+
+
 def test_a_page_on_another_origin_calls_the_api(browser: Any) -> None:
     """CORS in a real browser (issue 19): a page served from another origin calls kvproxy's serving
     routes with an API key (Chromium sends the preflight), reads an error too, and cannot read the

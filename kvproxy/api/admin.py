@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvproxy.access import key_owner
 from kvproxy.deployments.status import deployment_status
 from kvproxy.errors import OpenAIError
 from kvproxy.gpu import gpu_status
@@ -31,14 +32,15 @@ async def status(request: Request) -> dict[str, Any]:
 async def scores(response_id: str, request: Request) -> JSONResponse:
     """Per-position KLD and same-top of one response whose request sent
     ``X-KVProxy-Token-Scores: keep``: 202 while its shadow job is pending, 200 once it has ended
-    (``status`` scored, failed, dropped or not_sampled), 404 if unknown or expired."""
+    (``status`` scored, failed, dropped or not_sampled), 404 if unknown, expired, or kept for
+    another API key."""
     store: TokenScoreStore = request.app.state.token_scores
-    slot = store.get(response_id)
+    slot = store.get(response_id, key_owner(request.scope))  # only the key that asked for them
     if slot is None:
         raise OpenAIError(
             404,
-            f"No kept scores for response {response_id!r}: unknown, expired, or its request did not "
-            f"send {TOKEN_SCORES_HEADER}: keep.",
+            f"No kept scores for response {response_id!r}: unknown, expired, kept for another API key, "
+            f"or its request did not send {TOKEN_SCORES_HEADER}: keep.",
             code="not_found",
         )
     status_code = 202 if slot.state == PENDING else 200

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.routing import Match
 
+from kvproxy.access import key_owner
 from kvproxy.errors import OpenAIError, unknown_route
 from kvproxy.protocol import (
     ChatCompletion,
@@ -87,7 +88,7 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     if not _keeps_token_scores(request):
         return await handle(raw, body, shadow)  # type: ignore[no-any-return]
     store: TokenScoreStore = request.app.state.token_scores
-    return await store.serve(lambda: handle(raw, body, shadow))
+    return await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
 
 
 def _keeps_token_scores(request: Request) -> bool:

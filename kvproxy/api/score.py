@@ -64,9 +64,12 @@ async def score(body: ScoreBody, request: Request) -> dict[str, Any]:
     if not d.ready:
         raise model_loading()
     n_vocab = d.backend.n_vocab
-    bad = [t for t in (*body.prompt_tokens, *body.token_ids) if t >= n_vocab]
-    if bad:
-        raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary of {n_vocab}", param="token_ids")
+    fields = {"prompt_tokens": body.prompt_tokens, "token_ids": body.token_ids}
+    fields["check_ids"] = [t for ids in body.check_ids or [] for t in ids]
+    for param, ids in fields.items():  # llama.cpp and numpy would index past the vocabulary (a 500)
+        bad = next((t for t in ids if t >= n_vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is outside the vocabulary of {n_vocab}", param=param)
     if len(body.prompt_tokens) + len(body.token_ids) - 1 > d.backend.n_ctx:
         raise OpenAIError(
             400,

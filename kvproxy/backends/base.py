@@ -19,6 +19,14 @@ class BackendError(Exception):
     """The backend failed while serving a request (not the client's fault)."""
 
 
+class Overloaded(BackendError):
+    """No capacity for this request now (a 503); ``retry_after``: seconds after which there likely is."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

@@ -1,9 +1,11 @@
 """llama.cpp in process through llama-cpp-python: the zero-configuration default backend.
 
-One llama.cpp context is not thread-safe, so every call that touches it runs on one dedicated
-worker thread (a single-thread executor): concurrent requests queue there in arrival order while
-the event loop stays free. Tokens travel back to the event loop one by one, so streaming is live;
-a client that goes away sets a cancel flag the worker checks after every token.
+Loading (the model, its vocabulary and chat template) runs on one worker thread. Generation runs in
+a context of its own on the same weights, owned by the slot scheduler (kvproxy/backends/slots.py):
+``--parallel`` sequences decoded together, requests waiting for a slot in arrival order (at most
+``--max-queue``, each for at most ``--queue-timeout`` seconds). Tokens travel back to the event loop
+one by one, so streaming is live; a client that goes away sets a cancel flag the scheduler checks
+before every decode.
 
 ``logits_all`` stays off (for Gemma's 262,144-token vocabulary it would cost n_ctx MiB of float32):
 logprobs are computed from the one logits row llama.cpp keeps for the position just sampled.
@@ -12,40 +14,27 @@ logprobs are computed from the one logits row llama.cpp keeps for the position j
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from kvproxy.backends.base import (
-    BackendError,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    KVConfig,
-    TextDelta,
-    TokenLogprob,
-    TopLogprob,
-)
+from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
+from kvproxy.backends.sequence import SequenceOutput
+from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
 from kvproxy.gguf_info import ModelInfo
-from kvproxy.kld import log_softmax
 from kvproxy.memory import ggml_type, llama_n_ubatch
-from kvproxy.textstream import StopTextAssembler
 
 log = logging.getLogger(__name__)
-
-_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 
 
 # llama-cpp-python's port of llama.cpp's schema converter lets a string hold raw control characters
@@ -115,13 +104,14 @@ class EmbeddedBackend:
         self._bos = -1
         self._n_vocab = 0
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
+        self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._llama is not None
+        return self._llama is not None and self._slots is not None
 
     @property
     def settings(self) -> Settings:
@@ -166,7 +156,9 @@ class EmbeddedBackend:
         return self._template
 
     async def load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load_blocking)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_blocking)
+        await loop.run_in_executor(self._executor, self._start_slots)
 
     def _load_blocking(self) -> None:
         import llama_cpp
@@ -246,6 +238,9 @@ class EmbeddedBackend:
         )
 
     def close(self) -> None:
+        if self._slots is not None:  # the generation context goes before the model it uses
+            self._slots.close()
+            self._slots = None
         close_on(self._executor, self._llama)
         self._llama = None
 
@@ -303,14 +298,67 @@ class EmbeddedBackend:
         llama_cpp.llama_sampler_free(sampler)
         return grammar
 
-    # ---- generation -------------------------------------------------------------------------
+    def special_piece(self, token: int) -> bytes:
+        """A token's text with special tokens spelled out (a reasoning template's preserved tags)."""
+        return self._token_piece(token, special=True)
+
+    # ---- generation (kvproxy.backends.slots) ---------------------------------------------------
+    # Generation has its own llama.cpp context, owned by the slot scheduler's thread; the model
+    # loaded above only lends it the weights. Nothing here touches how the model is loaded.
+
+    @property
+    def n_slots(self) -> int:
+        """Sequences decoded together (``--parallel``), each with its own ``n_ctx`` of KV cache."""
+        return self._settings.parallel
+
+    def slot_config(self) -> SlotConfig:
+        s = self._settings
+        return SlotConfig(
+            n_slots=s.parallel,
+            n_ctx=s.ctx_size,
+            n_batch=min(s.batch_size, s.ctx_size),
+            n_ubatch=self.n_ubatch,
+            prefill_chunk=s.prefill_chunk,
+            threads=s.threads,
+            flash_attn=s.flash_attn,
+            type_k=int(ggml_type(s.cache_type_k)),
+            type_v=int(ggml_type(s.cache_type_v)),
+            max_queue=s.max_queue,
+        )
+
+    def _start_slots(self) -> None:
+        """The generation context on the loaded weights, and the thread that decodes in it."""
+        llama = self._llama
+        slots = SlotScheduler(llama._model, self.slot_config(), int(llama.n_vocab()))
+        slots.start()
+        # Llama() made a context of its own that nothing uses now: free it, so that its KV cache and
+        # compute buffer (VRAM on a GPU) are not held twice. Tokenizing reads the model only.
+        llama._ctx.close()
+        self._slots = slots
+
+    def slots_status(self) -> dict[str, int]:
+        """How busy the slots are: for the status route."""
+        slots = self._slots
+        if slots is None:
+            return {"total": self.n_slots, "busy": 0, "waiting": 0}
+        return {"total": self.n_slots, "busy": slots.busy, "waiting": slots.waiting}
+
+    def is_end_of_generation(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        if self._llama is None:
+        """The request's events. Raises :class:`~kvproxy.backends.slots.QueueFull` at once when
+        ``--max-queue`` requests already wait, and :class:`~kvproxy.backends.slots.QueueTimeout`
+        when no slot came within ``--queue-timeout`` seconds (both before any event)."""
+        slots = self._slots
+        if slots is None:
             raise BackendError("model not loaded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         cancel = threading.Event()
+        admitted = asyncio.Event()
 
         def emit(event: GenerationEvent | BaseException) -> None:
             try:
@@ -318,159 +366,35 @@ class EmbeddedBackend:
             except RuntimeError:  # the event loop already closed (shutdown): nobody is listening
                 cancel.set()
 
-        self._executor.submit(self._generate_blocking, request, emit, cancel)
+        def on_admit() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(admitted.set)
+
+        entry = Entry(request, SequenceOutput(request, self, emit), cancel, on_admit)
+        slots.submit(entry)
         try:
+            deadline = self._settings.queue_timeout
+            if deadline > 0 and not admitted.is_set():
+                try:
+                    async with asyncio.timeout(deadline):
+                        await admitted.wait()
+                except TimeoutError:
+                    if slots.withdraw(entry):
+                        raise QueueTimeout(
+                            f"No slot became free within {deadline:g} s "
+                            f"({slots.busy} busy, {slots.waiting} waiting). Retry later.",
+                            slots.retry_after(),
+                        ) from None
             while True:
                 event = await events.get()
+                if isinstance(event, BackendError):  # a llama.cpp failure, or shutting down
+                    raise event
                 if isinstance(event, BaseException):
                     raise BackendError(f"generation failed: {event}") from event
                 yield event
                 if isinstance(event, Finished):
                     return
         finally:
-            cancel.set()  # the client left or the stream ended: stop the worker at the next token
-
-    def _generate_blocking(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> None:
-        try:
-            if cancel.is_set():  # the client left while this request was queued
-                return
-            emit(self._generate_tokens(request, emit, cancel))
-        except Exception as exc:  # reported to the waiting request, never lost in the executor
-            log.exception("embedded generation failed")
-            emit(exc)
-
-    def _generate_tokens(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> Finished:
-        import llama_cpp
-
-        llama = self._llama
-        sp = request.sampling
-        llama.set_seed(sp.seed & 0xFFFFFFFF if sp.seed is not None else _RANDOM_SEED)
-        assembler = StopTextAssembler(request.stop)
-        pending: list[TokenLogprob] = []
-        produced: list[int] = []
-        n_completion = 0
-        finish: str = "length"
-        n_vocab = llama.n_vocab()
-        # Prefill every request from scratch: reusing a cached prefix computes the last prompt
-        # position in a different batch shape, which can flip a near-tie at temperature 0. The same
-        # request must give the same bytes.
-        llama.reset()
-        chain = {
-            "top_k": sp.top_k,
-            "top_p": sp.top_p,
-            "min_p": sp.min_p,
-            "typical_p": 1.0,
-            "temp": sp.temperature,
-            "repeat_penalty": sp.repeat_penalty,
-            "frequency_penalty": sp.frequency_penalty,
-            "presence_penalty": sp.presence_penalty,
-        }
-        tokens = (
-            _constrained_tokens(llama, self._vocab, request.prompt_tokens, request.grammar, chain)
-            if request.grammar
-            else llama.generate(request.prompt_tokens, reset=True, **chain)
-        )
-        try:
-            for token in tokens:
-                if cancel.is_set():
-                    break
-                produced.append(token)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                n_completion += 1
-                if request.top_logprobs is not None:
-                    row = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
-                    pending.append(self._token_logprob(row, token, request.top_logprobs))
-                piece = (
-                    self._token_piece(token, special=True)
-                    if token in request.special_tokens
-                    else self.piece(token)
-                )
-                text = assembler.push(piece)
-                if text or assembler.stopped:
-                    emit(TextDelta(text, tuple(pending)))
-                    pending = []
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-                if n_completion >= request.max_tokens:
-                    break
-        finally:
-            tokens.close()
-        tail = assembler.flush()
-        if tail or pending:
-            emit(TextDelta(tail, tuple(pending)))
-        return Finished(
-            finish_reason="stop" if finish == "stop" else "length",
-            prompt_tokens=len(request.prompt_tokens),
-            completion_tokens=n_completion,
-            token_ids=tuple(produced),
-        )
-
-    def _token_logprob(self, row: npt.NDArray[np.float32], token: int, n_top: int) -> TokenLogprob:
-        logprobs = log_softmax(row)
-        top: tuple[TopLogprob, ...] = ()
-        if n_top > 0:
-            idx = np.argpartition(logprobs, -n_top)[-n_top:]
-            idx = idx[np.argsort(-logprobs[idx], kind="stable")]
-            top = tuple(TopLogprob(int(i), self.piece(int(i)), float(logprobs[i])) for i in idx)
-        return TokenLogprob(token, self.piece(token), float(logprobs[token]), top)
-
-
-def _constrained_tokens(
-    llama: Any, vocab: Any, prompt: list[int], grammar: str, chain: dict[str, Any]
-) -> Generator[int, None, None]:
-    """``Llama.generate`` under a grammar, sampled as llama.cpp's own ``common_sampler`` does.
-
-    A grammar sampler placed in the chain (llama-cpp-python's way) checks every token of the
-    vocabulary at every step: with Gemma's 262,144 tokens that cost about a second a token on 2 cores.
-    Instead the chain (penalties, top-k/top-p/min-p, temperature, seeded draw or greedy: the same as
-    ``Llama.generate`` builds) picks a token from the raw logits, the grammar checks that one token,
-    and only when it is refused is the grammar applied to the whole vocabulary and the pick made
-    again. Both samplers then accept the token. The logits themselves are never changed, so logprobs
-    (and the shadow path, which replays without the grammar) see the raw distribution."""
-    import llama_cpp
-    from llama_cpp._internals import LlamaTokenDataArray
-
-    sampler = llama._init_sampler(**chain)  # the chain llama.generate would use, grammar-free
-    constraint = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    if not constraint:
-        raise BackendError("the grammar did not parse")
-    n_vocab = llama.n_vocab()
-    candidates = LlamaTokenDataArray(n_vocab=n_vocab)
-    full = ctypes.byref(candidates.candidates)
-    one_data = (llama_cpp.llama_token_data * 1)()
-    one = llama_cpp.llama_token_data_array(data=one_data, size=1, selected=-1, sorted=False)
-    try:
-        llama.eval(prompt)
-        while True:
-            logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
-            candidates.copy_logits(logits)
-            llama_cpp.llama_sampler_apply(sampler.sampler, full)
-            token = int(candidates.candidates_data.id[candidates.candidates.selected])
-            one_data[0] = llama_cpp.llama_token_data(token, 1.0, 0.0)
-            one.size, one.selected = 1, -1
-            llama_cpp.llama_sampler_apply(constraint, ctypes.byref(one))
-            if not np.isfinite(one_data[0].logit):  # refused: constrain the whole vocabulary
-                candidates.copy_logits(logits)
-                llama_cpp.llama_sampler_apply(constraint, full)
-                llama_cpp.llama_sampler_apply(sampler.sampler, full)
-                token = int(candidates.candidates_data.id[candidates.candidates.selected])
-            llama_cpp.llama_sampler_accept(constraint, token)
-            llama_cpp.llama_sampler_accept(sampler.sampler, token)
-            yield token
-            llama.eval([token])
-    finally:
-        llama_cpp.llama_sampler_free(constraint)
-        sampler.close()
+            # the client left or the stream ended: out of the queue, or stopped at the next token
+            cancel.set()
+            slots.withdraw(entry)

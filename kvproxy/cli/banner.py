@@ -16,7 +16,22 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
     n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
-    m = kv_memory_summary(shape, k, v, settings.ctx_size, n_ubatch=n_ubatch, flash_attn=settings.flash_attn)
+    slots = settings.parallel  # one KV stream of --ctx-size cells per slot (kvproxy.backends.slots)
+    m = kv_memory_summary(
+        shape,
+        k,
+        v,
+        settings.ctx_size * slots,
+        n_ubatch=n_ubatch,
+        n_seq=slots,
+        flash_attn=settings.flash_attn,
+    )
+    room = (
+        f"the {settings.ctx_size:,}-token context"
+        if slots == 1
+        else f"{slots} slots of {settings.ctx_size:,} tokens"
+    )
+    deadline = f"{settings.queue_timeout:g} s" if settings.queue_timeout > 0 else "none"
     kv_layers = shape.kv_layers()
     n_swa = sum(layer.swa for layer in kv_layers)
     swa = (
@@ -45,8 +60,10 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"  KV cache   K={k.value} V={v.value}, flash attention {'on' if settings.flash_attn else 'off'}",
             f"  KV bytes   {m['bytes_per_token']:,} per token (f16 would be {m['f16_bytes_per_token']:,}: "
             f"{m['bytes_per_token'] / m['f16_bytes_per_token']:.1%}){swa}",
-            f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for the "
-            f"{settings.ctx_size:,}-token context (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
+            f"             {m['allocated_bytes'] / 2**20:.1f} MiB allocated for "
+            f"{room} (f16: {m['f16_allocated_bytes'] / 2**20:.1f} MiB)",
+            f"  slots      {slots} (--parallel), {settings.max_queue} waiting at most, "
+            f"queue deadline {deadline}",
             *layers,
             f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
             f"  threads    {settings.threads}",

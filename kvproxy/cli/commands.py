@@ -8,9 +8,10 @@ defaults are also the flags' help (kvproxy.cli.options).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol, cast
 
 import typer
 
@@ -20,6 +21,7 @@ from kvproxy.backends.embedded import resolve_model_path
 from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli.banner import describe_proxy, describe_startup
+from kvproxy.cli.listen import listen
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
 from kvproxy.cli.proxy import proxy_deployments
 from kvproxy.cli.server import run
@@ -61,6 +63,9 @@ def serve(
         int | None, typer.Option("--n-gpu-layers", "-ngl", help=setting_help("n_gpu_layers"))
     ] = None,
     score_path: Annotated[ScorePath | None, typer.Option(help=setting_help("score_path"))] = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", "-np", help=setting_help("parallel"))] = None,
+    max_queue: Annotated[int | None, typer.Option(help=setting_help("max_queue"))] = None,
+    queue_timeout: Annotated[float | None, typer.Option(help=setting_help("queue_timeout"))] = None,
     log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
@@ -94,6 +99,9 @@ def serve(
     ] = None,
     admin_token: Annotated[str | None, typer.Option(help=setting_help("admin_token"))] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help=setting_help("max_body_bytes"))] = None,
+    max_connections: Annotated[int | None, typer.Option(help=setting_help("max_connections"))] = None,
+    header_timeout: Annotated[float | None, typer.Option(help=setting_help("header_timeout"))] = None,
+    body_timeout: Annotated[float | None, typer.Option(help=setting_help("body_timeout"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
     max_tokens_default: Annotated[int | None, typer.Option(help=setting_help("max_tokens_default"))] = None,
     cors_origin: Annotated[
@@ -118,6 +126,8 @@ def serve(
     settings = load_settings(**given, api_keys=api_key or None, cors_origins=cors_origin or None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    # the ports first: one that cannot be had stops start-up before a model loads (exit 2)
+    sockets, metrics_sockets = listen(settings.host, settings.port, settings.metrics_port)
     metrics = default_metrics()
     deployments: list[Deployment]
     if config_file is not None or primary is not None:
@@ -130,7 +140,7 @@ def serve(
     for d in deployments:
         if isinstance(d, EmbeddedDeployment) and settings.probe:
             _probe(d.backend.settings)
-    run(settings, deployments, metrics)
+    run(settings, deployments, metrics, sockets, metrics_sockets)
 
 
 def _probe(settings: Settings) -> None:
@@ -155,7 +165,9 @@ def backend(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if not any(a == "--shadow-rate" or a.startswith("--shadow-rate=") for a in args):
         args = ["--shadow-rate", "0", *args]
-    app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    code = app(["serve", *args], prog_name="kvproxy", standalone_mode=False)
+    if isinstance(code, int) and code:  # serve's exit code (not standalone: returned, not raised)
+        raise typer.Exit(code)
 
 
 def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
@@ -164,7 +176,13 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
         info = read_model_info(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    typer.echo(describe_startup(settings, info))
+    try:
+        banner = describe_startup(settings, info)
+    except ValueError as exc:  # e.g. a head size that does not fill the KV type's blocks
+        raise fail(
+            f"{info.path.name}: its KV cache cannot be {settings.cache_type_k}/{settings.cache_type_v}: {exc}"
+        ) from None
+    typer.echo(banner)
     return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
 
 
@@ -178,4 +196,33 @@ def version() -> None:
 
 
 def main() -> None:
-    app(prog_name="kvproxy")
+    """The console script: a usage error (an unknown flag, a value a flag cannot take) is one line
+    and exit 2, like every other start-up failure (kvproxy.cli.options.fail)."""
+    try:
+        code = app(prog_name="kvproxy", standalone_mode=False)
+    except _CLICK_EXCEPTION as raised:
+        exc = cast(_ClickException, raised)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `kvproxy`: the help
+            exc.show()
+        else:
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"kvproxy: error: {message} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+class _ClickException(Protocol):
+    exit_code: int
+
+    def show(self) -> None: ...
+
+    def format_message(self) -> str: ...
+
+
+# the click that typer runs on (typer vendors its own in recent releases): its usage errors' base
+_CLICK_EXCEPTION: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)

@@ -19,6 +19,7 @@ _SHOWN = {
     "alias": "the GGUF's name",
     "threads": "all available cores",
     "n_gpu_layers": "all when the installed llama-cpp-python can offload (a CUDA build), else 0",
+    "max_connections": "what the open-file limit leaves, at most 16,384",
     "cors_origins": "none (CORS off)",
 }
 

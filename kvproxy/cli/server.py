@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -14,11 +16,15 @@ import uvicorn
 from kvproxy.access import KeySet
 from kvproxy.app import create_app
 from kvproxy.cli.banner import describe_access, describe_limits
+from kvproxy.cli.options import fail
 from kvproxy.config import Settings
+from kvproxy.connections import ConnectionLimits, connection_budget, file_limit, guarded_protocol
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.http import HttpDeployment
 from kvproxy.metrics import Metrics
 from kvproxy.metrics_server import start_metrics_server
+from kvproxy.upstream.replicas import CONNECTIONS_PER_REPLICA
 
 
 class DrainingServer(uvicorn.Server):
@@ -58,7 +64,32 @@ class DrainClock:
             )
 
 
-def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> None:
+def connection_limits(settings: Settings, deployments: list[Deployment]) -> ConnectionLimits:
+    """The cap on client connections from the open-file limit, less what the upstream pools may
+    hold (kvproxy.connections); a cap the limit cannot carry stops start-up (exit 2)."""
+    upstream = 0
+    for d in deployments:
+        if isinstance(d, HttpDeployment):
+            pools = [d.primary_pool, *([d.reference_pool] if d.reference_pool is not None else [])]
+            upstream += sum(CONNECTIONS_PER_REPLICA * len(pool.replicas) for pool in pools)
+    try:
+        limits = connection_budget(file_limit(), upstream, settings.max_connections)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return dataclasses.replace(
+        limits, header_timeout=settings.header_timeout, body_timeout=settings.body_timeout
+    )
+
+
+def run(
+    settings: Settings,
+    deployments: list[Deployment],
+    metrics: Metrics,
+    sockets: list[socket.socket],
+    metrics_sockets: list[socket.socket],
+) -> None:
+    """Serve on ``sockets`` (bound by kvproxy.cli.listen) until a signal; the metrics port's server
+    on ``metrics_sockets``."""
     exit_code = 0
     server: DrainingServer
     waiting: set[asyncio.Future[None]] = set()
@@ -85,7 +116,7 @@ def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> 
 
     def on_load_failed(exc: BaseException) -> None:
         nonlocal exit_code
-        exit_code = 1
+        exit_code = 2  # a start-up failure, like every other (kvproxy.cli.options.fail)
         typer.echo(f"kvproxy: error: the model failed to load: {exc}", err=True)
         server.should_exit = True
 
@@ -103,13 +134,19 @@ def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> 
         max_tokens_default=settings.max_tokens_default,
         cors_origins=settings.cors_origins,
     )
+    limits = connection_limits(settings, deployments)
+    protocol = guarded_protocol(limits, lambda reason: metrics.connections_closed.labels(reason).inc())
+    metrics.connections_open.set_function(lambda: len(protocol.table))
     typer.echo(describe_access(settings))
+    typer.echo(
+        f"  clients    {limits.max_connections:,} connections at most; headers within "
+        f"{limits.header_timeout:g} s, bodies within {limits.body_timeout:g} s"
+    )
     typer.echo(describe_limits(settings))
     config = uvicorn.Config(
         asgi,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
+        http=protocol,
+        log_level=settings.log_level,
         access_log=False,
         # X-Forwarded-* rewriting is off: kvproxy neither logs nor redirects by client address, and
         # the middleware costs CPU on every request (docs/benchmarks.md)
@@ -120,9 +157,10 @@ def run(settings: Settings, deployments: list[Deployment], metrics: Metrics) -> 
         timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
     )
     server = DrainingServer(config, DrainClock(asgi.state, settings.drain_timeout))
-    if settings.metrics_port is not None:
-        start_metrics_server(settings.host, settings.metrics_port, metrics.registry, KeySet([admin]))
+    for sock in metrics_sockets:
+        start_metrics_server(settings.host, 0, metrics.registry, KeySet([admin]), sock)
+    if metrics_sockets:
         typer.echo(f"  metrics    http://{settings.host}:{settings.metrics_port}/metrics")
-    server.run()
+    server.run(sockets=sockets)
     if exit_code:
         raise typer.Exit(code=exit_code)

@@ -40,13 +40,31 @@ class EmbeddedDeployment(DeploymentBase):
     def _export(self, metrics: Metrics) -> None:
         backend = self.backend
         export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
+        for state in ("total", "busy", "waiting"):
+            metrics.embedded_slots.labels(self.name, state).set_function(
+                lambda state=state: float(backend.slots_status()[state])  # type: ignore[misc]
+            )
         for context, where in self.devices().items():
             metrics.context_device.labels(self.name, context, where.label).set(1)
-        for role, kv in (("primary", self.primary_kv), ("reference", self.reference_kv)):
+        # the served context has one KV stream per slot; the scorer's reference context one
+        for role, kv, streams in (
+            ("primary", self.primary_kv, backend.n_slots),
+            ("reference", self.reference_kv, 1),
+        ):
             if kv is not None:
                 shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
                 fa = backend.flash_attn
-                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, n_ubatch=n_ubatch, flash_attn=fa)
+                export_kv_memory(
+                    metrics,
+                    self.name,
+                    role,
+                    shape,
+                    kv,
+                    n_ctx * streams,
+                    n_ubatch=n_ubatch,
+                    n_seq=streams,
+                    flash_attn=fa,
+                )
 
     @property
     def ready(self) -> bool:
@@ -63,7 +81,10 @@ class EmbeddedDeployment(DeploymentBase):
         return {"primary": where, "scorer": where}
 
     def backend_status(self) -> dict[str, Any]:
-        return {"devices": {context: str(where) for context, where in self.devices().items()}}
+        return {
+            "devices": {context: str(where) for context, where in self.devices().items()},
+            "slots": self.backend.slots_status(),
+        }
 
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend
@@ -71,8 +92,9 @@ class EmbeddedDeployment(DeploymentBase):
             b.info.attention,
             b.kv.cache_type_k,
             b.kv.cache_type_v,
-            b.n_ctx,
+            b.n_ctx * b.n_slots,
             n_ubatch=b.n_ubatch,
+            n_seq=b.n_slots,
             flash_attn=b.flash_attn,
         )
 

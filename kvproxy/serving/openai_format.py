@@ -17,11 +17,12 @@ from kvproxy.backends.base import (
     BackendError,
     Finished,
     GenerationEvent,
+    Overloaded,
     SamplingParams,
     TextDelta,
     TokenLogprob,
 )
-from kvproxy.errors import OpenAIError
+from kvproxy.errors import OpenAIError, server_busy
 from kvproxy.protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Usage
 from kvproxy.protocol import TokenLogprob as WireTokenLogprob
 from kvproxy.protocol import TopLogprob as WireTopLogprob
@@ -93,6 +94,8 @@ def sampling(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) 
 
 
 def backend_failure(exc: BackendError) -> OpenAIError:
+    if isinstance(exc, Overloaded):  # no slot now (queue full, or waited too long): retry later
+        return server_busy(str(exc), exc.retry_after)
     return OpenAIError(500, f"The backend failed: {exc}", type="server_error", code="backend_error")
 
 

@@ -50,9 +50,30 @@ class RelayChatRequest(_Lenient):
     top_logprobs: Annotated[int, Field(ge=0)] | None = None
 
 
+# llama-server reads token ids as int32 and wraps larger ones (2**32 + 5 became 5): refused here
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class RelayCompletionRequest(_Lenient):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[TokenId]
     logprobs: Annotated[int, Field(ge=0)] | None = None
+
+
+def _text_only(messages: list[dict[str, Any]]) -> None:
+    """A 400 for a content part that is not text (an image, audio, a file). kvproxy serves text: the
+    embedded backend refuses such parts too, and the shadow path replays prompts as text. A primary
+    without a projector answered them with a 500, which reached the client as a 502."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise OpenAIError(
+                    400,
+                    f"Content parts of type {kind!r} are not supported: kvproxy serves text only.",
+                    param=f"messages.{i}.content.{j}.type",
+                    code="unsupported_content",
+                )
 
 
 async def _error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -93,6 +114,7 @@ class RelayServing:
 
     async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
         req = validated(RelayChatRequest, body)
+        _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
         wants = (bool(req.logprobs), req.top_logprobs or 0)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}

@@ -87,7 +87,11 @@ def claim() -> KeptScores | None:
 
 
 class TokenScoreStore:
-    """At most ``capacity`` slots (the oldest go first), each for ``ttl`` seconds after its response."""
+    """Per owner (the API key that made the request: its digest, kvproxy.access.key_owner; None when
+    the serving routes are open), at most ``capacity`` slots (that owner's oldest go first), each for
+    ``ttl`` seconds after its response. An owner reads only its own slots, and its requests evict
+    only its own: another key can neither read one nor push it out. Owners are the configured keys,
+    so memory stays bounded by ``capacity`` times their number."""
 
     def __init__(
         self, capacity: int = 64, ttl: float = 600.0, clock: Callable[[], float] = time.monotonic
@@ -95,38 +99,43 @@ class TokenScoreStore:
         self.capacity = capacity
         self.ttl = ttl
         self._clock = clock
-        self._slots: OrderedDict[str, KeptScores] = OrderedDict()
+        self._owners: dict[bytes | None, OrderedDict[str, KeptScores]] = {}
 
     def __len__(self) -> int:
         self._expire()
-        return len(self._slots)
+        return sum(len(slots) for slots in self._owners.values())
 
     def new_slot(self) -> KeptScores:
         return KeptScores(created=self._clock())
 
-    def put(self, response_id: str, slot: KeptScores) -> None:
+    def put(self, response_id: str, slot: KeptScores, owner: bytes | None = None) -> None:
         self._expire()
-        self._slots[response_id] = slot
-        self._slots.move_to_end(response_id)
-        while len(self._slots) > self.capacity:
-            self._slots.popitem(last=False)
+        slots = self._owners.setdefault(owner, OrderedDict())
+        slots[response_id] = slot
+        slots.move_to_end(response_id)
+        while len(slots) > self.capacity:
+            slots.popitem(last=False)
 
-    def get(self, response_id: str) -> KeptScores | None:
-        """The slot, or None when unknown or expired."""
+    def get(self, response_id: str, owner: bytes | None = None) -> KeptScores | None:
+        """``owner``'s slot, or None when unknown, expired or another owner's."""
         self._expire()
-        return self._slots.get(response_id)
+        slots = self._owners.get(owner)
+        return slots.get(response_id) if slots is not None else None
 
     def _expire(self) -> None:
         cutoff = self._clock() - self.ttl
-        while self._slots:
-            oldest = next(iter(self._slots.values()))
-            if oldest.created > cutoff:
-                break
-            self._slots.popitem(last=False)
+        for owner, slots in list(self._owners.items()):
+            while slots:
+                oldest = next(iter(slots.values()))
+                if oldest.created > cutoff:
+                    break
+                slots.popitem(last=False)
+            if not slots:
+                del self._owners[owner]
 
-    async def serve(self, respond: Callable[[], Any]) -> Response:
+    async def serve(self, respond: Callable[[], Any], owner: bytes | None = None) -> Response:
         """Run one opted-in request's handler with a fresh slot current; file the slot under the
-        response's ``id`` (a stream's: from its first event)."""
+        response's ``id`` (a stream's: from its first event), as ``owner``'s."""
         slot = self.new_slot()
         token = _current.set(slot)
         try:
@@ -136,15 +145,15 @@ class TokenScoreStore:
         if not slot.claimed:  # not sampled (shadow skipped or shed): nothing will come
             slot.end(NOT_SAMPLED)
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._file_from_stream(response.body_iterator, slot)
+            response.body_iterator = self._file_from_stream(response.body_iterator, slot, owner)
         else:
             rid = _response_id(bytes(response.body))
             if rid is not None:
-                self.put(rid, slot)
+                self.put(rid, slot, owner)
         return response
 
     async def _file_from_stream(
-        self, chunks: AsyncIterable[str | bytes | memoryview], slot: KeptScores
+        self, chunks: AsyncIterable[str | bytes | memoryview], slot: KeptScores, owner: bytes | None
     ) -> AsyncIterator[str | bytes | memoryview]:
         filed = False
         async for chunk in chunks:
@@ -152,7 +161,7 @@ class TokenScoreStore:
                 data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
                 rid = _response_id(sse.first_data(data) or b"")
                 if rid is not None:
-                    self.put(rid, slot)
+                    self.put(rid, slot, owner)
                     filed = True
             yield chunk
 

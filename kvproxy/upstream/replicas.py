@@ -28,6 +28,8 @@ from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+CONNECTIONS_PER_REPLICA = 256  # the session's pool; kvproxy.connections reserves descriptors for it
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -103,7 +105,9 @@ class Replica:
             self._session = aiohttp.ClientSession(
                 # idle connections closed after 4 s, before llama-server's HTTP library closes
                 # them at 5 s (cpp-httplib's keep-alive timeout): fewer reuses of a dying socket
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=4.0),
+                connector=aiohttp.TCPConnector(
+                    limit=CONNECTIONS_PER_REPLICA, limit_per_host=0, keepalive_timeout=4.0
+                ),
                 timeout=self.timeouts.aiohttp(),
                 auto_decompress=False,  # relayed bytes stay as the upstream sent them
                 skip_auto_headers=("User-Agent",),
