@@ -12,7 +12,7 @@ block stores 32 values in 18 bytes, q8_0 32 values in 34 bytes, f16 one value in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict, Unpack
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -111,6 +111,22 @@ def row_bytes(cache_type: KVCacheType, n_elements: int) -> int:
     return n_elements // block_size * type_size
 
 
+def check_head_sizes(
+    shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheType, *, flash_attn: bool = True
+) -> None:
+    """Raise ValueError where llama.cpp refuses the context (llama_init_from_model): with flash
+    attention, every layer's K (V) head size must fill whole blocks of a quantized K (V) type."""
+    if not flash_attn:
+        return
+    heads = (
+        (type_k, {shape.head_dim_k, shape.head_dim_k_swa or shape.head_dim_k}),
+        (type_v, {shape.head_dim_v, shape.head_dim_v_swa or shape.head_dim_v}),
+    )
+    for cache_type, sizes in heads:
+        for size in sorted(sizes):
+            row_bytes(cache_type, size)
+
+
 def bits_per_value(cache_type: KVCacheType) -> float:
     block_size, type_size = GGML_QUANT_SIZES[ggml_type(cache_type)]
     return 8.0 * type_size / block_size
@@ -140,6 +156,18 @@ def kv_cache_bytes(shape: AttentionShape, type_k: KVCacheType, type_v: KVCacheTy
 
 def _pad(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
+
+
+class KVLayout(TypedDict, total=False):
+    """How a llama.cpp context lays its KV cache out (:func:`kv_cells`); what is left out takes
+    llama.cpp's library default: ``n_ubatch`` 512, one sequence, per-sequence streams, the
+    sliding-window cache cut to the window, flash attention on (no V padding)."""
+
+    n_ubatch: int
+    n_seq: int
+    kv_unified: bool
+    swa_full: bool
+    flash_attn: bool
 
 
 @dataclass(frozen=True)
@@ -214,28 +242,11 @@ def kv_cache_allocated_bytes(
     type_k: KVCacheType,
     type_v: KVCacheType,
     n_ctx: int,
-    *,
-    n_ubatch: int = 512,
-    n_seq: int = 1,
-    kv_unified: bool = False,
-    swa_full: bool = False,
-    flash_attn: bool = True,
+    **layout: Unpack[KVLayout],
 ) -> int:
     """Bytes llama.cpp allocates for the KV cache of a context of ``n_ctx`` tokens: both parts of
     :func:`kv_cache_parts`."""
-    return sum(
-        kv_cache_parts(
-            shape,
-            type_k,
-            type_v,
-            n_ctx,
-            n_ubatch=n_ubatch,
-            n_seq=n_seq,
-            kv_unified=kv_unified,
-            swa_full=swa_full,
-            flash_attn=flash_attn,
-        )
-    )
+    return sum(kv_cache_parts(shape, type_k, type_v, n_ctx, **layout))
 
 
 KV_MEMORY_FIELDS = (
@@ -261,11 +272,7 @@ def kv_memory_summary(
     type_k: KVCacheType,
     type_v: KVCacheType,
     n_ctx: int,
-    *,
-    n_ubatch: int = 512,
-    n_seq: int = 1,
-    kv_unified: bool = False,
-    flash_attn: bool = True,
+    **layout: Unpack[KVLayout],
 ) -> dict[str, float | int]:
     """What one KV config costs and saves against f16, per token and as allocated for ``n_ctx``:
     the figures of the start-up banner, the status endpoint (and page) and the KV metrics, whose
@@ -276,15 +283,10 @@ def kv_memory_summary(
     ``n_seq`` sequences (the embedded ``--parallel`` slots, llama-server's ``-np``) gets a stream of
     ``n_ctx / n_seq`` cells."""
     f16 = KVCacheType.F16
-    layout: dict[str, Any] = {
-        "n_ubatch": n_ubatch,
-        "n_seq": n_seq,
-        "kv_unified": kv_unified,
-        "flash_attn": flash_attn,
-    }
+    n_seq = layout.get("n_seq", 1)
     at_ctx = kv_cache_allocated_bytes(shape, type_k, type_v, n_ctx, **layout)
     f16_at_ctx = kv_cache_allocated_bytes(shape, f16, f16, n_ctx, **layout)
-    n_streams = 1 if kv_unified else max(1, n_seq)  # llama.cpp's KV streams (one per slot)
+    n_streams = 1 if layout.get("kv_unified", False) else max(1, n_seq)  # one per slot
     summary: dict[str, float | int] = {
         "bytes_per_token": kv_bytes_per_token(shape, type_k, type_v),
         "f16_bytes_per_token": kv_bytes_per_token(shape, f16, f16),

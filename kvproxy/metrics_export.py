@@ -5,13 +5,13 @@ deployment exports at construction (KV memory, backend up, the guard)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Unpack
 
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
-from kvproxy.memory import AttentionShape, kv_memory_summary
+from kvproxy.memory import AttentionShape, KVLayout, kv_memory_summary
 from kvproxy.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
 from kvproxy.shadow.drift import STATE_CODES
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
@@ -117,25 +117,12 @@ def export_kv_memory(
     shape: AttentionShape,
     kv: KVConfig,
     n_ctx: int,
-    *,
-    n_ubatch: int,
-    n_seq: int = 1,
-    kv_unified: bool = False,
-    flash_attn: bool = True,
+    **layout: Unpack[KVLayout],
 ) -> None:
     """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
     figures as the start-up banner and the status endpoint), and a hybrid model's recurrent state."""
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
-    m = kv_memory_summary(
-        shape,
-        kv.cache_type_k,
-        kv.cache_type_v,
-        n_ctx,
-        n_ubatch=n_ubatch,
-        n_seq=n_seq,
-        kv_unified=kv_unified,
-        flash_attn=flash_attn,
-    )
+    m = kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, n_ctx, **layout)
     metrics.kv_bytes_per_token.labels(*labels).set(m["bytes_per_token"])
     metrics.kv_bytes.labels(*labels).set(m["allocated_bytes"])
     metrics.kv_f16_bytes.labels(*labels).set(m["f16_allocated_bytes"])

@@ -226,7 +226,16 @@ def test_a_model_llama_cpp_cannot_load_exits_2_with_one_error_line(tmp_path: Pat
     hollow = write_bad_gguf(
         tmp_path / "hollow.gguf", "llama", block_count=2, embedding_length=256, attention__head_count=4
     )
+    # the start-up probe (on by default) meets it first, in its child, and names llama.cpp's reason
     result = run_cli("serve", "--port", "0", "--model", str(hollow))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+    assert errors == [
+        f"kvproxy: error: llama.cpp cannot serve {hollow}: error loading model hyperparameters: "
+        "key not found in model: llama.context_length"
+    ]
+    # without the probe the server's own load fails, and that is one line and exit 2 too
+    result = run_cli("serve", "--port", "0", "--no-probe", "--model", str(hollow))
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
     assert errors == [f"kvproxy: error: the model failed to load: Failed to load model from file: {hollow}"]

@@ -32,7 +32,7 @@ from kvproxy.backends.worker import close_on
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
 from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import ggml_type, llama_n_ubatch
+from kvproxy.memory import KVLayout, ggml_type, llama_n_ubatch
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class EmbeddedBackend:
     @property
     def n_ubatch(self) -> int:
         return llama_n_ubatch(self._settings.batch_size, self._settings.ctx_size)
+
+    def kv_layout(self, n_seq: int) -> KVLayout:
+        """How a context of ``n_seq`` streams of ``n_ctx`` cells lays its KV out (the served one has
+        one stream per slot, the scorer's one)."""
+        return KVLayout(n_ubatch=self.n_ubatch, n_seq=n_seq, flash_attn=self.flash_attn)
 
     @property
     def offload(self) -> Offload:

@@ -52,19 +52,8 @@ class EmbeddedDeployment(DeploymentBase):
             ("reference", self.reference_kv, 1),
         ):
             if kv is not None:
-                shape, n_ctx, n_ubatch = backend.info.attention, backend.n_ctx, backend.n_ubatch
-                fa = backend.flash_attn
-                export_kv_memory(
-                    metrics,
-                    self.name,
-                    role,
-                    shape,
-                    kv,
-                    n_ctx * streams,
-                    n_ubatch=n_ubatch,
-                    n_seq=streams,
-                    flash_attn=fa,
-                )
+                shape, n_ctx = backend.info.attention, backend.n_ctx * streams
+                export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, **backend.kv_layout(streams))
 
     @property
     def ready(self) -> bool:
@@ -88,14 +77,9 @@ class EmbeddedDeployment(DeploymentBase):
 
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend
+        shape, kv = b.info.attention, b.kv
         return kv_memory_summary(
-            b.info.attention,
-            b.kv.cache_type_k,
-            b.kv.cache_type_v,
-            b.n_ctx * b.n_slots,
-            n_ubatch=b.n_ubatch,
-            n_seq=b.n_slots,
-            flash_attn=b.flash_attn,
+            shape, kv.cache_type_k, kv.cache_type_v, b.n_ctx * b.n_slots, **b.kv_layout(b.n_slots)
         )
 
     async def start(self) -> None:

@@ -74,18 +74,7 @@ class HttpDeployment(DeploymentBase):
         for role, kv in (("primary", self.primary_kv), ("reference", self._declared_reference_kv)):
             if kv is not None and role in self.servers:
                 shape, srv = self.servers[role]
-                export_kv_memory(
-                    metrics,
-                    self.name,
-                    role,
-                    shape,
-                    kv,
-                    srv.ctx_size,
-                    n_ubatch=srv.ubatch_size,
-                    n_seq=srv.n_seq,
-                    kv_unified=srv.unified,
-                    flash_attn=srv.flash_attn,
-                )
+                export_kv_memory(metrics, self.name, role, shape, kv, srv.ctx_size, **srv.layout())
 
     @property
     def estimator(self) -> str:  # type: ignore[override]
@@ -166,16 +155,7 @@ class HttpDeployment(DeploymentBase):
         if kv is None or "primary" not in self.servers:
             return None
         shape, srv = self.servers["primary"]
-        return kv_memory_summary(
-            shape,
-            kv.cache_type_k,
-            kv.cache_type_v,
-            srv.ctx_size,
-            n_ubatch=srv.ubatch_size,
-            n_seq=srv.n_seq,
-            kv_unified=srv.unified,
-            flash_attn=srv.flash_attn,
-        )
+        return kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, srv.ctx_size, **srv.layout())
 
     def backend_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"primary_replicas": self.primary_pool.status()}

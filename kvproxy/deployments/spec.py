@@ -48,6 +48,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import KVCacheType
+from kvproxy.memory import KVLayout
 
 
 class _Strict(BaseModel):
@@ -72,6 +73,11 @@ class ServerSpec(_Strict):
     @property
     def unified(self) -> bool:
         return self.kv_unified if self.kv_unified is not None else self.parallel is None
+
+    def layout(self) -> KVLayout:
+        return KVLayout(
+            n_ubatch=self.ubatch_size, n_seq=self.n_seq, kv_unified=self.unified, flash_attn=self.flash_attn
+        )
 
 
 class BackendSpec(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -28,32 +29,26 @@ from kvproxy.protocol import TokenLogprob as WireTokenLogprob
 from kvproxy.protocol import TopLogprob as WireTopLogprob
 from kvproxy.protocol_responses import ResponsesLogprob, ResponsesRequest, ResponsesTopLogprob
 
+_Entry = TypeVar("_Entry", bound=BaseModel)
+
 
 def _text(token: bytes) -> str:
     return token.decode("utf-8", errors="replace")
 
 
+def _logprob_entry(lp: TokenLogprob, entry: Callable[..., _Entry], top: Callable[..., object]) -> _Entry:
+    """One position's logprob in a wire model: its token, and its alternatives in another."""
+    alternatives = [top(token=_text(t.token), logprob=t.logprob, bytes=list(t.token)) for t in lp.top]
+    return entry(token=_text(lp.token), logprob=lp.logprob, bytes=list(lp.token), top_logprobs=alternatives)
+
+
 def wire_logprob(lp: TokenLogprob) -> WireTokenLogprob:
-    return WireTokenLogprob(
-        token=_text(lp.token),
-        logprob=lp.logprob,
-        bytes=list(lp.token),
-        top_logprobs=[
-            WireTopLogprob(token=_text(t.token), logprob=t.logprob, bytes=list(t.token)) for t in lp.top
-        ],
-    )
+    return _logprob_entry(lp, WireTokenLogprob, WireTopLogprob)
 
 
 def responses_logprob(lp: TokenLogprob) -> ResponsesLogprob:
     """The Responses API's logprob entry (as chat's, without token ids)."""
-    return ResponsesLogprob(
-        token=_text(lp.token),
-        logprob=lp.logprob,
-        bytes=list(lp.token),
-        top_logprobs=[
-            ResponsesTopLogprob(token=_text(t.token), logprob=t.logprob, bytes=list(t.token)) for t in lp.top
-        ],
-    )
+    return _logprob_entry(lp, ResponsesLogprob, ResponsesTopLogprob)
 
 
 def legacy_logprobs(entries: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
