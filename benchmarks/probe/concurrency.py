@@ -3,8 +3,10 @@ a 200 or a 503 with ``Retry-After`` (past ``--max-queue``), nothing else; RSS co
 100 MiB of its level before the burst. Then fairness: a 1-token request sent 1 s into a long
 generation is answered within 5 s, and the long stream's tokens keep coming.
 
-The memory, queue and fairness work (issue 20's findings 1 and 4: ``--max-queue``, ``--parallel``)
-is another branch; until it lands, the RSS and fairness checks are expected to fail here.
+Run it against a server that can hold the burst's connections (``--file-limit`` above ``--concurrency``)
+and has a second slot for the fairness check (``--serve-args "--parallel 2"``): under the default
+1,024-descriptor limit the connection cap (kvproxy.connections) closes connections past its ceiling
+unanswered, and with one slot the short request waits for the long one, both by design.
 """
 
 from __future__ import annotations
