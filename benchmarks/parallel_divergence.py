@@ -39,7 +39,6 @@ from kvproxy.backends.base import (
     GenerationRequest,
     KVConfig,
     SamplingParams,
-    TextDelta,
     TokenLogprob,
 )
 from kvproxy.backends.embedded import EmbeddedBackend, bundled_model_path
@@ -47,6 +46,7 @@ from kvproxy.config import KVCacheType, Settings
 from kvproxy.corpus import english_text
 from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import coarse_kld_row
+from kvproxy.serving.openai_format import collect
 
 F16 = KVConfig(KVCacheType.F16, KVCacheType.F16)
 
@@ -68,13 +68,8 @@ async def serve_all(
         request = GenerationRequest(
             prompt, max_tokens=tokens, sampling=SamplingParams(temperature=0.0), top_logprobs=top
         )
-        served: list[TokenLogprob] = []
-        async for event in backend.generate(request):
-            if isinstance(event, TextDelta):
-                served.extend(event.logprobs)
-            else:
-                return served, event
-        raise AssertionError("no Finished")
+        got = await collect(backend.generate(request))
+        return got.logprobs, got.done
 
     return list(await asyncio.gather(*(one(p) for p in jobs)))
 

@@ -20,7 +20,6 @@ from kvproxy.backends.base import (
     GenerationRequest,
     KVConfig,
     SamplingParams,
-    TextDelta,
     TokenLogprob,
 )
 from kvproxy.backends.devices import gpu_offload_supported
@@ -32,6 +31,7 @@ from kvproxy.corpus import english_text
 from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import PositionScores
 from kvproxy.memory import ggml_type
+from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.scorers import ThreadedScorer
@@ -50,13 +50,8 @@ async def _generate(
     request = GenerationRequest(
         prompt, max_tokens=n, sampling=SamplingParams(temperature=0.0), top_logprobs=5
     )
-    served: list[TokenLogprob] = []
-    async for event in backend.generate(request):
-        if isinstance(event, TextDelta):
-            served.extend(event.logprobs)
-        else:
-            return served, event
-    raise AssertionError("no Finished event")
+    got = await collect(backend.generate(request))
+    return got.logprobs, got.done
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,13 @@ from kvproxy.backends.base import (
     GenerationRequest,
     KVConfig,
     SamplingParams,
-    TextDelta,
     TokenLogprob,
 )
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.gguf_info import read_model_info
+from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.job import PrimaryReport
 from kvproxy.upstream.llama_server import LlamaServerReference
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
@@ -49,13 +49,8 @@ async def _generate(
     request = GenerationRequest(
         prompt, max_tokens=n, sampling=SamplingParams(temperature=0.0), top_logprobs=5
     )
-    served: list[TokenLogprob] = []
-    async for event in backend.generate(request):
-        if isinstance(event, TextDelta):
-            served.extend(event.logprobs)
-        else:
-            return served, event
-    raise AssertionError("no Finished event")
+    got = await collect(backend.generate(request))
+    return got.logprobs, got.done
 
 
 def test_embedded_generation_and_scoring_start_every_job_from_a_zero_state() -> None:
