@@ -6,6 +6,7 @@ access and body layers) over ``httpx.ASGITransport``, with a stub backend instea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,13 +62,20 @@ def backend() -> StubBackend:
     return StubBackend()
 
 
-@pytest.fixture(scope="module")
-def client(backend: StubBackend) -> Iterator[Client]:
-    dead = f"http://127.0.0.1:{free_port()}"  # an HTTP deployment whose llama-server is down
+@contextlib.contextmanager
+def stub_and_dead_relay(backend: StubBackend, **app_options: Any) -> Iterator[Client]:
+    """The app over the stub deployment and an HTTP deployment whose llama-server is down."""
+    dead = f"http://127.0.0.1:{free_port()}"
     relay = http_deployment(DeploymentSpec.model_validate({"model": "relay", "primary": {"urls": [dead]}}))
-    c = Client(create_app([stub_deployment(backend), relay]))
+    c = Client(create_app([stub_deployment(backend), relay], **app_options))
     yield c
     c.loop.run_until_complete(relay.primary_pool.close())
+
+
+@pytest.fixture(scope="module")
+def client(backend: StubBackend) -> Iterator[Client]:
+    with stub_and_dead_relay(backend) as c:
+        yield c
     c.close()
 
 

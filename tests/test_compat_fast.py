@@ -16,12 +16,9 @@ from kvproxy import sse
 from kvproxy.app import create_app
 from kvproxy.backends.embedded import json_gbnf
 from kvproxy.config import DEFAULT_MAX_TOKENS
-from kvproxy.deployments.build import http_deployment
-from kvproxy.deployments.spec import DeploymentSpec
-from tests.llama_servers import free_port
 from tests.openai_spec import assert_valid, assert_valid_completion_chunk, assert_valid_event
 from tests.stub_backend import StubBackend
-from tests.test_api_fast import MSG, Client, stub_deployment
+from tests.test_api_fast import MSG, Client, stub_and_dead_relay, stub_deployment
 from tests.test_errors import assert_openai_error
 
 ORIGIN = "http://app.example:5173"
@@ -34,12 +31,9 @@ def backend() -> StubBackend:
 
 @pytest.fixture(scope="module")
 def client(backend: StubBackend) -> Iterator[Client]:
-    dead = f"http://127.0.0.1:{free_port()}"  # an HTTP deployment whose llama-server is down
-    relay = http_deployment(DeploymentSpec.model_validate({"model": "relay", "primary": {"urls": [dead]}}))
-    c = Client(create_app([stub_deployment(backend), relay], cors_origins=[ORIGIN], api_keys=["k"]))
-    c.http.headers["Authorization"] = "Bearer k"
-    yield c
-    c.loop.run_until_complete(relay.primary_pool.close())
+    with stub_and_dead_relay(backend, cors_origins=[ORIGIN], api_keys=["k"]) as c:
+        c.http.headers["Authorization"] = "Bearer k"
+        yield c
     c.close()
 
 
