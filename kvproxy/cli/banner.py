@@ -8,7 +8,7 @@ from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import check_head_sizes, kv_memory_summary, llama_n_ubatch
+from kvproxy.memory import kv_memory_summary, llama_n_ubatch
 
 
 def describe_startup(settings: Settings, info: ModelInfo) -> str:
@@ -16,7 +16,6 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
     shape = info.attention
     k, v = settings.cache_type_k, settings.cache_type_v
     n_ubatch = llama_n_ubatch(settings.batch_size, settings.ctx_size)
-    check_head_sizes(shape, k, v, flash_attn=settings.flash_attn)
     slots = settings.parallel  # one KV stream of --ctx-size cells per slot (kvproxy.backends.slots)
     m = kv_memory_summary(
         shape,

@@ -29,6 +29,7 @@ from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.gguf_info import read_model_info
+from kvproxy.memory import check_head_sizes
 from kvproxy.metrics import Metrics
 
 app = typer.Typer(
@@ -176,7 +177,10 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
         info = read_model_info(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    try:
+    try:  # what llama.cpp would refuse the context for, before anything is loaded
+        check_head_sizes(
+            info.attention, settings.cache_type_k, settings.cache_type_v, flash_attn=settings.flash_attn
+        )
         banner = describe_startup(settings, info)
     except ValueError as exc:  # e.g. a head size that does not fill the KV type's blocks
         raise fail(
