@@ -107,3 +107,33 @@ def test_a_long_prompt_fills_in_chunks_between_the_tokens_of_a_running_stream(ge
     print(f"\n{n_prompt}-token prompt, {chunks} chunks of 64: {a_during_fill} tokens of A during the fill")
     assert n_prompt > 500
     assert a_during_fill >= chunks - 3  # one token of A per chunk (the count at the edges may slip)
+
+
+def test_a_grammar_llama_cpp_refuses_fails_the_request_at_once(gemma_path: Path) -> None:
+    """The serving layer checks grammars before queueing; should one still fail when its slot's
+    sampler is made, the request gets the error at once (not at its queue deadline) and the slot
+    serves the next request."""
+    from kvproxy.backends.base import BackendError
+
+    settings = Settings(model=gemma_path, ctx_size=512, threads=2, shadow_rate=0, queue_timeout=30)
+    backend = EmbeddedBackend(settings, read_model_info(gemma_path))
+
+    async def run() -> tuple[float, Finished]:
+        await backend.load()
+        prompt = backend.tokenize("Hello", add_bos=True)
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(BackendError, match="grammar"):
+            async for _ in backend.generate(GenerationRequest(prompt, 2, grammar="root ::= (")):
+                pass
+        took = asyncio.get_running_loop().time() - start
+        async for event in backend.generate(GenerationRequest(prompt, 2, SamplingParams(temperature=0.0))):
+            if isinstance(event, Finished):
+                return took, event
+        raise AssertionError("no Finished")
+
+    try:
+        took, done = asyncio.run(run())
+    finally:
+        backend.close()
+    assert took < 5
+    assert done.completion_tokens >= 1

@@ -43,6 +43,7 @@ class SamplerChain:
         import llama_cpp
 
         self._lib = llama_cpp
+        self._chain: Any = None  # set last: close() (and __del__) may run after a failure here
         self._n_vocab = n_vocab
         self._grammar: Any = None
         self._candidates: Any = None
@@ -58,7 +59,7 @@ class SamplerChain:
         if not chain:
             self.close()
             raise MemoryError("llama.cpp could not make a sampler chain")
-        self._chain: Any = chain
+        self._chain = chain
         seed = params.seed & 0xFFFFFFFF if params.seed is not None else RANDOM_SEED
         add = self._add
         add(

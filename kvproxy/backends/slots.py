@@ -246,6 +246,7 @@ class SlotScheduler:
             except (BackendError, MemoryError) as exc:  # the request fails, the slot stays free
                 entry.output.fail(exc if isinstance(exc, BackendError) else BackendError(str(exc)))
                 self._release_seq(seq)
+                entry.on_admit()  # the waiter reads the failure now, not at its queue deadline
                 continue
             self._active.append(_Sequence(entry, seq, sampler, admitted=now))
             entry.on_admit()
