@@ -15,6 +15,10 @@ from kvproxy.deployments.status import deployment_status
 from kvproxy.shadow.baseline import read_baseline
 from tests.test_startup import run_cli
 
+# a hang guard, not a speed target: the 5-config sweep takes about 40 s on a quiet 2-core machine and
+# ran past run_cli's default 60 s once while other work shared the cores
+SWEEP_TIMEOUT = 600
+
 
 def test_parse_config() -> None:
     assert str(parse_config("q8_0")) == "q8_0" and str(parse_config("q8_0/q4_0")) == "q8_0/q4_0"
@@ -60,6 +64,7 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
         "0.05",
         "--score-path",
         "prefill",
+        timeout=SWEEP_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert "recommendation for a mean KLD budget of 0.05: q8_0/q4_0" in result.stdout
@@ -92,7 +97,16 @@ def test_calibrate_on_the_decode_path_by_default(tmp_path: Path) -> None:
     """Without --score-path: the decode path (generation's numerics), said in the table and files."""
     out = tmp_path / "calib"
     result = run_cli(
-        "calibrate", "--configs", "f16,q4_0", "--ctx-size", "256", "--max-chunks", "1", "--out", str(out)
+        "calibrate",
+        "--configs",
+        "f16,q4_0",
+        "--ctx-size",
+        "256",
+        "--max-chunks",
+        "1",
+        "--out",
+        str(out),
+        timeout=SWEEP_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert "decode path" in result.stdout and "CPU" in result.stdout

@@ -23,14 +23,17 @@ from tests.conftest import serve_in_thread, start_server, stop_server
 MSG = [{"role": "user", "content": "Hi"}]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m kvproxy ARGS``; ``timeout`` only guards against a hang (a sweep takes longer)."""
     import os
 
     return subprocess.run(
         [sys.executable, "-m", "kvproxy", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
