@@ -5,10 +5,19 @@
 FROM python:3.11-slim-bookworm AS llama-wheel
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
-ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
-RUN --mount=type=cache,target=/root/.cache/pip \
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    pip wheel --no-deps --no-binary llama-cpp-python -w /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+# GGML_NATIVE off: the image's CPU code must run on any x86-64 host with AVX2, not only on the one
+# that built it (`--build-arg CMAKE_ARGS=` builds for the build host's CPU instead). AMX stays off
+# either way (scripts/llama-cpu.sh: the pinned llama.cpp's AMX matmul dies of SIGILL).
+ARG CMAKE_ARGS=-DGGML_NATIVE=OFF
+WORKDIR /src
+COPY pyproject.toml ./
+COPY scripts/ensure-llama-wheel.sh scripts/llama-cpu.sh scripts/
+# The same script as `make serve` (version from pyproject.toml, AMX off, the build recorded beside
+# the wheel and reused only where it fits), its cache in a cache mount of its own.
+RUN --mount=type=cache,id=kvproxy-llama-wheels,target=/cache \
+    python -m venv /opt/build \
+    && KVPROXY_CACHE=/cache CMAKE_ARGS="$CMAKE_ARGS" scripts/ensure-llama-wheel.sh /opt/build/bin/python \
+    && mkdir /wheels && cp /cache/wheels/llama_cpp_python-*.whl /wheels/
 
 FROM python:3.11-slim-bookworm AS build
 COPY --from=llama-wheel /wheels /wheels

@@ -20,15 +20,18 @@ PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 # what `serve` and `install` need: the CPU build, or with CUDA=1 the CUDA one
 ifeq ($(CUDA),1)
 INSTALLED := $(VENV)/.installed-cuda
-LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 else
 INSTALLED := $(VENV)/.installed
 endif
 
+# Each run first checks that the venv's llama.cpp build fits this CPU (a venv or cache carried to
+# another machine is rebuilt, never run into SIGILL); that check takes a few milliseconds.
 serve: $(INSTALLED)
+	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/kvproxy serve
 
 test: $(VENV)/.installed-test llama-tools
+	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -48,18 +51,16 @@ $(VENV)/.venv-ok:
 	$(PIP) install --quiet --upgrade pip
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh
+$(VENV)/.installed: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh scripts/llama-cpu.sh
 	scripts/ensure-llama-wheel.sh $(VENV)/bin/python
 	$(PIP_INSTALL) -e .
 	touch $@
 
-# Same version and file name as the CPU wheel, so force the reinstall from the CUDA folder alone;
-# then `pip install -e .` finds llama-cpp-python satisfied and adds only what is missing. Marking
-# .installed too keeps a later plain `make serve` from building a CPU wheel it would not install.
-$(VENV)/.installed-cuda: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh
+# The script installs the CUDA wheel into the venv in place of any CPU one (same version and file
+# name); then `pip install -e .` finds llama-cpp-python satisfied and adds only what is missing.
+# Marking .installed too keeps a later plain `make serve` from building a CPU wheel it would not install.
+$(VENV)/.installed-cuda: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh scripts/llama-cpu.sh
 	scripts/ensure-llama-wheel.sh --cuda $(VENV)/bin/python
-	$(PIP) install --quiet --no-index --find-links $(KVPROXY_CACHE)/wheels-cuda --force-reinstall --no-deps \
-		llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	$(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels-cuda -e .
 	touch $@ $(VENV)/.installed
 

@@ -17,6 +17,8 @@
 #   TARGETS     the build targets (default below)
 #   CUDA_SEARCH more folders to look for cuBLAS/cudart/libcuda in, when CMake alone finds none
 #   CONFIGURE_ONLY=1  stop after CMake's configure step (a check)
+#   LLAMA_AMX   OFF (default): ggml's AMX matmul is compiled out (scripts/llama-cpu.sh: it dies of
+#               SIGILL on CPUs with AMX); ON leaves it in, only to measure what it was worth
 # Usage: scripts/build-llama-cuda.sh SRC_DIR BUILD_DIR
 set -uo pipefail
 
@@ -39,6 +41,9 @@ archs=${CUDA_ARCHS:-90}
 # (q5_1, q5_0, q4_1) cost one .cu file each. iq4_nl has no CUDA FlashAttention kernel at all.
 fa_quants=${FA_QUANTS:-"f16-f16;bf16-bf16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q4_0-q8_0;q5_1-q5_1;q5_0-q5_0;q4_1-q4_1"}
 targets=${TARGETS:-"llama llama-server llama-perplexity test-llama-archs"}
+. "$(dirname "$0")/llama-cpu.sh"
+amx_flags=("-DCMAKE_C_FLAGS=$(llama_no_amx_flags)" "-DCMAKE_CXX_FLAGS=$(llama_no_amx_flags)" $LLAMA_NO_AMX_CMAKE)
+[ "${LLAMA_AMX:-OFF}" = ON ] && amx_flags=()
 start=$(date +%s)
 
 fail() {
@@ -50,6 +55,7 @@ fail() {
 echo "== $(date -u +%FT%TZ) build-llama-cuda.sh $src -> $build (GGML_CUDA=$cuda archs=$archs jobs=$jobs)"
 echo "== FA_QUANTS=$fa_quants"
 echo "== targets: $targets"
+echo "== AMX: ${LLAMA_AMX:-OFF} ${amx_flags[*]}"
 cat "$src/KVPROXY-SOURCE.txt" 2>/dev/null
 if [ "$cuda" = ON ]; then
     command -v nvcc >/dev/null || export PATH="$PATH:/usr/local/cuda/bin"
@@ -85,7 +91,7 @@ fi
 configure() {
     cmake -S "$src" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
         -DBUILD_SHARED_LIBS=ON \
-        "${cuda_flags[@]}" \
+        "${cuda_flags[@]}" "${amx_flags[@]}" \
         -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF \
         "$@"

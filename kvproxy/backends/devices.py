@@ -96,3 +96,30 @@ def offload(requested: int | None, n_layers: int) -> Offload:
         return Offload(None, 0, n_layers)
     # several GPUs: llama.cpp splits the layers across them (its default split mode)
     return Offload(" + ".join(devices), n_layers if layers < 0 else min(layers, n_layers), n_layers)
+
+
+def parse_cpu_features(system_info: str) -> tuple[str, ...]:
+    """The features ggml's CPU backend was compiled with, from ``llama_print_system_info()``:
+    ``"CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 0 | ..."`` gives ``("SSE3", "AVX2")``. Other backends'
+    sections (``CUDA : ...``) are not the CPU's."""
+    features: list[str] = []
+    section = ""
+    for part in system_info.split("|"):
+        if ":" in part:  # "CPU : SSE3 = 1" opens a backend's section
+            section, _, part = part.partition(":")
+            section = section.strip()
+        name, eq, value = part.partition("=")
+        if section == "CPU" and eq and value.strip() == "1":
+            features.append(name.strip())
+    return tuple(features)
+
+
+@cache
+def cpu_build_features() -> tuple[str, ...]:
+    """What the installed llama.cpp's CPU code uses (the banner shows it: a build for another CPU
+    dies of SIGILL, scripts/llama-cpu.sh)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return ()
+    return parse_cpu_features(llama_cpp.llama_print_system_info().decode(errors="replace"))

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -39,7 +40,44 @@ _REASONS = (
 )
 
 
+# What to do about an illegal instruction: the build, not the model, is at fault.
+AMX_ADVICE = (
+    "which crashes on CPUs with AMX in the pinned llama.cpp. Rebuild llama-cpp-python here with AMX "
+    "off: `rm -rf ${KVPROXY_CACHE:-~/.cache/kvproxy}/wheels .venv && "
+    "make serve` (the cached build is checked against this CPU), or by hand: "
+    "CMAKE_ARGS='-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' "
+    "CFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "CXXFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python"
+)
+SIGILL_ADVICE = (
+    "an instruction this CPU cannot run, so the llama.cpp build is wrong for this machine: built on "
+    "another CPU (a copied venv or wheel), or with ggml's AMX matmul, " + AMX_ADVICE
+)
+
+
+def signal_reason(returncode: int, amx_build: bool = False) -> str:
+    """'llama.cpp stopped the process with SIGSEGV (signal 11)', and what to do where it is known:
+    an illegal instruction always, any signal when the build carries ggml's AMX matmul."""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "a signal"
+    said = f"llama.cpp stopped the process with {name} (signal {-returncode})"
+    if -returncode == signal.SIGILL:
+        return f"{said}: {SIGILL_ADVICE}"
+    if amx_build:
+        return f"{said}; this llama.cpp build has ggml's AMX matmul (AMX_INT8), {AMX_ADVICE}"
+    return said
+
+
 def _reason(stderr: str, returncode: int) -> str:
+    if returncode < 0:
+        from kvproxy.backends.devices import cpu_build_features
+
+        amx = any(f.startswith("AMX") for f in cpu_build_features())
+        if returncode == -signal.SIGILL or amx:  # the build is at fault, whatever llama.cpp printed
+            return signal_reason(returncode, amx)
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for pattern in _REASONS:
         for line in reversed(lines):
@@ -47,7 +85,7 @@ def _reason(stderr: str, returncode: int) -> str:
             if m:
                 return (m.group(1) if m.groups() else m.group(0)).strip()
     if returncode < 0:
-        return f"llama.cpp stopped the process (signal {-returncode})"
+        return signal_reason(returncode)
     return lines[-1] if lines else f"exit status {returncode}"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvproxy import __version__
-from kvproxy.backends.devices import offload
+from kvproxy.backends.devices import cpu_build_features, offload
 from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.http import HttpDeployment
@@ -66,12 +66,22 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"queue deadline {deadline}",
             *layers,
             f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
+            f"  CPU code   {describe_cpu_build(cpu_build_features())}",
             f"  threads    {settings.threads}",
             f"  shadow     {settings.shadow_rate:.0%} of requests scored exactly against a "
             f"{settings.reference_cache_type.value} KV reference on the same weights, "
             f"{settings.score_path.value} path (status: /kvproxy/v1/status)",
         ]
     )
+
+
+def describe_cpu_build(features: tuple[str, ...]) -> str:
+    """The instruction sets llama.cpp's CPU code was built with, and whether AMX is among them
+    (kvproxy's builds keep it off: it dies of SIGILL in the pinned llama.cpp, docs/deploy.md)."""
+    if not features:
+        return "unknown (llama.cpp reports no CPU features)"
+    amx = "" if any(f.startswith("AMX") for f in features) else " (AMX off)"
+    return " ".join(features) + amx
 
 
 def describe_proxy(deployments: list[Deployment]) -> str:
