@@ -365,7 +365,17 @@ def test_the_cuda_builds_compile_the_same_flash_attention_pairs() -> None:
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # `python -m pip wheel ... -w DIR REQ`: record the call, write a wheel (with the CUDA backend unless
-# FAKE_NO_CUDA is set); anything else goes to the real interpreter
+# FAKE_NO_CUDA is set); other pip calls (installing the wheel into the environment) are recorded in
+# FAKE_LOG.install; sys.prefix is FAKE_PREFIX; anything else goes to the real interpreter
+if [ "$1" = -c ] && [ "$2" = 'import sys; print(sys.prefix)' ]; then
+    echo "$FAKE_PREFIX"
+    exit 0
+fi
+if [ "$1 $2" = "-m pip" ] && [ "$3" != wheel ]; then
+    echo "$*" >> "$FAKE_LOG.install"
+    [ "$3" = show ] && exit 1   # nothing installed yet
+    exit 0
+fi
 if [ "$1" = -m ]; then
     echo "CMAKE_ARGS=$CMAKE_ARGS ARGS=$*" >> "$FAKE_LOG"
     while [ $# -gt 0 ]; do [ "$1" = -w ] && dir=$2; shift; done
@@ -389,6 +399,7 @@ def run_ensure(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess
             "HOME": str(tmp),
             "KVPROXY_CACHE": str(tmp / "cache"),
             "FAKE_LOG": str(tmp / "pip.log"),
+            "FAKE_PREFIX": str(tmp / "env"),
             "FAKE_VERSION": LLAMA_VERSION,
             "REAL_PYTHON": sys.executable,
             "WRITE_WHEEL": 'import sys, zipfile; zipfile.ZipFile(sys.argv[1], "w").writestr(sys.argv[2], "")',
@@ -401,6 +412,7 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
     """scripts/ensure-llama-wheel.sh --cuda with a fake pip, nvcc and nvidia-smi: what it asks CMake
     for, where the wheel goes, when it reuses it, and that the CPU cache is never touched."""
     (tmp_path / "bin").mkdir()
+    (tmp_path / "env").mkdir()  # the environment the wheel is installed into (FAKE_PREFIX)
     fakes = {
         "python": FAKE_PYTHON,
         "bin/nvcc": "#!/bin/sh\necho 'Cuda compilation tools, release 12.8, V12.8.93'\n",
@@ -430,6 +442,12 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
         f"llama_cpp_python-{LLAMA_VERSION}-py3-none-linux_x86_64.whl"
     ]
     assert not cpu_wheels.exists()
+    # installed into the environment, with what it was built for beside it
+    installs = (tmp_path / "pip.log.install").read_text().splitlines()
+    assert any("install" in line and "--force-reinstall" in line for line in installs), installs
+    record = (tmp_path / "env" / "kvproxy-llama-build.txt").read_text()
+    assert record.startswith("flavour: cuda\ncmake: -DGGML_CUDA=on") and "-DGGML_AMX_INT8=OFF" in record
+    assert "cflags: -mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in record
 
     again = run_ensure(tmp_path, "--cuda")
     assert again.returncode == 0 and "cached wheel" in again.stdout and len(pip_calls()) == 1
@@ -439,7 +457,9 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
     assert portable.returncode == 0 and "rebuilding" in portable.stdout
     assert "-DCMAKE_CUDA_ARCHITECTURES=75-real;80-real;86-real;89-real;90 " in pip_calls()[1]
     # the caller's CMAKE_ARGS come after the script's own
-    assert pip_calls()[1].split(" ARGS=")[0].endswith("-DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF")
+    assert pip_calls()[1].split(" ARGS=")[0].endswith(
+        "-DGGML_CUDA_NCCL=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_NATIVE=OFF"
+    )
 
     # a build that came out without the CUDA backend is refused and not cached
     broken = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="86", FAKE_NO_CUDA="1")
@@ -454,6 +474,11 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
     # the CPU mode is what it was: the cached CPU wheel is enough, whatever the CUDA folder holds
     cpu_wheels.mkdir(parents=True, exist_ok=True)
     (cpu_wheels / f"llama_cpp_python-{LLAMA_VERSION}-py3-none-linux_x86_64.whl").write_text("")
+    record_cpu = '. scripts/llama-cpu.sh; llama_build_record "$LLAMA_NO_AMX_CMAKE" "$(llama_no_amx_flags)"'
+    recorded = subprocess.run(
+        ["bash", "-c", record_cpu], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    (cpu_wheels / f"llama_cpp_python-{LLAMA_VERSION}.build").write_text(recorded.stdout)  # as built here
     cpu = run_ensure(tmp_path)
     assert cpu.returncode == 0 and f"cached wheel in {cpu_wheels}" in cpu.stdout and len(pip_calls()) == 3
 
@@ -488,14 +513,13 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
     cuda = make_dry_run(tmp_path, "serve", "CUDA=1")
     steps = cuda[cuda.index(f"touch {venv}/.venv-ok") + 1 :]
     assert steps == [
-        f"scripts/ensure-llama-wheel.sh --cuda {venv}/bin/python",
-        f"{pip} --no-index --find-links {cache}/wheels-cuda --force-reinstall --no-deps "
-        f"llama-cpp-python=={LLAMA_VERSION}",
+        f"scripts/ensure-llama-wheel.sh --cuda {venv}/bin/python",  # installs the CUDA wheel too
         f"{pip} --find-links {cache}/wheels-cuda -e .",
         f"touch {venv}/.installed-cuda {venv}/.installed",
+        f"scripts/ensure-llama-wheel.sh --installed {venv}/bin/python",  # fits this CPU, every run
         f"{venv}/bin/kvproxy serve",
     ]
-    assert make_dry_run(tmp_path, "install", "CUDA=1") == cuda[:-1]
+    assert make_dry_run(tmp_path, "install", "CUDA=1") == cuda[:-2]
     # without CUDA=1 (or with CUDA=0) nothing of it: the README's commands, CI's `make test`
     for target in ("serve", "install", "test"):
         cpu = make_dry_run(tmp_path, target)
