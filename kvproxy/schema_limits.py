@@ -89,6 +89,15 @@ class SchemaRefused(ValueError):
         where = f" at {_shorten(path)}" if path else ""
         super().__init__(f"{message}{where} ({bound})")
         self.bound = bound
+        self.detail = ""  # what llama.cpp said, for the debug log only
+
+    @classmethod
+    def restored(cls, bound: str, text: str, detail: str = "") -> SchemaRefused:
+        """A refusal as the grammar compiler's child process sent it (its text already written)."""
+        refused = cls(bound, "")
+        refused.args = (text,)
+        refused.detail = detail
+        return refused
 
 
 def _shorten(text: str, limit: int = 120) -> str:
@@ -206,9 +215,7 @@ def check_count(value: Any, limits: SchemaLimits, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SchemaRefused("schema", "A length or item count must be a non-negative integer", path)
     if value > limits.max_repeat:
-        raise SchemaRefused(
-            "schema_max_repeat", f"The count {value} is more than {limits.max_repeat}", path
-        )
+        raise SchemaRefused("schema_max_repeat", f"The count {value} is more than {limits.max_repeat}", path)
     return value
 
 
@@ -232,7 +239,9 @@ def check_pattern(pattern: str, limits: SchemaLimits, path: str = "") -> int:
         parsed = _sre.parse(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         reason = exc.msg if isinstance(exc, re.error) else type(exc).__name__
-        raise SchemaRefused("pattern", f"The pattern is not a valid regular expression: {reason}", path) from None
+        raise SchemaRefused(
+            "pattern", f"The pattern is not a valid regular expression: {reason}", path
+        ) from None
     for n in _parsed_counts(parsed):
         if n > limits.max_repeat:
             raise SchemaRefused(

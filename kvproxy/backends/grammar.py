@@ -50,7 +50,7 @@ def json_gbnf(schema: dict[str, Any] | None, limits: SchemaLimits | None = None)
     try:
         copy = json.loads(text)  # resolve_refs rewrites the $refs it meets
         converter.visit(converter.resolve_refs(copy, "stdin"), "")
-        grammar = converter.format_grammar()
+        grammar = converter.format_grammar()  # type: ignore[no-untyped-call]
     except SchemaRefused:
         raise
     except Exception as exc:  # the converter raises whatever it meets (KeyError, AssertionError...)
@@ -143,11 +143,13 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-class BoundedConverter(SchemaConverter):  # type: ignore[misc]
+class BoundedConverter(SchemaConverter):
     """llama-cpp-python's converter, counting its visits and the grammar it writes (see the module)."""
 
     def __init__(self, limits: SchemaLimits) -> None:
-        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        super().__init__(  # type: ignore[no-untyped-call]
+            prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+        )
         self._limits = limits
         self._visits = 0
         self._bytes = 0
@@ -165,7 +167,7 @@ class BoundedConverter(SchemaConverter):  # type: ignore[misc]
         if values is not None:
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
             return self._literal_rule(values, rule_name)
-        return str(super().visit(schema, name))
+        return str(super().visit(schema, name))  # type: ignore[no-untyped-call]
 
     def _literal_rule(self, values: list[Any], rule_name: str) -> str:
         """An enum or const as a prefix tree of its JSON texts, one rule per branching point."""
@@ -177,7 +179,7 @@ class BoundedConverter(SchemaConverter):  # type: ignore[misc]
 
     def _add_rule(self, name: str, rule: str) -> str:
         before = len(self._rules)
-        key = str(super()._add_rule(name, rule))
+        key = str(super()._add_rule(name, rule))  # type: ignore[no-untyped-call]
         if len(self._rules) > before:
             self._bytes += len(key) + len(rule) + 6
             if self._bytes > self._limits.max_grammar_bytes:
