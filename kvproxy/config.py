@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Embedded: largest repetition count in a response-format schema (minLength, "
         "maxLength, minItems, maxItems, {n,m} in a pattern); larger ones get 400, as do counts "
-        "adding up to more than --grammar-max-bytes / 64.",
+        "adding up to more than --grammar-max-bytes / 8.",
     )
     grammar_max_bytes: int = Field(
         default=2**20,

@@ -36,9 +36,11 @@ from typing import Any
 _sre: Any = importlib.import_module("re._parser")
 _c: Any = importlib.import_module("re._constants")
 
-# grammar bytes one repetition may write: its item's rule name (kvproxy keeps those under 48
-# characters) and a separator; the counts of a schema together may ask for max_grammar_bytes / this
-REPEAT_BYTES = 64
+# the fewest grammar bytes one repetition writes (``(char `` and ``)?``): the counts of a schema
+# together may ask for max_grammar_bytes / this; past that the grammar could not fit anyway. (The
+# most one writes is about 64, a rule name of at most 48 characters and a separator, so what the
+# converter builds before its own byte count stops it stays under 8 times the grammar bound.)
+REPEAT_BYTES = 8
 
 COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
 UNION_KEYWORDS = ("anyOf", "oneOf")

@@ -153,6 +153,7 @@ class BoundedConverter(SchemaConverter):
         self._limits = limits
         self._visits = 0
         self._bytes = 0
+        self._resolved: dict[str, str] = {}  # $ref: the key of its rule
 
     def visit(self, schema: Any, name: str) -> str:
         self._visits += 1
@@ -179,7 +180,7 @@ class BoundedConverter(SchemaConverter):
 
     def _add_rule(self, name: str, rule: str) -> str:
         before = len(self._rules)
-        key = str(super()._add_rule(name, rule))  # type: ignore[no-untyped-call]
+        key = str(super()._add_rule(short_name(name), rule))  # type: ignore[no-untyped-call]
         if len(self._rules) > before:
             self._bytes += len(key) + len(rule) + 6
             if self._bytes > self._limits.max_grammar_bytes:
@@ -187,13 +188,20 @@ class BoundedConverter(SchemaConverter):
         return key
 
     def _resolve_ref(self, ref: str) -> str:
-        # llama-cpp-python's, with the reference's rule name made valid and short as visit() makes
-        # it: otherwise a recursive reference names a rule that was written under another name
+        # llama-cpp-python's, with two changes. The rule name is made valid and short as visit()
+        # makes it (else a recursive reference names a rule written under another name). And a
+        # reference once resolved is not expanded again: llama-cpp-python looks for its rule under
+        # the definition's name, which is not the rule's key when that name is reserved ("array"
+        # is written as "array-"), so a chain of such definitions each used twice was expanded
+        # 2^n times (16 links: 0.5 s; 40: forever)
+        if ref in self._resolved:
+            return self._resolved[ref]
         ref_name = short_name(INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1]))
         if ref_name not in self._rules and ref not in self._refs_being_resolved:
             self._refs_being_resolved.add(ref)
             ref_name = self.visit(self._refs[ref], ref_name)
             self._refs_being_resolved.remove(ref)
+            self._resolved[ref] = ref_name
         return ref_name
 
 
