@@ -160,6 +160,8 @@ class _Measure:
                     self.schema(sub, _pointer(here, i), depth + 2)
             elif key in SUBSCHEMA_MAPS and isinstance(item, dict):
                 self.depth(depth + 1, here)
+                if key == "properties":
+                    check_optional(schema, item, self.limits, here)
                 for name, sub in item.items():
                     self.schema(sub, _pointer(here, name), depth + 2)
             elif key in SUBSCHEMA:
@@ -204,12 +206,25 @@ class _Measure:
             )
 
 
-def check_branches(n: int, limits: SchemaLimits, path: str) -> None:
+def check_branches(n: int, limits: SchemaLimits, path: str, what: str = "A choice of {n} branches") -> None:
     """One choice among ``n`` branches: every branch open at one position costs each sampled token."""
     if n > limits.max_branches:
         raise SchemaRefused(
-            "schema_max_branches", f"A choice of {n} branches is more than {limits.max_branches}", path
+            "schema_max_branches", f"{what.format(n=n)} is more than {limits.max_branches}", path
         )
+
+
+def check_optional(
+    schema: dict[str, Any], properties: dict[str, Any], limits: SchemaLimits, path: str
+) -> None:
+    """The optional properties of an object are a choice at every position (which comes next), and
+    the converter writes them out in time quadratic in their number (300: 0.2 s; OpenAI's strict
+    mode has none: every property is required)."""
+    required = schema.get("required")
+    named = set(required) & properties.keys() if isinstance(required, list) else set()
+    extra = schema.get("additionalProperties") not in (None, False)
+    optional = len(properties) - len(named) + extra
+    check_branches(optional, limits, path, "An object with {n} optional properties")
 
 
 def check_count(value: Any, limits: SchemaLimits, path: str) -> int:

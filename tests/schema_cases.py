@@ -48,6 +48,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         {
             "type": "object",
             "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(200)},
+            "required": [f"p{i}" for i in range(200)],
         },
         "schema_max_repeat",
     ),
@@ -56,6 +57,11 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (
         "anyOf of 1,000 branches",
         {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}} for i in range(1000)]},
+        "schema_max_branches",
+    ),
+    (
+        "100 optional properties",
+        {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(100)}},
         "schema_max_branches",
     ),
     # finding 13: a pattern that is not a regular expression
