@@ -210,6 +210,23 @@ def test_the_compiler_child_contains_what_the_checks_let_through() -> None:
         compiler.close()
 
 
+def test_the_child_caps_its_memory_should_the_bounds_be_lifted() -> None:
+    """With the repetition bound lifted (a misconfiguration), ``a{1000000000}`` meets the child's
+    memory cap (a MemoryError: a 400) instead of taking 10 GiB, and the child serves on."""
+    compiler = GrammarCompiler(SchemaLimits(max_repeat=10**9))
+    compiler.start()
+
+    async def run() -> None:
+        with pytest.raises(SchemaRefused, match="MemoryError"):
+            await compiler.compile({"type": "string", "pattern": "^a{1000000000}$"})
+        assert "root ::=" in await compiler.compile({"type": "string"})
+
+    try:
+        asyncio.run(run())
+    finally:
+        compiler.close()
+
+
 def test_the_schema_size_is_checked_before_anything_is_sent() -> None:
     compiler = GrammarCompiler(SchemaLimits(max_bytes=1024))
 

