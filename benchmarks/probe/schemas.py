@@ -102,9 +102,11 @@ def run(t: Target, tally: Tally) -> None:
                 tally.check(f"{name} ({'chat' if path == CHAT else 'responses'})", ok, seen)
     worst = max(latencies, default=float("inf"))
     tally.check("/health within 100 ms throughout", worst < FAST, f"at most {worst * 1000:.0f} ms")
+    seen = [f"{2 * len(cases)} refusals; /health at most {worst * 1000:.0f} ms over {len(latencies)} probes"]
     if t.pid is not None and _alive(t):
         growth = rss_mib(t.pid) - rss_before
         tally.check("RSS within 50 MiB", growth < RSS_GROWTH_MIB, f"{rss_before:.0f} MiB + {growth:.0f}")
+        seen.append(f"RSS {rss_before:.0f} -> {rss_before + growth:.0f} MiB")
     if t.server is not None:
         time.sleep(0.5)
         logged = t.server.output[log_start:]
@@ -114,6 +116,8 @@ def run(t: Target, tally: Tally) -> None:
             not leaked and len(logged) <= 2 * len(cases),
             f"{len(logged)} lines, {len(leaked)} with the marker",
         )
+        seen.append(f"{len(logged)} log lines, {len(leaked)} with the marker")
+    print(f"  schemas: {'; '.join(seen)}")
     with httpx.Client(base_url=t.base_url, timeout=120, headers=headers) as http:
         for name, schema in SUPPORTED + SERVED:
             try:
