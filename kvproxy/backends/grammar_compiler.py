@@ -68,8 +68,15 @@ class GrammarCompiler:
         )
 
     def close(self) -> None:
+        """Kill the child; an exchange still running on the compiler's thread reads its end (the
+        streams are the thread's to close, so nothing is closed under it)."""
         self._thread.shutdown(wait=False, cancel_futures=True)
-        self._stop()
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
     # ---- the compiler's thread ----------------------------------------------------------------
 
