@@ -193,6 +193,50 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
     )
+    schema_max_bytes: int = Field(
+        default=512 * 1024,
+        ge=1024,
+        le=64 * 2**20,
+        description="Embedded: largest response-format JSON schema, in bytes as compact JSON; larger "
+        "ones get 400 (the converter may also visit one subschema per 16 bytes of this).",
+    )
+    schema_max_depth: int = Field(
+        default=64,
+        ge=4,
+        le=512,
+        description="Embedded: deepest nesting of a response-format schema (objects and arrays in "
+        "one another; a property's schema is two levels below its object) and of groups in its "
+        "patterns; deeper ones get 400.",
+    )
+    schema_max_enum: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Embedded: enum and const values of a response-format schema, all together; "
+        "more get 400.",
+    )
+    schema_max_branches: int = Field(
+        default=64,
+        ge=2,
+        le=10_000,
+        description="Embedded: branches of one anyOf, oneOf or list of types in a response-format "
+        "schema (each open branch costs every sampled token); more get 400.",
+    )
+    schema_max_repeat: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Embedded: largest repetition count in a response-format schema (minLength, "
+        "maxLength, minItems, maxItems, {n,m} in a pattern); larger ones get 400, as do counts "
+        "adding up to more than --grammar-max-bytes / 8.",
+    )
+    grammar_max_bytes: int = Field(
+        default=2**20,
+        ge=4096,
+        le=256 * 2**20,
+        description="Embedded: largest llama.cpp grammar a response-format schema may become, in "
+        "bytes; a schema whose grammar is larger gets 400.",
+    )
     probe: bool = Field(
         default=True,
         description="Before serving, load the model in a child process and generate and score there: "

@@ -20,7 +20,7 @@ from kvproxy.backends.base import (
     KVConfig,
     TextDelta,
 )
-from kvproxy.backends.embedded import json_gbnf
+from kvproxy.backends.grammar import json_gbnf
 from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import KVCacheType
 from kvproxy.gguf_info import ModelInfo
@@ -56,9 +56,9 @@ class StubBackend:
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return ([1] if add_bos else []) + [2 + b for b in text.encode()]
 
-    def json_grammar(self, schema: dict[str, Any] | None) -> str:
-        """The embedded backend's grammar builder (pure Python; the backend also has llama.cpp
-        parse the result, which needs the model's vocabulary)."""
+    async def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """The embedded backend's grammar builder, in process (the backend runs it, and has llama.cpp
+        parse the result, in its grammar compiler's child process)."""
         return json_gbnf(schema)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:

@@ -14,7 +14,7 @@ import pytest
 
 from kvproxy import sse
 from kvproxy.app import create_app
-from kvproxy.backends.embedded import json_gbnf
+from kvproxy.backends.grammar import json_gbnf
 from kvproxy.config import DEFAULT_MAX_TOKENS
 from tests.openai_spec import assert_valid, assert_valid_completion_chunk, assert_valid_event
 from tests.stub_backend import StubBackend
@@ -202,7 +202,7 @@ def test_json_output_on_chat(client: Client, backend: StubBackend) -> None:
     resp = client.post(
         "/v1/chat/completions", json={"model": "stub", "messages": MSG, "response_format": bad}
     )
-    assert_openai_error(resp, 400, param="response_format", contains="grammar")
+    assert_openai_error(resp, 400, param="response_format.json_schema.schema", contains="grammar")
 
 
 def test_json_strings_hold_no_raw_control_characters() -> None:

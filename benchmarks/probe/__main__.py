@@ -1,7 +1,7 @@
 """The adversarial probe of issue 20, against a real ``kvproxy serve`` set up as in production
 (``KVPROXY_API_KEYS`` with two keys, ``KVPROXY_ADMIN_TOKEN``, a 1,024-descriptor file limit).
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.probe [--parts auth,bodies,slow,concurrency,faults]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.probe [--parts auth,bodies,schemas,slow,concurrency,faults]
         [--concurrency 300] [--slow 1100] [--serve-args "--ctx-size 4096"]
 
 It starts the server itself (the fault part signals it and reads its log), runs the parts in that
@@ -17,10 +17,10 @@ import shlex
 import sys
 import time
 
-from benchmarks.probe import auth, bodies, concurrency, faults, slow
+from benchmarks.probe import auth, bodies, concurrency, faults, schemas, slow
 from benchmarks.probe.common import Tally, production_server
 
-PARTS = ("auth", "bodies", "slow", "concurrency", "faults")
+PARTS = ("auth", "bodies", "schemas", "slow", "concurrency", "faults")
 
 
 def main() -> int:
@@ -48,6 +48,8 @@ def main() -> int:
                 auth.run(target, tally)
             elif part == "bodies":
                 bodies.run(target, tally)
+            elif part == "schemas":
+                schemas.run(target, tally)
             elif part == "slow":
                 slow.run(target, tally, args.slow)
             elif part == "concurrency":

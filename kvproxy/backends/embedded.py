@@ -26,6 +26,7 @@ from typing import Any
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.embedded_scorer import EmbeddedScorer
+from kvproxy.backends.grammar_compiler import GrammarCompiler
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
@@ -33,34 +34,21 @@ from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
 from kvproxy.gguf_info import ModelInfo
 from kvproxy.memory import KVLayout, ggml_type, llama_n_ubatch
+from kvproxy.schema_limits import SchemaLimits
 
 log = logging.getLogger(__name__)
 
 
-# llama-cpp-python's port of llama.cpp's schema converter lets a string hold raw control characters
-# (a newline, say), which is not JSON; llama.cpp's own converter (common/json-schema-to-grammar.cpp)
-# excludes them, as its JSON grammar (json_object) does
-_LOOSE_CHAR = r'char ::= [^"\\] |'
-_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
-
-
-def json_gbnf(schema: dict[str, Any] | None) -> str:
-    """The llama.cpp grammar (GBNF) for JSON output: any JSON object (``schema`` None, OpenAI's
-    ``json_object``: llama.cpp's JSON grammar), else values matching ``schema`` (llama-cpp-python's
-    converter, with llama.cpp's string characters). A schema it cannot convert is a ValueError."""
-    import json
-
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if schema is None:
-        return str(JSON_GBNF)
-    try:
-        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
-        raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc!r}") from exc
-    return "\n".join(
-        _JSON_CHAR + line[len(_LOOSE_CHAR) :] if line.startswith(_LOOSE_CHAR) else line
-        for line in grammar.split("\n")
+def schema_limits(settings: Settings) -> SchemaLimits:
+    """The bounds on response-format schemas (kvproxy.schema_limits) that the settings give."""
+    s = settings
+    return SchemaLimits(
+        max_bytes=s.schema_max_bytes,
+        max_depth=s.schema_max_depth,
+        max_enum=s.schema_max_enum,
+        max_branches=s.schema_max_branches,
+        max_repeat=s.schema_max_repeat,
+        max_grammar_bytes=s.grammar_max_bytes,
     )
 
 
@@ -106,6 +94,7 @@ class EmbeddedBackend:
         self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
         self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
+        self._grammars = GrammarCompiler(schema_limits(settings))  # JSON schemas, in a child process
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -161,6 +150,7 @@ class EmbeddedBackend:
         return self._template
 
     async def load(self) -> None:
+        self._grammars.start()  # the child loads llama.cpp while the model loads
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_blocking)
         await loop.run_in_executor(self._executor, self._start_slots)
@@ -243,6 +233,7 @@ class EmbeddedBackend:
         )
 
     def close(self) -> None:
+        self._grammars.close()
         if self._slots is not None:  # the generation context goes before the model it uses
             self._slots.close()
             self._slots = None
@@ -289,19 +280,15 @@ class EmbeddedBackend:
             tokens.insert(0, self._bos)
         return tokens
 
-    def json_grammar(self, schema: dict[str, Any] | None) -> str:
-        """:func:`json_gbnf`, checked to parse in llama.cpp: a grammar it would refuse is a
-        ValueError here, never a crash in the sampler."""
-        import llama_cpp
+    async def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """The llama.cpp grammar for JSON output: llama.cpp's JSON grammar (``schema`` None: OpenAI's
+        ``json_object``), else one built and checked from ``schema`` in the grammar compiler's child
+        process (kvproxy.backends.grammar_child); a schema it refuses is a SchemaRefused (ValueError)."""
+        if schema is None:
+            from llama_cpp.llama_grammar import JSON_GBNF
 
-        grammar = json_gbnf(schema)
-        if self._vocab is None:
-            raise BackendError("model not loaded")
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        if not sampler:
-            raise ValueError("the JSON schema gives a grammar llama.cpp cannot parse")
-        llama_cpp.llama_sampler_free(sampler)
-        return grammar
+            return str(JSON_GBNF)
+        return await self._grammars.compile(schema)
 
     def special_piece(self, token: int) -> bytes:
         """A token's text with special tokens spelled out (a reasoning template's preserved tags)."""

@@ -19,6 +19,13 @@ the grammar applied to the whole vocabulary and the pick made again (a grammar i
 checks all of Gemma's 262,144 tokens every step: about a second a token on 2 cores). The logits are
 never changed, so logprobs, and the shadow path that replays without the grammar, see the raw
 distribution.
+
+A grammar may refuse every token (a pattern only a NUL byte completes: no token holds one). llama.cpp's
+sampler then picks among tokens that are all refused and the grammar throws on accepting the pick,
+a C++ exception that crosses ctypes and aborts the process. So the refused-pick path checks that the
+grammar left a candidate, and ends the request with :class:`GrammarDeadEnd` when none is left, as
+llama-server answers it (a 500) and serves on. The schema checks (kvproxy.schema_limits) refuse the
+patterns known to do this before they get here.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import BackendError, SamplingParams
+
+
+class GrammarDeadEnd(BackendError):
+    """The grammar refuses every token of the vocabulary: the output cannot go on."""
+
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: the dist sampler draws a random seed
 PENALTY_LAST_N = 64  # llama-cpp-python's Llama(last_n_tokens_size=64), which Llama.generate used
@@ -106,6 +118,10 @@ class SamplerChain:
         if not np.isfinite(self._one[0].logit):  # refused: constrain the whole vocabulary
             candidates.copy_logits(logits)
             lib.llama_sampler_apply(self._grammar, full)
+            if not np.isfinite(candidates.candidates_data.logit).any():  # llama.cpp would abort
+                raise GrammarDeadEnd(
+                    "the response format's grammar allows no token here: no output can satisfy it"
+                )
             lib.llama_sampler_apply(self._chain, full)
             token = int(candidates.candidates_data.id[candidates.candidates.selected])
         lib.llama_sampler_accept(self._grammar, token)

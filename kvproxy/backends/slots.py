@@ -43,12 +43,17 @@ import numpy as np
 import numpy.typing as npt
 
 from kvproxy.backends.base import BackendError, GenerationRequest, Overloaded
+from kvproxy.backends.grammar_child import CHECK_STACK_BYTES
 from kvproxy.backends.sampling import SamplerChain
 from kvproxy.backends.sequence import SequenceOutput
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_MAX = 60  # seconds; the openai SDK honours a Retry-After of up to 60 s
+# The scheduler's thread parses each request's grammar (llama.cpp recurses once per nested group).
+# The grammar compiler's child parsed it first on a stack of a quarter of this, so a grammar that
+# would overflow this stack overflowed that one first and never got here (kvproxy.backends.grammar_child).
+SLOT_STACK_BYTES = 4 * CHECK_STACK_BYTES
 
 
 class QueueFull(Overloaded):
@@ -133,8 +138,14 @@ class SlotScheduler:
     def start(self) -> None:
         """Create the context on the scheduler's thread; raises what creating it raised."""
         started: Future[None] = Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="kvproxy-slots", daemon=True)
-        self._thread.start()
+        previous = threading.stack_size(SLOT_STACK_BYTES)
+        try:
+            self._thread = threading.Thread(
+                target=self._run, args=(started,), name="kvproxy-slots", daemon=True
+            )
+            self._thread.start()
+        finally:
+            threading.stack_size(previous)
         started.result()
 
     @property
@@ -318,7 +329,12 @@ class SlotScheduler:
             if owner.entry.cancel.is_set():
                 self._leave(owner)
                 continue
-            token = owner.sampler.sample(self._ctx.ctx, index)
+            try:
+                token = owner.sampler.sample(self._ctx.ctx, index)
+            except BackendError as exc:  # a grammar that allows no token: this request ends
+                owner.entry.output.fail(exc)
+                self._leave(owner)
+                continue
             owner.next_token = token
             if owner.entry.output.push(token, self._row(index)):
                 self._leave(owner)

@@ -114,6 +114,12 @@ def serve(
             .replace("(env: KVPROXY_CORS_ORIGINS)", "(env: KVPROXY_CORS_ORIGINS, comma-separated)"),
         ),
     ] = None,
+    schema_max_bytes: Annotated[int | None, typer.Option(help=setting_help("schema_max_bytes"))] = None,
+    schema_max_depth: Annotated[int | None, typer.Option(help=setting_help("schema_max_depth"))] = None,
+    schema_max_enum: Annotated[int | None, typer.Option(help=setting_help("schema_max_enum"))] = None,
+    schema_max_branches: Annotated[int | None, typer.Option(help=setting_help("schema_max_branches"))] = None,
+    schema_max_repeat: Annotated[int | None, typer.Option(help=setting_help("schema_max_repeat"))] = None,
+    grammar_max_bytes: Annotated[int | None, typer.Option(help=setting_help("grammar_max_bytes"))] = None,
     probe: Annotated[bool | None, typer.Option("--probe/--no-probe", help=setting_help("probe"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.

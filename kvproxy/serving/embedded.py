@@ -12,6 +12,7 @@ replays the tokens without it, so their KLD is that of the raw distributions (do
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -60,6 +61,15 @@ from kvproxy.serving.openai_format import (
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+
+log = logging.getLogger(__name__)
+
+
+def _log_refused_schema(exc: ValueError) -> None:
+    """One short line at the default level, naming only the bound the schema passed: the refusal's
+    text quotes the schema and llama.cpp's words quote its grammar, so those are for debug only."""
+    log.info("refused a response-format schema: %s", getattr(exc, "bound", "schema"))
+    log.debug("refused schema: %.2000s %.1000s", exc, getattr(exc, "detail", ""))
 
 
 def _json_response(payload: BaseModel) -> Response:
@@ -196,13 +206,17 @@ class EmbeddedServing:
         return self._tokenize(rendered.prompt, requested), rendered
 
     async def _grammar(self, fmt: OutputFormat | None, param: str) -> str | None:
-        """The llama.cpp grammar of a JSON response format (built on a worker thread), or a 400."""
+        """The llama.cpp grammar of a JSON response format, or a 400 naming the schema (``param``).
+        Built and checked off the event loop, in the grammar compiler's child process."""
         if fmt is None:
             return None
         try:
-            return await asyncio.to_thread(self.backend.json_grammar, fmt.schema)
+            return await self.backend.json_grammar(fmt.schema)
         except ValueError as exc:
-            raise OpenAIError(400, f"Invalid value for '{param}': {exc}", param=param) from exc
+            _log_refused_schema(exc)
+            raise OpenAIError(400, f"Invalid schema for '{param}': {exc}", param=param) from None
+        except BackendError as exc:  # no grammar compiler could be started
+            raise backend_failure(exc) from exc
 
     async def _prepare_messages(
         self,
@@ -244,7 +258,7 @@ class EmbeddedServing:
             req,
             stop=req.stop_sequences(),
             top_logprobs=req.top_logprobs_count,
-            format_param="response_format",
+            format_param="response_format.json_schema.schema",
             variables=req.chat_template_kwargs,
         )
 
@@ -257,7 +271,7 @@ class EmbeddedServing:
             req,
             stop=(),
             top_logprobs=req.top_logprobs_count,
-            format_param="text.format",
+            format_param="text.format.schema",
         )
         return gen
 
