@@ -456,14 +456,9 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
     portable = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="portable", CMAKE_ARGS="-DGGML_NATIVE=OFF")
     assert portable.returncode == 0 and "rebuilding" in portable.stdout
     assert "-DCMAKE_CUDA_ARCHITECTURES=75-real;80-real;86-real;89-real;90 " in pip_calls()[1]
-    # the caller's CMAKE_ARGS come after the script's own
-    assert (
-        pip_calls()[1]
-        .split(" ARGS=")[0]
-        .endswith(
-            "-DGGML_CUDA_NCCL=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_NATIVE=OFF"
-        )
-    )
+    # the caller's CMAKE_ARGS come after the script's own (AMX off among them)
+    amx_off = "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    assert pip_calls()[1].split(" ARGS=")[0].endswith(f"-DGGML_CUDA_NCCL=OFF {amx_off} -DGGML_NATIVE=OFF")
 
     # a build that came out without the CUDA backend is refused and not cached
     broken = run_ensure(tmp_path, "--cuda", CUDA_ARCHS="86", FAKE_NO_CUDA="1")
