@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
-from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage
+from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
 from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
@@ -153,6 +153,14 @@ class RelayServing:
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         req = validated(RelayResponsesRequest, body)
+        untyped = untyped_input_part(body)
+        if untyped is not None:  # as OpenAI answers it; llama-server's own route would guess
+            raise OpenAIError(
+                400,
+                f"Missing required parameter: '{untyped}'.",
+                param=untyped,
+                code="missing_required_parameter",
+            )
         messages = relay_responses.translatable(body)
         try:
             if messages is None:  # tools and the like: llama-server's own route, as it is
