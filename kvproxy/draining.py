@@ -20,8 +20,7 @@ RETRY_AFTER_S = 1  # another replica (or this one, restarted) can take it at onc
 
 def shutting_down() -> Any:
     err = server_busy(
-        "The server is shutting down and could not answer this request before its drain deadline; "
-        "retry it.",
+        "The server is shutting down and could not answer this request before its drain deadline; retry it.",
         RETRY_AFTER_S,
         code="server_shutting_down",
     )
