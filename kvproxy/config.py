@@ -193,6 +193,19 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM: seconds for in-flight requests and queued shadow jobs to finish.",
     )
+    upstream_max_body_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        description="Largest upstream (llama-server) response body read, a non-streamed answer or a "
+        "scoring exchange; larger ones are cut off and the client gets 502 "
+        "upstream_response_too_large.",
+    )
+    upstream_max_event_bytes: int = Field(
+        default=16 * 2**20,
+        ge=1024,
+        description="Largest SSE event (a line without its end included) held from an upstream stream; "
+        "past it the stream ends with an upstream_response_too_large error event.",
+    )
     probe: bool = Field(
         default=True,
         description="Before serving, load the model in a child process and generate and score there: "

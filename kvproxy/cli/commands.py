@@ -105,6 +105,12 @@ def serve(
     body_timeout: Annotated[float | None, typer.Option(help=setting_help("body_timeout"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
     max_tokens_default: Annotated[int | None, typer.Option(help=setting_help("max_tokens_default"))] = None,
+    upstream_max_body_bytes: Annotated[
+        int | None, typer.Option(help=setting_help("upstream_max_body_bytes"))
+    ] = None,
+    upstream_max_event_bytes: Annotated[
+        int | None, typer.Option(help=setting_help("upstream_max_event_bytes"))
+    ] = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(

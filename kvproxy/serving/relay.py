@@ -30,7 +30,7 @@ from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
-from kvproxy.upstream.llama_server import strip_logprobs
+from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
 
 log = logging.getLogger(__name__)
@@ -196,11 +196,11 @@ class RelayServing:
                 events = _responses_events(chunks, renderer, ticket, report, wants, source)
                 return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
             content = await primary.post_json("/v1/chat/completions", orjson.dumps(chat))
+            data = self._answer(content)
             try:
-                data = orjson.loads(content)
                 choice = data["choices"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise self._invalid_json(ValueError(str(exc))) from exc
+            except (KeyError, IndexError, TypeError) as exc:
+                raise self._invalid_json(ValueError(f"no choices ({exc})")) from exc
         except BaseException:
             if ticket is not None:
                 ticket.abandon()
@@ -240,10 +240,7 @@ class RelayServing:
         if stream:
             return _streaming(await primary.open_stream(path, raw))
         content = await primary.post_json(path, raw)
-        try:  # relayed as sent, but never a 200 that no client can parse
-            orjson.loads(content)
-        except ValueError as exc:
-            raise self._invalid_json(exc) from exc
+        self._answer(content)  # relayed as sent, but never a 200 that no client can parse
         return Response(content, media_type="application/json")
 
     async def _shadowed(
@@ -267,10 +264,7 @@ class RelayServing:
                 events = await primary.open_stream(path, upstream_body)
                 return _streaming(_rewrite_stream(events, ticket, report, wants, source, client_usage))
             content = await primary.post_json(path, upstream_body)
-            try:
-                data = orjson.loads(content)
-            except ValueError as exc:
-                raise self._invalid_json(exc) from exc
+            data = self._answer(content)
         except BaseException:
             ticket.abandon()
             raise
@@ -279,6 +273,21 @@ class RelayServing:
         report.note_end(data)
         _settle(ticket, report, source, streamed=False)
         return Response(orjson.dumps(data), media_type="application/json")
+
+    def _answer(self, content: bytes) -> dict[str, Any]:
+        """The primary's 200 body, parsed: a body that is not a JSON object is a 502
+        ``upstream_invalid_response``, an error object said with a 200 a 502 ``upstream_error``."""
+        try:
+            data = orjson.loads(content)
+        except ValueError as exc:
+            raise self._invalid_json(exc) from exc
+        if not isinstance(data, dict):
+            raise self._invalid_json(ValueError(f"a JSON {type(data).__name__}, not an object"))
+        failure = error_object(None, data)
+        if failure is not None:
+            self.deployment.primary.record_error("status")
+            raise upstream_error(failure)
+        return data
 
     def _invalid_json(self, exc: ValueError) -> OpenAIError:
         self.deployment.primary.record_error("invalid_response")
