@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         le=1.0,
         description="Fraction of requests shadow-scored against the reference (0 turns scoring off).",
     )
+    primary_logprobs: bool = Field(
+        default=False,
+        description="Proxy mode: ask the primary llama-server for top-20 logprobs on shadowed requests. "
+        "The top-K estimator (a plain llama-server reference) needs them; they slow the primary "
+        "(docs/benchmarks.md), so shadowed requests go unchanged unless this is on.",
+    )
     reference_cache_type: KVCacheType = Field(
         default=KVCacheType.F16, description="KV cache type (K and V) of the reference that scores."
     )

@@ -321,10 +321,11 @@ def chat_events(req: dict[str, Any], fault: str | None = None, newline: bytes = 
             choice["logprobs"] = {"content": [entries[i]]}
         events.append({"choices": [choice], **head})
     events.append({"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **head})
+    n = len(TOKEN_IDS)
     if (req.get("stream_options") or {}).get("include_usage"):
-        n = len(TOKEN_IDS)
         usage = {"completion_tokens": n, "prompt_tokens": 3, "total_tokens": 3 + n}
         events.append({"choices": [], **head, "usage": usage})
+    events[-1]["timings"] = {"prompt_n": 3, "predicted_n": n}  # llama-server's, on the last chunk
     end = newline * 2
     out = [b"data: " + orjson.dumps(e) + end for e in events]
     if fault == "badjson":

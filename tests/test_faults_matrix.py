@@ -138,6 +138,7 @@ def harness(
             "health_interval": 30,  # no health checks during a case: the task count stays still
             "shadow_rate": 0,  # only the X-KVProxy-Shadow header shadows
             "top_k": 2,
+            "primary_logprobs": True,  # the logprobs path (the default: tests/test_shadow_unchanged.py)
         }
         seam = LoopSeam(create_app(build_deployments(ProxyConfig(deployments=[spec]), LIMITS)))
         with serve_in_thread(seam) as url, httpx.Client(base_url=url, timeout=30) as client:

@@ -71,6 +71,10 @@ def serve(
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
     ] = None,
+    primary_logprobs: Annotated[
+        bool | None,
+        typer.Option("--primary-logprobs/--no-primary-logprobs", help=setting_help("primary_logprobs")),
+    ] = None,
     reference_cache_type: Annotated[
         KVCacheType | None, typer.Option(help=setting_help("reference_cache_type"))
     ] = None,

@@ -142,6 +142,7 @@ def http_deployment(
         ),
         guard=guard_for(spec.guard),
         top_k=spec.top_k,
+        primary_logprobs=spec.primary_logprobs,
         prompt_fill=spec.primary.prompt_fill(),
         metrics=metrics,
         servers=_servers(spec),

@@ -21,7 +21,7 @@ from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
-from kvproxy.upstream.llama_server import LlamaServerPrimary
+from kvproxy.upstream.llama_server import LlamaServerPrimary, LlamaServerReference
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
 from kvproxy.upstream.score_client import ScoreRouteReference
 
@@ -40,6 +40,7 @@ class HttpDeployment(DeploymentBase):
         shadow: ShadowOptions,
         guard: Guard | None = None,
         top_k: int = 20,
+        primary_logprobs: bool = False,
         prompt_fill: PromptFill | None = None,
         metrics: Metrics | None = None,
         servers: dict[str, tuple[AttentionShape, ServerSpec]] | None = None,
@@ -51,6 +52,9 @@ class HttpDeployment(DeploymentBase):
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
         self.top_k = top_k
+        # ask the primary for top-K logprobs on shadowed requests (the top-K estimator needs them;
+        # they slow the primary: docs/benchmarks.md), else send shadowed requests unchanged
+        self.primary_logprobs = primary_logprobs
         self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
         self.resolver = (
             ReferenceResolver(reference_pool, top_k=top_k, prompt_fill=prompt_fill)
@@ -75,6 +79,12 @@ class HttpDeployment(DeploymentBase):
             if kv is not None and role in self.servers:
                 shape, srv = self.servers[role]
                 export_kv_memory(metrics, self.name, role, shape, kv, srv.ctx_size, **srv.layout())
+
+    @property
+    def scores_top_k(self) -> bool:
+        """The reference is known to be a plain llama-server (the top-K estimator, which needs the
+        primary's top K); False while it is not known yet."""
+        return self.resolver is not None and isinstance(self.resolver.reference, LlamaServerReference)
 
     @property
     def estimator(self) -> str:  # type: ignore[override]
