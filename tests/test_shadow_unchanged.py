@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import orjson
 import pytest
 
@@ -255,7 +254,7 @@ def test_top_k_without_the_opt_in_changes_nothing_and_counts_the_skip(stack: dic
     labels = {"deployment": "topk-off", "reason": "logprobs_off"}
     skipped = metric(proxy, "kvproxy_shadow_skipped_total", labels)
     body = {"model": "topk-off", **CASES["chat-stream"][2]}
-    plain = post(proxy, "/v1/chat/completions", body, SKIP)
+    post(proxy, "/v1/chat/completions", body, SKIP)
     shadowed = post(proxy, "/v1/chat/completions", body, FORCE)
     *_, sent_plain, sent_shadowed = sent_bodies(rec, "/v1/chat/completions", "topk-off")
     assert sent_shadowed == sent_plain
