@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         description="Embedded, with --parallel above 1: prompt tokens per batch while other slots "
         "generate (a long prompt then delays their tokens by one such chunk at a time).",
     )
+    parse_special_in_content: bool = Field(
+        default=False,
+        description="Embedded: read control-token text (<start_of_turn>, <|im_start|>, ...) written in "
+        "user and tool messages as control tokens, as llama-server does. Off: it is plain text, so a "
+        "message cannot close its turn and forge another.",
+    )
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error, critical.")
     shadow_rate: float = Field(
         default=0.5,

@@ -68,6 +68,13 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(help=setting_help("max_queue"))] = None,
     queue_timeout: Annotated[float | None, typer.Option(help=setting_help("queue_timeout"))] = None,
     log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
+    parse_special_in_content: Annotated[
+        bool | None,
+        typer.Option(
+            "--parse-special-in-content/--no-parse-special-in-content",
+            help=setting_help("parse_special_in_content"),
+        ),
+    ] = None,
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
     ] = None,
