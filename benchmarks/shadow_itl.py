@@ -13,11 +13,12 @@ scripts/build-llama-tools.sh) and the bundled Gemma 3 270M:
   (the default: shadowed requests go to the primary unchanged) and ``top-k`` (``primary_logprobs =
   true``: shadowed requests ask for the top-20 logprobs the top-K estimator compares).
 
-Each deployment gets ``--pairs`` pairs of streamed greedy chat requests (``--tokens`` tokens each,
+Each arm gets ``--pairs`` pairs of streamed greedy chat requests (``--tokens`` tokens each,
 ``ignore_eos``, ``cache_prompt: false``, a different prompt per pair), one shadowed
 (``X-KVProxy-Shadow: force``) and one not (``skip``), in alternating order, one at a time; before
 each request the proxy's shadow queue is waited empty, so scoring (which shares these cores) never
-overlaps a measured request: what is measured is what the proxy adds to the primary's request.
+overlaps a measured request: what is measured is what the proxy adds to the primary's request. A
+third arm pairs unshadowed requests with unshadowed ones (A/A): the noise floor of the same run.
 TTFT: request sent to first content chunk. ITL: gaps between content chunks (llama-server sends one
 a token). Prints p50 and p90 of each and the shadowed/unshadowed ratio at p50; writes
 shadow_itl.json to $OUT when set. Figures and the command: docs/benchmarks.md.
@@ -46,6 +47,9 @@ from tests.conftest import start_server, stop_server
 from tests.llama_servers import start_llama_server
 
 DEPLOYMENTS = ("exact", "top-k")
+# (label, deployment, the second arm's X-KVProxy-Shadow): each compared with the same deployment's
+# unshadowed requests; the A/A arm (unshadowed against unshadowed) shows the run's noise floor
+ARMS = (("exact", "exact", "force"), ("top-k", "top-k", "force"), ("A/A", "exact", "skip"))
 
 
 def prompts(n: int, words: int = 48) -> list[str]:
@@ -126,20 +130,20 @@ reference = {{ urls = ["{f16.url}"] }}
     try:
         texts = prompts(args.pairs + 1)
         samples: dict[tuple[str, str], dict[str, list[float]]] = {
-            (d, s): {"ttft": [], "itl": []} for d in DEPLOYMENTS for s in ("skip", "force")
+            (label, side): {"ttft": [], "itl": []} for label, _, _ in ARMS for side in "ab"
         }
         with httpx.Client(base_url=proxy.base_url, timeout=600) as http:
             for d in DEPLOYMENTS:  # warm-up: connections, caches, the reference's kind
                 stream_once(http, d, texts[-1], 8, "force")
             wait_idle(http)
             for i in range(args.pairs):
-                for d in DEPLOYMENTS:
-                    order = ("skip", "force") if i % 2 == 0 else ("force", "skip")
-                    for shadow in order:
+                for label, d, second in ARMS:
+                    sides = (("a", "skip"), ("b", second))
+                    for side, shadow in sides if i % 2 == 0 else sides[::-1]:
                         wait_idle(http)
                         ttft, gaps = stream_once(http, d, texts[i], args.tokens, shadow)
-                        samples[(d, shadow)]["ttft"].append(ttft)
-                        samples[(d, shadow)]["itl"].extend(gaps)
+                        samples[(label, side)]["ttft"].append(ttft)
+                        samples[(label, side)]["itl"].extend(gaps)
             status = wait_idle(http)
     finally:
         stop_server(proxy)
@@ -148,16 +152,16 @@ reference = {{ urls = ["{f16.url}"] }}
             server.process.terminate()
             server.process.wait(timeout=30)
     rows = []
-    for d in DEPLOYMENTS:
-        base, shadowed = samples[(d, "skip")], samples[(d, "force")]
-        row: dict[str, Any] = {"deployment": d}
+    for label, d, second in ARMS:
+        base, shadowed = samples[(label, "a")], samples[(label, "b")]
+        row: dict[str, Any] = {"deployment": label, "second_arm": second}
         for name, s in (("unshadowed", base), ("shadowed", shadowed)):
             for metric in ("ttft", "itl"):
                 row[f"{name}_{metric}_p50_ms"] = 1000 * pct(s[metric], 50)
                 row[f"{name}_{metric}_p90_ms"] = 1000 * pct(s[metric], 90)
         row["itl_p50_ratio"] = row["shadowed_itl_p50_ms"] / row["unshadowed_itl_p50_ms"]
         row["ttft_p50_ratio"] = row["shadowed_ttft_p50_ms"] / row["unshadowed_ttft_p50_ms"]
-        sh = status[d]["shadow"]
+        sh = status[d]["shadow"]  # the deployment's, over the whole run
         row["shadow"] = {k: sh[k] for k in ("sampled", "scored", "dropped", "failed", "skipped", "token_ids")}
         rows.append(row)
     return {"pairs": args.pairs, "tokens": args.tokens, "threads": args.threads, "rows": rows}
@@ -172,17 +176,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads of each server")
     args = parser.parse_args()
     result = run(args)
-    print(f"{args.pairs} pairs of {args.tokens}-token streams a deployment, one at a time (ms)")
+    print(f"{args.pairs} pairs of {args.tokens}-token streams an arm, one at a time (ms)")
     print(f"{'deployment':<10} {'arm':<11} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8}")
     for row in result["rows"]:
         for arm in ("unshadowed", "shadowed"):
+            name = arm if row["second_arm"] == "force" or arm == "unshadowed" else "unshadowed"
             print(
-                f"{row['deployment']:<10} {arm:<11} {row[f'{arm}_ttft_p50_ms']:>9.2f} "
+                f"{row['deployment']:<10} {name:<11} {row[f'{arm}_ttft_p50_ms']:>9.2f} "
                 f"{row[f'{arm}_ttft_p90_ms']:>9.2f} {row[f'{arm}_itl_p50_ms']:>8.2f} "
                 f"{row[f'{arm}_itl_p90_ms']:>8.2f}"
             )
         print(
-            f"{row['deployment']:<10} shadowed/unshadowed at p50: ITL {row['itl_p50_ratio']:.3f}, "
+            f"{row['deployment']:<10} second/first arm at p50: ITL {row['itl_p50_ratio']:.3f}, "
             f"TTFT {row['ttft_p50_ratio']:.3f}; shadow jobs {row['shadow']}"
         )
     out = os.environ.get("OUT")
