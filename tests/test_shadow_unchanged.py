@@ -261,3 +261,14 @@ def test_top_k_without_the_opt_in_changes_nothing_and_counts_the_skip(stack: dic
     assert shadowed.text.rstrip().endswith("[DONE]")
     settled(proxy)
     assert metric(proxy, "kvproxy_shadow_skipped_total", labels) == skipped + 1
+
+
+def test_the_cost_of_primary_logprobs_is_said_where_they_are_on(stack: dict[str, Any]) -> None:
+    """Finding 7: the opt-in's measured cost is in the start-up banner and the log; a top-K
+    deployment without it says that its jobs are skipped."""
+    out = "".join(stack["proxy"].output)
+    banner = [line for line in out.splitlines() if "top-20 logprobs (primary_logprobs)" in line]
+    assert len(banner) == 2, out  # the banner's line and the log line, for `topk` only
+    assert all("inter-token latency" in line and "H100" in line for line in banner)
+    assert "deployment topk:" in out and "deployment topk-off: the reference is a plain llama-server" in out
+    assert "shadowed requests reach the primary unchanged" in out  # `exact` and `topk-off`
