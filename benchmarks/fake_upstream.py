@@ -106,6 +106,8 @@ class Canned:
         self.health = _response(200, b'{"status":"ok"}')
         self.template = _response(200, b'{"prompt":"<start_of_turn>user\\nhello<end_of_turn>\\n"}')
         self.tokenize = _response(200, json.dumps({"tokens": list(range(2, 14))}).encode())
+        words = [WORD_IDS[i % len(WORD_IDS)] for i in range(tokens)]
+        self.answer_tokens = _response(200, json.dumps({"tokens": words}).encode())
         tops = [{"id": WORD_IDS[0] + j, "token": f" w{j}", "logprob": -0.12 - j} for j in range(top)]
         self._one = {"completion_probabilities": [{"top_logprobs": tops}]}
         self.position = _response(200, json.dumps(self._one).encode())
@@ -239,8 +241,8 @@ class Upstream(asyncio.Protocol):
                 t.write(c.health)
             elif url == b"/apply-template":
                 t.write(c.template)
-            elif url == b"/tokenize":
-                t.write(c.tokenize)
+            elif url == b"/tokenize":  # an answer's text (no BOS) is one token a word, as made
+                t.write(c.answer_tokens if b'"add_special":false' in body else c.tokenize)
             elif url == b"/completion":
                 if self.stats.fail_now():
                     t.write(c.failure)

@@ -28,6 +28,7 @@ from kvproxy.config import DEFAULT_MAX_TOKENS
 from kvproxy.cors import CORS
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.draining import DrainCutoff
 from kvproxy.errors import install_error_handlers
 from kvproxy.gpu import GpuCollector, GpuMonitor
 from kvproxy.metrics import Metrics, RequestMetricsMiddleware
@@ -133,6 +134,7 @@ def create_app(
     assert len(hot_routes) == len(hot), hot_routes  # the fast path answers exactly the routes declared
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
+    app.front.append((DrainCutoff, {"state": app.state}))  # past the drain deadline: 503, not 500
     if cors_origins:  # preflights are answered before the API-key check (they carry no key)
         app.front.append((CORS, {"origins": list(cors_origins)}))
     if api_keys or admin_token:  # refused before the body is read or limited

@@ -114,12 +114,24 @@ class Settings(BaseSettings):
         description="Embedded, with --parallel above 1: prompt tokens per batch while other slots "
         "generate (a long prompt then delays their tokens by one such chunk at a time).",
     )
+    parse_special_in_content: bool = Field(
+        default=False,
+        description="Embedded: read control-token text (<start_of_turn>, <|im_start|>, ...) written in "
+        "user and tool messages as control tokens, as llama-server does. Off: it is plain text, so a "
+        "message cannot close its turn and forge another.",
+    )
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error, critical.")
     shadow_rate: float = Field(
         default=0.5,
         ge=0.0,
         le=1.0,
         description="Fraction of requests shadow-scored against the reference (0 turns scoring off).",
+    )
+    primary_logprobs: bool = Field(
+        default=False,
+        description="Proxy mode: ask the primary llama-server for top-20 logprobs on shadowed requests. "
+        "The top-K estimator (a plain llama-server reference) needs them; they slow the primary "
+        "(docs/benchmarks.md), so shadowed requests go unchanged unless this is on.",
     )
     reference_cache_type: KVCacheType = Field(
         default=KVCacheType.F16, description="KV cache type (K and V) of the reference that scores."
@@ -236,6 +248,19 @@ class Settings(BaseSettings):
         le=256 * 2**20,
         description="Embedded: largest llama.cpp grammar a response-format schema may become, in "
         "bytes; a schema whose grammar is larger gets 400.",
+    )
+    upstream_max_body_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        description="Largest upstream (llama-server) response body read, a non-streamed answer or a "
+        "scoring exchange; larger ones are cut off and the client gets 502 "
+        "upstream_response_too_large.",
+    )
+    upstream_max_event_bytes: int = Field(
+        default=16 * 2**20,
+        ge=1024,
+        description="Largest SSE event (a line without its end included) held from an upstream stream; "
+        "past it the stream ends with an upstream_response_too_large error event.",
     )
     probe: bool = Field(
         default=True,

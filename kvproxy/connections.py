@@ -275,9 +275,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         super().on_message_complete()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """Run the request, telling the client when its connection will not be kept: a response
+        that starts before the request's body is all in (a 401, a 413, a 404) closes the connection
+        (:meth:`on_response_complete`), and without ``Connection: close`` a keep-alive client sent
+        its next request into a closed socket."""
+        send = cycle.send
+
+        async def closing_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False  # uvicorn then writes `connection: close` and closes
+            await send(message)
+
+        cycle.send = closing_send
+        super()._start_asgi_task(cycle, app)
+
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # else the request answered is the last one parsed
-        if not pipelined and not self._message_complete and not self.transport.is_closing():
+        if not pipelined and not self._message_complete and self._tracked:
             # answered before its body was all in: the rest is not wanted, and reading it would let
             # a slow body keep the connection
             self.close_guarded("unread_body")

@@ -109,6 +109,21 @@ class Metrics:
             ("deployment", "outcome"),
             registry=registry,
         )
+        self.shadow_skipped = Counter(
+            "kvproxy_shadow_skipped",
+            'Sampled jobs not scored although nothing failed, by reason (part of outcome="dropped"): '
+            "logprobs_off, logprobs_refused, tool_calls, reasoning, several_choices, no_token_count, "
+            "retokenize_mismatch.",
+            ("deployment", "reason"),
+            registry=registry,
+        )
+        self.shadow_token_ids = Counter(
+            "kvproxy_shadow_token_ids",
+            "Scored jobs by where their generated token ids came from: primary (in process), logprobs "
+            "(the primary's own), retokenized (its answer's text re-tokenized by its tokenizer).",
+            ("deployment", "source"),
+            registry=registry,
+        )
         self.shadow_queue_depth = Gauge(
             "kvproxy_shadow_queue_depth",
             "Shadow jobs waiting to be scored.",

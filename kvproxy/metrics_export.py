@@ -15,6 +15,7 @@ from kvproxy.memory import AttentionShape, KVLayout, kv_memory_summary
 from kvproxy.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
 from kvproxy.shadow.drift import STATE_CODES
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
+from kvproxy.shadow.job import ID_SOURCES, SKIP_REASONS
 
 if TYPE_CHECKING:
     from kvproxy.shadow.path import ShadowPath
@@ -50,6 +51,10 @@ class DeploymentObserver:
         # final value would read 0 (Prometheus's advice on missing series).
         for outcome in ("sampled", "scored", "dropped", "failed", "shed"):
             metrics.shadow_requests.labels(name, outcome)
+        for reason in SKIP_REASONS:
+            metrics.shadow_skipped.labels(name, reason)
+        for source in ID_SOURCES:
+            metrics.shadow_token_ids.labels(name, source)
         metrics.shadow_queue_depth.labels(name).set_function(lambda: deployment.shadow.pool.queued)
         metrics.shadow_lag.labels(name)
         self._touch_quality_series()
@@ -79,6 +84,9 @@ class DeploymentObserver:
     def outcome(self, name: str) -> None:
         self.metrics.shadow_requests.labels(self.deployment.name, name).inc()
 
+    def skipped(self, reason: str) -> None:
+        self.metrics.shadow_skipped.labels(self.deployment.name, reason).inc()
+
     def scored(self, scores: PositionScores, lag_seconds: float) -> None:
         labels = self.labels()
         series = (labels["estimator"], labels["score_path"])
@@ -87,6 +95,8 @@ class DeploymentObserver:
             self._touch_quality_series()
         self.metrics.observe_scores(labels, scores, scores.positions.tolist())
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
+        if scores.ids_source is not None:
+            self.metrics.shadow_token_ids.labels(self.deployment.name, scores.ids_source).inc()
         if scores.served_divergence is not None:
             h = self.metrics.served_divergence.labels(
                 *(labels[k] for k in ("deployment", "model", "cache_type_k", "cache_type_v", "score_path"))
@@ -132,7 +142,7 @@ def export_kv_memory(
         metrics.recurrent_bytes.labels(deployment, role).set(m["recurrent_bytes"])
 
 
-UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "status", "stream_ended", "invalid_response")
+UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "status", "stream_ended", "invalid_response", "too_large")
 
 
 class ServingObserver:

@@ -43,6 +43,8 @@ class ShadowEvents(Protocol):
 
     def outcome(self, name: str) -> None: ...
 
+    def skipped(self, reason: str) -> None: ...
+
     def scored(self, scores: PositionScores, lag_seconds: float) -> None: ...
 
 
@@ -73,6 +75,9 @@ class NullServingEvents:
 
 class NullShadowEvents:
     def outcome(self, name: str) -> None:
+        pass
+
+    def skipped(self, reason: str) -> None:
         pass
 
     def scored(self, scores: PositionScores, lag_seconds: float) -> None:

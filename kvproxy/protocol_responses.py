@@ -101,6 +101,26 @@ class ResponsesStreamOptions(_Strict):
     include_obfuscation: bool | None = None  # no obfuscation padding is ever added
 
 
+def untyped_part(content: Any) -> int | None:
+    """The index of the first content part without a string ``type`` (OpenAI answers it 400)."""
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return i
+    return None
+
+
+def untyped_input_part(body: dict[str, Any]) -> str | None:
+    """Where a Responses request has a content part without ``type`` (``input[i].content[j].type``),
+    for the relay, which checks no more of the input than it must."""
+    given = body.get("input")
+    for i, item in enumerate(given if isinstance(given, list) else []):
+        j = untyped_part(item.get("content")) if isinstance(item, dict) else None
+        if j is not None:
+            return f"input[{i}].content[{j}].type"
+    return None
+
+
 class InputMessage(BaseModel):
     """A message of ``input``. Output messages a client sends back as it received them carry
     ``id``, ``status`` and ``output_text`` parts with annotations: those keys are ignored."""
@@ -113,6 +133,9 @@ class InputMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        untyped = untyped_part(value)
+        if untyped is not None:  # OpenAI: 400 "Missing required parameter"; no guessing it is text
+            raise ValueError(f"content[{untyped}].type is required")
         refuse_media_parts(value, ("input_text", "output_text", "refusal"))
         if isinstance(value, list):
             for part in value:

@@ -116,23 +116,63 @@ def parse_events(block: bytes) -> list[Event]:
     return events
 
 
-class SSEDecoder:
-    """Incremental: feed chunks as they arrive; whole events come out, a partial one is held."""
+class EventTooLarge(ValueError):
+    """An event (a line without its end, say) grew past the decoder's ``max_event_bytes``."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an SSE event grew past {limit:,} bytes without ending")
+        self.limit = limit
+
+
+class SSEDecoder:
+    """Incremental: feed chunks as they arrive; whole events come out, a partial one is held.
+
+    Linear in the bytes fed, however they are cut: the held bytes are scanned once for line ends
+    (each chunk resumes where the last scan stopped), and appended in place. Joining every chunk to
+    the held bytes and scanning them all again made a long line without a newline quadratic. With
+    ``max_event_bytes``, an event that grows past it (an upstream writing one endless line) raises
+    :class:`EventTooLarge` instead of being held whole.
+    """
+
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for line ends
+        self._line_start = 0  # where the line being read starts in the buffer
+        self._max = max_event_bytes
 
     @property
     def pending(self) -> bytes:
         """Bytes of an event whose end has not arrived (yet)."""
-        return self._buffer
+        return bytes(self._buffer)
+
+    def _complete(self, *, final: bool) -> int:
+        """Scan the new bytes; how many leading bytes of the buffer are whole events."""
+        buf, end = self._buffer, 0
+        for m in _LINE_END.finditer(buf, self._scanned):
+            if m.end() == len(buf) and m.group() == b"\r" and not final:
+                self._scanned = m.start()  # perhaps the first half of a CRLF: look again later
+                return end
+            if m.start() == self._line_start:  # an empty line: the event before it is complete
+                end = m.end()
+            self._line_start = m.end()
+        self._scanned = len(buf)
+        return end
 
     def feed_raw(self, chunk: bytes) -> bytes:
         """The bytes of the events this chunk completes, unparsed (for byte-exact relays)."""
-        buffer = self._buffer + chunk if self._buffer else chunk
-        end = complete_length(buffer)
-        self._buffer = buffer[end:]
-        return buffer[:end]
+        self._buffer += chunk
+        return self._take(self._complete(final=False))
+
+    def _take(self, end: int) -> bytes:
+        """The first ``end`` bytes out of the buffer (kept to the cap)."""
+        out = bytes(self._buffer[:end]) if end else b""
+        if end:
+            del self._buffer[:end]
+            self._scanned -= end
+            self._line_start -= end
+        if self._max is not None and len(self._buffer) > self._max:
+            raise EventTooLarge(self._max)
+        return out
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events this chunk completes."""
@@ -141,9 +181,7 @@ class SSEDecoder:
     def close(self) -> list[Event]:
         """At the end of the stream: the events a trailing CR completes. Whatever is still pending
         after that is an unfinished event (which SSE discards; a relay may pass it on as bytes)."""
-        end = complete_length(self._buffer, final=True)
-        block, self._buffer = self._buffer[:end], self._buffer[end:]
-        return parse_events(block)
+        return parse_events(self._take(self._complete(final=True)))
 
 
 def first_data(chunk: bytes) -> bytes | None:

@@ -181,7 +181,12 @@ FAULTS = (
     "error503",
     "lpcount",  # one logprob entry short of the generated tokens
     "lpids",  # logprob entries without token ids
+    "errorobj",  # 200 with an error object for a body (a stream gets it as JSON, not events)
+    "status201",  # a good answer with a status other than 200
+    "huge",  # a body (or one SSE line) of `huge` bytes, written in pieces until the peer stops reading
 )
+ERROR_OBJECT = b'{"error":{"code":500,"message":"it went wrong","type":"server_error"}}'
+
 ERRORS = {
     "error400": (
         "400 Bad Request",
@@ -212,6 +217,8 @@ class LlamaFake:
     score_route: bool = False  # also a kvproxy scoring server (GET /kvproxy/v1/info answers)
     newline: bytes = b"\n"  # SSE line end: LF as llama-server sends, CRLF as sse-starlette, or CR
     pace: float = 0.0  # seconds between streamed events (0: the whole stream in one write)
+    huge: int = 64 << 20  # bytes a `huge` answer offers
+    huge_sent: int = 0  # bytes of `huge` answers the peer took before it stopped reading
     url: str = ""
     port: int = 0
     posts: dict[str, int] = field(default_factory=dict)
@@ -314,10 +321,11 @@ def chat_events(req: dict[str, Any], fault: str | None = None, newline: bytes = 
             choice["logprobs"] = {"content": [entries[i]]}
         events.append({"choices": [choice], **head})
     events.append({"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **head})
+    n = len(TOKEN_IDS)
     if (req.get("stream_options") or {}).get("include_usage"):
-        n = len(TOKEN_IDS)
         usage = {"completion_tokens": n, "prompt_tokens": 3, "total_tokens": 3 + n}
         events.append({"choices": [], **head, "usage": usage})
+    events[-1]["timings"] = {"prompt_n": 3, "predicted_n": n}  # llama-server's, on the last chunk
     end = newline * 2
     out = [b"data: " + orjson.dumps(e) + end for e in events]
     if fault == "badjson":
@@ -356,7 +364,7 @@ def exact_scores_body(req: dict[str, Any], fault: str | None = None) -> bytes:
             "same_top": [True] * n,
             "p_ref": [0.9] * n,
             "p_primary": [0.88] * n,
-            "check_logprobs": [[-0.1 - j for j in range(len(ids))] for ids in req["check_ids"]][:n],
+            "check_logprobs": [[-0.1 - j for j in range(len(ids))] for ids in req.get("check_ids") or []][:n],
         }
     )
 
@@ -441,6 +449,13 @@ async def _answer(
         await writer.drain()
         return True
     stream = path == CHAT_PATH and bool(req.get("stream"))
+    if fault == "errorobj":
+        writer.write(_response("200 OK", ERROR_OBJECT))
+        await writer.drain()
+        return True
+    if fault == "huge":
+        await _huge(fake, writer, stream)
+        return False
     if stream and fake.pace and fault is None:  # event by event, as a generating server sends them
         writer.write(SSE_CHUNKED_HEAD)
         for event in chat_events(req, fault, fake.newline):
@@ -471,6 +486,8 @@ async def _answer(
         whole = _response("200 OK", body)
         cut = whole.index(b"\r\n\r\n") + 4
         head, payload = whole[:cut], whole[cut:]
+    if fault == "status201":
+        head = head.replace(b"HTTP/1.1 200 OK", b"HTTP/1.1 201 Created", 1)
     if fault == "midstream":
         writer.write(head + payload[: len(payload) // 2])
         await writer.drain()
@@ -487,6 +504,28 @@ async def _answer(
     writer.write(head + payload)
     await writer.drain()
     return True
+
+
+async def _huge(fake: LlamaFake, writer: asyncio.StreamWriter, stream: bool) -> None:
+    """``fake.huge`` bytes: one SSE ``data:`` line that never ends, or a JSON body that never ends,
+    in 64 KiB pieces, each written only once the last was taken (so ``huge_sent`` is what the peer
+    read, give or take the sockets' buffers)."""
+    writer.write(SSE_CHUNKED_HEAD if stream else _CHUNKED_JSON_HEAD)
+    piece = _chunk((b'data: {"x":"' if stream else b'{"x":"') + b"y" * 65536)
+    sent = 0
+    while sent < fake.huge:
+        writer.write(piece)
+        await writer.drain()  # raises once the peer has closed
+        sent += len(piece)
+        fake.huge_sent += len(piece)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+_CHUNKED_JSON_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+    b"connection: keep-alive\r\n\r\n"
+)
 
 
 @contextmanager

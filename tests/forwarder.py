@@ -80,3 +80,60 @@ def forwarding(target_port: int) -> Iterator[Forwarder]:
         yield fwd
     finally:
         fwd.stop()
+
+
+class RecordingForwarder(Forwarder):
+    """A forwarder that reads back the HTTP requests its clients sent through it, in the order they
+    arrived whole: what the proxy really sent its upstream, after any rewriting. Bodies are taken by
+    their content-length (as aiohttp sends them)."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._requests: list[tuple[str, str, bytes]] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending = bytearray()
+        done = self._requests
+
+        class Tap:
+            async def read(self, n: int) -> bytes:
+                data = await reader.read(n)
+                pending.extend(data)
+                while (request := _take_request(pending)) is not None:
+                    done.append(request)
+                return data
+
+        await super()._handle(Tap(), writer)  # type: ignore[arg-type]
+
+    def requests(self) -> list[tuple[str, str, bytes]]:
+        """(method, path, body) of every request sent whole so far, in arrival order."""
+        return list(self._requests)
+
+
+def _take_request(buffer: bytearray) -> tuple[str, str, bytes] | None:
+    """The first whole request in ``buffer``, taken out of it; None if it has not all come."""
+    cut = buffer.find(b"\r\n\r\n")
+    if cut < 0:
+        return None
+    lines = bytes(buffer[:cut]).decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    if len(buffer) < cut + 4 + length:
+        return None
+    body = bytes(buffer[cut + 4 : cut + 4 + length])
+    del buffer[: cut + 4 + length]
+    return method, path, body
+
+
+@contextlib.contextmanager
+def recording(target_port: int) -> Iterator[RecordingForwarder]:
+    fwd = RecordingForwarder(target_port)
+    fwd.start()
+    try:
+        yield fwd
+    finally:
+        fwd.stop()

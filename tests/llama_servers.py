@@ -32,8 +32,13 @@ class LlamaServer:
         self.process.wait(timeout=30)
 
 
-def start_llama_server(model: Path, log_dir: Path, *args: str, timeout: float = 120) -> LlamaServer:
-    """``llama-server -m MODEL ARGS`` on a free port, Gemma's turn format, waited for until healthy."""
+def start_llama_server(
+    model: Path, log_dir: Path, *args: str, timeout: float = 120, jinja: bool = False
+) -> LlamaServer:
+    """``llama-server -m MODEL ARGS`` on a free port, waited for until healthy: Gemma's built-in turn
+    format without Jinja, or with ``jinja`` llama-server's own default (Jinja on; a GGUF without a
+    template, as the bundled Gemma, gets its ChatML fallback unless ARGS give one)."""
+    template = () if jinja else ("--no-jinja", "--chat-template", "gemma")
     port = free_port()
     log = log_dir / f"llama-server-{port}.log"
     proc = subprocess.Popen(
@@ -51,9 +56,7 @@ def start_llama_server(model: Path, log_dir: Path, *args: str, timeout: float = 
             "2048",
             # the built-in Gemma turn format: with Jinja on (this llama.cpp's default) a bare name
             # is read as a template whose whole text is "gemma"
-            "--no-jinja",
-            "--chat-template",
-            "gemma",
+            *template,
             "--no-webui",
             *args,
         ],

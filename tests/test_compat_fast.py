@@ -146,6 +146,17 @@ def test_what_a_response_cannot_honour_is_a_400_naming_it(
     assert_openai_error(resp, 400, param=param, contains=contains)
 
 
+@pytest.mark.parametrize("model", ["stub", "relay"])
+def test_a_responses_content_part_without_type_is_a_400(client: Client, model: str) -> None:
+    """OpenAI answers a part without ``type`` with a 400; embedded took it as text, and the relay
+    sent it on to llama-server's own route (here: a dead upstream, so a 502 means it was relayed)."""
+    for part in ({"text": "Hi"}, {"type": None, "text": "Hi"}):
+        content = [{"type": "input_text", "text": "Hello"}, part]
+        body = {"model": model, "input": [{"role": "user", "content": content}]}
+        resp = client.post("/v1/responses", json=body)
+        assert_openai_error(resp, 400, contains="content[1].type")
+
+
 def test_stored_responses_are_refused_by_name(client: Client) -> None:
     for method, path in (
         ("GET", "/v1/responses/resp_1"),

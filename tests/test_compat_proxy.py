@@ -44,6 +44,7 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 [[deployments]]
 model = "gemma"
 shadow_rate = 0
+primary_logprobs = true
 primary = {{ urls = ["{q4.url}"], cache_type_k = "q4_0", cache_type_v = "q4_0" }}
 reference = {{ urls = ["{f16.url}"] }}
 

@@ -95,6 +95,21 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _read_head(sock: socket.socket) -> bytes:
+    """A response's head (lower-cased) and its body read off by ``content-length``; b"" if the
+    server closed the connection instead."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    head = head.lower()
+    length = next((int(h[15:]) for h in head.split(b"\r\n") if h.startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head
+
+
 def test_header_and_body_deadlines() -> None:
     limits = ConnectionLimits(max_connections=50, ceiling=60, header_timeout=1.0, body_timeout=1.5)
     with guarded_server(limits) as (port, closed):
@@ -120,6 +135,42 @@ def test_header_and_body_deadlines() -> None:
         assert _read_all(early).startswith(b"HTTP/1.1 401 ")
         assert time.monotonic() - t0 < 0.5
     assert sorted(set(closed)) == ["body_timeout", "header_timeout", "unread_body"]
+
+
+def test_an_answer_before_the_body_says_connection_close() -> None:
+    """Issue 25, finding 12: a 401 sent before the body was read closed the connection without
+    saying so, and a keep-alive client's next request hit a closed socket."""
+    limits = ConnectionLimits(max_connections=50, ceiling=60, header_timeout=5.0, body_timeout=5.0)
+    with guarded_server(limits) as (port, closed):
+        # a keep-alive client as HTTP/1.1 has it: it reuses the socket unless told `close`
+        sock = _connect(port)
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nxx")
+        head = _read_head(sock)
+        assert head.startswith(b"http/1.1 401 ")
+        if b"\r\nconnection: close" in head:
+            sock.close()
+            sock = _connect(port)
+        with contextlib.suppress(OSError):  # a write into a socket the server closed may fail
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_head(sock).startswith(b"http/1.1 200 "), "the next request got no answer"
+        sock.close()
+        # a whole body answered as usual keeps its connection: two answers on one socket
+        kept = _connect(port)
+        kept.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nxx" * 2)
+        time.sleep(0.5)
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        both = _read_all(kept)
+        assert both.count(b"HTTP/1.1 401 ") == 2 and b"HTTP/1.1 200 " in both, both
+        assert b"connection: close" not in both.split(b"HTTP/1.1 200 ")[0].lower()
+        # an httpx client with keep-alive: a body refused while it is still being sent, then more
+        # requests on the same client, every one answered
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(3):
+                refused = client.post("/refuse", content=b"x" * (8 << 20))
+                assert refused.status_code == 401
+                assert refused.headers.get("connection") == "close"
+                assert client.get("/health").text == "ok"
+    assert "unread_body" in closed
 
 
 def test_a_pipelined_request_is_timed_from_when_it_starts() -> None:

@@ -54,6 +54,7 @@ def scenario(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 [[deployments]]
 model = "gemma"
 shadow_rate = 1.0
+primary_logprobs = true  # the top-20 estimator compares the primary's top 20
 primary = {{ urls = ["{primary.url}"], cache_type_k = "q8_0", cache_type_v = "q8_0" }}
 reference = {{ urls = ["{f16.url}"] }}
 drift = {{ warmup = {WARMUP} }}

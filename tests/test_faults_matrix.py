@@ -44,6 +44,8 @@ from tests.fault_servers import (
 
 MSG = [{"role": "user", "content": "Hi"}]
 TIMEOUTS = {"connect": 1.0, "read": 0.75, "total": 1.5}
+# small bounds on what is read of an upstream answer, so the `huge` fault passes them quickly
+LIMITS = Settings(upstream_max_body_bytes=256 << 10, upstream_max_event_bytes=64 << 10)
 
 
 class LoopSeam:
@@ -136,8 +138,9 @@ def harness(
             "health_interval": 30,  # no health checks during a case: the task count stays still
             "shadow_rate": 0,  # only the X-KVProxy-Shadow header shadows
             "top_k": 2,
+            "primary_logprobs": True,  # the logprobs path (the default: tests/test_shadow_unchanged.py)
         }
-        seam = LoopSeam(create_app(build_deployments(ProxyConfig(deployments=[spec]), Settings())))
+        seam = LoopSeam(create_app(build_deployments(ProxyConfig(deployments=[spec]), LIMITS)))
         with serve_in_thread(seam) as url, httpx.Client(base_url=url, timeout=30) as client:
             yield Harness(client, seam, (primary, reference), primary.newline)
 
@@ -237,6 +240,15 @@ PRIMARY: dict[str, tuple[Outcome | None, Outcome, str]] = {
     # logprobs that do not line up with the tokens are the shadow path's problem, never the client's
     "lpcount": (Relayed(), Relayed(), "dropped"),
     "lpids": (Relayed(), Relayed(), "dropped"),
+    # issue 25: what an upstream says with a 200 (or a 201) is not always a success
+    "errorobj": (
+        Err(502, "upstream_error", message="it went wrong"),
+        Err(502, "upstream_error", message="it went wrong"),
+        "dropped",
+    ),
+    "status201": (Err(502, "upstream_invalid_response"), Err(502, "upstream_invalid_response"), "dropped"),
+    # a body or an SSE line past the bounds (LIMITS) is cut off, never held whole
+    "huge": (Err(502, "upstream_response_too_large"), StreamErr("upstream_response_too_large"), "dropped"),
 }
 
 
@@ -315,6 +327,9 @@ REFERENCE: dict[str, str] = {
     "error503": "failed",
     "lpcount": "failed",  # no top-K for the position
     "lpids": "failed",  # top-K without token ids
+    "errorobj": "failed",
+    "status201": "failed",
+    "huge": "failed",  # past the body bound: cut off
 }
 REF_CASES = [(fault, stream) for fault in REFERENCE for stream in (False, True)]
 
@@ -346,6 +361,25 @@ def test_reference_fault(fault: str, stream: bool) -> None:
         assert resp.status_code == 200 and resp.content == good_bytes(stream, newline=newline)
         assert h.settled_shadow()["scored"] == after["scored"] + 1  # scoring works again
         assert_no_leaks(h, before)
+
+
+def test_an_oversized_answer_is_cut_off_not_read_whole() -> None:
+    """Issue 25, finding 9: a 300 MB upstream body was read whole (the proxy reached 917 MiB). Past
+    the bound the proxy stops reading: the fake, which writes 64 MiB a piece at a time as they are
+    taken, got rid of no more than the bound and the sockets' buffers."""
+    with harness() as h:
+        primary, reference = h.fakes
+        primary.set_fault("huge")
+        for stream in (False, True):
+            primary.huge_sent = 0
+            assert_outcome(send(h, stream, "skip"), PRIMARY["huge"][stream], stream, h.newline)  # type: ignore[arg-type]
+            assert primary.huge_sent < 16 << 20, primary.huge_sent
+        primary.set_fault(None)
+        reference.set_fault("huge")
+        counts = h.settled_shadow()
+        assert send(h, False, "force").status_code == 200
+        assert h.settled_shadow()["failed"] == counts["failed"] + 1
+        assert 0 < reference.huge_sent < 16 << 20, reference.huge_sent
 
 
 @pytest.mark.parametrize("fault", ["error500", "badjson", "lpcount"])

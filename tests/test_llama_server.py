@@ -55,18 +55,21 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 [[deployments]]
 model = "gemma-q4"
 shadow_rate = 0
+primary_logprobs = true
 primary = {{ urls = ["{q4.url}"], cache_type_k = "q4_0", cache_type_v = "q4_0" }}
 reference = {{ urls = ["{f16.url}"] }}
 
 [[deployments]]
 model = "gemma-q4-exact"
 shadow_rate = 0
+primary_logprobs = true  # the replica-consistency check compares the primary's own top 20
 primary = {{ urls = ["{q4.url}"], cache_type_k = "q4_0", cache_type_v = "q4_0" }}
 reference = {{ urls = ["{backend.base_url}"] }}
 
 [[deployments]]
 model = "gemma-q8"
 shadow_rate = 0
+primary_logprobs = true
 primary = {{ urls = ["{q8.url}"], cache_type_k = "q8_0", cache_type_v = "q8_0" }}
 reference = {{ urls = ["{f16.url}"] }}
 """)

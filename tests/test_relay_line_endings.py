@@ -31,6 +31,7 @@ def test_a_shadowed_stream_relays_the_same_for_every_line_ending(newline: bytes)
             "reference": {"urls": [reference.url]},
             "shadow_rate": 0,
             "top_k": 2,
+            "primary_logprobs": True,
         }
         app = create_app(build_deployments(ProxyConfig(deployments=[spec]), Settings()))
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:

@@ -126,6 +126,26 @@ def test_requests_past_the_drain_timeout_are_cut_and_said_so() -> None:
     assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in "".join(srv.output)
 
 
+def test_requests_unanswered_at_the_drain_deadline_get_a_503_to_retry() -> None:
+    """Issue 25, finding 11: a request whose answer had not begun when the drain deadline came got
+    uvicorn's plain-text 500; it gets OpenAI's error shape, 503 and Retry-After (the SDK retries)."""
+    with slow_upstream() as up:
+        srv = start_server("--primary", up, "--alias", "m", "--shadow-rate", "0", "--drain-timeout", "0.5")
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+        t, out = in_thread(lambda: httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, timeout=30))
+        time.sleep(0.5)  # waiting on the 2-second upstream, nothing answered yet
+        srv.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(srv, 30)
+        t.join(30)
+    resp = out[0]
+    assert isinstance(resp, httpx.Response), resp
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["retry-after"] == "1"
+    err = resp.json()["error"]
+    assert err["code"] == "server_shutting_down" and err["type"] == "unavailable_error"
+    assert code == 0
+
+
 def _shadowed_burst(srv: RunningServer, n: int) -> None:
     with httpx.Client(base_url=srv.base_url, timeout=120) as client:
         for i in range(n):

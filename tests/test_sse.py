@@ -83,3 +83,39 @@ def test_encode_and_done() -> None:
     (event,) = sse.SSEDecoder().feed(sse.DONE)
     assert event.is_done
     assert sse.first_data(b'data: {"id":"x"}\r\n\r\ndata: more') == b'{"id":"x"}'
+
+
+def test_a_long_line_without_a_newline_decodes_in_linear_time() -> None:
+    """Issue 25, finding 9: each chunk was joined to everything held and all of it scanned again,
+    so a line of n bytes cost O(n^2) (a 16 MiB line in 1 KiB chunks: minutes)."""
+    import time
+
+    decoder = sse.SSEDecoder()
+    piece = b"x" * 1024
+    start = time.perf_counter()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(16 * 1024):  # 16 MiB
+        assert decoder.feed_raw(piece) == b""
+        assert time.perf_counter() - start < 5, "quadratic: still feeding after 5 s"
+    (event,) = decoder.feed(b"\n\n")
+    assert len(event.data or b"") == 16 << 20 and decoder.pending == b""
+    assert time.perf_counter() - start < 5
+
+
+def test_an_event_past_the_cap_is_refused_not_held() -> None:
+    decoder = sse.SSEDecoder(max_event_bytes=1 << 20)
+    assert decoder.feed(b"data: 1\n\n")[0].data == b"1"  # whole events never count against it
+    fed = 0
+    try:
+        while True:
+            decoder.feed_raw(b"y" * 4096)
+            fed += 4096
+            assert fed <= (1 << 20) + 4096
+    except sse.EventTooLarge as exc:
+        assert exc.limit == 1 << 20
+    assert (1 << 20) < fed + 4096 <= (1 << 20) + 4096
+    # CR-framed events are cut as before under a cap
+    decoder = sse.SSEDecoder(max_event_bytes=64)
+    assert [e.data for e in decoder.feed(b"data: a\r\rdata: b\r")] == [b"a"]
+    assert decoder.feed(b"\r") == []  # the last CR may still be half a CRLF
+    assert [e.data for e in decoder.close()] == [b"b"]

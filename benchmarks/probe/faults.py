@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.probe.common import MARKER, Tally, Target, health_latency
+from benchmarks.probe.common import MARKER, Tally, Target, health_latency, openai_shaped, rss_mib
+from tests.conftest import start_server, stop_server
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -78,6 +79,7 @@ def run(t: Target, tally: Tally) -> None:
         for name, args, env, cause in startup:
             ok, detail = _one_line_exit_2(_cli(*args, env=env), cause)
             tally.check(f"start-up: {name}", ok, detail)
+    _hostile_upstream(tally)
     if t.server is None:
         print("  faults: attached to a URL; the signal checks need a server the probe started")
         return
@@ -118,6 +120,54 @@ def run(t: Target, tally: Tally) -> None:
         tally.check(f"the log never shows {what}", secret not in log)
     tally.check("no traceback in the log", "Traceback" not in log, log[-500:])
     _sigterm(t, tally)
+
+
+# issue 25, findings 9 and 10: what a llama-server primary answers is untrusted too
+HOSTILE = (
+    # fault, streamed, the client's status, its error code
+    ("huge", False, 502, "upstream_response_too_large"),  # a 300 MB body
+    ("huge", True, 200, "upstream_response_too_large"),  # a 300 MB line without an end
+    ("errorobj", False, 502, "upstream_error"),  # 200 with {"error": ...}
+    ("errorobj", True, 502, "upstream_error"),
+    ("status201", False, 502, "upstream_invalid_response"),
+    ("status201", True, 502, "upstream_invalid_response"),
+    ("badjson", False, 502, "upstream_invalid_response"),
+)
+
+
+def _hostile_upstream(tally: Tally) -> None:
+    """``kvproxy serve --primary`` in front of a fake llama-server that answers what no server
+    should: the client gets a 502 in OpenAI's shape (a stream under way: that error event), the
+    proxy's memory stays bounded, and it serves on."""
+    from tests.fault_servers import llama_fake
+
+    with llama_fake() as fake:
+        fake.huge = 300 << 20
+        srv = start_server("--primary", fake.url, "--alias", "m", "--shadow-rate", "0")
+        try:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"Hi {MARKER}"}]}
+            rss = rss_mib(srv.process.pid)
+            with httpx.Client(base_url=srv.base_url, timeout=120) as http:
+                for fault, stream, status, code in HOSTILE:
+                    fake.set_fault(fault)
+                    resp = http.post("/v1/chat/completions", json={**body, "stream": stream})
+                    text = resp.text
+                    # a stream that began ends with the error event (no [DONE]); else an OpenAI error
+                    shaped = "[DONE]" not in text if status == 200 else openai_shaped(resp)
+                    ok = resp.status_code == status and code in text and "Traceback" not in text and shaped
+                    name = f"hostile upstream: {fault}{' streamed' if stream else ''}"
+                    tally.check(name, ok, f"{resp.status_code} {text[:160]}")
+                grown = rss_mib(srv.process.pid) - rss
+                tally.check(
+                    "hostile upstream: 300 MB bodies leave RSS bounded (< 200 MiB more)",
+                    grown < 200,
+                    f"+{grown:.0f} MiB; the fake got rid of {fake.huge_sent >> 20} MiB",
+                )
+                fake.set_fault(None)
+                again = http.post("/v1/chat/completions", json=body)
+                tally.check("hostile upstream: serves on", again.status_code == 200, again.text[:160])
+        finally:
+            stop_server(srv)
 
 
 def _sigterm(t: Target, tally: Tally) -> None:

@@ -96,6 +96,10 @@ def describe_proxy(deployments: list[Deployment]) -> str:
                 f"  {'':{len(d.name) + 2}}  reference {', '.join(r.url for r in d.reference_pool.replicas)}, "
                 f"shadow {d.shadow.sampler.rate:.0%}"
             )
+            cost = d.describe_logprobs()
+            lines.append(
+                f"  {'':{len(d.name) + 2}}  {cost or 'shadowed requests reach the primary unchanged'}"
+            )
     return "\n".join(lines)
 
 

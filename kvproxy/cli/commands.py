@@ -68,8 +68,19 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(help=setting_help("max_queue"))] = None,
     queue_timeout: Annotated[float | None, typer.Option(help=setting_help("queue_timeout"))] = None,
     log_level: Annotated[str | None, typer.Option(help=setting_help("log_level"))] = None,
+    parse_special_in_content: Annotated[
+        bool | None,
+        typer.Option(
+            "--parse-special-in-content/--no-parse-special-in-content",
+            help=setting_help("parse_special_in_content"),
+        ),
+    ] = None,
     shadow_rate: Annotated[
         float | None, typer.Option(help=setting_help("shadow_rate", "In proxy mode the default is 0.1."))
+    ] = None,
+    primary_logprobs: Annotated[
+        bool | None,
+        typer.Option("--primary-logprobs/--no-primary-logprobs", help=setting_help("primary_logprobs")),
     ] = None,
     reference_cache_type: Annotated[
         KVCacheType | None, typer.Option(help=setting_help("reference_cache_type"))
@@ -105,6 +116,12 @@ def serve(
     body_timeout: Annotated[float | None, typer.Option(help=setting_help("body_timeout"))] = None,
     drain_timeout: Annotated[float | None, typer.Option(help=setting_help("drain_timeout"))] = None,
     max_tokens_default: Annotated[int | None, typer.Option(help=setting_help("max_tokens_default"))] = None,
+    upstream_max_body_bytes: Annotated[
+        int | None, typer.Option(help=setting_help("upstream_max_body_bytes"))
+    ] = None,
+    upstream_max_event_bytes: Annotated[
+        int | None, typer.Option(help=setting_help("upstream_max_event_bytes"))
+    ] = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(

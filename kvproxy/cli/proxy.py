@@ -60,6 +60,7 @@ def _one_deployment(settings: Settings, primary: str, reference: str | None) -> 
         if reference
         else None,
         shadow_rate=settings.shadow_rate if "shadow_rate" in given else PROXY_SHADOW_RATE,
+        primary_logprobs=settings.primary_logprobs,
         queue_size=settings.shadow_queue_size,
     )
     return ProxyConfig(deployments=[spec])

@@ -27,7 +27,7 @@ from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.scorers import ThreadedScorer
-from kvproxy.upstream.replicas import ReplicaPool, Timeouts
+from kvproxy.upstream.replicas import ReplicaPool, ResponseLimits, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,11 @@ def _servers(spec: DeploymentSpec) -> dict[str, tuple[AttentionShape, ServerSpec
 
 
 def http_deployment(
-    spec: DeploymentSpec, *, window: int = 4096, metrics: Metrics | None = None
+    spec: DeploymentSpec,
+    *,
+    window: int = 4096,
+    metrics: Metrics | None = None,
+    limits: ResponseLimits = ResponseLimits(),
 ) -> HttpDeployment:
     """A deployment served by llama-server replicas (and scored on its reference, if any)."""
     timeouts = Timeouts(spec.timeouts.connect, spec.timeouts.read, spec.timeouts.total)
@@ -119,7 +123,9 @@ def http_deployment(
     primary_kv = spec.primary.kv()
 
     def pool(urls: list[str], api_key: str | None) -> ReplicaPool:
-        return ReplicaPool(urls, timeouts, health_interval=spec.health_interval, api_key=api_key)
+        return ReplicaPool(
+            urls, timeouts, health_interval=spec.health_interval, api_key=api_key, limits=limits
+        )
 
     return HttpDeployment(
         spec.model,
@@ -136,6 +142,7 @@ def http_deployment(
         ),
         guard=guard_for(spec.guard),
         top_k=spec.top_k,
+        primary_logprobs=spec.primary_logprobs,
         prompt_fill=spec.primary.prompt_fill(),
         metrics=metrics,
         servers=_servers(spec),
@@ -149,7 +156,8 @@ def build_deployments(
     out: list[Deployment] = []
     for spec in config.deployments:
         if not spec.primary.embedded:
-            out.append(http_deployment(spec, window=settings.status_window, metrics=metrics))
+            limits = ResponseLimits(settings.upstream_max_body_bytes, settings.upstream_max_event_bytes)
+            out.append(http_deployment(spec, window=settings.status_window, metrics=metrics, limits=limits))
             continue
         s = settings.model_copy(
             update={

@@ -21,11 +21,19 @@ from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
-from kvproxy.upstream.llama_server import LlamaServerPrimary
+from kvproxy.upstream.llama_server import LlamaServerPrimary, LlamaServerReference
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
 from kvproxy.upstream.score_client import ScoreRouteReference
 
 log = logging.getLogger(__name__)
+
+# What asking the primary for its top-20 logprobs costs a client (issue 25): measured side by side
+# by benchmarks/shadow_itl.py (docs/benchmarks.md), and on an H100 in DESIGN.md
+LOGPROBS_COST = (
+    "shadowed requests' inter-token latency +{cpu} at p50 on a 2-core CPU "
+    "(benchmarks/shadow_itl.py); 2.3 -> 3.8-5.4 ms a token on an H100 GPU"
+)
+LOGPROBS_COST_CPU = "7 %"
 
 
 class HttpDeployment(DeploymentBase):
@@ -40,6 +48,7 @@ class HttpDeployment(DeploymentBase):
         shadow: ShadowOptions,
         guard: Guard | None = None,
         top_k: int = 20,
+        primary_logprobs: bool = False,
         prompt_fill: PromptFill | None = None,
         metrics: Metrics | None = None,
         servers: dict[str, tuple[AttentionShape, ServerSpec]] | None = None,
@@ -51,6 +60,9 @@ class HttpDeployment(DeploymentBase):
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
         self.top_k = top_k
+        # ask the primary for top-K logprobs on shadowed requests (the top-K estimator needs them;
+        # they slow the primary: docs/benchmarks.md), else send shadowed requests unchanged
+        self.primary_logprobs = primary_logprobs
         self.primary = LlamaServerPrimary(primary_pool, top_k=top_k, events=self.events)
         self.resolver = (
             ReferenceResolver(reference_pool, top_k=top_k, prompt_fill=prompt_fill)
@@ -77,6 +89,12 @@ class HttpDeployment(DeploymentBase):
                 export_kv_memory(metrics, self.name, role, shape, kv, srv.ctx_size, **srv.layout())
 
     @property
+    def scores_top_k(self) -> bool:
+        """The reference is known to be a plain llama-server (the top-K estimator, which needs the
+        primary's top K); False while it is not known yet."""
+        return self.resolver is not None and isinstance(self.resolver.reference, LlamaServerReference)
+
+    @property
     def estimator(self) -> str:  # type: ignore[override]
         return self.resolver.estimator if self.resolver is not None else "none"
 
@@ -89,6 +107,9 @@ class HttpDeployment(DeploymentBase):
         return any(r.healthy for r in self.primary_pool.replicas)
 
     async def start(self) -> None:
+        cost = self.describe_logprobs()
+        if cost is not None:
+            log.warning("deployment %s: %s", self.name, cost)
         self.primary_pool.start()
         await self.primary_pool.check_health()
         await self.check_servers()
@@ -124,7 +145,29 @@ class HttpDeployment(DeploymentBase):
 
     async def resolve_reference(self) -> None:
         assert self.resolver is not None
+        known = self.resolver.reference is not None
         await self.resolver.resolve()
+        if not known and self.scores_top_k and not self.primary_logprobs:
+            log.warning(
+                "deployment %s: the reference is a plain llama-server (the top-%d estimator), which "
+                "compares the primary's top %d logprobs; they are not asked for (primary_logprobs is "
+                "off), so shadowed requests are skipped (kvproxy_shadow_skipped_total{reason="
+                '"logprobs_off"}). Turn it on (%s), or score on a `kvproxy backend` (exact, nothing '
+                "asked of the primary)",
+                self.name,
+                self.top_k,
+                self.top_k,
+                logprobs_cost(),
+            )
+
+    def describe_logprobs(self) -> str | None:
+        """What the opt-in costs, said where it is on (the banner and the start-up log)."""
+        if not self.primary_logprobs:
+            return None
+        return (
+            f"shadowed requests ask the primary for its top-{self.top_k} logprobs (primary_logprobs): "
+            f"{logprobs_cost()}"
+        )
 
     @property
     def reference_kv(self) -> KVConfig | None:
@@ -168,6 +211,10 @@ class HttpDeployment(DeploymentBase):
             if isinstance(reference, ScoreRouteReference):
                 out["replica_consistency"] = reference.consistency()
         return out
+
+
+def logprobs_cost() -> str:
+    return LOGPROBS_COST.format(cpu=LOGPROBS_COST_CPU)
 
 
 class _NoReference:

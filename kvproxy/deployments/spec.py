@@ -4,7 +4,8 @@
 [[deployments]]
 model = "gemma-q4"                        # the name clients send
 shadow_rate = 0.1
-top_k = 20                                # logprobs asked of the primary on shadowed requests
+top_k = 20                                # the top K compared by the top-K estimator
+primary_logprobs = false                  # ask the primary for them (needed by top-K; slows it)
 timeouts = { connect = 5, read = 300, total = 900 }
 
 [deployments.primary]                     # one or more llama-server replicas
@@ -162,6 +163,9 @@ class DeploymentSpec(_Strict):
     reference: BackendSpec | None = None
     shadow_rate: Annotated[float, Field(ge=0, le=1)] = 0.1
     top_k: Annotated[int, Field(ge=1, le=100)] = 20
+    # ask the primary for top_k logprobs on shadowed requests: the top-K estimator (a plain
+    # llama-server reference) needs them, and they cost the primary time (docs/benchmarks.md)
+    primary_logprobs: bool = False
     queue_size: Annotated[int, Field(ge=1)] = 64
     concurrency: Annotated[int, Field(ge=1, le=64)] = 1
     health_interval: Annotated[float, Field(gt=0)] = 2.0

@@ -45,6 +45,8 @@ def deployment_status(d: DeploymentBase) -> dict[str, Any]:
             "dropped": c.dropped,
             "failed": c.failed,
             "shed": c.shed,
+            "skipped": dict(c.skipped),  # part of dropped, by reason
+            "token_ids": dict(c.token_ids),  # scored jobs by where their token ids came from
             "queued": pool.queued,
             "in_flight": pool.in_flight,
             "scored_tokens": c.scored_tokens,

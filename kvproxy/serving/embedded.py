@@ -12,6 +12,7 @@ replays the tokens without it, so their KLD is that of the raw distributions (do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from kvproxy import __version__, sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
 from kvproxy.chat_template import ChatTemplateError, RenderedChat
+from kvproxy.content_specials import mark_literals
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
 from kvproxy.observers import TokenClock
@@ -88,6 +90,8 @@ class EmbeddedServing:
         self.backend = deployment.backend
         self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
         self.max_tokens_default = max_tokens_default  # for requests that set no limit; 0: the context
+        settings = getattr(self.backend, "settings", None)  # a test's stub backend has none
+        self.parse_special_in_content = bool(getattr(settings, "parse_special_in_content", False))
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
@@ -188,22 +192,41 @@ class EmbeddedServing:
         return min(room, self.max_tokens_default) if self.max_tokens_default > 0 else room
 
     def _tokenize(self, text: str, requested: int | None) -> list[int]:
-        """Tokenize (on a worker thread), unless the text surely cannot fit the context: no token
-        covers more than ``max_token_bytes`` bytes, so that bounds the count from below."""
+        """Tokenize (on a worker thread), unless the text surely cannot fit the context."""
+        self._tokenize_bound(text, requested)
+        return self.backend.tokenize(text, add_bos=True)
+
+    def _tokenize_bound(self, text: str, requested: int | None) -> None:
+        """A 400 for a text that surely cannot fit the context: no token covers more than
+        ``max_token_bytes`` bytes, so that bounds the count from below."""
         n_ctx = self.backend.n_ctx
         at_least = -(-len(text.encode("utf-8", errors="replace")) // self.backend.max_token_bytes)
         if at_least >= n_ctx or (requested is not None and at_least + requested > n_ctx):
             raise context_length_exceeded(n_ctx, at_least, requested, at_least=True)
-        return self.backend.tokenize(text, add_bos=True)
 
     def _chat_prompt(
         self, messages: list[dict[str, Any]], variables: dict[str, Any] | None, requested: int | None
     ) -> tuple[list[int], RenderedChat]:
+        """The prompt's token ids: control-token text in user and tool content stays text unless
+        ``--parse-special-in-content`` (kvproxy.content_specials)."""
+        find = getattr(self.backend, "control_texts", None)
+        literals = None
+        if find is not None and not self.parse_special_in_content:
+            messages, literals = mark_literals(messages, find)
         try:
             rendered = self.backend.chat_template.render_chat(messages, variables=variables)
         except ChatTemplateError as exc:
             raise OpenAIError(400, str(exc), param="messages") from exc
-        return self._tokenize(rendered.prompt, requested), rendered
+        if literals is None or not literals.texts:
+            return self._tokenize(rendered.prompt, requested), rendered
+        prompt = literals.restore(rendered.prompt)
+        self._tokenize_bound(prompt, requested)
+        tokens: list[int] = []
+        for i, (text, literal) in enumerate(literals.pieces(rendered.prompt)):
+            if i == 0 and literal:
+                tokens += self.backend.tokenize("", add_bos=True)
+            tokens += self.backend.tokenize(text, add_bos=i == 0, special=not literal)
+        return tokens, dataclasses.replace(rendered, prompt=prompt)
 
     async def _grammar(self, fmt: OutputFormat | None, param: str) -> str | None:
         """The llama.cpp grammar of a JSON response format, or a 400 naming the schema (``param``).

@@ -4,8 +4,12 @@ The proxy checks only what it must (a JSON object with ``model``, the fields it 
 leaves every other parameter to the upstream, which supports more than the embedded backend does
 (tools, grammars, JSON schemas with ``--jinja``); the upstream's errors come back as OpenAI errors.
 Unsampled requests are relayed byte for byte (a request that sets no completion limit gets
-``--max-tokens-default`` added first). A shadowed request asks the primary for logprobs, strips what
-the client did not ask for, and hands what the primary reported to the shadow path. ``/v1/responses``
+``--max-tokens-default`` added first). A shadowed request goes to the primary exactly as an unshadowed
+one would, and its answer back byte for byte; the shadow path reads a copy (the answer's text, the
+primary's logprobs if the client asked for them). Only a deployment that opts in
+(``primary_logprobs``: what the top-K estimator needs, at a measured cost to the primary's speed)
+asks for logprobs the client did not, strips them from the answer, and never where llama-server
+refuses them (tools + stream). ``/v1/responses``
 is served through the primary's chat route (kvproxy.serving.relay_responses); other ``/v1`` routes
 kvproxy does not serve itself (``/v1/embeddings``, ...) are relayed to the primary as they are.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
@@ -24,18 +29,44 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
-from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage
+from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
 from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
-from kvproxy.upstream.llama_server import strip_logprobs
+from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
 
 log = logging.getLogger(__name__)
 
 Wants = tuple[bool, int]  # (logprobs asked for, top_logprobs asked for)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a shadowed request adds to the client's for scoring: nothing, unless the deployment
+    opts in to the primary's logprobs (``primary_logprobs``) and llama-server accepts them, or the
+    client asked for as much itself.
+
+    ``top_k``: the top list each logprob entry will carry (0: none); ``hint``: why fewer than the
+    deployment's top K come (the skip reason of a top-K estimator)."""
+
+    fields: dict[str, Any]
+    top_k: int
+    hint: str
+
+    def report(self) -> PrimaryReport:
+        return PrimaryReport(top_k=self.top_k, skip_hint=self.hint)
+
+
+# what a chat template reads of a request (the rest is sampling): the scorer renders the prompt
+# through the primary's /apply-template with it, as its chat route did
+_NOT_TEMPLATE = ("stream", "stream_options", "logprobs", "top_logprobs", "n_probs")
+
+
+def _template(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in _NOT_TEMPLATE}
 
 
 class _Lenient(BaseModel):
@@ -112,14 +143,29 @@ class RelayServing:
         body = {**body, keys[0]: self.max_tokens_default}
         return orjson.dumps(body), body
 
+    def _plan(self, body: dict[str, Any], ask: dict[str, Any], wants: Wants, *, refused: bool) -> Plan:
+        """What a shadowed request adds for scoring (see :class:`Plan`). ``ask``: the logprobs the
+        deployment's top K needs; ``refused``: llama-server would refuse them (tools + stream)."""
+        if all(body.get(k) == v for k, v in ask.items()):  # the client asked for as much itself
+            return Plan({}, self.deployment.top_k, "logprobs_off")
+        top = wants[1] if wants[0] else 0  # what the client's own logprobs will carry, if any
+        if refused:
+            hint = "logprobs_refused" if self.deployment.primary_logprobs else "logprobs_off"
+            return Plan({}, top, hint)
+        if not self.deployment.primary_logprobs:
+            return Plan({}, top, "logprobs_off")
+        return Plan(ask, self.deployment.top_k, "logprobs_off")
+
     async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
         req = validated(RelayChatRequest, body)
         _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
         wants = (bool(req.logprobs), req.top_logprobs or 0)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
+        # llama-server: "logprobs is not supported with tools + stream" (a 400 to a valid request)
+        plan = self._plan(body, ask, wants, refused=req.stream and bool(body.get("tools")))
         return await self._serve(
-            "/v1/chat/completions", raw, body, req.stream, shadow, wants, ask, {"messages": req.messages}
+            "/v1/chat/completions", raw, body, req.stream, shadow, wants, plan, _template(body)
         )
 
     async def handle_completion(
@@ -129,13 +175,14 @@ class RelayServing:
         raw, body = self._limited(raw, body, ("max_tokens",))
         wants = (req.logprobs is not None, req.logprobs or 0)
         ask: dict[str, Any] = {"logprobs": max(wants[1], self.deployment.top_k)}
+        plan = self._plan(body, ask, wants, refused=False)
         prompt = (
             req.prompt[0]
             if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
             else req.prompt
         )
         return await self._serve(
-            "/v1/completions", raw, body, req.stream, shadow, wants, ask, {"prompt": prompt}
+            "/v1/completions", raw, body, req.stream, shadow, wants, plan, {"prompt": prompt}
         )
 
     async def handle_other(
@@ -153,6 +200,14 @@ class RelayServing:
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         req = validated(RelayResponsesRequest, body)
+        untyped = untyped_input_part(body)
+        if untyped is not None:  # as OpenAI answers it; llama-server's own route would guess
+            raise OpenAIError(
+                400,
+                f"Missing required parameter: '{untyped}'.",
+                param=untyped,
+                code="missing_required_parameter",
+            )
         messages = relay_responses.translatable(body)
         try:
             if messages is None:  # tools and the like: llama-server's own route, as it is
@@ -174,25 +229,27 @@ class RelayServing:
     ) -> Response:
         chat = relay_responses.chat_body(body, messages, self.max_tokens_default)
         wants = relay_responses.wants_logprobs(body)
-        ticket = self.deployment.ticket(shadow)
+        source = _template(chat)
+        ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
+        chat_wants = (bool(chat.get("logprobs")), int(chat.get("top_logprobs") or 0))
+        plan = self._plan(chat, ask, chat_wants, refused=False)
+        ticket = self._ticket(shadow, plan)
         if ticket is not None:
-            chat["logprobs"] = True
-            chat["top_logprobs"] = max(wants[1], self.deployment.top_k)
+            chat.update(plan.fields)
         renderer = ResponsesRenderer(_echoable(body), str(body["model"]))
-        source = {"messages": messages}
         primary = self.deployment.primary
-        report = PrimaryReport()
+        report = plan.report()
         try:
             if stream:
                 chunks = await primary.open_stream("/v1/chat/completions", orjson.dumps(chat))
                 events = _responses_events(chunks, renderer, ticket, report, wants, source)
                 return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
             content = await primary.post_json("/v1/chat/completions", orjson.dumps(chat))
+            data = self._answer(content)
             try:
-                data = orjson.loads(content)
                 choice = data["choices"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise self._invalid_json(ValueError(str(exc))) from exc
+            except (KeyError, IndexError, TypeError) as exc:
+                raise self._invalid_json(ValueError(f"no choices ({exc})")) from exc
         except BaseException:
             if ticket is not None:
                 ticket.abandon()
@@ -200,6 +257,7 @@ class RelayServing:
         entries = strip_logprobs(choice, *wants)
         if ticket is not None:
             report.add(entries)
+            report.note_text(data)
             report.note_end(data)
             _settle(ticket, report, source, streamed=False)
         message = choice.get("message") or {}
@@ -215,16 +273,25 @@ class RelayServing:
         stream: bool,
         shadow: ShadowDirective | None,
         wants: Wants,
-        ask: dict[str, Any],
+        plan: Plan,
         source: dict[str, Any],
     ) -> Response:
         try:
-            ticket = self.deployment.ticket(shadow)
+            ticket = self._ticket(shadow, plan)
             if ticket is None:
                 return await self._relay(path, raw, stream)
-            return await self._shadowed(path, body, stream, ticket, wants, ask, source)
+            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
+
+    def _ticket(self, shadow: ShadowDirective | None, plan: Plan) -> ShadowTicket | None:
+        """The request's shadow ticket, if sampled; a request whose job the reference cannot score
+        (a top-K estimator without the primary's top K) is skipped at once, its answer unread."""
+        ticket = self.deployment.ticket(shadow)
+        if ticket is not None and plan.top_k < self.deployment.top_k and self.deployment.scores_top_k:
+            ticket.skip(plan.hint)
+            return None
+        return ticket
 
     async def _relay(self, path: str, raw: bytes, stream: bool) -> Response:
         """Unsampled: the bytes as they are, both ways."""
@@ -232,45 +299,60 @@ class RelayServing:
         if stream:
             return _streaming(await primary.open_stream(path, raw))
         content = await primary.post_json(path, raw)
-        try:  # relayed as sent, but never a 200 that no client can parse
-            orjson.loads(content)
-        except ValueError as exc:
-            raise self._invalid_json(exc) from exc
+        self._answer(content)  # relayed as sent, but never a 200 that no client can parse
         return Response(content, media_type="application/json")
 
     async def _shadowed(
         self,
         path: str,
+        raw: bytes,
         body: dict[str, Any],
         stream: bool,
         ticket: ShadowTicket,
         wants: Wants,
-        ask: dict[str, Any],
+        plan: Plan,
         source: dict[str, Any],
     ) -> Response:
+        """The request as sent (or with what ``plan`` adds); its answer as received (or without what
+        was added), with what the shadow path needs read off a copy."""
         primary = self.deployment.primary
-        client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if stream:  # the usage says how many tokens were generated: needed to check the logprobs
-            ask["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        upstream_body = orjson.dumps({**body, **ask})
-        report = PrimaryReport()
+        upstream_body = orjson.dumps({**body, **plan.fields}) if plan.fields else raw
+        report = plan.report()
         try:
             if stream:
                 events = await primary.open_stream(path, upstream_body)
-                return _streaming(_rewrite_stream(events, ticket, report, wants, source, client_usage))
+                if not plan.fields:
+                    return _streaming(_observe_stream(events, ticket, report, source))
+                return _streaming(_rewrite_stream(events, ticket, report, wants, source))
             content = await primary.post_json(path, upstream_body)
-            try:
-                data = orjson.loads(content)
-            except ValueError as exc:
-                raise self._invalid_json(exc) from exc
+            data = self._answer(content)
         except BaseException:
             ticket.abandon()
             raise
         for choice in data.get("choices") or []:
-            report.add(strip_logprobs(choice, *wants))
+            if plan.fields:
+                report.add(strip_logprobs(choice, *wants))
+            elif isinstance(choice, dict) and choice.get("logprobs"):
+                report.add(_entries(choice))
+        report.note_text(data)
         report.note_end(data)
         _settle(ticket, report, source, streamed=False)
-        return Response(orjson.dumps(data), media_type="application/json")
+        return Response(orjson.dumps(data) if plan.fields else content, media_type="application/json")
+
+    def _answer(self, content: bytes) -> dict[str, Any]:
+        """The primary's 200 body, parsed: a body that is not a JSON object is a 502
+        ``upstream_invalid_response``, an error object said with a 200 a 502 ``upstream_error``."""
+        try:
+            data = orjson.loads(content)
+        except ValueError as exc:
+            raise self._invalid_json(exc) from exc
+        if not isinstance(data, dict):
+            raise self._invalid_json(ValueError(f"a JSON {type(data).__name__}, not an object"))
+        failure = error_object(None, data)
+        if failure is not None:
+            self.deployment.primary.record_error("status")
+            raise upstream_error(failure)
+        return data
 
     def _invalid_json(self, exc: ValueError) -> OpenAIError:
         self.deployment.primary.record_error("invalid_response")
@@ -288,22 +370,55 @@ async def _rewrite_stream(
     report: PrimaryReport,
     wants: Wants,
     source: dict[str, Any],
-    client_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """Re-emit the upstream's SSE events without what the client did not ask for (logprobs, the
-    usage chunk); events that need no change go out as they came."""
+    """Re-emit the upstream's SSE events without the logprobs the client did not ask for; events
+    that need no change go out as they came."""
     decoder = sse.SSEDecoder()
     try:
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
-                out = _rewrite_events(decoder.feed(chunk), ticket, report, wants, source, client_usage)
+                out = _rewrite_events(decoder.feed(chunk), ticket, report, wants, source)
                 if out:
                     yield out
-        out = _rewrite_events(decoder.close(), ticket, report, wants, source, client_usage)
+        out = _rewrite_events(decoder.close(), ticket, report, wants, source)
         if out or decoder.pending.strip():
             yield out + decoder.pending
     finally:
         ticket.abandon()  # a no-op once submitted
+
+
+async def _observe_stream(
+    chunks: AsyncIterator[bytes], ticket: ShadowTicket, report: PrimaryReport, source: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The upstream's SSE bytes as they came, read on the side for the shadow path."""
+    decoder = sse.SSEDecoder()
+    try:
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                for event in decoder.feed(chunk):  # whole events: open_stream cuts at boundaries
+                    data = _event_json(event)
+                    if data is not None:
+                        _note(report, data)
+                    elif event.is_done:
+                        _settle(ticket, report, source, streamed=True)
+                yield chunk
+    finally:
+        ticket.abandon()  # a no-op once submitted
+
+
+def _note(report: PrimaryReport, data: dict[str, Any]) -> None:
+    """What one unchanged answer (or stream chunk) tells the shadow path."""
+    for choice in data.get("choices") or []:
+        if isinstance(choice, dict) and choice.get("logprobs"):  # the client asked for them
+            report.add(_entries(choice))
+    report.note_text(data)
+    report.note_end(data)
+
+
+def _entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    lp = choice.get("logprobs")
+    entries = lp.get("content") if isinstance(lp, dict) else None
+    return entries if isinstance(entries, list) else []
 
 
 def _rewrite_events(
@@ -312,20 +427,22 @@ def _rewrite_events(
     report: PrimaryReport,
     wants: Wants,
     source: dict[str, Any],
-    client_usage: bool,
 ) -> bytes:
     out = []
     for event in events:
-        rewritten = _rewrite_event(event, report, wants, client_usage)
-        if rewritten is not None:
-            out.append(rewritten)
+        out.append(_rewrite_event(event, report, wants))
         if event.is_done:
             _settle(ticket, report, source, streamed=True)
     return b"".join(out)
 
 
 def _settle(ticket: ShadowTicket, report: PrimaryReport, source: dict[str, Any], *, streamed: bool) -> None:
-    if report.aligned(streamed=streamed):
+    """Hand the job on: with logprob entries only if they line up with the tokens; without, as text
+    (the scorer re-tokenizes it, or skips it)."""
+    if not report.token_ids and not report.malformed:
+        report.top_k = 0  # no entries came: nothing of a top K to compare
+        ticket.submit(ShadowJob(source=source, report=report))
+    elif report.aligned(streamed=streamed):
         ticket.submit(ShadowJob(source=source, report=report))
     else:
         log.debug(
@@ -336,8 +453,8 @@ def _settle(ticket: ShadowTicket, report: PrimaryReport, source: dict[str, Any],
         ticket.abandon()
 
 
-def _rewrite_event(event: sse.Event, report: PrimaryReport, wants: Wants, client_usage: bool) -> bytes | None:
-    """The event to send on, or None to drop it (the usage chunk only kvproxy asked for)."""
+def _rewrite_event(event: sse.Event, report: PrimaryReport, wants: Wants) -> bytes:
+    """The event to send on, without the logprobs the client did not ask for."""
     if event.data is None or not event.data.startswith(b"{"):
         return event.raw
     try:
@@ -347,14 +464,16 @@ def _rewrite_event(event: sse.Event, report: PrimaryReport, wants: Wants, client
     if not isinstance(data, dict) or "choices" not in data:
         return event.raw
     report.note_end(data)
-    if not data["choices"] and "usage" in data and not client_usage:
-        return None
+    report.note_text(data)
+    changed = False
     for choice in data["choices"]:
         if choice.get("logprobs"):
             report.add(strip_logprobs(choice, *wants))
-        elif not wants[0]:
-            choice.pop("logprobs", None)
-    return sse.encode(orjson.dumps(data), newline=event.newline)
+            changed = True
+        elif not wants[0] and "logprobs" in choice:
+            del choice["logprobs"]
+            changed = True
+    return sse.encode(orjson.dumps(data), newline=event.newline) if changed else event.raw
 
 
 def _echoable(body: dict[str, Any]) -> ResponsesRequest:
@@ -400,6 +519,7 @@ async def _responses_events(
                         continue
                     if ticket is not None:
                         report.note_end(data)
+                        report.note_text(data)
                     if isinstance(data.get("usage"), dict):
                         usage = data["usage"]
                     for choice in data.get("choices") or []:

@@ -13,6 +13,29 @@ from typing import Any, Protocol
 from kvproxy.kld import PositionScores
 from kvproxy.shadow.token_scores import KeptScores
 
+# Why a sampled job was not scored although nothing failed (a fixed set: a Prometheus label).
+SKIP_REASONS = (
+    "logprobs_off",  # the top-K estimator needs the primary's logprobs, not asked (primary_logprobs)
+    "logprobs_refused",  # tools + stream: llama-server refuses logprobs there, so none were asked
+    "tool_calls",  # the answer holds tool calls: llama-server returns no text to re-tokenize
+    "reasoning",  # the answer was split into reasoning and content: the raw text is gone
+    "several_choices",  # n > 1: only one answer's text can be lined up with the generated count
+    "no_token_count",  # neither usage nor timings said how many tokens were generated
+    "retokenize_mismatch",  # the answer's text re-tokenized to another count than was generated
+)
+# Where a scored job's generated token ids came from (a Prometheus label).
+ID_SOURCES = ("logprobs", "retokenized", "primary")
+
+
+class SkipJob(Exception):
+    """A scorer's word that a job cannot be scored (one of :data:`SKIP_REASONS`): counted as a skip,
+    not as a failure."""
+
+    def __init__(self, reason: str) -> None:
+        assert reason in SKIP_REASONS, reason
+        super().__init__(reason)
+        self.reason = reason
+
 
 @dataclass
 class PrimaryReport:
@@ -25,14 +48,51 @@ class PrimaryReport:
     completion_tokens: int | None = None  # from the upstream's usage
     finish_reason: str | None = None
     malformed: bool = False  # an entry without a token id or logprob: nothing can be scored
+    # a report without logprobs (the request went to the primary unchanged): the answer's text, to
+    # be re-tokenized by the scorer, and what it learnt reading it
+    text: list[str] = field(default_factory=list)
+    unscorable: str | None = None  # a SKIP_REASONS entry: the text cannot stand for the tokens
+    predicted_n: int | None = None  # llama-server's `timings.predicted_n` (sent without usage)
+    top_k: int = 0  # the top list each entry carries at most (what was asked of the primary)
+    skip_hint: str = "logprobs_off"  # why no logprobs were asked, for a top-K scorer's skip
 
     def note_end(self, data: dict[str, Any]) -> None:
         usage = data.get("usage")
         if isinstance(usage, dict) and "completion_tokens" in usage:
             self.completion_tokens = int(usage["completion_tokens"])
+        timings = data.get("timings")
+        if isinstance(timings, dict) and isinstance(timings.get("predicted_n"), int):
+            self.predicted_n = int(timings["predicted_n"])
         for choice in data.get("choices") or []:
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
+
+    def note_text(self, data: dict[str, Any]) -> None:
+        """The answer's text from one response (or stream chunk), chat or completion, and what
+        makes it unfit to re-tokenize: tool calls and reasoning are parsed out of the generated
+        text by llama-server, which returns no raw text; several choices cannot be told apart."""
+        for choice in data.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0:
+                self.unscorable = "several_choices"
+                continue
+            part = choice.get("message") or choice.get("delta")
+            if isinstance(part, dict):
+                if part.get("tool_calls") or part.get("function_call"):
+                    self.unscorable = "tool_calls"
+                if part.get("reasoning_content"):
+                    self.unscorable = "reasoning"
+                content = part.get("content")
+            else:
+                content = choice.get("text")
+            if isinstance(content, str) and content:
+                self.text.append(content)
+
+    @property
+    def generated(self) -> int | None:
+        """How many tokens the primary generated, as it said (usage, else its timings)."""
+        return self.completion_tokens if self.completion_tokens is not None else self.predicted_n
 
     def aligned(self, *, streamed: bool) -> bool:
         """Whether the logprob entries cover every generated token, so positions line up.
@@ -41,7 +101,7 @@ class PrimaryReport:
         streaming) for a final end-of-generation token; a response with such a gap cannot be
         replayed position by position and is dropped from scoring, never guessed at.
         """
-        n, expected = len(self.token_ids), self.completion_tokens
+        n, expected = len(self.token_ids), self.generated
         if expected is None or n == 0 or self.malformed:
             return False
         return n == expected or (streamed and self.finish_reason == "stop" and n == expected - 1)

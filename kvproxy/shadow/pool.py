@@ -11,7 +11,10 @@
   queued, up to its ``max_jobs``, in one call: the batched decode path scores them as sequences of one
   context.
 
-Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``.
+Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``. A
+job that cannot be scored although nothing failed (the answer holds tool calls, the estimator needs
+logprobs that were not asked for, ...) is *skipped*: counted as dropped, and by its reason
+(``skipped``; kvproxy.shadow.job.SKIP_REASONS).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
-from kvproxy.shadow.job import BatchScorer, Scorer, ShadowJob
+from kvproxy.shadow.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.token_scores import DROPPED, FAILED, KeptScores, claim
 from kvproxy.tasks import cancel_and_wait
@@ -58,6 +61,10 @@ class ShadowCounters:
     shed: int = 0  # not sampled: the proxy was saturated (kvproxy.loadwatch); not part of `sampled`
     scored_tokens: int = 0
     last_lag_seconds: float | None = None  # response end -> score done, for the last job
+    # dropped jobs that could not be scored, by reason (part of `dropped`)
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    # scored jobs by where their generated token ids came from (kvproxy.shadow.job.ID_SOURCES)
+    token_ids: dict[str, int] = field(default_factory=dict)
 
 
 class ShadowSampler:
@@ -129,6 +136,12 @@ class ShadowPool:
         self.count("dropped")
         if keep is not None:
             keep.end(DROPPED)
+
+    def skip(self, reason: str, keep: KeptScores | None) -> None:
+        """A job that cannot be scored although nothing failed: dropped, and counted by reason."""
+        self.counters.skipped[reason] += 1
+        self.events.skipped(reason)
+        self.drop(keep)
 
     @property
     def saturated(self) -> bool:
@@ -210,6 +223,10 @@ class ShadowPool:
 
     def _record(self, job: ShadowJob, result: PositionScores | Exception) -> None:
         """One job's outcome: its scores into the tracker and observers, or a counted failure."""
+        if isinstance(result, SkipJob):
+            log.debug("shadow job skipped: %s", result.reason)
+            self.skip(result.reason, job.keep)
+            return
         if isinstance(result, Exception):
             self.count("failed")
             if job.keep is not None:
@@ -230,6 +247,9 @@ class ShadowPool:
         lag = time.monotonic() - job.ended_at
         self.counters.scored_tokens += len(scores)
         self.counters.last_lag_seconds = lag
+        if scores.ids_source is not None:
+            ids = self.counters.token_ids
+            ids[scores.ids_source] = ids.get(scores.ids_source, 0) + 1
         self.count("scored")
         if self.on_scored is not None and len(scores):
             self.on_scored(scores)
@@ -267,3 +287,9 @@ class ShadowTicket:
         if not self._settled:
             self._settled = True
             self._pool.drop(self.keep)
+
+    def skip(self, reason: str) -> None:
+        """Nothing of this response can be scored (one of kvproxy.shadow.job.SKIP_REASONS)."""
+        if not self._settled:
+            self._settled = True
+            self._pool.skip(reason, self.keep)

@@ -8,6 +8,7 @@ is scored per position from its top-K logprobs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +17,13 @@ from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
-from kvproxy.shadow.job import ShadowJob
-from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_chat, prompt_tokens_text
+from kvproxy.shadow.job import PrimaryReport, ShadowJob, SkipJob
+from kvproxy.upstream.llama_server import (
+    LlamaServerReference,
+    prompt_tokens_chat,
+    prompt_tokens_text,
+    tokenize_answer,
+)
 from kvproxy.upstream.replicas import ReplicaPool
 from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 
@@ -64,7 +70,15 @@ class ReferenceResolver:
 
 
 class HttpScorer:
-    """Scores an HTTP primary's job: the primary tokenizes the prompt, the reference scores."""
+    """Scores an HTTP primary's job: the primary tokenizes the prompt, the reference scores.
+
+    The generated token ids come from the primary's logprobs where the request had them (the client
+    asked, or the deployment's opt-in ``primary_logprobs``); otherwise from the answer's text,
+    re-tokenized by the primary's own tokenizer (labelled ``retokenized``). That is exact only when
+    the model emitted the canonical tokenization of its text (24 of 24 answers on Gemma 3 270M,
+    DESIGN.md): a count that differs from what the primary generated is detected and skipped
+    (``retokenize_mismatch``); the same count made of other tokens is not detectable.
+    """
 
     def __init__(self, primary: ReplicaPool, reference: ReferenceResolver) -> None:
         self.primary = primary
@@ -72,14 +86,40 @@ class HttpScorer:
 
     async def score(self, job: ShadowJob) -> PositionScores:
         reference = await self.reference.resolve()
-        if job.report is None:
+        report = job.report
+        if report is None:
             raise ValueError("an HTTP primary's job carries what the primary reported")
-        source = job.source or {}
-        if "messages" in source:
-            prompt = await prompt_tokens_chat(self.primary, source["messages"])
+        if isinstance(reference, LlamaServerReference) and report.top_k < reference.top_k:
+            # the top-K estimator compares the primary's top K with the reference's: without them
+            # (not asked, or fewer than K) there is nothing to compare
+            raise SkipJob(report.skip_hint)
+        source = "logprobs"
+        if not report.token_ids:
+            report = await self._retokenized(report)
+            source = "retokenized"
+        template = job.source or {}
+        if "messages" in template:
+            prompt = await prompt_tokens_chat(self.primary, template)
         else:
-            prompt = await prompt_tokens_text(self.primary, source.get("prompt", ""))
-        return await reference.score(prompt, job.report)
+            prompt = await prompt_tokens_text(self.primary, template.get("prompt", ""))
+        scores = await reference.score(prompt, report)
+        return dataclasses.replace(scores, ids_source=source)
+
+    async def _retokenized(self, report: PrimaryReport) -> PrimaryReport:
+        """The answer's token ids from its text (the primary's tokenizer, no special tokens parsed:
+        llama-server writes control tokens as nothing), checked against the count generated."""
+        if report.unscorable is not None:
+            raise SkipJob(report.unscorable)
+        expected = report.generated
+        if expected is None:
+            raise SkipJob("no_token_count")
+        ids = await tokenize_answer(self.primary, "".join(report.text))
+        # an end-of-generation token is counted but writes no text; a stop string's tokens are
+        # counted and cut from the text (a count that still fits scores a true prefix)
+        fits = len(ids) == expected - 1 if report.finish_reason == "stop" else len(ids) == expected
+        if not fits or not ids:
+            raise SkipJob("retokenize_mismatch")
+        return PrimaryReport(token_ids=ids, completion_tokens=len(ids), finish_reason=report.finish_reason)
 
 
 class ThreadedScorer:
@@ -107,7 +147,8 @@ class ThreadedScorer:
         return self._scorer.max_sequences if self._scorer is not None else 1
 
     async def score(self, job: ShadowJob) -> PositionScores:
-        return await self.score_request(ScoreRequest(job.prompt_tokens, job.token_ids))
+        scores = await self.score_request(ScoreRequest(job.prompt_tokens, job.token_ids))
+        return dataclasses.replace(scores, ids_source="primary")
 
     async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
         """Several jobs in one pass (lockstep sequences on the batched decode path)."""
@@ -116,7 +157,10 @@ class ThreadedScorer:
         def run() -> list[PositionScores | ValueError]:
             return self._get().score_batch(requests)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return [
+            r if isinstance(r, ValueError) else dataclasses.replace(r, ids_source="primary") for r in results
+        ]
 
     async def score_request(self, request: ScoreRequest) -> PositionScores:
         """One job given as tokens (the score route's), on the worker thread."""

@@ -24,7 +24,7 @@ import orjson
 from kvproxy.kld import PositionScores, coarse_kld_row
 from kvproxy.observers import NULL_SERVING, ServingEvents, TokenClock
 from kvproxy.shadow.job import PrimaryReport
-from kvproxy.sse import SSEDecoder
+from kvproxy.sse import EventTooLarge, SSEDecoder
 from kvproxy.upstream.replicas import (
     JSON_HEADERS,
     Replica,
@@ -34,7 +34,9 @@ from kvproxy.upstream.replicas import (
     is_timeout,
     map_transport_error,
     map_upstream_status,
+    read_capped,
     refused,
+    too_large,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,11 @@ class LlamaServerPrimary:
                 async with asyncio.timeout_at(deadline):
                     resp = await replica.session.post(replica.url + path, data=content, headers=JSON_HEADERS)
                     if resp.status != 200:
-                        body = await resp.read()
+                        try:
+                            body = await read_capped(resp, replica.url, self.pool.limits.max_body_bytes)
+                        except UpstreamFailure:
+                            resp.close()
+                            body = b""
                         resp.release()
                         self.record_error("status")
                         raise map_upstream_status(replica, resp.status, body)
@@ -111,10 +117,14 @@ class LlamaServerPrimary:
         replica, resp = await self._send(path, content, deadline=deadline)
         try:
             async with asyncio.timeout_at(deadline):
-                body = await resp.read()
+                body = await read_capped(resp, replica.url, self.pool.limits.max_body_bytes)
         except UpstreamError as exc:
             resp.close()
             raise self._failure(replica, exc) from exc
+        except UpstreamFailure:
+            resp.close()  # the rest of an oversized body is never read
+            self.record_error("too_large")
+            raise
         finally:
             replica.outstanding -= 1
         resp.release()
@@ -143,11 +153,28 @@ class LlamaServerPrimary:
         """
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
+        if resp.content_type == "application/json":  # a 200 that is no stream: an error object, say
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body = await read_capped(resp, replica.url, self.pool.limits.max_body_bytes)
+            except UpstreamError as exc:
+                resp.close()
+                raise self._failure(replica, exc) from exc
+            except UpstreamFailure:
+                resp.close()
+                self.record_error("too_large")
+                raise
+            finally:
+                replica.outstanding -= 1
+            resp.release()
+            self.record_error("invalid_response")
+            raise not_a_stream(replica, body)
         clock = TokenClock(self.events)
+        max_event = self.pool.limits.max_event_bytes
 
         async def relay() -> AsyncIterator[bytes]:
             tail = b""
-            decoder = SSEDecoder()
+            decoder = SSEDecoder(max_event_bytes=max_event)
             markers = None if ends is DONE_END else ends
             ended = ends is None
             try:
@@ -175,6 +202,9 @@ class LlamaServerPrimary:
                     )
             except UpstreamError as exc:
                 raise self._failure(replica, exc) from exc
+            except EventTooLarge as exc:
+                self.record_error("too_large")
+                raise too_large(replica.url, "an SSE event", exc.limit, "upstream_max_event_bytes") from exc
             finally:
                 if resp.content.at_eof():
                     resp.release()  # the connection goes back to the pool
@@ -183,6 +213,36 @@ class LlamaServerPrimary:
                 replica.outstanding -= 1
 
         return relay()
+
+
+def not_a_stream(replica: Replica, body: bytes) -> UpstreamFailure:
+    """A streamed request answered 200 with a JSON body instead of events: the upstream's error
+    object as a 502 (its message kept), or an invalid response."""
+    try:
+        failure = error_object(replica.url, orjson.loads(body))
+    except ValueError:
+        failure = None
+    return failure or UpstreamFailure(
+        502,
+        f"The upstream {replica.url} answered a streamed request with JSON, not a stream.",
+        type="server_error",
+        code="upstream_invalid_response",
+    )
+
+
+def error_object(url: str | None, data: Any) -> UpstreamFailure | None:
+    """A 200 whose body is ``{"error": ...}`` is a failure the upstream said with the wrong status:
+    502 ``upstream_error`` with its message, never relayed as a success."""
+    if not isinstance(data, dict) or "error" not in data:
+        return None
+    err = data["error"]
+    message = err.get("message") if isinstance(err, dict) else err
+    return UpstreamFailure(
+        502,
+        f"The upstream{' ' + url if url else ''} answered 200 with an error: {str(message or err)[:500]}",
+        type="server_error",
+        code="upstream_error",
+    )
 
 
 @dataclass
@@ -304,10 +364,14 @@ class LlamaServerReference:
         return PositionScores(kld, same, p_ref, p_pri, first_position=len(prompt))
 
 
-async def prompt_tokens_chat(pool: ReplicaPool, messages: list[Any]) -> list[int]:
-    """The prompt token ids the primary itself used: its template, then its tokenizer."""
+async def prompt_tokens_chat(pool: ReplicaPool, request: dict[str, Any] | list[Any]) -> list[int]:
+    """The prompt token ids the primary itself used: its template, then its tokenizer.
+
+    ``request``: the chat request as sent (its tools, ``chat_template_kwargs`` and the like shape the
+    prompt; ``/apply-template`` reads them as the chat route does), or only its messages."""
+    body = request if isinstance(request, dict) else {"messages": request}
     async with pool.acquire() as replica:
-        status, content = await replica.post("/apply-template", orjson.dumps({"messages": messages}))
+        status, content = await replica.post("/apply-template", orjson.dumps(body))
         if status != 200:
             raise map_upstream_status(replica, status, content)
         prompt = orjson.loads(content)["prompt"]
@@ -319,6 +383,18 @@ async def prompt_tokens_text(pool: ReplicaPool, prompt: str | list[int]) -> list
         return [int(t) for t in prompt]
     async with pool.acquire() as replica:
         return await _tokenize(replica, prompt)
+
+
+async def tokenize_answer(pool: ReplicaPool, text: str) -> list[int]:
+    """An answer's text as token ids, by the primary's tokenizer: no BOS, and special-token text
+    kept as text (llama-server writes a generated control token as nothing, so its text in an
+    answer was generated as plain text)."""
+    body = {"content": text, "add_special": False, "parse_special": False}
+    async with pool.acquire() as replica:
+        status, content = await replica.post("/tokenize", orjson.dumps(body))
+        if status != 200:
+            raise map_upstream_status(replica, status, content)
+    return [int(t) for t in orjson.loads(content)["tokens"]]
 
 
 async def _tokenize(replica: Replica, text: str) -> list[int]:

@@ -42,6 +42,40 @@ class Timeouts:
         return aiohttp.ClientTimeout(total=None, connect=self.connect, sock_read=self.read)
 
 
+@dataclass(frozen=True)
+class ResponseLimits:
+    """What kvproxy holds of one upstream answer: upstream bytes are untrusted too (DESIGN.md). A
+    300 MB body read whole took the proxy to 917 MiB."""
+
+    max_body_bytes: int = 64 * 2**20  # a whole (non-streamed) body
+    max_event_bytes: int = 16 * 2**20  # one SSE event of a stream, a line without its end included
+
+
+def too_large(url: str, what: str, limit: int, setting: str) -> UpstreamFailure:
+    return UpstreamFailure(
+        502,
+        f"The upstream {url} sent {what} larger than kvproxy accepts ({limit:,} bytes; "
+        f"KVPROXY_{setting.upper()} / --{setting.replace('_', '-')}).",
+        type="server_error",
+        code="upstream_response_too_large",
+    )
+
+
+async def read_capped(resp: aiohttp.ClientResponse, url: str, limit: int) -> bytes:
+    """The whole body, or :class:`UpstreamFailure` as soon as it passes ``limit`` (a declared length
+    over it is refused before a byte is read); the caller closes the connection then."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large(url, "a body", limit, "upstream_max_body_bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(url, "a body", limit, "upstream_max_body_bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 # every failure of an upstream exchange below the HTTP status: connection, timeout, broken payload
 UpstreamError = (aiohttp.ClientError, TimeoutError)
 JSON_HEADERS = {"content-type": "application/json"}
@@ -87,9 +121,16 @@ def upstream_timeout(url: str, what: str) -> UpstreamFailure:
 
 
 class Replica:
-    def __init__(self, url: str, timeouts: Timeouts, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeouts: Timeouts,
+        api_key: str | None = None,
+        limits: ResponseLimits = ResponseLimits(),
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeouts = timeouts
+        self.limits = limits
         # sent on every request (llama-server --api-key, kvproxy backend --api-key); never logged
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._session: aiohttp.ClientSession | None = None
@@ -144,11 +185,18 @@ class Replica:
     async def _post_once(self, path: str, body: bytes, timeout: float | None) -> tuple[int, bytes]:
         t = self._exchange_timeout(timeout)
         async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
-            return r.status, await r.read()
+            return r.status, await self._read(r)
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
         async with self.session.get(self.url + path, timeout=self._exchange_timeout(timeout)) as r:
-            return r.status, await r.read()
+            return r.status, await self._read(r)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await read_capped(resp, self.url, self.limits.max_body_bytes)
+        except UpstreamFailure:
+            resp.close()  # the rest is not read: the connection cannot be reused
+            raise
 
     async def close(self) -> None:
         if self._session is not None:
@@ -177,11 +225,13 @@ class ReplicaPool:
         *,
         health_interval: float = 2.0,
         api_key: str | None = None,
+        limits: ResponseLimits = ResponseLimits(),
     ) -> None:
         if not urls:
             raise ValueError("a replica pool needs at least one URL")
         self.timeouts = timeouts
-        self.replicas = [Replica(u, timeouts, api_key) for u in urls]
+        self.limits = limits
+        self.replicas = [Replica(u, timeouts, api_key, limits) for u in urls]
         self.health_interval = health_interval
         self._health_task: asyncio.Task[None] | None = None
 
@@ -257,6 +307,13 @@ def map_upstream_status(replica: Replica, status: int, body: bytes) -> UpstreamF
     """An upstream error response as an OpenAI error: client errors keep their status, server errors
     become 502 (503 stays 503: the upstream is loading), and so do 401/403: the client's own key was
     checked by kvproxy, so an upstream refusal means kvproxy's key for it is wrong or missing."""
+    if status < 400:  # 200 is the only success relayed: a 201, a 204 or a 3xx is not an answer
+        return UpstreamFailure(
+            502,
+            f"The upstream {replica.url} answered HTTP {status}, not 200.",
+            type="server_error",
+            code="upstream_invalid_response",
+        )
     message, etype, param, code = f"upstream answered HTTP {status}", None, None, None
     try:
         err = orjson.loads(body).get("error")

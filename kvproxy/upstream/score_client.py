@@ -83,11 +83,9 @@ class ScoreRouteReference:
         }
 
     async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
-        body: dict[str, Any] = {
-            "prompt_tokens": prompt,
-            "token_ids": report.token_ids,
-            "check_ids": report.top_ids,
-        }
+        body: dict[str, Any] = {"prompt_tokens": prompt, "token_ids": report.token_ids}
+        if report.top_ids:  # the primary's top K, where it reported them (its logprobs)
+            body["check_ids"] = report.top_ids
         if self.prompt_fill is not None and self.info.score_path == "decode":
             body["prompt_fill"] = dataclasses.asdict(self.prompt_fill)
         async with self.pool.acquire() as replica:
