@@ -105,7 +105,8 @@ def rss_mib(pid: int) -> float:
 
 @contextlib.contextmanager
 def health_watch(srv: RunningServer) -> Iterator[list[float]]:
-    """``/health`` asked every 20 ms on its own connection while the block runs; its latencies."""
+    """``/health`` asked every 20 ms on its own connection while the block runs, and at least three
+    times in all (a block of fast refusals can end within two probes); its latencies."""
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -124,6 +125,9 @@ def health_watch(srv: RunningServer) -> Iterator[list[float]]:
     thread.start()
     try:
         yield latencies
+        deadline = time.monotonic() + 5
+        while len(latencies) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         thread.join(timeout=70)
