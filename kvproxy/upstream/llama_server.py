@@ -115,6 +115,13 @@ class LlamaServerPrimary:
     async def post_json(self, path: str, content: bytes) -> bytes:
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
+        body = await self._read_whole(replica, resp, deadline)
+        self._count_usage(body)
+        return body
+
+    async def _read_whole(self, replica: Replica, resp: aiohttp.ClientResponse, deadline: float) -> bytes:
+        """The whole body, at most ``max_body_bytes`` of it (the rest of a larger one is never
+        read); the replica's request ends here either way."""
         try:
             async with asyncio.timeout_at(deadline):
                 body = await read_capped(resp, replica.url, self.pool.limits.max_body_bytes)
@@ -122,13 +129,12 @@ class LlamaServerPrimary:
             resp.close()
             raise self._failure(replica, exc) from exc
         except UpstreamFailure:
-            resp.close()  # the rest of an oversized body is never read
+            resp.close()
             self.record_error("too_large")
             raise
         finally:
             replica.outstanding -= 1
         resp.release()
-        self._count_usage(body)
         return body
 
     def _count_usage(self, body: bytes) -> None:
@@ -154,19 +160,7 @@ class LlamaServerPrimary:
         deadline = asyncio.get_running_loop().time() + self.pool.timeouts.total
         replica, resp = await self._send(path, content, deadline=deadline)
         if resp.content_type == "application/json":  # a 200 that is no stream: an error object, say
-            try:
-                async with asyncio.timeout_at(deadline):
-                    body = await read_capped(resp, replica.url, self.pool.limits.max_body_bytes)
-            except UpstreamError as exc:
-                resp.close()
-                raise self._failure(replica, exc) from exc
-            except UpstreamFailure:
-                resp.close()
-                self.record_error("too_large")
-                raise
-            finally:
-                replica.outstanding -= 1
-            resp.release()
+            body = await self._read_whole(replica, resp, deadline)
             self.record_error("invalid_response")
             raise not_a_stream(replica, body)
         clock = TokenClock(self.events)
