@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from kvproxy.backends.prompt_fill import PromptFill
@@ -81,7 +83,7 @@ def test_the_calls_cover_the_prompt_in_order(n: int) -> None:
         calls = fill.calls(n, cuts_apply=True)
         assert calls[0][0] == 0 and calls[-1][1] == n
         assert all(a < b <= a + fill.batch for a, b in calls)
-        assert all(b == c for (_, b), (c, _) in zip(calls, calls[1:], strict=False))
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(calls))
         pieces = fill.pieces(n, cuts_apply=True)
         assert [p for p in pieces if p[1] - p[0] > fill.ubatch] == []
 

@@ -96,8 +96,14 @@ reference = {{ urls = ["{backends[1].base_url}"] }}
 [[deployments]]
 model = "f16-b64"
 shadow_rate = 0
-primary = {{ urls = ["{small.url}"], cache_type_k = "f16", cache_type_v = "f16", batch_size = 64, ubatch_size = 16 }}
 reference = {{ urls = ["{backends[0].base_url}"] }}
+
+[deployments.primary]
+urls = ["{small.url}"]
+cache_type_k = "f16"
+cache_type_v = "f16"
+batch_size = 64
+ubatch_size = 16
 """)
             proxy = start_server("--config", str(config))
             try:

@@ -26,7 +26,7 @@ as the prefill and decode paths differ; with the same cuts it agrees to float32 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -64,18 +64,18 @@ class PromptFill:
         newest: int | None = None  # where the newest checkpoint starts (its n_tokens)
         start = 0
         while start < n:
-            end = self._call_end(start, n, lambda pos: self._cuts_at(pos, n, newest))
+            end = self._call_end(start, n, newest)
             if start > 0 and self._checkpoints_at(start, end, n, newest):
                 newest = start
             calls.append((start, end))
             start = end
         return calls
 
-    def _call_end(self, start: int, n: int, cut_at: Callable[[int], bool]) -> int:
+    def _call_end(self, start: int, n: int, newest: int | None) -> int:
         """Where a call from ``start`` ends: llama-server fills the batch token by token and stops
         at ``batch`` tokens, at the prompt's end, or after a token that a cut follows."""
         end = min(n, start + self.batch)
-        return next((pos for pos in range(start + 1, end) if cut_at(pos)), end)
+        return next((pos for pos in range(start + 1, end) if self._cuts_at(pos, n, newest)), end)
 
     def _cuts_at(self, pos: int, n: int, newest: int | None) -> bool:
         """Whether the batch stops before token ``pos`` (``pos`` tokens are in)."""
