@@ -10,6 +10,7 @@ like the primary (a mismatch, such as a different KV type, is itself worth an al
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,12 +83,16 @@ class ScoreRouteReference:
             "mean_divergence": (self._kl_sum / n) if n else None,
         }
 
-    async def score(self, prompt: list[int], report: PrimaryReport) -> PositionScores:
+    async def score(
+        self, prompt: list[int], report: PrimaryReport, *, user_starts: Sequence[int] = ()
+    ) -> PositionScores:
+        """``user_starts``: where the primary (llama-server, Jinja templates) saw user messages start
+        in ``prompt``; it cut its prompt batches there, so the replay does too."""
         body: dict[str, Any] = {"prompt_tokens": prompt, "token_ids": report.token_ids}
         if report.top_ids:  # the primary's top K, where it reported them (its logprobs)
             body["check_ids"] = report.top_ids
         if self.prompt_fill is not None and self.info.score_path == "decode":
-            body["prompt_fill"] = dataclasses.asdict(self.prompt_fill)
+            body["prompt_fill"] = dataclasses.asdict(self.prompt_fill.for_prompt(user_starts))
         async with self.pool.acquire() as replica:
             try:
                 status, content = await replica.post(SCORE_PATH, orjson.dumps(body))
