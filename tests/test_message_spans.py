@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,10 @@ CASES: dict[str, tuple[str, ...]] = {
         )
     },
 }
+
+
+if os.environ.get("KVPROXY_ALL_TEMPLATES"):  # every template the pinned llama.cpp carries (4 min)
+    CASES.update({p.stem: (p.name,) for p in sorted(TEMPLATES.glob("*.jinja")) if p.stem not in CASES})
 
 
 def _server_args(case: str, tmp: Path) -> tuple[tuple[str, ...], bool]:
