@@ -62,6 +62,9 @@ async def info(request: Request) -> dict[str, Any]:
         "primary": d.backend.kv.as_dict(),
         "reference": (d.reference_kv or d.backend.kv).as_dict(),
         "n_ctx": d.backend.n_ctx,
+        # its contexts' micro-batch: it sizes the sliding-window cache, so a replay matches a primary's
+        # rows only with the primary's (-ub), as it does only with its thread count on a CPU
+        "n_ubatch": d.backend.n_ubatch,
         "score_path": d.score_path,
         "device": str(d.backend.offload),
     }
