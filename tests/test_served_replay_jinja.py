@@ -88,18 +88,21 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 [[deployments]]
 model = "f16"
 shadow_rate = 0
+primary_logprobs = true  # the served top-20, to compare with the replay
 primary = {{ urls = ["{f16.url}"], cache_type_k = "f16", cache_type_v = "f16" }}
 reference = {{ urls = ["{backends[0].base_url}"] }}
 
 [[deployments]]
 model = "q4_0"
 shadow_rate = 0
+primary_logprobs = true
 primary = {{ urls = ["{q4_primary.url}"], cache_type_k = "q4_0", cache_type_v = "q4_0" }}
 reference = {{ urls = ["{backends[1].base_url}"] }}
 
 [[deployments]]
 model = "f16-b64"
 shadow_rate = 0
+primary_logprobs = true
 reference = {{ urls = ["{backends[2].base_url}"] }}
 
 [deployments.primary]
