@@ -21,6 +21,7 @@ from kvproxy.shadow.job import PrimaryReport, ShadowJob, SkipJob
 from kvproxy.upstream.llama_server import (
     LlamaServerReference,
     chat_prompt,
+    prompt_tokens_chat,
     prompt_tokens_text,
     tokenize_answer,
 )
@@ -100,9 +101,12 @@ class HttpScorer:
             report = await self._retokenized(report)
             source = "retokenized"
         template = job.source or {}
+        replays_cuts = isinstance(reference, ScoreRouteReference) and reference.replays_prompt_cuts
         starts: list[int] = []  # user-message starts: llama-server cut the prompt there (Jinja only)
-        if "messages" in template:
+        if "messages" in template and replays_cuts:
             prompt, starts = await chat_prompt(self.primary, template, self.delimiters)
+        elif "messages" in template:
+            prompt = await prompt_tokens_chat(self.primary, template)
         else:
             prompt = await prompt_tokens_text(self.primary, template.get("prompt", ""))
         if isinstance(reference, ScoreRouteReference):

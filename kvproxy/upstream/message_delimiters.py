@@ -12,15 +12,21 @@ prompt only), so kvproxy finds them once per replica as llama.cpp does (kvproxy.
   vocab, text, false, true)``).
 
 A replica restarted with another template keeps the delimiters found before (one probe per replica
-and proxy process); restart the proxy with it.
+and proxy process); restart the proxy with it. A primary without ``/props`` (not a llama-server, or
+one from before it) gets no delimiters, with a warning: its replays are cut as for legacy templates.
+A failure that may pass (a refused connection, a 5xx) fails the job and is asked again next time.
 """
 
 from __future__ import annotations
+
+import logging
 
 import orjson
 
 from kvproxy.message_spans import PROBES, Delimiters, autoparser_delimiters, specialized_delimiters
 from kvproxy.upstream.replicas import Replica, map_upstream_status
+
+log = logging.getLogger(__name__)
 
 TokenDelimiters = tuple[tuple[str, tuple[int, ...]], ...]  # (role, token ids), in llama-server's order
 
@@ -57,6 +63,13 @@ async def template_delimiters(replica: Replica) -> Delimiters:
     if not await uses_jinja(replica):
         return ()
     status, content = await replica.get("/props")
+    if status == 404:
+        log.warning(
+            "%s has no /props: its chat template is unknown, so shadow replays of its chats are not "
+            "cut at user messages as a llama-server with Jinja templates cuts them",
+            replica.url,
+        )
+        return ()
     if status != 200:
         raise map_upstream_status(replica, status, content)
     src = str(orjson.loads(content).get("chat_template") or "")

@@ -97,6 +97,12 @@ class ScoreRouteReference:
                 prompt_fill.ubatch if prompt_fill else "?",
             )
 
+    @property
+    def replays_prompt_cuts(self) -> bool:
+        """Whether this replay cuts the prompt as the primary llama-server did (the decode path,
+        given how the primary was started): then the primary's user-message starts matter."""
+        return self.prompt_fill is not None and self.info.score_path == "decode"
+
     def consistency(self) -> dict[str, Any]:
         """Mean coarse KL between the live primary's top-K and the scoring replica's logprobs of the
         same tokens: near 0 when the replica really behaves like the primary, larger when its KV
@@ -117,7 +123,7 @@ class ScoreRouteReference:
         body: dict[str, Any] = {"prompt_tokens": prompt, "token_ids": report.token_ids}
         if report.top_ids:  # the primary's top K, where it reported them (its logprobs)
             body["check_ids"] = report.top_ids
-        if self.prompt_fill is not None and self.info.score_path == "decode":
+        if self.prompt_fill is not None and self.replays_prompt_cuts:
             body["prompt_fill"] = dataclasses.asdict(self.prompt_fill.for_prompt(user_starts))
         async with self.pool.acquire() as replica:
             try:
