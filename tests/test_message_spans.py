@@ -40,6 +40,12 @@ from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from tests.llama_servers import LlamaServer, start_llama_server
 from tests.llama_tools import llama_bin
 
+
+def templates_dir() -> Path:
+    """The pinned llama.cpp's chat templates (asked when used: llama_bin may build llama.cpp)."""
+    return llama_bin().parent / "src" / "models" / "templates"
+
+
 CHATML_RENDERS = {
     "empty": "",
     "user": "<|im_start|>user\nU_USER_MSG Hello END_U<|im_end|>\n",
@@ -88,7 +94,7 @@ def test_autoparser_delimiters_put_the_assistant_first() -> None:
 
 
 def test_dedicated_parsers_have_their_own_lists() -> None:
-    templates = llama_bin().parent / "src" / "models" / "templates"
+    templates = templates_dir()
     qwen = specialized_delimiters((templates / "Qwen3.5-4B.jinja").read_text())
     assert qwen is not None and [d.role for d in qwen] == ["assistant", "tool", "tool", "user", "system"]
     gemma4 = specialized_delimiters((templates / "google-gemma-4-31B-it.jinja").read_text())
@@ -108,7 +114,7 @@ def test_the_split_takes_the_first_delimiter_matching_at_a_position() -> None:
 
 # ---- against llama-server ---------------------------------------------------------------------------
 
-TEMPLATES = llama_bin().parent / "src" / "models" / "templates"
+
 CALL = re.compile(r"cached n_tokens = (\d+), memory_seq_rm")
 
 
@@ -165,7 +171,7 @@ CASES: dict[str, tuple[str, ...]] = {
 
 
 if os.environ.get("KVPROXY_ALL_TEMPLATES"):  # every template the pinned llama.cpp carries (4 min)
-    CASES.update({p.stem: (p.name,) for p in sorted(TEMPLATES.glob("*.jinja")) if p.stem not in CASES})
+    CASES.update({p.stem: (p.name,) for p in sorted(templates_dir().glob("*.jinja")) if p.stem not in CASES})
 
 
 def _server_args(case: str, tmp: Path) -> tuple[tuple[str, ...], bool]:
@@ -176,7 +182,7 @@ def _server_args(case: str, tmp: Path) -> tuple[tuple[str, ...], bool]:
         (tmp / "gemma.jinja").write_text(GEMMA_TEMPLATE)
         return ("--chat-template-file", str(tmp / "gemma.jinja")), True
     if args:
-        return ("--chat-template-file", str(TEMPLATES / args[0])), True
+        return ("--chat-template-file", str(templates_dir() / args[0])), True
     return (), True
 
 
