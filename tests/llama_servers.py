@@ -76,11 +76,13 @@ def start_llama_server(
 
 
 @contextlib.contextmanager
-def llama_servers(model: Path, log_dir: Path, *configs: tuple[str, ...]) -> Iterator[list[LlamaServer]]:
+def llama_servers(
+    model: Path, log_dir: Path, *configs: tuple[str, ...], jinja: bool = False
+) -> Iterator[list[LlamaServer]]:
     servers: list[LlamaServer] = []
     try:
         for args in configs:
-            servers.append(start_llama_server(model, log_dir, *args))
+            servers.append(start_llama_server(model, log_dir, *args, jinja=jinja))
         yield servers
     finally:
         for s in servers:

@@ -191,6 +191,17 @@ def test_score_route_refuses_ids_outside_the_vocabulary(http: httpx.Client) -> N
     assert len(ok.json()["check_logprobs"]) == 2
 
 
+def test_score_route_takes_user_starts_inside_the_prompt_only(http: httpx.Client) -> None:
+    """Issue 27: the prompt fill carries where the primary saw user messages start."""
+    good = {"prompt_tokens": [2, 651, 700], "token_ids": [1000, 1001]}
+    resp = http.post("/kvproxy/v1/score", json={**good, "prompt_fill": {"user_starts": [1, 3]}})
+    assert_openai_error(resp, 400, param="prompt_fill.user_starts", contains="outside the prompt")
+    fill = {"batch": 2048, "ubatch": 512, "user_starts": [2, 1], "checkpoint_min_step": 0}
+    ok = http.post("/kvproxy/v1/score", json={**good, "prompt_fill": fill})
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["kld"]) == 2
+
+
 def test_health_answers_within_a_second_while_huge_prompts_arrive(server: RunningServer) -> None:
     """Issue 20, finding 2: one 3.9 MiB prompt kept /health waiting 7.7 to 10 s, five in a row made
     48 s of near-outage. Templates and tokenization now run off the loop, behind a length check.

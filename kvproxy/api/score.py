@@ -35,6 +35,15 @@ class PromptFillSpec(BaseModel):
     batch: Annotated[int, Field(ge=1)] = 2048
     ubatch: Annotated[int, Field(ge=1)] = 512
     checkpoints: bool = True
+    checkpoint_min_step: Annotated[int, Field(ge=0)] = 8192
+    # where the primary saw user messages start in this prompt (llama-server with Jinja templates
+    # cuts there; kvproxy.message_spans): token positions inside the prompt
+    user_starts: list[Annotated[int, Field(ge=0)]] = []
+
+
+def _fill(spec: PromptFillSpec) -> PromptFill:
+    fields = spec.model_dump()
+    return PromptFill(**{**fields, "user_starts": ()}).for_prompt(fields["user_starts"])
 
 
 def _embedded(request: Request) -> EmbeddedDeployment:
@@ -53,6 +62,9 @@ async def info(request: Request) -> dict[str, Any]:
         "primary": d.backend.kv.as_dict(),
         "reference": (d.reference_kv or d.backend.kv).as_dict(),
         "n_ctx": d.backend.n_ctx,
+        # its contexts' micro-batch: it sizes the sliding-window cache, so a replay matches a primary's
+        # rows only with the primary's (-ub), as it does only with its thread count on a CPU
+        "n_ubatch": d.backend.n_ubatch,
         "score_path": d.score_path,
         "device": str(d.backend.offload),
     }
@@ -77,8 +89,12 @@ async def score(body: ScoreBody, request: Request) -> dict[str, Any]:
             param="token_ids",
             code="context_length_exceeded",
         )
+    if body.prompt_fill is not None and any(
+        p >= len(body.prompt_tokens) for p in body.prompt_fill.user_starts
+    ):
+        raise OpenAIError(400, "a user start lies outside the prompt", param="prompt_fill.user_starts")
     try:
-        fill = PromptFill(**body.prompt_fill.model_dump()) if body.prompt_fill is not None else None
+        fill = _fill(body.prompt_fill) if body.prompt_fill is not None else None
         job = ScoreRequest(body.prompt_tokens, body.token_ids, body.check_ids, fill)
         s = await d.scorer.score_request(job)
     except ValueError as exc:

@@ -89,15 +89,19 @@ class BackendSpec(_Strict):
     # the name of an environment variable holding the key these upstreams want (llama-server
     # --api-key, kvproxy backend --api-key): the secret stays out of the file
     api_key_env: str | None = None
-    # how these llama-servers were started (their -b, -ub and --ctx-checkpoints; llama-server's
-    # defaults): a kvproxy scoring server replays a primary's prompt cut the way they cut it, so its
-    # replay is the served rows (kvproxy.backends.prompt_fill, docs/production.md)
+    # how these llama-servers were started (their -b, -ub, --ctx-checkpoints and
+    # --checkpoint-min-step; llama-server's defaults): a kvproxy scoring server replays a primary's
+    # prompt cut the way they cut it, so its replay is the served rows (kvproxy.backends.prompt_fill,
+    # docs/production.md)
     batch_size: Annotated[int, Field(ge=1)] = 2048
     ubatch_size: Annotated[int, Field(ge=1)] = 512
     ctx_checkpoints: Annotated[int, Field(ge=0)] = 32
+    checkpoint_min_step: Annotated[int, Field(ge=0)] = 8192
 
     def prompt_fill(self) -> PromptFill:
-        return PromptFill(self.batch_size, self.ubatch_size, self.ctx_checkpoints > 0)
+        return PromptFill(
+            self.batch_size, self.ubatch_size, self.ctx_checkpoints > 0, self.checkpoint_min_step
+        )
 
     server: ServerSpec | None = None
 

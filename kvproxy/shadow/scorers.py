@@ -20,10 +20,12 @@ from kvproxy.priority import lower_thread_priority
 from kvproxy.shadow.job import PrimaryReport, ShadowJob, SkipJob
 from kvproxy.upstream.llama_server import (
     LlamaServerReference,
+    chat_prompt,
     prompt_tokens_chat,
     prompt_tokens_text,
     tokenize_answer,
 )
+from kvproxy.upstream.message_delimiters import DelimiterCache
 from kvproxy.upstream.replicas import ReplicaPool
 from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 
@@ -83,6 +85,7 @@ class HttpScorer:
     def __init__(self, primary: ReplicaPool, reference: ReferenceResolver) -> None:
         self.primary = primary
         self.reference = reference
+        self.delimiters = DelimiterCache()  # each primary replica's chat message delimiters
 
     async def score(self, job: ShadowJob) -> PositionScores:
         reference = await self.reference.resolve()
@@ -98,11 +101,18 @@ class HttpScorer:
             report = await self._retokenized(report)
             source = "retokenized"
         template = job.source or {}
-        if "messages" in template:
+        replays_cuts = isinstance(reference, ScoreRouteReference) and reference.replays_prompt_cuts
+        starts: list[int] = []  # user-message starts: llama-server cut the prompt there (Jinja only)
+        if "messages" in template and replays_cuts:
+            prompt, starts = await chat_prompt(self.primary, template, self.delimiters)
+        elif "messages" in template:
             prompt = await prompt_tokens_chat(self.primary, template)
         else:
             prompt = await prompt_tokens_text(self.primary, template.get("prompt", ""))
-        scores = await reference.score(prompt, report)
+        if isinstance(reference, ScoreRouteReference):
+            scores = await reference.score(prompt, report, user_starts=starts)
+        else:
+            scores = await reference.score(prompt, report)
         return dataclasses.replace(scores, ids_source=source)
 
     async def _retokenized(self, report: PrimaryReport) -> PrimaryReport:

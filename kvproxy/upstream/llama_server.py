@@ -22,9 +22,11 @@ import numpy as np
 import orjson
 
 from kvproxy.kld import PositionScores, coarse_kld_row
+from kvproxy.message_spans import user_starts
 from kvproxy.observers import NULL_SERVING, ServingEvents, TokenClock
 from kvproxy.shadow.job import PrimaryReport
 from kvproxy.sse import EventTooLarge, SSEDecoder
+from kvproxy.upstream.message_delimiters import DelimiterCache
 from kvproxy.upstream.replicas import (
     JSON_HEADERS,
     Replica,
@@ -365,11 +367,26 @@ async def prompt_tokens_chat(pool: ReplicaPool, request: dict[str, Any] | list[A
     prompt; ``/apply-template`` reads them as the chat route does), or only its messages."""
     body = request if isinstance(request, dict) else {"messages": request}
     async with pool.acquire() as replica:
-        status, content = await replica.post("/apply-template", orjson.dumps(body))
-        if status != 200:
-            raise map_upstream_status(replica, status, content)
-        prompt = orjson.loads(content)["prompt"]
-        return await _tokenize(replica, prompt)
+        return await _chat_tokens(replica, body)
+
+
+async def chat_prompt(
+    pool: ReplicaPool, request: dict[str, Any] | list[Any], delimiters: DelimiterCache
+) -> tuple[list[int], list[int]]:
+    """The prompt token ids (as :func:`prompt_tokens_chat`), and where the primary saw user
+    messages start in them (it cuts its prompt batches there: kvproxy.message_spans), from one
+    replica."""
+    body = request if isinstance(request, dict) else {"messages": request}
+    async with pool.acquire() as replica:
+        tokens = await _chat_tokens(replica, body)
+        return tokens, user_starts(tokens, await delimiters.get(replica))
+
+
+async def _chat_tokens(replica: Replica, body: dict[str, Any]) -> list[int]:
+    status, content = await replica.post("/apply-template", orjson.dumps(body))
+    if status != 200:
+        raise map_upstream_status(replica, status, content)
+    return await _tokenize(replica, orjson.loads(content)["prompt"])
 
 
 async def prompt_tokens_text(pool: ReplicaPool, prompt: str | list[int]) -> list[int]:
