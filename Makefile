@@ -15,7 +15,7 @@ export KVPROXY_CACHE
 PIP := $(VENV)/bin/python -m pip
 PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 
-.PHONY: serve test llama-tools install install-test clean
+.PHONY: serve test test-fast llama-tools install install-test clean
 
 # what `serve` and `install` need: the CPU build, or with CUDA=1 the CUDA one
 ifeq ($(CUDA),1)
@@ -36,6 +36,15 @@ test: $(VENV)/.installed-test llama-tools
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) $(VENV)/bin/pytest
+
+# The edit loop's tier: lint, types and the tests that start no server (tests/conftest.py
+# FAST_MODULES); no llama.cpp tools are built for it. `make test` runs these and everything else.
+test-fast: $(VENV)/.installed-test
+	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -m fast
 
 # llama-server and llama-perplexity from the pinned llama.cpp source, cached in $(KVPROXY_CACHE)
 llama-tools: $(VENV)/.installed

@@ -21,6 +21,24 @@ import uvicorn
 
 from kvproxy.backends.embedded import bundled_model_path
 
+# `make test-fast` (the edit loop's tier, `pytest -m fast`): the modules that start no server and no
+# llama-server, and load the model at most once (test_kld's real logits). Everything else, and these,
+# runs under `make test`.
+FAST_MODULES = frozenset(
+    {
+        "test_api_fast", "test_compat_fast", "test_sse", "test_textstream", "test_kld",
+        "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
+        "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
+        "test_chat_template", "test_cli_options", "test_shadow",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
