@@ -34,6 +34,7 @@ from kvproxy.gpu import GpuCollector, GpuMonitor
 from kvproxy.metrics import Metrics, RequestMetricsMiddleware
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
 from kvproxy.protocol_responses import ResponsesRequest
+from kvproxy.request_id import RequestId
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 
@@ -133,6 +134,7 @@ def create_app(
     }
     assert len(hot_routes) == len(hot), hot_routes  # the fast path answers exactly the routes declared
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
+    app.front.append((RequestId, {}))  # every answer carries its x-request-id, a 401 or 413 too
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
     app.front.append((DrainCutoff, {"state": app.state}))  # past the drain deadline: 503, not 500
     if cors_origins:  # preflights are answered before the API-key check (they carry no key)

@@ -145,7 +145,26 @@ def validation_error(exc: RequestValidationError | ValidationError) -> OpenAIErr
     others = {_param_from_loc(tuple(e.get("loc", ()))) for e in errors} - {param}
     if others:
         message += f" (and problems with: {', '.join(sorted(str(o) for o in others))})"
-    return OpenAIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param)
+    text = f"Invalid value for '{param}': {message}" if param else message
+    return OpenAIError(400, text, param=param, code=_range_code(kind, first.get("ctx")))
+
+
+# a number out of range gets OpenAI's code for it (``temperature: 7``: decimal_above_max_value)
+_RANGE_KINDS = {
+    "greater_than_equal": "below_min",
+    "greater_than": "below_min",
+    "less_than_equal": "above_max",
+    "less_than": "above_max",
+}
+
+
+def _range_code(kind: str, ctx: Any) -> str | None:
+    """The code for a bound the parameter's type gives (an int bound: an integer parameter)."""
+    side = _RANGE_KINDS.get(kind)
+    bound = next(iter(ctx.values()), None) if isinstance(ctx, dict) else None
+    if side is None or not isinstance(bound, int | float) or isinstance(bound, bool):
+        return None
+    return f"{'integer' if isinstance(bound, int) else 'decimal'}_{side}_value"
 
 
 def pydantic_error(exc: ValidationError) -> OpenAIError:

@@ -26,6 +26,16 @@ from pydantic import (
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 
+# OpenAI's ranges for the sampling parameters, in one place: the embedded backend's models below,
+# the Responses request (kvproxy.protocol_responses) and proxy mode's lenient checks
+# (kvproxy.serving.relay) all use these, so a value OpenAI answers with a 400 is a 400 in every mode.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence_penalty, frequency_penalty
+TokenLimit = Annotated[int, Field(ge=1)]  # max_tokens, max_completion_tokens, max_output_tokens
+Choices = Annotated[int, Field(ge=1)]  # n
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+
 # Known OpenAI request fields that cannot change what kvproxy generates: accepted, then ignored.
 IGNORED_PARAMETERS = (
     "user",
@@ -188,14 +198,14 @@ class _SamplingFields(_Strict):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: TokenLimit | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    n: int | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    n: Choices | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # ignored, as the other IGNORED_PARAMETERS
     # llama.cpp sampling extensions (as llama-server accepts them)
@@ -235,9 +245,9 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: TokenLimit | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
@@ -344,7 +354,7 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this route
+    max_tokens: TokenLimit | None = 16  # OpenAI's default for this route
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None

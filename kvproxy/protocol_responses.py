@@ -31,6 +31,10 @@ from kvproxy.protocol import (
     NO_VERBOSITY,
     TOOLS_REFUSAL,
     OutputFormat,
+    Temperature,
+    TokenLimit,
+    TopLogprobs,
+    TopP,
     refuse_media_parts,
     refuse_unless,
 )
@@ -187,10 +191,10 @@ class ResponsesRequest(_Strict):
     instructions: str | None = None
     stream: bool = False
     stream_options: ResponsesStreamOptions | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    max_output_tokens: TokenLimit | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_logprobs: TopLogprobs | None = None
     include: list[str] | None = None
     text: ResponsesText | None = None
     reasoning: ResponsesReasoning | None = None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +162,63 @@ def test_a_failing_backend_is_a_500_before_any_stream_starts() -> None:
             assert_openai_error(resp, 500, code="backend_error")
     finally:
         c.close()
+
+
+# ---- x-request-id (issue 28, item 6) ----------------------------------------------------------
+
+
+def test_every_answer_carries_an_x_request_id(client: Client) -> None:
+    answers = [
+        client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "max_tokens": 2}),
+        client.post("/v1/chat/completions", json={"model": "stub", "messages": MSG, "stream": True}),
+        client.post("/v1/chat/completions", json={"model": "relay", "messages": MSG}),  # 502
+        client.post("/v1/chat/completions", json={"model": "nope", "messages": MSG}),  # 404
+        client.post("/v1/completions", json={"model": "stub", "prompt": "x", "temperature": 9}),  # 400
+        client.get("/v1/models"),
+        client.get("/health"),
+        client.get("/no/such/route"),
+    ]
+    ids = [r.headers.get("x-request-id") for r in answers]
+    assert all(i is not None and re.fullmatch(r"req_[0-9a-f]{32}", i) for i in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("my-trace-42", True), ("a" * 128, True), ("a" * 129, False), ("has space", False), ("", False)],
+)
+def test_a_clients_sane_request_id_is_kept(client: Client, sent: str, kept: bool) -> None:
+    resp = client.get("/v1/models", headers={"x-request-id": sent})
+    got = resp.headers["x-request-id"]
+    assert (got == sent) is kept and (kept or got.startswith("req_"))
+
+
+def test_the_request_id_is_on_the_access_log(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="kvproxy.access"):
+        resp = client.get("/v1/models", headers={"x-request-id": "trace-7"})
+    assert resp.status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvproxy.access"]
+    assert any("GET /v1/models" in line and "200" in line and "request_id=trace-7" in line for line in lines)
+
+
+def test_a_shadow_job_carries_its_request_id() -> None:
+    from kvproxy import request_id
+    from kvproxy.shadow.job import ShadowJob
+    from kvproxy.shadow.pool import ShadowTicket
+    from kvproxy.shadow.token_scores import KeptScores
+
+    offered: list[ShadowJob] = []
+
+    class Pool:
+        def _offer(self, job: ShadowJob) -> None:
+            offered.append(job)
+
+    token = request_id.current.set("req_abc")
+    try:
+        keep = KeptScores()
+        ticket = ShadowTicket(Pool(), keep)  # type: ignore[arg-type]
+    finally:
+        request_id.current.reset(token)
+    ticket.submit(ShadowJob())
+    assert offered[0].request_id == "req_abc"
+    assert keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it

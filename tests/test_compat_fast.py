@@ -405,3 +405,49 @@ def test_a_guarded_deployment_serves_responses_from_its_fallback_in_drift() -> N
         assert resp.headers["x-kvproxy-served-by"] == "a" and primary.generated
     finally:
         c.close()
+
+
+# ---- sampling parameters out of OpenAI's ranges (issue 28, item 7) ---------------------------
+
+OUT_OF_RANGE = [
+    ("temperature", 7, "decimal_above_max_value"),
+    ("temperature", -0.5, "decimal_below_min_value"),
+    ("top_p", 1.5, "decimal_above_max_value"),
+    ("presence_penalty", 2.5, "decimal_above_max_value"),
+    ("frequency_penalty", -3, "decimal_below_min_value"),
+    ("n", 0, "integer_below_min_value"),
+    ("max_tokens", 0, "integer_below_min_value"),
+    ("max_completion_tokens", 0, "integer_below_min_value"),
+    ("top_logprobs", 21, "integer_above_max_value"),
+]
+
+
+@pytest.mark.parametrize("model", ["relay", "stub"])
+@pytest.mark.parametrize(("param", "value", "code"), OUT_OF_RANGE)
+def test_sampling_parameters_out_of_range_are_a_400_naming_them(
+    client: Client, model: str, param: str, value: float, code: str
+) -> None:
+    """As OpenAI answers them, in both modes, before anything is forwarded: the relay's llama-server
+    is down here, so a 502 would mean the request went on."""
+    body = {"model": model, "messages": MSG, param: value}
+    if param == "top_logprobs":
+        body["logprobs"] = True
+    err = assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param=param)
+    assert err["code"] == code and param in err["message"]
+    if param in ("max_completion_tokens", "top_logprobs"):
+        return
+    body = {"model": model, "prompt": "x", param: value}
+    assert_openai_error(client.post("/v1/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("model", ["relay", "stub"])
+def test_responses_sampling_parameters_out_of_range_are_a_400(client: Client, model: str) -> None:
+    for param, value in (("temperature", 2.5), ("top_p", -1), ("max_output_tokens", 0), ("top_logprobs", 30)):
+        body = {"model": model, "input": "Hi", param: value}
+        assert_openai_error(client.post("/v1/responses", json=body), 400, param=param)
+
+
+def test_sampling_parameters_in_range_are_forwarded(client: Client) -> None:
+    """The edges are valid: the request reaches the (dead) upstream."""
+    body = {"model": "relay", "messages": MSG, "temperature": 2, "top_p": 0, "presence_penalty": -2, "n": 1}
+    assert_openai_error(client.post("/v1/chat/completions", json=body), 502)

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect, Request
 
+from kvproxy import request_id
 from kvproxy.api.openai import complete
 from kvproxy.errors import OpenAIError, error_response, unexpected_error
 from kvproxy.serving.router import Router
@@ -91,5 +92,5 @@ class OpenAIFastPath:
         except OpenAIError as exc:
             return error_response(exc)
         except Exception as exc:  # the answer FastAPI's handler gives (kvproxy.errors)
-            log.exception("unexpected error on %s", path)
+            log.exception("unexpected error on %s (request_id=%s)", path, request_id.current.get())
             return error_response(unexpected_error(exc))

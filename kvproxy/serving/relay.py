@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
+from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
 from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
@@ -70,22 +71,36 @@ def _template(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Lenient(BaseModel):
+    """What proxy mode checks before forwarding: the fields it reads, and OpenAI's ranges for the
+    sampling parameters (kvproxy.protocol's, shared with the embedded backend): llama-server took
+    ``temperature: 7`` where OpenAI answers a 400 naming the parameter. Everything else goes on as sent."""
+
     model_config = ConfigDict(extra="allow")
     model: str
     stream: bool = False
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
 
 
-class RelayChatRequest(_Lenient):
+class _Sampling(_Lenient):
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    n: Choices | None = None
+    max_tokens: TokenLimit | None = None
+
+
+class RelayChatRequest(_Sampling):
     messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    top_logprobs: TopLogprobs | None = None
+    max_completion_tokens: TokenLimit | None = None
 
 
 # llama-server reads token ids as int32 and wraps larger ones (2**32 + 5 became 5): refused here
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
-class RelayCompletionRequest(_Lenient):
+class RelayCompletionRequest(_Sampling):
     prompt: str | list[str] | list[TokenId]
     logprobs: Annotated[int, Field(ge=0)] | None = None
 
@@ -123,6 +138,8 @@ def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
 
 class RelayResponsesRequest(_Lenient):
     input: str | Annotated[list[Any], Field(min_length=1)]
+    max_output_tokens: TokenLimit | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 # the events that end a stream of llama-server's own /v1/responses (which sends no [DONE])

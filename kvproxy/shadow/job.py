@@ -139,6 +139,7 @@ class ShadowJob:
     report: PrimaryReport | None = None  # what an HTTP primary reported per generated position
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
     keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
+    request_id: str | None = None  # the client's request (its x-request-id; kvproxy.request_id)
 
 
 class Scorer(Protocol):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
+from kvproxy import request_id
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
@@ -234,9 +235,10 @@ class ShadowPool:
             # the traceback only at debug level: its frames hold the job (prompt, completion),
             # and a log record kept by a handler would keep them alive
             log.warning(
-                "shadow scoring failed: %s: %s",
+                "shadow scoring failed: %s: %s (request_id=%s)",
                 type(result).__name__,
                 str(result),
+                job.request_id,
                 exc_info=result if log.isEnabledFor(logging.DEBUG) else None,
             )
             return
@@ -273,13 +275,15 @@ class ShadowTicket:
         self._pool = pool
         self._settled = False
         self.keep = keep
+        self.request_id = request_id.current.get()  # the request being served (its x-request-id)
+        if keep is not None:
+            keep.request_id = self.request_id
 
     def submit(self, job: ShadowJob) -> None:
         if self._settled:
             return
         self._settled = True
-        if self.keep is not None:
-            job = dataclasses.replace(job, keep=self.keep)
+        job = dataclasses.replace(job, keep=self.keep, request_id=self.request_id)
         self._pool._offer(job)
 
     def abandon(self) -> None:

@@ -49,6 +49,7 @@ class KeptScores:
     first_position: int | None = None
     kld: list[float] = field(default_factory=list)
     same_top: list[bool] = field(default_factory=list)
+    request_id: str | None = None  # the x-request-id of the response's request
 
     def scored(self, scores: PositionScores) -> None:
         if self.state == PENDING:
@@ -64,6 +65,8 @@ class KeptScores:
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.state}
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
         if self.state == SCORED:
             out.update(
                 positions=len(self.kld),
