@@ -26,7 +26,6 @@ from pydantic import (
 )
 
 from kvproxy.protocol import (
-    MAX_TOP_LOGPROBS,
     NO_REASONING,
     NO_VERBOSITY,
     TOOLS_REFUSAL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvproxy import __version__
 from kvproxy.app import create_app
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType, Settings
@@ -160,7 +160,7 @@ def test_environment_and_flags_configure_a_real_server() -> None:
                 "/v1/chat/completions", json={"model": "gemma-test", "messages": MSG, "max_tokens": 3}
             )
             assert resp.status_code == 200
-            assert resp.json()["system_fingerprint"] == f"kvproxy-{__version__}-q8_0"
+            assert re.fullmatch(r"llama-cpp-python-[0-9.]+-q8_0-q8_0", resp.json()["system_fingerprint"])
     finally:
         stop_server(srv)
 

@@ -59,6 +59,7 @@ class HttpDeployment(DeploymentBase):
         self.servers = servers or {}
         self.primary_pool = primary_pool
         self.reference_pool = reference_pool
+        self.build: str | None = None  # the primary's llama.cpp build (its /props build_info), once read
         self.top_k = top_k
         # ask the primary for top-K logprobs on shadowed requests (the top-K estimator needs them;
         # they slow the primary: docs/benchmarks.md), else send shadowed requests unchanged
@@ -112,12 +113,24 @@ class HttpDeployment(DeploymentBase):
             log.warning("deployment %s: %s", self.name, cost)
         self.primary_pool.start()
         await self.primary_pool.check_health()
+        await self.read_build()
         await self.check_servers()
         if self.reference_pool is not None and self.resolver is not None:
             self.reference_pool.start()
             with contextlib.suppress(*UpstreamError, UpstreamFailure):  # asked again before a job
                 await self.resolve_reference()
         self.shadow.pool.start()
+
+    async def read_build(self) -> None:
+        """The primary's llama.cpp build, for ``system_fingerprint`` (kvproxy.serving.base): the
+        first replica's /props that says it; unknown when none does."""
+        for replica in self.primary_pool.replicas:
+            with contextlib.suppress(*UpstreamError, ValueError, KeyError, TypeError, AttributeError):
+                status, body = await replica.get("/props", timeout=5)
+                build = orjson.loads(body).get("build_info") if status == 200 else None
+                if isinstance(build, str) and build.strip():
+                    self.build = build.strip()
+                    return
 
     async def check_servers(self) -> None:
         """Say so when a llama-server runs other slots than its `server` table declares: the KV

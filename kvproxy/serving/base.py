@@ -6,11 +6,13 @@ shadow directive of its headers, and returns the HTTP response.
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any, Protocol, TypeVar
 
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from kvproxy.backends.base import KVConfig
 from kvproxy.errors import OpenAIError, pydantic_error
 from kvproxy.shadow.pool import SHADOW_HEADER, ShadowDirective, parse_shadow_header
 
@@ -56,3 +58,21 @@ def shadow_directive(header: str | None) -> ShadowDirective | None:
         return parse_shadow_header(header)
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param=SHADOW_HEADER) from exc
+
+
+def system_fingerprint(build: str | None, kv: KVConfig | None) -> str:
+    """``system_fingerprint`` of every answer: ``<llama.cpp build>-<cache_type_k>-<cache_type_v>``.
+
+    The build is llama-server's own (its ``/props`` ``build_info``, such as ``b6100-1a2b3c4d``) in
+    proxy mode and ``llama-cpp-python-<version>`` embedded; ``unknown`` where it cannot be read (a
+    primary that was down at start, an older llama-server). What changes it (another llama.cpp, another
+    KV cache type) is what may change the tokens a seed gives."""
+    k, v = (kv.cache_type_k.value, kv.cache_type_v.value) if kv is not None else ("unknown", "unknown")
+    return f"{build or 'unknown'}-{k}-{v}"
+
+
+def embedded_build() -> str:
+    try:
+        return f"llama-cpp-python-{importlib.metadata.version('llama_cpp_python')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from kvproxy import __version__, sse
+from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
 from kvproxy.chat_template import ChatTemplateError, RenderedChat
 from kvproxy.content_specials import mark_literals
@@ -47,7 +47,7 @@ from kvproxy.protocol import (
 )
 from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.reasoning import ReasoningSplitter
-from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
+from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, embedded_build, system_fingerprint, validated
 from kvproxy.serving.openai_format import (
     Collected,
     backend_failure,
@@ -88,7 +88,7 @@ class EmbeddedServing:
     def __init__(self, deployment: EmbeddedDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
         self.backend = deployment.backend
-        self.fingerprint = f"kvproxy-{__version__}-{deployment.backend.kv}"
+        self.fingerprint = system_fingerprint(embedded_build(), deployment.backend.kv)
         self.max_tokens_default = max_tokens_default  # for requests that set no limit; 0: the context
         settings = getattr(self.backend, "settings", None)  # a test's stub backend has none
         self.parse_special_in_content = bool(getattr(settings, "parse_special_in_content", False))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
 from kvproxy.serving import relay_responses
-from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, validated
+from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
 from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
@@ -132,8 +133,45 @@ async def _error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield sse.encode(upstream_error(failure).body())
 
 
-def _streaming(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+def _streaming(chunks: AsyncIterator[bytes], names: Names | None = None) -> StreamingResponse:
+    if names is not None:
+        chunks = names.stream(chunks)
     return StreamingResponse(_error_events(chunks), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+
+# a JSON string member as llama-server writes it (no space after the colon; a space allowed):
+# quotes inside a string are escaped, so these match keys only, never text the model wrote
+_MODEL = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
+_FINGERPRINT = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
+
+
+class Names:
+    """What the client sees as ``model`` (the name it asked for, not llama-server's GGUF path) and
+    ``system_fingerprint`` (kvproxy.serving.base.system_fingerprint, not llama-server's
+    ``b0-unknown``), substituted in the relayed bytes: two regex passes over each chunk, no parse
+    (docs/benchmarks.md)."""
+
+    def __init__(self, model: str, fingerprint: str) -> None:
+        self.model = model
+        self.fingerprint = fingerprint
+        # as re.sub templates: a backslash in the JSON (an escaped name) must stay one
+        self._model = (b'"model":' + orjson.dumps(model)).replace(b"\\", b"\\\\")
+        self._fingerprint = (b'"system_fingerprint":' + orjson.dumps(fingerprint)).replace(b"\\", b"\\\\")
+
+    def __call__(self, data: bytes) -> bytes:
+        return _FINGERPRINT.sub(self._fingerprint, _MODEL.sub(self._model, data))
+
+    def apply(self, data: dict[str, Any]) -> None:
+        """The same on a parsed answer (one kvproxy re-encodes anyway)."""
+        if "model" in data:
+            data["model"] = self.model
+        if "system_fingerprint" in data:
+            data["system_fingerprint"] = self.fingerprint
+
+    async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:  # whole events: open_stream cuts at event boundaries
+                yield self(chunk)
 
 
 class RelayResponsesRequest(_Lenient):
@@ -150,6 +188,11 @@ class RelayServing:
     def __init__(self, deployment: HttpDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
         self.max_tokens_default = max_tokens_default  # added to requests that set no limit; 0: none
+
+    def _names(self, body: dict[str, Any]) -> Names:
+        """The client's name for the model, and this deployment's fingerprint, for its answer."""
+        d = self.deployment
+        return Names(str(body["model"]), system_fingerprint(d.build, d.primary_kv))
 
     def _limited(
         self, raw: bytes, body: dict[str, Any], keys: tuple[str, ...]
@@ -229,10 +272,12 @@ class RelayServing:
         try:
             if messages is None:  # tools and the like: llama-server's own route, as it is
                 raw, body = self._limited(raw, body, ("max_output_tokens",))
+                names = self._names(body)
                 if req.stream:
                     primary = self.deployment.primary
-                    return _streaming(await primary.open_stream("/v1/responses", raw, ends=RESPONSES_END))
-                return await self._relay("/v1/responses", raw, stream=False)
+                    chunks = await primary.open_stream("/v1/responses", raw, ends=RESPONSES_END)
+                    return _streaming(chunks, names)
+                return await self._relay("/v1/responses", raw, False, names)
             return await self._responses_via_chat(body, messages, req.stream, shadow)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
@@ -295,9 +340,10 @@ class RelayServing:
     ) -> Response:
         try:
             ticket = self._ticket(shadow, plan)
+            names = self._names(body)
             if ticket is None:
-                return await self._relay(path, raw, stream)
-            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source)
+                return await self._relay(path, raw, stream, names)
+            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source, names)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
@@ -310,14 +356,14 @@ class RelayServing:
             return None
         return ticket
 
-    async def _relay(self, path: str, raw: bytes, stream: bool) -> Response:
-        """Unsampled: the bytes as they are, both ways."""
+    async def _relay(self, path: str, raw: bytes, stream: bool, names: Names | None = None) -> Response:
+        """Unsampled: the bytes as they are, both ways (with ``names`` substituted)."""
         primary = self.deployment.primary
         if stream:
-            return _streaming(await primary.open_stream(path, raw))
+            return _streaming(await primary.open_stream(path, raw), names)
         content = await primary.post_json(path, raw)
         self._answer(content)  # relayed as sent, but never a 200 that no client can parse
-        return Response(content, media_type="application/json")
+        return Response(names(content) if names else content, media_type="application/json")
 
     async def _shadowed(
         self,
@@ -329,6 +375,7 @@ class RelayServing:
         wants: Wants,
         plan: Plan,
         source: dict[str, Any],
+        names: Names,
     ) -> Response:
         """The request as sent (or with what ``plan`` adds); its answer as received (or without what
         was added), with what the shadow path needs read off a copy."""
@@ -339,8 +386,8 @@ class RelayServing:
             if stream:
                 events = await primary.open_stream(path, upstream_body)
                 if not plan.fields:
-                    return _streaming(_observe_stream(events, ticket, report, source))
-                return _streaming(_rewrite_stream(events, ticket, report, wants, source))
+                    return _streaming(_observe_stream(events, ticket, report, source), names)
+                return _streaming(_rewrite_stream(events, ticket, report, wants, source), names)
             content = await primary.post_json(path, upstream_body)
             data = self._answer(content)
         except BaseException:
@@ -354,7 +401,10 @@ class RelayServing:
         report.note_text(data)
         report.note_end(data)
         _settle(ticket, report, source, streamed=False)
-        return Response(orjson.dumps(data) if plan.fields else content, media_type="application/json")
+        if plan.fields:
+            names.apply(data)
+            return Response(orjson.dumps(data), media_type="application/json")
+        return Response(names(content), media_type="application/json")
 
     def _answer(self, content: bytes) -> dict[str, Any]:
         """The primary's 200 body, parsed: a body that is not a JSON object is a 502
