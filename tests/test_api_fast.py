@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from kvproxy.app import create_app
@@ -222,3 +223,30 @@ def test_a_shadow_job_carries_its_request_id() -> None:
     ticket.submit(ShadowJob())
     assert offered[0].request_id == "req_abc"
     assert keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it
+
+
+# ---- model and system_fingerprint in relayed bytes (issue 28, item 4) ------------------------
+
+
+def test_relayed_bytes_name_the_model_as_asked() -> None:
+    from kvproxy.serving.relay import Names
+
+    names = Names("my-model", "b6100-abc-q8_0-q4_0")
+    chunk = (
+        b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"created":1,'
+        b'"model":"/models/gemma-3-270m.gguf","system_fingerprint":"b0-unknown","object":"x"}\n\n'
+    )
+    out = names(chunk)
+    data = orjson.loads(out.removeprefix(b"data: "))
+    assert data["model"] == "my-model" and data["system_fingerprint"] == "b6100-abc-q8_0-q4_0"
+    assert data["choices"][0]["delta"]["content"] == '"model":"x"'  # text the model wrote: untouched
+    odd = Names('a\\b"c', "f")(b'{"model":"p"}')
+    assert orjson.loads(odd)["model"] == 'a\\b"c'
+
+
+def test_the_fingerprint_format() -> None:
+    from kvproxy.serving.base import system_fingerprint
+
+    kv = KVConfig(KVCacheType("q8_0"), KVCacheType("q4_0"))
+    assert system_fingerprint("b6100-1a2b3c4", kv) == "b6100-1a2b3c4-q8_0-q4_0"
+    assert system_fingerprint(None, None) == "unknown-unknown-unknown"

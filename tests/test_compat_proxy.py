@@ -160,3 +160,31 @@ def test_the_default_limit_applies_in_proxy_mode(http: httpx.Client) -> None:
     assert alias.status_code == 200 and alias.json()["usage"]["completion_tokens"] <= LIMIT
     assert http.get("/models").json()["data"][0]["id"] == "gemma"
     assert http.get("/v1/models/embed").json()["id"] == "embed"
+
+
+def test_answers_name_the_model_as_asked_and_a_real_fingerprint(stack: dict[str, Any]) -> None:
+    """Issue 28 item 4: llama-server answers with its GGUF path as ``model`` and ``b0-unknown``-like
+    fingerprints of its own; the client sees its deployment name and kvproxy's fingerprint (the
+    primary's /props build_info, then its KV types), on every route, streamed or not."""
+    proxy = stack["proxy"]
+    build = orjson.loads(httpx.get(f"{stack['q4'].url}/props", timeout=10).content).get("build_info")
+    fingerprint = f"{build or 'unknown'}-q4_0-q4_0"
+    msg = [{"role": "user", "content": "Hi"}]
+    with httpx.Client(base_url=proxy.base_url, timeout=120) as http:
+        for path, body in (
+            ("/v1/chat/completions", {"messages": msg}),
+            ("/v1/completions", {"prompt": "Hi"}),
+        ):
+            out = http.post(path, json={"model": "gemma", "max_tokens": 3, **body}).json()
+            assert out["model"] == "gemma" and out["system_fingerprint"] == fingerprint, out
+            resp = http.post(path, json={"model": "gemma", "max_tokens": 3, "stream": True, **body})
+            decoder = sse.SSEDecoder()
+            chunks = [
+                orjson.loads(e.data) for e in decoder.feed(resp.content) if e.data and e.data != b"[DONE]"
+            ]
+            assert chunks and all(c["model"] == "gemma" for c in chunks), chunks
+            assert all(c.get("system_fingerprint", fingerprint) == fingerprint for c in chunks)
+        out = http.post(
+            "/v1/responses", json={"model": "gemma", "input": "Hi", "max_output_tokens": 3}
+        ).json()
+        assert out["model"] == "gemma"
