@@ -300,7 +300,15 @@ def test_kept_scores_over_http(server: RunningServer) -> None:
         assert (
             len(got["same_top"]) == len(got["kld"]) and got["first_position"] == r["usage"]["prompt_tokens"]
         )
-        assert set(got) == {"id", "status", "positions", "first_position", "kld", "same_top"}  # numbers only
+        assert set(got) == {
+            "id",
+            "request_id",
+            "status",
+            "positions",
+            "first_position",
+            "kld",
+            "same_top",
+        }  # no text
 
         with http.stream("POST", "/v1/chat/completions", headers=keep, json={**body, "stream": True}) as s:
             lines = list(s.iter_lines())
