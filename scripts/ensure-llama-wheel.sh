@@ -53,6 +53,17 @@ install_into_env() {  # wheels-folder record-file flavour
     { echo "flavour: $3"; cat "$2"; } > "$installed_record"
 }
 
+# pip builds the pinned version from source into a wheels folder. --no-cache-dir: pip's own wheel
+# cache is keyed by the sdist alone and would hand back a wheel built earlier with other arguments or
+# on another CPU (--no-binary no longer bypasses it since pip 23.1). CFLAGS, not CMAKE_ARGS, carry
+# the compiler flags: scikit-build-core splits CMAKE_ARGS at every " -".
+build_wheel() {  # wheels-folder cmake-args
+    CMAKE_ARGS="$2" CFLAGS="$cflags${CFLAGS:+ $CFLAGS}" CXXFLAGS="$cflags${CXXFLAGS:+ $CXXFLAGS}" \
+        CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$1" \
+        "llama-cpp-python==$version"
+}
+
 if [ "$mode" = installed ]; then
     [ -f "$installed_record" ] || exit 0   # nothing installed by this script yet: the install does it
     flavour=$(sed -n 's/^flavour: //p' "$installed_record")
@@ -90,13 +101,7 @@ if [ "$mode" = cpu ] || [ "$mode" = check ]; then
         echo "llama-cpp-python $version: building the wheel from source into $wheels (about 5 minutes on 2 cores)..."
         echo "  CMAKE_ARGS=$cmake_args CFLAGS=CXXFLAGS=$cflags"
         start=$(date +%s)
-        # --no-cache-dir: pip's own wheel cache is keyed by the sdist alone and would hand back a
-        # wheel built earlier with other flags or on another CPU. CFLAGS, not CMAKE_ARGS, carry the
-        # compiler flags: scikit-build-core splits CMAKE_ARGS at every " -".
-        CMAKE_ARGS="$cmake_args" CFLAGS="$cflags${CFLAGS:+ $CFLAGS}" CXXFLAGS="$cflags${CXXFLAGS:+ $CXXFLAGS}" \
-            CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-            "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$wheels" \
-            "llama-cpp-python==$version"
+        build_wheel "$wheels" "$cmake_args"
         llama_build_record "$cmake_args" "$cflags" > "$record"
         echo "llama-cpp-python $version: built in $(( $(date +%s) - start )) s"
     else
@@ -162,12 +167,7 @@ echo "llama-cpp-python $version (CUDA): building the wheel from source into $whe
 echo "  CMAKE_ARGS=$cmake_args CFLAGS=CXXFLAGS=$cflags"
 echo "  (one architecture: about 10 minutes on 16 cores; each more adds about as much)..."
 start=$(date +%s)
-# --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would hand back
-# a CPU wheel built earlier from the same sdist (--no-binary no longer bypasses it since pip 23.1).
-CMAKE_ARGS="$cmake_args" CFLAGS="$cflags${CFLAGS:+ $CFLAGS}" CXXFLAGS="$cflags${CXXFLAGS:+ $CXXFLAGS}" \
-    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$python" -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$wheels" \
-    "llama-cpp-python==$version"
+build_wheel "$wheels" "$cmake_args"
 # a wheel without the CUDA backend means CMAKE_ARGS never reached CMake: never cache that one
 wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl)
 if ! "$python" -c 'import sys, zipfile; sys.exit("llama_cpp/lib/libggml-cuda.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$wheel"; then

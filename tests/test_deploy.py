@@ -481,6 +481,19 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
     cpu = run_ensure(tmp_path)
     assert cpu.returncode == 0 and f"cached wheel in {cpu_wheels}" in cpu.stdout and len(pip_calls()) == 3
 
+    # a CPU cache recorded on a CPU with an instruction set this one lacks: built again, AMX off
+    (cpu_wheels / f"llama_cpp_python-{LLAMA_VERSION}.build").write_text(
+        recorded.stdout.replace("isa: ", "isa: __AMX_TILE__ ", 1)
+    )
+    rebuilt = run_ensure(tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "which this CPU lacks; rebuilding" in rebuilt.stdout and len(pip_calls()) == 4
+    assert "--no-cache-dir" in pip_calls()[3] and f"-w {cpu_wheels} " in pip_calls()[3]
+    assert pip_calls()[3].startswith(
+        "CMAKE_ARGS=-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
+    )
+    assert "__AMX_TILE__" not in (cpu_wheels / f"llama_cpp_python-{LLAMA_VERSION}.build").read_text()
+
 
 def make_dry_run(tmp: Path, *args: str) -> list[str]:
     """The commands `make -n ARGS` would run for a fresh venv (nothing is run)."""
