@@ -109,7 +109,12 @@ def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> N
     assert usage is not None and usage.completion_tokens > 0
     # the same call as the answer that is not streamed (temperature 0)
     whole = client.chat.completions.create(
-        model=server.model, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=200
+        model=server.model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
     )
     first = whole.choices[0].message.tool_calls
     assert first is not None
@@ -140,7 +145,12 @@ def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> No
     """A call and its result in the history: the model answers in text (auto may answer with a
     response); ``none`` never calls."""
     first = client.chat.completions.create(
-        model=server.model, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=200
+        model=server.model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
     )
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
     history: list[Any] = [
@@ -154,11 +164,18 @@ def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> No
     a = auto.choices[0]
     if a.message.tool_calls:
         assert a.finish_reason == "tool_calls"
-        _check_call(a.message.tool_calls[0].function.name, a.message.tool_calls[0].function.arguments, WEATHER)
+        _check_call(
+            a.message.tool_calls[0].function.name, a.message.tool_calls[0].function.arguments, WEATHER
+        )
     else:
         assert a.finish_reason in ("stop", "length") and a.message.content
     none = client.chat.completions.create(
-        model=server.model, messages=history, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=20
+        model=server.model,
+        messages=history,
+        tools=[WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=20,
     )
     assert none.choices[0].message.tool_calls is None
     assert none.choices[0].finish_reason in ("stop", "length")
@@ -168,7 +185,10 @@ def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> No
     ("body", "param"),
     [
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),

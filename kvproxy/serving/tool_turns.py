@@ -74,8 +74,9 @@ class ToolTurn:
         return hermes.history(messages)
 
     def variables(self, variables: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The template's variables: ``tools`` for a template that describes them itself."""
-        if self.plan is None or self.format is ToolFormat.GENERIC or not self.plan.active:
+        """The template's variables: ``tools`` for a template that describes them itself (with
+        ``tool_choice: none`` too, as llama-server passes them)."""
+        if self.plan is None or self.format is ToolFormat.GENERIC:
             return variables
         return {**(variables or {}), "tools": list(self.plan.tools)}
 
