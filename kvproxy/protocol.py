@@ -341,6 +341,15 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("function names must be unique")
         return value
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(
+                'must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'
+            )
+        return value
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_of_tools(cls, value: ToolChoiceParam | None, info: ValidationInfo) -> ToolChoiceParam | None:

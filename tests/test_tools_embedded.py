@@ -189,8 +189,8 @@ def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> No
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
         ),
-        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}]},
