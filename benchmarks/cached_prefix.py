@@ -169,8 +169,9 @@ def main() -> None:
         "cached, no restore": cached(lcp),
     }
     import llama_cpp
-    from llama_cpp import _internals
+    from llama_cpp import _internals, _logger
 
+    _logger.set_verbose(False)  # llama.cpp's own log: errors only
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = args.n_gpu_layers

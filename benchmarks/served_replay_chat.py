@@ -11,16 +11,17 @@ the proxy with the official openai client, one at a time, every one shadow-score
 force``); the served divergence is the coarse KL between the primary's served top-20 and the scoring
 server's replay of the same config (``replica_consistency`` in ``/kvproxy/v1/status``), per token.
 
-Cases, in this order, per config (each primary is fresh, so each case but ``turn 2`` lands in an
-empty slot: llama-server gives a prompt the slot whose cache is most like it, else the least recently
-used one):
+Cases, in this order, per config (each primary is fresh, so ``short``, ``long`` and ``turn 1`` land in
+empty slots of the four: llama-server gives a prompt the slot whose cache is most like it, else an
+unused one):
 
 * ``short``: system, user, assistant, user (~200 tokens; tests/test_served_replay_jinja.py's SHORT);
 * ``long``: three user turns, ~1,100 tokens (its LONG: the 4 + n_ubatch cut inside the first user);
 * ``turn 1``: system, user (a new conversation); ``turn 2, cached``: the same plus turn 1's answer
   and a second user message, ``cache_prompt`` on (the chat route's default): llama-server reuses the
   slot's cache of turn 1 (prompt and generated tokens), ``cache_n`` tokens, and computes only the rest;
-* ``turn 2, fresh``: the same prompt pinned to an unused slot (``id_slot``): nothing cached.
+* ``turn 2, no cache``: the same prompt with ``cache_prompt: false``: computed from nothing (the
+  slot's checkpoints go too: every one lies past position 0).
 
 The replay always prefills from scratch, with llama-server's cuts for an empty slot
 (``kvproxy.backends.prompt_fill.PromptFill``): ``turn 2, cached`` shows what a reused prefix costs.
@@ -111,7 +112,7 @@ def one_chat(
     return row, out.choices[0].message.content or ""
 
 
-def run_config(proxy: RunningServer, kv: str, tokens: int, slots: int) -> list[dict[str, Any]]:
+def run_config(proxy: RunningServer, kv: str, tokens: int, long: bool) -> list[dict[str, Any]]:
     rows = []
 
     def case(name: str, messages: list[dict[str, str]], **extra: Any) -> str:
@@ -122,12 +123,13 @@ def run_config(proxy: RunningServer, kv: str, tokens: int, slots: int) -> list[d
         return text
 
     case("short", SHORT)
-    case("long", LONG)
+    if long:
+        case("long", LONG)
     answer = case("turn 1", TURN1)
     turn2 = [*TURN1, {"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UP}]
     case("turn 2, cached", turn2)
-    if slots >= 4:  # short, long, turn 1/2 hold slots 0-2; slot 3 has never been used
-        case("turn 2, fresh", turn2, id_slot=slots - 1, cache_prompt=False)
+    # nothing reused: with n_past 0 llama-server also drops the slot's checkpoints (all past position 0)
+    case("turn 2, no cache", turn2, cache_prompt=False)
     return rows
 
 
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--configs", default="f16,q4_0")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens of each chat (greedy)")
     ap.add_argument("--threads", type=int, default=None, help="-t of the primaries and scoring servers")
+    ap.add_argument("--no-long", action="store_true", help="leave out the 1,100-token chat (a dry run)")
     args = ap.parse_args()
     model = args.model or bundled_model_path()
     threads = str(args.threads or min(8, os.cpu_count() or 1))
@@ -184,7 +187,7 @@ reference = {{ urls = ["{b.base_url}"] }}
             proxy = start_server("--config", str(config))
             try:
                 for kv in configs:
-                    rows += run_config(proxy, kv, args.tokens, args.slots)
+                    rows += run_config(proxy, kv, args.tokens, not args.no_long)
             finally:
                 stop_server(proxy)
                 (logs / "proxy.log").write_text("".join(proxy.output))

@@ -4,6 +4,8 @@
 #   1. served vs replay through the production path, chat with Jinja on, one stream, f16 and q4_0
 #      primaries (llama-server -np 4 + kvproxy backend --score-path decode + the proxy), fresh chats
 #      and a second turn on a cached prefix: benchmarks/served_replay_chat.py
+#      benchmarks/cached_prefix.py: that second turn replayed in process from scratch and with
+#      llama-server's cached prefix (turn 1's prompt calls up to timings.cache_n)
 #   2. issue 20's embedded --parallel 1/2/4 throughput, TTFT and fairness: benchmarks/embedded_parallel.py
 #   3. scoring cost against generation, when benchmarks/scoring_cost.py exists (branch i27-capture)
 # Each step runs under its own deadline and never stops the sequence.
@@ -33,13 +35,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a deadline, tee into $OUT/NAM
 {
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 echo "issue27.sh: QUICK=$quick -ngl $ngl, $(nproc) cores, $($py --version 2>&1)"
-if [ "$quick" = 1 ]; then
-    step served_replay_chat 600 "$py" benchmarks/served_replay_chat.py --n-gpu-layers "$ngl" \
-        --tokens 8 --threads 2
+if [ "$quick" = 1 ]; then  # a 2-core machine shared with others: a chat and its scoring take minutes
+    step served_replay_chat 900 "$py" benchmarks/served_replay_chat.py --n-gpu-layers "$ngl" \
+        --tokens 4 --threads 2 --no-long
+    step cached_prefix_q4_0 400 "$py" benchmarks/cached_prefix.py --kv q4_0 --n-gpu-layers "$ngl" \
+        --server-args "-np 4 -c 16384" --warm 1 --tokens 4
     step embedded_parallel 400 "$py" benchmarks/embedded_parallel.py --n-gpu-layers "$ngl" \
-        --parallel 1 2 --clients 2 --requests 4 --tokens 8 --fairness --long-tokens 200
+        --parallel 1 2 --clients 2 --requests 2 --tokens 4 --fairness --long-tokens 60
 else
     step served_replay_chat 170 "$py" benchmarks/served_replay_chat.py --n-gpu-layers "$ngl" --tokens 64
+    # the second turn on a cached prefix: replayed from scratch and as llama-server computed it
+    for kv in f16 q4_0; do
+        step "cached_prefix_$kv" 60 "$py" benchmarks/cached_prefix.py --kv "$kv" --n-gpu-layers "$ngl" \
+            --server-args "-np 4 -c 16384" --warm 2 --tokens 64
+    done
     # the CPU table's settings (docs/benchmarks.md), every layer on the GPU
     step embedded_parallel 170 "$py" benchmarks/embedded_parallel.py --n-gpu-layers "$ngl" \
         --parallel 1 2 4 --fairness
