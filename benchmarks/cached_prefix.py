@@ -40,8 +40,8 @@ import numpy as np
 
 from benchmarks.served_rows import Calls, Replay, exact_logprobs
 from kvproxy.backends.embedded import bundled_model_path
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.kld import coarse_kld_row
+from kvproxy.scoring.prompt_fill import PromptFill
 from tests.llama_servers import start_llama_server
 from tests.test_served_replay_jinja import chat, words
 

@@ -24,7 +24,7 @@ unused one):
   slot's checkpoints go too: every one lies past position 0).
 
 The replay always prefills from scratch, with llama-server's cuts for an empty slot
-(``kvproxy.backends.prompt_fill.PromptFill``): ``turn 2, cached`` shows what a reused prefix costs.
+(``kvproxy.scoring.prompt_fill.PromptFill``): ``turn 2, cached`` shows what a reused prefix costs.
 Prints one JSON line per case and a markdown table; writes served_replay_chat.json to $OUT when set.
 Figures: docs/production.md.
 """
