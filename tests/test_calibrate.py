@@ -13,6 +13,7 @@ from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.spec import ProxyConfig
 from kvproxy.deployments.status import deployment_status
 from kvproxy.shadow.baseline import read_baseline
+from tests.cli_runner import run_cli_in_process
 from tests.test_startup import run_cli
 
 # a hang guard, not a speed target: the 5-config sweep takes about 40 s on a quiet 2-core machine and
@@ -85,11 +86,14 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
 
 
 def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
-    assert "not a KV config" in run_cli("calibrate", "--configs", "f16,q3_k", "--out", str(tmp_path)).stderr
-    assert "does not exist" in run_cli("calibrate", "--text", str(tmp_path / "none.txt")).stderr
+    assert (
+        "not a KV config"
+        in run_cli_in_process("calibrate", "--configs", "f16,q3_k", "--out", str(tmp_path)).stderr
+    )
+    assert "does not exist" in run_cli_in_process("calibrate", "--text", str(tmp_path / "none.txt")).stderr
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    result = run_cli("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
+    result = run_cli_in_process("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "fewer than 512 tokens" in result.stderr
 
 
