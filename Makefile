@@ -42,8 +42,8 @@ test: $(VENV)/.installed-test llama-tools
 	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) \
 		$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
-# The edit loop's tier: lint, types and the tests that start no server (tests/conftest.py
-# FAST_MODULES); no llama.cpp tools are built for it. `make test` runs these and everything else.
+# The edit loop's tier: lint, types and the tests that start no llama-server and load the model at
+# most once (tests/conftest.py FAST_MODULES, and tests marked fast); no llama.cpp tools are built for it. `make test` runs these and everything else.
 test-fast: $(VENV)/.installed-test
 	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/ruff check .

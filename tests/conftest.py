@@ -25,15 +25,17 @@ import uvicorn  # noqa: E402
 
 from kvproxy.backends.embedded import bundled_model_path  # noqa: E402
 
-# `make test-fast` (the edit loop's tier, `pytest -m fast`): the modules that start no server and no
-# llama-server, and load the model at most once (test_kld's real logits). Everything else, and these,
-# runs under `make test`.
+# `make test-fast` (the edit loop's tier, `pytest -m fast`): the modules that start no llama-server
+# and load the model at most once (test_kld's real logits), or only through the one shared `server`
+# (test_errors, test_compat_model); besides these, single tests marked `@pytest.mark.fast` (refusals
+# run in process: tests/cli_runner.py). Everything else, and these, runs under `make test`.
 FAST_MODULES = frozenset(
     {
         "test_api_fast", "test_compat_fast", "test_sse", "test_textstream", "test_kld",
         "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
-        "test_chat_template", "test_cli_options", "test_shadow",
+        "test_chat_template", "test_cli_options", "test_shadow", "test_relay_line_endings",
+        "test_errors", "test_compat_model",
     }
 )  # fmt: skip
 

@@ -21,12 +21,14 @@ from tests.test_startup import run_cli
 SWEEP_TIMEOUT = 600
 
 
+@pytest.mark.fast  # in process, no model
 def test_parse_config() -> None:
     assert str(parse_config("q8_0")) == "q8_0" and str(parse_config("q8_0/q4_0")) == "q8_0/q4_0"
     with pytest.raises(ValueError, match="not a KV config"):
         parse_config("q3_k")
 
 
+@pytest.mark.fast  # in process, no model
 def test_chunks_match_llama_perplexity_layout(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("word " * 50_000)
@@ -42,6 +44,7 @@ def r(config: str, kv: int, kld: float) -> ConfigResult:
     return ConfigResult(config, 0, kv, 1, kld, 0, 0, 0, 1, 0, 0, 0, 0)
 
 
+@pytest.mark.fast  # in process, no model
 def test_pareto_and_recommendation() -> None:
     rs = [r("f16", 9, 0.0), r("q8_0", 5, 0.01), r("q5_1", 3, 0.04), r("q4_0", 2, 0.11), r("x", 5, 0.2)]
     assert [p.config for p in pareto_front(rs)] == ["f16", "q8_0", "q5_1", "q4_0"]
@@ -85,6 +88,7 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.fast  # in process, no model
 def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
     assert (
         "not a KV config"

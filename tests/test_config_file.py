@@ -76,12 +76,14 @@ def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.
         (GOOD + "drift = { warmup = 1 }\n", "greater than or equal to 2"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_bad_files_exit_2_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
     result = run_cli_in_process("serve", "--config", str(write(tmp_path, text)))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
 
 
+@pytest.mark.fast  # in process, no model
 def test_flag_combinations_that_make_no_sense(tmp_path: Path) -> None:
     result = run_cli_in_process("serve", "--reference", "http://127.0.0.1:10")
     assert result.returncode == 2 and "--reference needs --primary" in result.stderr

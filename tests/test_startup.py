@@ -77,6 +77,7 @@ def test_quantized_v_without_flash_attention_is_refused() -> None:
         (["--ctx-size", "4"], {}, "ctx_size"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict[str, str], message: str) -> None:
     result = run_cli_in_process("serve", *args, env=env)
     assert_startup_failure(result, message)
@@ -103,6 +104,7 @@ def assert_startup_failure(result: subprocess.CompletedProcess[str], message: st
         (["--port", "8123", "--metrics-port", "8123"], {}, "--metrics-port 8123 is --port too"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_startup_failures_exit_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
     """Issue 20, findings 6, 7 and 9."""
     result = run_cli_in_process("serve", *args, env=env)
@@ -134,6 +136,7 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
         assert "model " not in result.stdout  # nor its banner printed
 
 
+@pytest.mark.fast  # in process, no model
 def test_gguf_files_that_are_not_models_exit_2_with_the_reason(tmp_path: Path) -> None:
     """Issue 20, finding 8."""
     from tests.test_gguf_info import bad_ggufs

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.cli_runner import run_cli_in_process
 from tests.conftest import start_server, stop_server
@@ -71,6 +72,7 @@ reference = {{ urls = ["{backend.base_url}"] }}
     assert PRIMARY_KEY not in log and BACKEND_KEY not in log
 
 
+@pytest.mark.fast  # in process, no model
 def test_an_unset_key_variable_stops_start_up(tmp_path: Path) -> None:
     config = tmp_path / "keys.toml"
     config.write_text("""
