@@ -136,14 +136,21 @@ class EmbeddedServing:
         """The backend's events; a finished generation hands its tokens to the shadow path."""
         events = self.deployment.events
         clock = TokenClock(events)
+        if ticket is not None:  # a sampled request keeps its served rows: scoring decodes the reference only
+            gen = dataclasses.replace(gen, capture=self.backend.new_capture())
         try:
             async for event in self.backend.generate(gen):
                 if isinstance(event, Finished):
                     if ticket is not None:
                         ticket.submit(
-                            ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                            ShadowJob(
+                                prompt_tokens=tuple(gen.prompt_tokens),
+                                token_ids=event.token_ids,
+                                captured=gen.capture,
+                            )
                         )
                     events.tokens(event.prompt_tokens, event.completion_tokens)
+                    self.deployment.shadow.generated(len(event.token_ids))
                 elif event.text:
                     clock.tick()
                 yield event

@@ -140,6 +140,9 @@ class ShadowJob:
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
     keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
     request_id: str | None = None  # the client's request (its x-request-id; kvproxy.request_id)
+    # an embedded primary's served rows (kvproxy.backends.row_capture.RowCapture), when captured:
+    # the scorer then decodes only the reference
+    captured: Any = None
 
 
 class Scorer(Protocol):

@@ -32,6 +32,7 @@ from kvproxy import request_id
 from kvproxy.kld import PositionScores
 from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
+from kvproxy.shadow.capacity import ScoringCapacity
 from kvproxy.shadow.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.token_scores import DROPPED, FAILED, KeptScores, claim
@@ -108,6 +109,7 @@ class ShadowPool:
         self.in_flight = 0
         self.load: LoopLoad | None = None  # set by start(): the running loop's watch
         self.max_defer = max_defer
+        self.capacity = ScoringCapacity()  # the sustainable shadow rate (kvproxy.shadow.capacity)
 
     @property
     def queued(self) -> int:
@@ -215,11 +217,15 @@ class ShadowPool:
             self._record(job, result)
 
     async def _score(self, jobs: list[ShadowJob]) -> Sequence[PositionScores | Exception]:
+        started = time.monotonic()
         if len(jobs) == 1:
-            return [await self.scorer.score(jobs[0])]
-        results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
-        if len(results) != len(jobs):
-            raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+            results: Sequence[PositionScores | Exception] = [await self.scorer.score(jobs[0])]
+        else:
+            results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
+            if len(results) != len(jobs):
+                raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+        tokens = sum(len(r) for r in results if isinstance(r, PositionScores))
+        self.capacity.scored(tokens, time.monotonic() - started, len(jobs))
         return results
 
     def _record(self, job: ShadowJob, result: PositionScores | Exception) -> None:
