@@ -212,7 +212,7 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
         logits_all=False,
         verbose=False,
     )
-    llm._ctx.close()  # as the embedded backend: generation has a context of its own
+    llm._ctx.close()  # type: ignore[no-untyped-call]  # as the embedded backend: generation has a context of its own
     progress(f"{label}: loaded in {time.perf_counter() - t0:.1f} s")
     n_vocab = int(llm.n_vocab())
     config = SlotConfig(
@@ -291,7 +291,7 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
     for j in jobs:
         if j.capture is not None:
             j.capture.release()
-    llm.close()  # type: ignore[no-untyped-call]
+    llm.close()
     ms = {
         "generation": 1e3 * min(gen_plain) / n_scored,
         "generation + capture": 1e3 * min(gen_capture) / n_scored,
@@ -393,7 +393,9 @@ def main() -> None:
                 [1, *rng.integers(259, args.big_vocab, 60 * (1 + i % 4)).tolist()]
                 for i in range(args.big_jobs)
             ]
-            label = f"random weights, Qwen3 1.7B shapes ({args.big_layers} layers, {params / 1e9:.2f} B parameters)"
+            label = (
+                f"random weights, Qwen3 1.7B shapes ({args.big_layers} layers, {params / 1e9:.2f} B params)"
+            )
             results.append(measure(label, str(path), big_prompts, args))
     print(
         f"\n## Scoring cost per scored token: {device} ({args.ngl} GPU layers, {args.threads} threads), "
