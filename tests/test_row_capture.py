@@ -57,8 +57,13 @@ def test_capture_copies_rows_in_blocks_and_gives_the_budget_back() -> None:
     assert np.array_equal(cap.rows(), rows)  # bit for bit
     assert np.array_equal(cap.block(2), rows[2 * BLOCK_ROWS :])
     assert budget.held_bytes == 3 * block_bytes
+    first_block = cap.block(0).ctypes.data
     cap.release()
-    assert budget.held_bytes == 0
+    assert budget.held_bytes == 0 and budget.idle_bytes == 3 * block_bytes  # kept for reuse
+    again = _captured(rows[:1], budget)  # the next request copies into memory already mapped
+    assert again.block(0).ctypes.data == first_block
+    assert budget.idle_bytes == 2 * block_bytes and budget.held_bytes == block_bytes
+    again.release()
     # a capture that is dropped without release (a job dropped anywhere) gives its bytes back too
     cap = _captured(rows[:5], budget)
     assert budget.held_bytes == block_bytes

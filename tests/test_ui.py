@@ -260,6 +260,7 @@ def test_status_additions_before_traffic(unloaded_app: TestClient, gemma_path: P
     assert d["shadow"]["capture"] == {
         "limit_bytes": 1024 << 20,
         "held_bytes": 0,
+        "idle_bytes": 0,
         "captured_jobs": 0,
         "fallback_jobs": 0,
     }

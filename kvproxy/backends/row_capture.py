@@ -8,7 +8,8 @@ With one slot those are bit for bit the rows the decode path's replay of the pri
 (kvproxy.backends.slots), so the KLD is unchanged (tests/test_row_capture.py).
 
 Memory is bounded by one process-wide :class:`CaptureBudget` (``shadow_capture_mib``): rows are
-kept in blocks of :data:`BLOCK_ROWS`, each block taken from the budget when the previous one is full.
+kept in blocks of :data:`BLOCK_ROWS`, each block taken from the budget when the previous one is full
+(released blocks are reused: no fresh pages to fault in on the generation thread).
 A request whose next block does not fit stops capturing and frees what it held at once; its job is
 then scored by today's replay of the primary config and counted as a fallback. A capture gives its
 blocks back when it is released (after scoring) or garbage-collected (a job dropped anywhere).
@@ -25,32 +26,54 @@ import numpy as np
 import numpy.typing as npt
 
 BLOCK_ROWS = 16  # rows per block: 16 MiB for Gemma's 262,144-token vocabulary
+IDLE_BLOCKS = 4  # released blocks kept mapped for the next request (64 MiB for Gemma)
 
 
 class CaptureBudget:
     """Bytes of captured rows the whole process may hold, shared by all sampled requests.
 
-    Thread-safe: the slot scheduler's thread takes, the shadow worker's thread gives back."""
+    Up to :data:`IDLE_BLOCKS` released blocks are kept for the next request (inside the limit), so
+    that the generation thread copies into memory already mapped instead of faulting in the fresh
+    pages of a new allocation. Thread-safe: the slot scheduler's thread takes, the shadow worker's
+    thread gives back."""
 
     def __init__(self, limit_bytes: int) -> None:
         if limit_bytes < 0:
             raise ValueError("a capture budget cannot be negative")
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
-        self.held_bytes = 0
+        self.held_bytes = 0  # blocks in captures
+        self._idle: list[npt.NDArray[np.float32]] = []  # released blocks kept for reuse
         self.captured_jobs = 0  # jobs scored against their captured rows
         self.fallback_jobs = 0  # jobs whose capture ran out of budget: scored by replay
 
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if self.held_bytes + n > self.limit_bytes:
-                return False
-            self.held_bytes += n
-            return True
+    @property
+    def idle_bytes(self) -> int:
+        return sum(b.nbytes for b in self._idle)
 
-    def give(self, n: int) -> None:
+    def take_block(self, rows: int, n_vocab: int) -> npt.NDArray[np.float32] | None:
+        """A block of ``rows`` x ``n_vocab`` float32, or None when it would pass the limit."""
+        size = rows * n_vocab * 4
         with self._lock:
-            self.held_bytes -= n
+            for i, block in enumerate(self._idle):
+                if block.shape == (rows, n_vocab):
+                    self.held_bytes += size
+                    return self._idle.pop(i)
+            while self._idle and self.held_bytes + self.idle_bytes + size > self.limit_bytes:
+                self._idle.pop()  # blocks of another shape make room
+            if self.held_bytes + size > self.limit_bytes:
+                return None
+            self.held_bytes += size
+        return np.empty((rows, n_vocab), dtype=np.float32)
+
+    def give_blocks(self, blocks: list[npt.NDArray[np.float32]]) -> None:
+        """Take back a capture's blocks (emptying its list), keeping a few for reuse."""
+        with self._lock:
+            for block in blocks:
+                self.held_bytes -= block.nbytes
+                if len(self._idle) < IDLE_BLOCKS:
+                    self._idle.append(block)
+            blocks.clear()
 
     def count(self, captured: bool) -> None:
         with self._lock:
@@ -63,15 +86,10 @@ class CaptureBudget:
         return {
             "limit_bytes": self.limit_bytes,
             "held_bytes": self.held_bytes,
+            "idle_bytes": self.idle_bytes,
             "captured_jobs": self.captured_jobs,
             "fallback_jobs": self.fallback_jobs,
         }
-
-
-def _give_back(budget: CaptureBudget, held: list[int]) -> None:
-    if held[0]:
-        budget.give(held[0])
-        held[0] = 0
 
 
 class RowCapture:
@@ -86,8 +104,8 @@ class RowCapture:
         self._blocks: list[npt.NDArray[np.float32]] = []
         self.n_rows = 0
         self.overflowed = False  # a block did not fit the budget: nothing is kept
-        self._held = [0]  # bytes taken from the budget (a list: the finalizer shares it)
-        self._finalizer = weakref.finalize(self, _give_back, budget, self._held)
+        # a capture dropped without release (a job dropped anywhere) gives its blocks back too
+        self._finalizer = weakref.finalize(self, budget.give_blocks, self._blocks)
 
     def take(self, row: Any) -> None:
         """Copy one row (a ``float*`` from ``llama_get_logits_ith``) into the current block."""
@@ -95,15 +113,13 @@ class RowCapture:
             return
         k = self.n_rows % self.block_rows
         if k == 0:
-            size = self.block_rows * self._row_bytes
-            if not self.budget.take(size):
+            block = self.budget.take_block(self.block_rows, self.n_vocab)
+            if block is None:
                 self.overflowed = True
                 self.release()
                 return
-            self._held[0] += size
-            self._blocks.append(np.empty((self.block_rows, self.n_vocab), dtype=np.float32))
-        block = self._blocks[-1]
-        ctypes.memmove(block.ctypes.data + k * self._row_bytes, row, self._row_bytes)
+            self._blocks.append(block)
+        ctypes.memmove(self._blocks[-1].ctypes.data + k * self._row_bytes, row, self._row_bytes)
         self.n_rows += 1
 
     def block(self, i: int) -> npt.NDArray[np.float32]:
@@ -121,6 +137,5 @@ class RowCapture:
         return not self.overflowed and self.n_rows == n_completion
 
     def release(self) -> None:
-        """Free the blocks and give their bytes back (idempotent)."""
-        self._blocks = []
-        _give_back(self.budget, self._held)
+        """Give the blocks back to the budget (idempotent)."""
+        self.budget.give_blocks(self._blocks)
