@@ -21,6 +21,12 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   numerics: at chunks of 8, q8_0 read 11 % above ``llama-perplexity -ub 512``, at 128 within 0.2 %
   (tests/test_score_paths_agreement.py).
 
+In embedded mode a shadow-sampled request's served rows are captured at generation time
+(kvproxy.backends.row_capture) and :meth:`EmbeddedScorer.score_captured` decodes only the reference
+against them, the KLD overlapping the next decode (kvproxy.backends.captured_scoring); the replay of
+both configs here stays for the score route, for the prefill path and for jobs whose rows did not fit
+the capture budget.
+
 Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
 on the rows per call; on a CPU from 2 sequences, and on CUDA, they do (docs/kld.md has the
 figures), so several sequences are off unless asked for (``EmbeddedBackend.make_scorer``).
