@@ -18,19 +18,19 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import GenerationRequest, KVConfig, SamplingParams
-from kvproxy.backends.captured_scoring import score_against_capture
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.backends.embedded_scorer import ScoreRequest
-from kvproxy.backends.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import exact_kld
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.captured import score_against_capture
+from kvproxy.scoring.embedded import ScoreRequest
+from kvproxy.scoring.job import ShadowJob
+from kvproxy.scoring.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
+from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.capacity import ScoringCapacity, sustainable_rate
-from kvproxy.shadow.job import ShadowJob
-from kvproxy.shadow.scorers import ThreadedScorer
 
 F16 = KVConfig(T.F16, T.F16)
 

@@ -25,17 +25,17 @@ from typing import Any
 
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.backends.grammar_compiler import GrammarCompiler
-from kvproxy.backends.row_capture import CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
-from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
-from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import KVLayout, ggml_type, llama_n_ubatch
+from kvproxy.model.chat_template import ChatTemplate
+from kvproxy.model.gguf_info import ModelInfo
+from kvproxy.model.memory import KVLayout, ggml_type, llama_n_ubatch
 from kvproxy.schema_limits import SchemaLimits
+from kvproxy.scoring.embedded import EmbeddedScorer
+from kvproxy.scoring.row_capture import CaptureBudget, RowCapture
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class EmbeddedBackend:
         self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
         self._grammars = GrammarCompiler(schema_limits(settings))  # JSON schemas, in a child process
-        # served rows of shadow-sampled requests, process-wide (kvproxy.backends.row_capture)
+        # served rows of shadow-sampled requests, process-wide (kvproxy.scoring.row_capture)
         self.capture_budget: CaptureBudget | None = CaptureBudget(settings.shadow_capture_mib << 20)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class EmbeddedBackend:
         return budget is not None and budget.limit_bytes > 0 and self._settings.score_path is ScorePath.DECODE
 
     def new_capture(self) -> RowCapture | None:
-        """A row capture for a shadow-sampled request (kvproxy.backends.row_capture), or None."""
+        """A row capture for a shadow-sampled request (kvproxy.scoring.row_capture), or None."""
         if not self.captures or self.capture_budget is None:
             return None
         return RowCapture(self._n_vocab, self.capture_budget)

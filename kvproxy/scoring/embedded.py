@@ -22,8 +22,8 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   (tests/test_score_paths_agreement.py).
 
 In embedded mode a shadow-sampled request's served rows are captured at generation time
-(kvproxy.backends.row_capture) and :meth:`EmbeddedScorer.score_captured` decodes only the reference
-against them, the KLD overlapping the next decode (kvproxy.backends.captured_scoring); the replay of
+(kvproxy.scoring.row_capture) and :meth:`EmbeddedScorer.score_captured` decodes only the reference
+against them, the KLD overlapping the next decode (kvproxy.scoring.captured); the replay of
 both configs here stays for the score route, for the prefill path and for jobs whose rows did not fit
 the capture budget.
 
@@ -63,13 +63,13 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.captured_scoring import score_against_capture
-from kvproxy.backends.prompt_fill import PromptFill
-from kvproxy.backends.row_capture import RowCapture
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
-from kvproxy.memory import ggml_type, llama_n_ubatch
+from kvproxy.model.memory import ggml_type, llama_n_ubatch
 from kvproxy.priority import lower_thread_priority
+from kvproxy.scoring.captured import score_against_capture
+from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.row_capture import RowCapture
 
 KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
 
@@ -164,7 +164,7 @@ class EmbeddedScorer:
         self.max_sequences = max_sequences
         self._model = model
         # llama-server's checkpoint cuts apply to models with sliding-window layers (kvproxy keeps
-        # them windowed: swa_full off) or with recurrent state (kvproxy.backends.prompt_fill)
+        # them windowed: swa_full off) or with recurrent state (kvproxy.scoring.prompt_fill)
         import llama_cpp
 
         self.cuts_apply = bool(
@@ -237,7 +237,7 @@ class EmbeddedScorer:
 
     def score_captured(self, request: ScoreRequest, capture: RowCapture) -> PositionScores:
         """Decode path against the primary's captured rows: the reference alone is decoded and the
-        KLD of each block overlaps the next block's decode (kvproxy.backends.captured_scoring)."""
+        KLD of each block overlaps the next block's decode (kvproxy.scoring.captured)."""
         self._check(request)
         if self.path is not ScorePath.DECODE or request.check_ids is not None:
             raise ValueError("captured rows are scored on the decode path, without check_ids")
@@ -373,7 +373,7 @@ class EmbeddedScorer:
     ) -> None:
         """The prompt as generation fed it, logits for the last token only: calls of ``batch``
         tokens (or of ``prompt_ubatch``) as the embedded backend's generation makes them, or the
-        micro-batches of another server's cuts (``fill``, kvproxy.backends.prompt_fill). Llama.eval
+        micro-batches of another server's cuts (``fill``, kvproxy.scoring.prompt_fill). Llama.eval
         also asks for the last row of each earlier call; those rows change no KV cell, so they are not
         computed here."""
         ctx.kv_cache_seq_rm(seq, -1, -1)
