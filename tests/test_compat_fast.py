@@ -126,7 +126,6 @@ def test_json_output_on_a_response(client: Client, backend: StubBackend) -> None
         ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
         ({"top_logprobs": 21}, "top_logprobs", "20"),
         ({"input": []}, "input", "at least 1"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input", "function"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "keeps no responses"),
         (
             {
