@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvproxy.protocol_responses import LOGPROBS_INCLUDE, ResponsesLogprob, ResponsesTopLogprob
+from kvproxy.serving.output_cap import applied_cap
 
 # Responses fields that a chat completion does not take (converted, or meaningless there)
 _RESPONSES_ONLY = (
@@ -162,10 +163,7 @@ def _chat_tool_choice(choice: Any) -> Any:
 def output_cap(body: dict[str, Any], default: int) -> int | None:
     """The output cap a Responses request gets: its ``max_output_tokens``, else the default output
     cap (None: no cap but the context)."""
-    limit = body.get("max_output_tokens")
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        return limit
-    return default if default > 0 else None
+    return applied_cap("responses", body, default)
 
 
 def chat_body(body: dict[str, Any], messages: list[dict[str, Any]], default: int) -> dict[str, Any]:
