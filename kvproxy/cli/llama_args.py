@@ -4,8 +4,8 @@ With Jinja on (llama-server's default, and what tools need) llama-server renders
 GGUF's own template, and where the GGUF has none it falls back to ChatML. kvproxy's embedded backend
 uses the model family's published turn format instead (kvproxy.chat_template), so the bundled Gemma 3
 270M, whose GGUF carries no template, saw ChatML turns behind a llama-server started as the README
-said and answered in the wrong turn format. This command writes that family template to a file and
-prints ``-m MODEL --jinja`` plus ``--chat-template-file FILE`` where one is needed, so a proxy's
+said and answered in the wrong turn format. This command writes that family template (for Gemma, with tool calls
+llama-server can parse: kvproxy.gemma_tools_template) to a file and prints ``-m MODEL --jinja`` plus ``--chat-template-file FILE`` where one is needed, so a proxy's
 primary and reference render the same prompt the embedded backend would.
 """
 
@@ -15,7 +15,8 @@ import os
 import shlex
 from pathlib import Path
 
-from kvproxy.chat_template import FAMILY_TEMPLATES
+from kvproxy.chat_template import FAMILY_TEMPLATES, GEMMA_TEMPLATE
+from kvproxy.gemma_tools_template import GEMMA_TOOLS_TEMPLATE
 from kvproxy.gguf_info import read_model_info
 
 
@@ -35,6 +36,8 @@ def template_file(model: Path, directory: Path) -> Path | None:
         return None
     path = directory / f"{info.architecture}.jinja"
     text = FAMILY_TEMPLATES[info.architecture]
+    if text == GEMMA_TEMPLATE:  # the same turns, and tool calls llama-server's autoparser reads
+        text = GEMMA_TOOLS_TEMPLATE
     if not path.is_file() or path.read_text() != text:
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
