@@ -4,9 +4,10 @@ With Jinja on (llama-server's default, and what tools need) llama-server renders
 GGUF's own template, and where the GGUF has none it falls back to ChatML. kvproxy's embedded backend
 uses the model family's published turn format instead (kvproxy.chat_template), so the bundled Gemma 3
 270M, whose GGUF carries no template, saw ChatML turns behind a llama-server started as the README
-said and answered in the wrong turn format. This command writes that family template (for Gemma, with tool calls
-llama-server can parse: kvproxy.gemma_tools_template) to a file and prints ``-m MODEL --jinja`` plus ``--chat-template-file FILE`` where one is needed, so a proxy's
-primary and reference render the same prompt the embedded backend would.
+said and answered in the wrong turn format. This command writes the family's template to a file (for
+Gemma, with tool calls llama-server can parse: kvproxy.gemma_tools_template) and prints
+``-m MODEL --jinja``, plus ``--chat-template-file FILE`` where one is needed, so a proxy's primary
+and reference render a chat as the embedded backend would.
 """
 
 from __future__ import annotations

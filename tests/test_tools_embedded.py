@@ -1,0 +1,205 @@
+"""Function calling in embedded mode on the bundled Gemma 3 270M, through the official openai client.
+
+Gemma 3's template knows nothing of tools, so kvproxy uses llama.cpp's generic JSON format
+(kvproxy.tool_calls.generic): a required or named choice is forced by grammar, so the answer must be
+a call of the function with arguments that match its schema (checked with jsonschema), streamed and
+not. A tool result goes back through the history and the model answers in text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import RunningServer
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city's name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}},
+            "required": ["zone"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
+
+
+@pytest.fixture()
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=120)
+
+
+def _check_call(name: str, arguments: str, tool: dict[str, Any]) -> dict[str, Any]:
+    assert name == tool["function"]["name"]
+    args = json.loads(arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+@pytest.mark.parametrize(
+    "choice",
+    ["required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["required", "named"],
+)
+def test_forced_call(client: openai.OpenAI, server: RunningServer, choice: Any) -> None:
+    tools = [WEATHER] if choice == "required" else [TIME, WEATHER]
+    out = client.chat.completions.create(
+        model=server.model, messages=ASK, tools=tools, tool_choice=choice, temperature=0, max_tokens=200
+    )
+    c = out.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert c.message.content is None
+    assert c.message.tool_calls and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    _check_call(call.function.name, call.function.arguments, WEATHER)
+
+
+def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> None:
+    stream = client.chat.completions.create(
+        model=server.model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for d in choice.delta.tool_calls or ():
+                entry = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += d.id or ""
+                entry["name"] += (d.function and d.function.name) or ""
+                entry["arguments"] += (d.function and d.function.arguments) or ""
+    assert finish == "tool_calls"
+    assert list(calls) == [0] and calls[0]["id"].startswith("call_")
+    _check_call(calls[0]["name"], calls[0]["arguments"], WEATHER)
+    assert usage is not None and usage.completion_tokens > 0
+    # the same call as the answer that is not streamed (temperature 0)
+    whole = client.chat.completions.create(
+        model=server.model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
+    )
+    first = whole.choices[0].message.tool_calls
+    assert first is not None
+    assert json.loads(first[0].function.arguments) == json.loads(calls[0]["arguments"])
+
+
+def test_parallel_calls(client: openai.OpenAI, server: RunningServer) -> None:
+    out = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Weather in Paris and the time in Tokyo?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=True,
+        temperature=0,
+        max_tokens=300,
+    )
+    c = out.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    by_name = {"get_weather": WEATHER, "get_time": TIME}
+    ids = set()
+    for call in c.message.tool_calls:
+        _check_call(call.function.name, call.function.arguments, by_name[call.function.name])
+        ids.add(call.id)
+    assert len(ids) == len(c.message.tool_calls)
+
+
+def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> None:
+    """A call and its result in the history: the model answers in text (auto may answer with a
+    response); ``none`` never calls."""
+    first = client.chat.completions.create(
+        model=server.model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
+    )
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    history: list[Any] = [
+        *ASK,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "clear"})},
+    ]
+    auto = client.chat.completions.create(
+        model=server.model, messages=history, tools=[WEATHER], temperature=0, max_tokens=100
+    )
+    a = auto.choices[0]
+    if a.message.tool_calls:
+        assert a.finish_reason == "tool_calls"
+        _check_call(
+            a.message.tool_calls[0].function.name, a.message.tool_calls[0].function.arguments, WEATHER
+        )
+    else:
+        assert a.finish_reason in ("stop", "length") and a.message.content
+    none = client.chat.completions.create(
+        model=server.model,
+        messages=history,
+        tools=[WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=20,
+    )
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}]},
+            "tools",
+        ),
+    ],
+)
+def test_refused(client: openai.OpenAI, server: RunningServer, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=server.model, messages=ASK, max_tokens=5, **body)
+    assert err.value.status_code == 400
+    assert isinstance(err.value.body, dict) and err.value.body.get("param") == param, err.value.body
