@@ -304,7 +304,9 @@ def test_pydantic_ai(target: Target) -> None:
 
     model = OpenAIChatModel(target.model, provider=OpenAIProvider(openai_client=target.async_client()))
     # pydantic-ai's default structured output is a tool call (ToolOutput): tools are its protocol
-    agent = Agent(model, output_type=ToolOutput(City), model_settings={"temperature": 0, "max_tokens": target.room})
+    agent = Agent(
+        model, output_type=ToolOutput(City), model_settings={"temperature": 0, "max_tokens": target.room}
+    )
     if not target.forced:
         pytest.skip(
             "llama-server does not force tool_choice required (docs/clients.md); the base model answers text"
@@ -347,33 +349,21 @@ def test_langchain(target: Target) -> None:
 def test_instructor(target: Target) -> None:
     import instructor
 
+    ask = {
+        "model": target.model,
+        "messages": [{"role": "user", "content": "Which city is the capital of France?"}],
+        "response_model": City,
+        "temperature": 0,
+        "max_tokens": target.room,
+        "max_retries": 0,
+    }
+    json_client = instructor.from_openai(target.client(), mode=instructor.Mode.JSON_SCHEMA)
+    assert isinstance(json_client.chat.completions.create(**ask), City)
+    if not target.forced:
+        pytest.skip("llama-server does not force a named tool_choice (docs/clients.md): TOOLS mode not run")
     # TOOLS mode (instructor's default for OpenAI): the answer is a forced call of the model's tool
     client = instructor.from_openai(target.client(), mode=instructor.Mode.TOOLS)
-    if not target.forced:
-        pytest.skip(
-            "llama-server does not force a named tool_choice (docs/clients.md); the base model answers text"
-        )
-    city = client.chat.completions.create(
-        model=target.model,
-        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
-        response_model=City,
-        temperature=0,
-        max_tokens=target.room,
-        max_retries=0,
-    )
-    assert isinstance(city, City)
-    json_client = instructor.from_openai(target.client(), mode=instructor.Mode.JSON_SCHEMA)
-    assert isinstance(
-        json_client.chat.completions.create(
-            model=target.model,
-            messages=[{"role": "user", "content": "Which city is the capital of France?"}],
-            response_model=City,
-            temperature=0,
-            max_tokens=target.room,
-            max_retries=0,
-        ),
-        City,
-    )
+    assert isinstance(client.chat.completions.create(**ask), City)
 
 
 # ---- JavaScript: openai-node -------------------------------------------------------------------------
@@ -392,7 +382,7 @@ def test_openai_node(target: Target) -> None:
     script = Path(modules) / "openai_node_agent.mjs"
     shutil.copyfile(ROOT / "tests" / "js" / "openai_node_agent.mjs", script)
     run = subprocess.run(
-        ["node", str(script), target.v1, target.model, "1" if target.forced else "0"],
+        ["node", str(script), target.v1, target.model, "1" if target.forced else "0", str(target.room)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -3,7 +3,7 @@
 // (tests/test_client_matrix.py) checks it. Installed by scripts/ensure-node-clients.sh.
 import OpenAI from "openai";
 
-const [baseURL, model, forced] = process.argv.slice(2);
+const [baseURL, model, forced, room] = process.argv.slice(2);
 const client = new OpenAI({ baseURL, apiKey: "unused", maxRetries: 0, timeout: 300_000 });
 const weather = {
   type: "function",
@@ -34,7 +34,7 @@ if (call) {
   answer = second.choices[0];
 }
 const structured = await client.chat.completions.create({
-  model, temperature: 0, max_tokens: 48,
+  model, temperature: 0, max_tokens: Number(room),
   messages: [{ role: "user", content: "Which city is the capital of France?" }],
   response_format: {
     type: "json_schema",
