@@ -50,8 +50,13 @@ IGNORED_PARAMETERS = (
     "safety_identifier",
     "stream_options.include_obfuscation",
 )
-# the legacy ``functions`` / ``function_call`` (before ``tools``) and non-function tools
-TOOLS_REFUSAL = "use tools of type function (OpenAI's tools and tool_choice)"
+# the Responses API's tools (kvproxy.protocol_responses): not parsed there yet
+TOOLS_REFUSAL = (
+    "kvproxy's embedded backend does not parse tool calls; serve this model with llama-server and put "
+    "kvproxy in front of it (kvproxy serve --primary URL), where llama-server handles tools"
+)
+# chat's legacy ``functions`` / ``function_call`` (before ``tools``)
+FUNCTIONS_REFUSAL = "use tools of type function (OpenAI's tools and tool_choice)"
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 IMAGE_REFUSAL = "this deployment's model takes text only"
 
@@ -158,7 +163,7 @@ class ChatMessage(BaseModel):
     @classmethod
     def _no_function_call(cls, value: Any) -> Any:
         if value:
-            raise _unsupported("function_call", TOOLS_REFUSAL)
+            raise _unsupported("function_call", FUNCTIONS_REFUSAL)
         return value
 
     @model_validator(mode="after")
@@ -330,7 +335,7 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _no_functions(cls, value: Any) -> Any:
         if value:
-            raise _unsupported("functions and function_call", TOOLS_REFUSAL)
+            raise _unsupported("functions and function_call", FUNCTIONS_REFUSAL)
         return value
 
     @field_validator("tools")
@@ -339,6 +344,15 @@ class ChatCompletionRequest(_SamplingFields):
         names = [t.function.name for t in value or ()]
         if len(set(names)) != len(names):
             raise ValueError("function names must be unique")
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(
+                'must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'
+            )
         return value
 
     @field_validator("tool_choice")

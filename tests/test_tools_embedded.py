@@ -9,13 +9,17 @@ not. A tool result goes back through the history and the model answers in text.
 from __future__ import annotations
 
 import json
+import re
+import time
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from tests.conftest import RunningServer
+from tests.openai_spec import assert_valid
 
 WEATHER = {
     "type": "function",
@@ -50,7 +54,14 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 
 @pytest.fixture()
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=600)
+
+
+def _turn_tokens(server: RunningServer, turn: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    m = re.search(rf'kvproxy_turn_token_kld_count{{[^}}]*turn="{turn}"[^}}]*}} (\S+)', text)
+    assert m, text[:2000]
+    return float(m.group(1))
 
 
 def _check_call(name: str, arguments: str, tool: dict[str, Any]) -> dict[str, Any]:
@@ -66,10 +77,21 @@ def _check_call(name: str, arguments: str, tool: dict[str, Any]) -> dict[str, An
     ids=["required", "named"],
 )
 def test_forced_call(client: openai.OpenAI, server: RunningServer, choice: Any) -> None:
+    """A forced call, valid per OpenAI's spec and the function's schema; the turn is shadow-scored
+    (forced by the header) and its tokens counted under ``turn="tool_call"``."""
     tools = [WEATHER] if choice == "required" else [TIME, WEATHER]
-    out = client.chat.completions.create(
-        model=server.model, messages=ASK, tools=tools, tool_choice=choice, temperature=0, max_tokens=200
+    before = {t: _turn_tokens(server, t) for t in ("text", "tool_call")}
+    raw = client.chat.completions.with_raw_response.create(
+        model=server.model,
+        messages=ASK,
+        tools=tools,
+        tool_choice=choice,
+        temperature=0,
+        max_tokens=200,
+        extra_headers={"X-KVProxy-Shadow": "force"},
     )
+    assert_valid("CreateChatCompletionResponse", raw.http_response.json())
+    out = raw.parse()
     c = out.choices[0]
     assert c.finish_reason == "tool_calls", c
     assert c.message.content is None
@@ -77,6 +99,12 @@ def test_forced_call(client: openai.OpenAI, server: RunningServer, choice: Any) 
     call = c.message.tool_calls[0]
     assert call.type == "function" and call.id.startswith("call_")
     _check_call(call.function.name, call.function.arguments, WEATHER)
+    assert out.usage is not None
+    deadline = time.monotonic() + 300
+    while _turn_tokens(server, "tool_call") < before["tool_call"] + out.usage.completion_tokens:
+        assert time.monotonic() < deadline, "the tool turn was not scored"
+        time.sleep(0.5)
+    assert _turn_tokens(server, "text") == before["text"]
 
 
 def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> None:
@@ -94,6 +122,7 @@ def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> N
     finish = None
     usage = None
     for chunk in stream:
+        assert_valid("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -189,8 +218,8 @@ def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> No
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
         ),
-        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}]},

@@ -74,8 +74,9 @@ class ToolTurn:
         return hermes.history(messages)
 
     def variables(self, variables: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The template's variables: ``tools`` for a template that describes them itself."""
-        if self.plan is None or self.format is ToolFormat.GENERIC or not self.plan.active:
+        """The template's variables: ``tools`` for a template that describes them itself (with
+        ``tool_choice: none`` too, as llama-server passes them)."""
+        if self.plan is None or self.format is ToolFormat.GENERIC:
             return variables
         return {**(variables or {}), "tools": list(self.plan.tools)}
 
@@ -97,16 +98,19 @@ class ToolTurn:
             raise backend_failure(exc) from exc
 
     def parse(self, text: str) -> tuple[str | None, list[MessageToolCall]]:
-        """The answer's content and its calls (ids made where the model gave none)."""
+        """The answer's content and its calls (ids made where the model gave none, or gave one that
+        another call has already: a client matches results to calls by id)."""
         if not self.active:
             return text, []
         content, calls = (generic if self.format is ToolFormat.GENERIC else hermes).parse(text)
-        return content, [
-            MessageToolCall(
-                id=c.id or new_call_id(), function=CalledFunction(name=c.name, arguments=c.arguments)
+        out: list[MessageToolCall] = []
+        for c in calls:
+            known = {m.id for m in out}
+            call_id = c.id if c.id and c.id not in known else new_call_id()
+            out.append(
+                MessageToolCall(id=call_id, function=CalledFunction(name=c.name, arguments=c.arguments))
             )
-            for c in calls
-        ]
+        return content, out
 
 
 def finish_reason(reason: FinishReason, calls: list[MessageToolCall]) -> FinishReason:
