@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from kvproxy.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
 from kvproxy.protocol import ChatCompletionRequest
 from kvproxy.serving.tool_turns import ToolTurn
 from tests.arch_models import with_chat_template
@@ -139,7 +139,7 @@ def qwen3(
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_hermes_prompt_equals_llama_server(qwen3: tuple[Path, LlamaServer, RunningServer], name: str) -> None:
-    from kvproxy.chat_template import ChatTemplate
+    from kvproxy.model.chat_template import ChatTemplate
 
     _, srv, _ = qwen3
     template = ChatTemplate(
@@ -219,7 +219,7 @@ def gemma_server(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_generic_none_renders_as_llama_server(gemma_server: LlamaServer) -> None:
-    from kvproxy.chat_template import ChatTemplate
+    from kvproxy.model.chat_template import ChatTemplate
 
     template = ChatTemplate.for_model("gemma3", None, "<bos>", "<eos>", add_bos=True)
     body = {"messages": [ASK], "tools": [WEATHER], "tool_choice": "none"}

@@ -2,10 +2,10 @@
 
 With Jinja on (llama-server's default, and what tools need) llama-server renders a chat with the
 GGUF's own template, and where the GGUF has none it falls back to ChatML. kvproxy's embedded backend
-uses the model family's published turn format instead (kvproxy.chat_template), so the bundled Gemma 3
+uses the model family's published turn format instead (kvproxy.model.chat_template), so the bundled Gemma 3
 270M, whose GGUF carries no template, saw ChatML turns behind a llama-server started as the README
 said and answered in the wrong turn format. This command writes the family's template to a file (for
-Gemma, with tool calls llama-server can parse: kvproxy.gemma_tools_template) and prints
+Gemma, with tool calls llama-server can parse: kvproxy.model.gemma_tools_template) and prints
 ``-m MODEL --jinja``, plus ``--chat-template-file FILE`` where one is needed, so a proxy's primary
 and reference render a chat as the embedded backend would.
 """
@@ -16,9 +16,9 @@ import os
 import shlex
 from pathlib import Path
 
-from kvproxy.chat_template import FAMILY_TEMPLATES, GEMMA_TEMPLATE
-from kvproxy.gemma_tools_template import GEMMA_TOOLS_TEMPLATE
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.chat_template import FAMILY_TEMPLATES, GEMMA_TEMPLATE
+from kvproxy.model.gemma_tools_template import GEMMA_TOOLS_TEMPLATE
+from kvproxy.model.gguf_info import read_model_info
 
 
 def cache_dir() -> Path:

@@ -33,10 +33,10 @@ from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, untyped_input_part
+from kvproxy.scoring.job import PrimaryReport, ShadowJob
 from kvproxy.serving import responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
-from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure

@@ -18,6 +18,7 @@ from typing import Any
 from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, TextDelta
 from kvproxy.errors import OpenAIError
+from kvproxy.model.reasoning import ReasoningSplitter
 from kvproxy.protocol import (
     CalledFunction,
     ChatChunkChoice,
@@ -29,7 +30,6 @@ from kvproxy.protocol import (
     MessageToolCall,
     ToolCallDelta,
 )
-from kvproxy.reasoning import ReasoningSplitter
 from kvproxy.serving.openai_format import backend_failure, usage
 from kvproxy.tool_calls import ToolFormat, ToolPlan, generic, hermes, new_call_id, tool_format
 from kvproxy.tool_calls.formats import UnsupportedToolFormat

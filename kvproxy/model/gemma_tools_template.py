@@ -4,7 +4,7 @@ that carries no template (the bundled Gemma 3 270M).
 The pinned llama.cpp has no generic tool-call format any more: its autoparser finds tool syntax in a
 template or none, and for a template that knows nothing of tools (Gemma's published one, ChatML)
 llama-server ignores ``tools`` and answers plain text, even for ``tool_choice: required``. This
-template renders every chat without tools exactly as kvproxy.chat_template.GEMMA_TEMPLATE does, and
+template renders every chat without tools exactly as kvproxy.model.chat_template.GEMMA_TEMPLATE does, and
 with tools it lists them and writes calls as ``<tool_call>{"name", "arguments"}</tool_call>`` (tool
 results as a user turn of ``<tool_response>`` blocks), the syntax llama.cpp's autoparser reads as
 Hermes / Qwen 2.5 calls: llama-server then parses calls and forces ``required`` and named choices by
