@@ -257,7 +257,7 @@ def test_tool_format_of_real_templates(name: str, expected: ToolFormat | None) -
 
 
 def test_kvproxy_own_templates_are_generic() -> None:
-    from kvproxy.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE
+    from kvproxy.model.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE
 
     assert tool_format(GEMMA_TEMPLATE) is tool_format(CHATML_TEMPLATE) is ToolFormat.GENERIC
 
@@ -309,7 +309,7 @@ def test_request_refusals(body: dict[str, Any], param: str | None, words: str | 
 
 def test_turn_parse_gives_ids_and_finish_reason() -> None:
     req = _request(tools=[SPECIAL], tool_choice="required")
-    from kvproxy.chat_template import GEMMA_TEMPLATE
+    from kvproxy.model.chat_template import GEMMA_TEMPLATE
 
     turn = ToolTurn.of(req, GEMMA_TEMPLATE)
     assert turn is not None and turn.format is ToolFormat.GENERIC
