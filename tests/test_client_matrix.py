@@ -32,6 +32,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from kvproxy.model.chat_template import ChatTemplate
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import free_port
 from tests.llama_tools import llama_bin
@@ -61,8 +62,8 @@ ROOM = 48  # tokens: room for a call or a City object (the 16-character cap keep
 class Target:
     """One served model: its base URL, its name, and whether the server forces required calls."""
 
-    def __init__(self, mode: str, v1: str, model: str) -> None:
-        self.mode, self.v1, self.model = mode, v1, model
+    def __init__(self, mode: str, v1: str, model: str, upstream: str | None = None) -> None:
+        self.mode, self.v1, self.model, self.upstream = mode, v1, model, upstream
         self.forced = mode == "embedded"
         # llama.cpp's JSON grammar lets the base model write up to 20 blanks between tokens, and it
         # does (141 tokens for a City object behind llama-server; kvproxy's grammar allows none)
@@ -105,7 +106,7 @@ def proxy_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             "--primary", f"http://127.0.0.1:{port}", "--alias", "gemma", "--shadow-rate", "0", timeout=300
         )
         try:
-            yield Target("proxy", proxy.v1, "gemma")
+            yield Target("proxy", proxy.v1, "gemma", f"http://127.0.0.1:{port}")
         finally:
             stop_server(proxy)
     finally:
@@ -395,3 +396,24 @@ def test_openai_node(target: Target) -> None:
     if calls:
         assert seen["finish"] == "tool_calls" and seen["answer"]["finish"] in ("stop", "length", "tool_calls")
     assert City.model_validate_json(seen["structured"])
+
+
+# ---- the README's proxy quick start: the printed arguments give llama-server kvproxy's turns -----
+
+
+def test_the_printed_llama_server_renders_kvproxys_gemma_turns(proxy_target: Target) -> None:
+    """llama-server started with what ``kvproxy llama-server-args`` prints renders a chat exactly as
+    the embedded backend's Gemma template does (before it, its ChatML fallback wrote <|im_start|>)."""
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "The sea?"},
+    ]
+    assert proxy_target.upstream is not None
+    got = httpx.post(f"{proxy_target.upstream}/apply-template", json={"messages": chat}, timeout=60).json()
+    ours = ChatTemplate.for_model("gemma3", None, "<bos>", "<eos>").render(chat)
+    assert got["prompt"] == ours
+    assert (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>" in ours
+    )

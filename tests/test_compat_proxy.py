@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from kvproxy import sse
-from kvproxy.model.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.gemma_tools_template import GEMMA_TOOLS_TEMPLATE
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import LlamaServer, llama_servers
 from tests.openai_spec import assert_valid, assert_valid_event
@@ -29,7 +29,7 @@ LIMIT = 8  # the proxy's --max-tokens-default
 def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("compat-proxy")
     template = tmp / "gemma.jinja"
-    template.write_text(GEMMA_TEMPLATE)
+    template.write_text(GEMMA_TOOLS_TEMPLATE)  # Gemma turns; tools llama-server parses
     # Jinja on (the helper turns it off for the built-in format): tools need it
     tpl = ("--jinja", "--chat-template-file", str(template))
     with llama_servers(
