@@ -412,7 +412,9 @@ def test_the_printed_llama_server_renders_kvproxys_gemma_turns(proxy_target: Tar
     ]
     assert proxy_target.upstream is not None
     got = httpx.post(f"{proxy_target.upstream}/apply-template", json={"messages": chat}, timeout=60).json()
-    ours = ChatTemplate.for_model("gemma3", None, "<bos>", "<eos>").render(chat)
+    ours = ChatTemplate.for_model("gemma3", None, "<bos>", "<eos>", add_bos=True).render(
+        chat
+    )  # BOS: the vocabulary adds it
     assert got["prompt"] == ours
     assert (
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>" in ours
