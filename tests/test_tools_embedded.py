@@ -151,6 +151,9 @@ def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> N
 
 
 def test_parallel_calls(client: openai.OpenAI, server: RunningServer) -> None:
+    """``parallel_tool_calls``: the answer takes the format's list of calls, each with an id. Gemma 3
+    270M writes the two calls asked for and then tends to repeat the last one until the limit: an
+    answer cut inside the list is returned as text (finish_reason length), and must be that list."""
     out = client.chat.completions.create(
         model=server.model,
         messages=[{"role": "user", "content": "Weather in Paris and the time in Tokyo?"}],
@@ -158,16 +161,35 @@ def test_parallel_calls(client: openai.OpenAI, server: RunningServer) -> None:
         tool_choice="required",
         parallel_tool_calls=True,
         temperature=0,
-        max_tokens=300,
+        max_tokens=120,
     )
     c = out.choices[0]
+    if c.finish_reason == "length":
+        text = c.message.content
+        assert c.message.tool_calls is None and text is not None
+        assert text.replace(" ", "").startswith('{"tool_calls":['), text
+        decoder, at, items = json.JSONDecoder(), text.index("[") + 1, []
+        while True:  # the complete calls before the cut
+            try:
+                item, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip(" ,\n")))
+            except ValueError:
+                break
+            items.append(item)
+        assert len(items) >= 2, text
+        for item in items:
+            _check_call(
+                item["name"],
+                json.dumps(item["arguments"]),
+                {"get_weather": WEATHER, "get_time": TIME}[item["name"]],
+            )
+            assert len(item["id"]) >= 4
+        assert {item["name"] for item in items} == {"get_weather", "get_time"}
+        return
     assert c.finish_reason == "tool_calls" and c.message.tool_calls
     by_name = {"get_weather": WEATHER, "get_time": TIME}
-    ids = set()
     for call in c.message.tool_calls:
         _check_call(call.function.name, call.function.arguments, by_name[call.function.name])
-        ids.add(call.id)
-    assert len(ids) == len(c.message.tool_calls)
+    assert len({call.id for call in c.message.tool_calls}) == len(c.message.tool_calls)
 
 
 def test_round_trip_and_none(client: openai.OpenAI, server: RunningServer) -> None:
