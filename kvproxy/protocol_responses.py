@@ -33,7 +33,6 @@ from kvproxy.protocol import (
     NO_REASONING,
     NO_VERBOSITY,
     TOOLS_REFUSAL,
-    OutputFormat,
     Temperature,
     TokenLimit,
     TopLogprobs,
@@ -307,34 +306,6 @@ class ResponsesRequest(_Strict):
         if value == "auto":
             raise _unsupported("truncation 'auto'", "input is never truncated; a prompt too long is a 400")
         return value
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat templates take it: instructions first, as the system message."""
-        out: list[dict[str, Any]] = []
-        if self.instructions:
-            out.append({"role": "system", "content": self.instructions})
-        if isinstance(self.input, str):
-            out.append({"role": "user", "content": self.input})
-        else:
-            out.extend(m.template_dict() for m in self.input if isinstance(m, InputMessage))
-        return out
-
-    @property
-    def output_format(self) -> OutputFormat | None:
-        fmt = self.text.format if self.text else None
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return OutputFormat()
-        return OutputFormat(fmt.schema_ or {})
-
-    @property
-    def top_logprobs_count(self) -> int | None:
-        """None unless ``include`` asks for logprobs; then how many alternatives a position."""
-        if LOGPROBS_INCLUDE not in (self.include or []):
-            return None
-        return self.top_logprobs or 0
 
 
 # ---- the response object and its stream events --------------------------------------------------

@@ -279,7 +279,7 @@ class EmbeddedServing:
         self,
         messages: list[dict[str, Any]],
         limit: int | None,
-        req: ChatCompletionRequest | ResponsesRequest,
+        req: ChatCompletionRequest,
         *,
         stop: tuple[str, ...],
         top_logprobs: int | None,
