@@ -33,6 +33,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from kvproxy.model.chat_template import ChatTemplate
+from kvproxy.model.gemma_tools_template import with_tool_calls
+from kvproxy.tool_calls import hermes
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import free_port
 from tests.llama_tools import llama_bin
@@ -64,10 +66,13 @@ class Target:
 
     def __init__(self, mode: str, v1: str, model: str, upstream: str | None = None) -> None:
         self.mode, self.v1, self.model, self.upstream = mode, v1, model, upstream
-        self.forced = mode == "embedded"
+        # chat completions force required and named calls in both modes (the proxy by grammar on
+        # the primary's /v1/completions, kvproxy.serving.forced_tools); Responses only embedded
+        self.forced = True
+        self.responses_forced = mode == "embedded"
         # llama.cpp's JSON grammar lets the base model write up to 20 blanks between tokens, and it
         # does (141 tokens for a City object behind llama-server; kvproxy's grammar allows none)
-        self.room = ROOM if self.forced else 200
+        self.room = ROOM if mode == "embedded" else 200
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=300)
@@ -141,8 +146,10 @@ def check_call(name: str, arguments: str) -> dict[str, Any]:
     return args  # type: ignore[no-any-return]
 
 
-def check_first_turn(target: Target, calls: list[tuple[str, str]], text: str | None) -> None:
-    if target.forced:
+def check_first_turn(
+    target: Target, calls: list[tuple[str, str]], text: str | None, forced: bool | None = None
+) -> None:
+    if target.forced if forced is None else forced:
         assert len(calls) >= 1, text
     if calls:
         check_call(*calls[0])
@@ -209,10 +216,12 @@ def test_openai_responses(target: Target) -> None:
     first = client.responses.create(input=ASK, tool_choice="required", max_output_tokens=ROOM, **base)
     assert_valid("Response", first.model_dump(mode="json", exclude_unset=True))
     calls = [o for o in first.output if o.type == "function_call"]
-    check_first_turn(target, [(c.name, c.arguments) for c in calls], first.output_text)
+    check_first_turn(
+        target, [(c.name, c.arguments) for c in calls], first.output_text, target.responses_forced
+    )
     assert first.max_output_tokens == ROOM and first.tool_choice == "required"
     ask = {"input": ASK, "tool_choice": "required", "max_output_tokens": ROOM, **base}
-    if target.forced:  # the SDK's stream helper raises unless the response completes
+    if target.responses_forced:  # the SDK's stream helper raises unless the response completes
         with client.responses.stream(**ask) as stream:  # type: ignore[arg-type]
             kinds = [event.type for event in stream]
             streamed = stream.get_final_response()
@@ -419,3 +428,69 @@ def test_the_printed_llama_server_renders_kvproxys_gemma_turns(proxy_target: Tar
     assert (
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>" in ours
     )
+
+
+def test_one_tool_prompt_in_both_modes(proxy_target: Target) -> None:
+    """The embedded backend renders a tool turn of the bundled Gemma exactly as the proxy's
+    llama-server does (kvproxy's Gemma template with Hermes-style calls, in both modes)."""
+    chat: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": ASK},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": RESULT},
+    ]
+    assert proxy_target.upstream is not None
+    body = {"messages": chat, "tools": [CHAT_TOOL]}
+    got = httpx.post(f"{proxy_target.upstream}/apply-template", json=body, timeout=60).json()["prompt"]
+    template = with_tool_calls(ChatTemplate.for_model("gemma3", None, "<bos>", "<eos>", add_bos=True))
+    ours = template.render_chat(hermes.history(chat), variables={"tools": [CHAT_TOOL]}).prompt
+    assert got == ours
+    assert "<tool_call>" in ours and "<tool_response>\nsunny, 21 C\n</tool_response>" in ours
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_call_validates_against_the_schema(target: Target, stream: bool, choice: str) -> None:
+    """Issue 28's done-when: with the default model, ``tool_choice`` required or named yields a call
+    of the function whose arguments validate against its schema, in both modes, streamed or not."""
+    other = {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}
+    tool_choice: Any = (
+        "required" if choice == "required" else {"type": "function", "function": {"name": "weather"}}
+    )
+    tools = [CHAT_TOOL] if choice == "required" else [other, CHAT_TOOL]
+    ask: dict[str, Any] = {
+        "model": target.model,
+        "messages": [{"role": "user", "content": "Hi there, how are you?"}],  # no hint of weather
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "temperature": 0,
+        "max_tokens": target.room,
+    }
+    client = target.client()
+    if stream:
+        chunks = list(
+            client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask)
+        )
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert deltas and deltas[0].id and deltas[0].function and deltas[0].function.name
+        name = deltas[0].function.name
+        arguments = "".join(d.function.arguments or "" for d in deltas if d.index == 0 and d.function)
+        assert finish == ["tool_calls"] and chunks[-1].usage is not None
+    else:
+        answer = client.chat.completions.create(**ask)
+        assert answer.choices[0].finish_reason == "tool_calls" and answer.model == target.model
+        call = (answer.choices[0].message.tool_calls or [])[0]
+        assert call.type == "function" and call.id
+        name, arguments = call.function.name, call.function.arguments
+    check_call(name, arguments)

@@ -8,11 +8,18 @@ template renders every chat without tools exactly as kvproxy.model.chat_template
 with tools it lists them and writes calls as ``<tool_call>{"name", "arguments"}</tool_call>`` (tool
 results as a user turn of ``<tool_response>`` blocks), the syntax llama.cpp's autoparser reads as
 Hermes / Qwen 2.5 calls: llama-server then parses calls and forces ``required`` and named choices by
-grammar. ``kvproxy llama-server-args`` hands it to llama-server (``--chat-template-file``).
+grammar. ``kvproxy llama-server-args`` hands it to llama-server (``--chat-template-file``), and the
+embedded backend renders tool turns with it too (:func:`with_tool_calls`), so one model gets one
+tool prompt and one call format in both modes.
 Unlike Gemma's own, it does not refuse a chat whose user and assistant turns do not alternate.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+
+from kvproxy.model.chat_template import GEMMA_TEMPLATE, ChatTemplate
 
 GEMMA_TOOLS_TEMPLATE = """{{ bos_token }}
 {%- set ns = namespace(tools="") -%}
@@ -73,3 +80,16 @@ GEMMA_TOOLS_TEMPLATE = """{{ bos_token }}
     {{ '<start_of_turn>model\\n' }}
 {%- endif -%}
 """
+
+
+def with_tool_calls(template: ChatTemplate) -> ChatTemplate:
+    """The template a tool turn renders with: this one for kvproxy's Gemma template (the turns the
+    proxy's llama-server renders, kvproxy llama-server-args), else the template itself."""
+    if template.template != GEMMA_TEMPLATE:
+        return template
+    return _tools_variant(template)
+
+
+@functools.cache
+def _tools_variant(template: ChatTemplate) -> ChatTemplate:
+    return dataclasses.replace(template, template=GEMMA_TOOLS_TEMPLATE, source=template.source + ", tools")

@@ -29,8 +29,9 @@ from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
-from kvproxy.model.chat_template import ChatTemplateError, RenderedChat
+from kvproxy.model.chat_template import ChatTemplate, ChatTemplateError, RenderedChat
 from kvproxy.model.content_specials import mark_literals
+from kvproxy.model.gemma_tools_template import with_tool_calls
 from kvproxy.model.reasoning import ReasoningSplitter
 from kvproxy.observers import TokenClock
 from kvproxy.protocol import (
@@ -243,7 +244,11 @@ class EmbeddedServing:
             raise context_length_exceeded(n_ctx, at_least, requested, at_least=True)
 
     def _chat_prompt(
-        self, messages: list[dict[str, Any]], variables: dict[str, Any] | None, requested: int | None
+        self,
+        messages: list[dict[str, Any]],
+        variables: dict[str, Any] | None,
+        requested: int | None,
+        template: ChatTemplate | None = None,
     ) -> tuple[list[int], RenderedChat]:
         """The prompt's token ids: control-token text in user and tool content stays text unless
         ``--parse-special-in-content`` (kvproxy.model.content_specials)."""
@@ -252,7 +257,7 @@ class EmbeddedServing:
         if find is not None and not self.parse_special_in_content:
             messages, literals = mark_literals(messages, find)
         try:
-            rendered = self.backend.chat_template.render_chat(messages, variables=variables)
+            rendered = (template or self.backend.chat_template).render_chat(messages, variables=variables)
         except ChatTemplateError as exc:
             raise OpenAIError(400, str(exc), param="messages") from exc
         if literals is None or not literals.texts:
@@ -301,10 +306,12 @@ class EmbeddedServing:
                 grammar = await self._grammar(req.output_format, format_param)
         else:
             grammar = await self._grammar(req.output_format, format_param)
+        template = None
         if turn is not None:
             messages = turn.messages(messages)
             variables = turn.variables(variables)
-        prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit)
+            template = with_tool_calls(self.backend.chat_template)
+        prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit, template)
         fmt = self.backend.chat_template.reasoning
         gen = GenerationRequest(
             prompt_tokens=prompt,
@@ -321,7 +328,7 @@ class EmbeddedServing:
         return (await self._prepare_chat(req))[0]
 
     def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
-        return ToolTurn.of(req, self.backend.chat_template.template)
+        return ToolTurn.of(req, with_tool_calls(self.backend.chat_template).template)
 
     async def _prepare_chat(
         self, req: ChatCompletionRequest, turn: ToolTurn | None = None

@@ -29,15 +29,19 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvproxy import sse
+from kvproxy.backends.base import BackendError
+from kvproxy.backends.grammar_compiler import GrammarCompiler
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, untyped_input_part
+from kvproxy.schema_limits import SchemaLimits
 from kvproxy.scoring.job import PrimaryReport, ShadowJob
-from kvproxy.serving import responses_chat
+from kvproxy.serving import forced_tools, responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.tool_calls import ToolPlan, hermes
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
 
@@ -185,6 +189,59 @@ class RelayServing:
     def __init__(self, deployment: HttpDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
         self.max_tokens_default = max_tokens_default  # added to requests that set no limit; 0: none
+        self._grammars: GrammarCompiler | None = None  # started on the first forced tool call
+
+    async def _forced_call(
+        self, body: dict[str, Any], plan: ToolPlan, stream: bool, shadow: ShadowDirective | None
+    ) -> Response | None:
+        """A required or named tool call, forced by grammar (kvproxy.serving.forced_tools); None
+        when the primary's template does not speak Hermes-style calls (then relayed as it is)."""
+        primary = self.deployment.primary
+        source = _template(body)
+        rendered = self._answer(await primary.post_json("/apply-template", orjson.dumps(source)))
+        prompt = rendered.get("prompt")
+        if not isinstance(prompt, str) or hermes.OPEN not in prompt:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(SchemaLimits())
+            self._grammars.start()
+        try:
+            call_grammar = await self._grammars.compile(hermes.call_schema(plan))
+        except ValueError as exc:
+            raise OpenAIError(400, f"Invalid schema for 'tools': {exc}", param="tools") from None
+        except BackendError as exc:
+            raise OpenAIError(500, str(exc), type="server_error") from exc
+        completion = forced_tools.completion_body(
+            body, prompt, hermes.wrap_grammar(call_grammar, plan.parallel)
+        )
+        ask: dict[str, Any] = {"logprobs": self.deployment.top_k}
+        scoring = self._plan(completion, ask, (False, 0), refused=False)
+        ticket = self._ticket(shadow, scoring)
+        if ticket is not None:
+            completion.update(scoring.fields)
+        try:
+            data = self._answer(await primary.post_json("/v1/completions", orjson.dumps(completion)))
+        except BaseException:
+            if ticket is not None:
+                ticket.abandon()
+            raise
+        report = scoring.report()
+        for choice in data.get("choices") or []:
+            entries = strip_logprobs(choice, False, 0) if choice.get("logprobs") else []
+            report.add(entries)
+        if ticket is not None:
+            report.note_text(data)
+            report.note_end(data)
+            # a raw prompt: no message cuts for the replay to model
+            _settle(ticket, report, {"prompt": prompt}, streamed=False)
+        names = self._names(body)
+        answer, _, _, _ = forced_tools.chat_answer(data, names.model, names.fingerprint)
+        if stream:
+            options = body.get("stream_options")
+            include = isinstance(options, dict) and options.get("include_usage") is True
+            events = forced_tools.chat_events(answer, include)
+            return StreamingResponse(_listed(events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     def _names(self, body: dict[str, Any]) -> Names:
         """The client's name for the model, and this deployment's fingerprint, for its answer."""
@@ -217,6 +274,14 @@ class RelayServing:
         req = validated(RelayChatRequest, body)
         _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
+        forced = forced_tools.forced_plan(body)
+        if forced is not None:
+            try:
+                answer = await self._forced_call(body, forced, req.stream, shadow)
+            except UpstreamFailure as failure:
+                raise upstream_error(failure) from failure
+            if answer is not None:
+                return answer
         wants = (bool(req.logprobs), req.top_logprobs or 0)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         # llama-server: "logprobs is not supported with tools + stream" (a 400 to a valid request)
@@ -579,6 +644,11 @@ async def _chat_chunks(
     finally:
         if ticket is not None:
             ticket.abandon()  # a no-op once submitted
+
+
+async def _listed(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 def _event_json(event: sse.Event) -> dict[str, Any] | None:
