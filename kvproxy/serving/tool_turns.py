@@ -62,7 +62,11 @@ class ToolTurn:
                 "yet; serve it with llama-server and put kvproxy in front (kvproxy serve --primary URL)",
                 param="tools",
             ) from None
-        return cls(fmt, req.tool_plan(parallel_default=fmt is ToolFormat.HERMES))
+        # unset parallel_tool_calls: several Hermes calls, unless a call is forced (a small model
+        # forced by a grammar that allows more keeps writing calls until the limit cuts it; the
+        # proxy forces one call by the same rule, kvproxy.serving.forced_tools)
+        forced = req.tool_choice not in (None, "auto", "none")
+        return cls(fmt, req.tool_plan(parallel_default=fmt is ToolFormat.HERMES and not forced))
 
     @property
     def active(self) -> bool:
