@@ -1,7 +1,8 @@
 """Function calling in embedded mode on the bundled Gemma 3 270M, through the official openai client.
 
-Gemma 3's template knows nothing of tools, so kvproxy uses llama.cpp's generic JSON format
-(kvproxy.tool_calls.generic): a required or named choice is forced by grammar, so the answer must be
+The bundled GGUF has no template: kvproxy renders its tool turns with its Gemma template with
+Hermes-style ``<tool_call>`` calls (kvproxy.model.gemma_tools_template, the template the proxy's
+llama-server gets): a required or named choice is forced by grammar, so the answer must be
 a call of the function with arguments that match its schema (checked with jsonschema), streamed and
 not. A tool result goes back through the history and the model answers in text.
 """
@@ -151,9 +152,9 @@ def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> N
 
 
 def test_parallel_calls(client: openai.OpenAI, server: RunningServer) -> None:
-    """``parallel_tool_calls``: the answer takes the format's list of calls, each with an id. Gemma 3
-    270M writes the two calls asked for and then tends to repeat the last one until the limit: an
-    answer cut inside the list is returned as text (finish_reason length), and must be that list."""
+    """``parallel_tool_calls``: several ``<tool_call>`` blocks, each its own id. Gemma 3 270M writes
+    the calls asked for and then tends to repeat the last one until the limit: an answer cut inside
+    a call is returned as text (finish_reason length), and its complete calls must be valid."""
     out = client.chat.completions.create(
         model=server.model,
         messages=[{"role": "user", "content": "Weather in Paris and the time in Tokyo?"}],
@@ -164,29 +165,17 @@ def test_parallel_calls(client: openai.OpenAI, server: RunningServer) -> None:
         max_tokens=120,
     )
     c = out.choices[0]
+    by_name = {"get_weather": WEATHER, "get_time": TIME}
     if c.finish_reason == "length":
         text = c.message.content
         assert c.message.tool_calls is None and text is not None
-        assert text.replace(" ", "").startswith('{"tool_calls":['), text
-        decoder, at, items = json.JSONDecoder(), text.index("[") + 1, []
-        while True:  # the complete calls before the cut
-            try:
-                item, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip(" ,\n")))
-            except ValueError:
-                break
-            items.append(item)
-        assert len(items) >= 2, text
+        assert text.startswith("<tool_call>\n"), text
+        items = [json.loads(m) for m in re.findall(r"<tool_call>\n(.*?)\n</tool_call>", text, re.DOTALL)]
+        assert len(items) >= 2, text  # the complete calls before the cut
         for item in items:
-            _check_call(
-                item["name"],
-                json.dumps(item["arguments"]),
-                {"get_weather": WEATHER, "get_time": TIME}[item["name"]],
-            )
-            assert len(item["id"]) >= 4
-        assert {item["name"] for item in items} == {"get_weather", "get_time"}
+            _check_call(item["name"], json.dumps(item["arguments"]), by_name[item["name"]])
         return
     assert c.finish_reason == "tool_calls" and c.message.tool_calls
-    by_name = {"get_weather": WEATHER, "get_time": TIME}
     for call in c.message.tool_calls:
         _check_call(call.function.name, call.function.arguments, by_name[call.function.name])
     assert len({call.id for call in c.message.tool_calls}) == len(c.message.tool_calls)

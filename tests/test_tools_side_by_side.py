@@ -8,12 +8,13 @@ each conversation (tools described, earlier calls and results in the history) mu
 llama-server's ``/apply-template``; and with ``tool_choice: required`` at temperature 0 both answer
 with a call of the function with arguments that match its schema.
 
-Generic format: the bundled Gemma 3 270M with kvproxy's Gemma template given to llama-server as
-``--chat-template-file``. With ``tool_choice: none`` both render the same prompt. With ``required``
-the pinned llama-server finds no tool syntax in the template and answers in text (its autoparser
-needs a template that renders tool calls), where kvproxy forces a call in llama.cpp's generic JSON
-format: a difference kept on purpose (docs/function-calling.md), checked here so that a llama.cpp
-that changes it is noticed.
+Generic format: the bundled Gemma 3 270M with Gemma's published template (as a Gemma GGUF carries
+it) given to llama-server as ``--chat-template-file``. With ``tool_choice: none`` kvproxy's generic
+rendering equals llama-server's. With ``required`` the pinned llama-server finds no tool syntax in
+the template and answers in text (its autoparser needs a template that renders tool calls), where
+kvproxy's embedded server (which renders the bundled model's tool turns with its Hermes-style Gemma
+template, docs/function-calling.md) forces a call: a difference kept on purpose, checked here so
+that a llama.cpp that changes it is noticed.
 """
 
 from __future__ import annotations
