@@ -13,7 +13,8 @@ as the embedded backend does, on the primary's own parts:
 * the prompt and the grammar go to the primary's ``/v1/completions`` (no message cuts: a shadow job
   says so by carrying ``{"prompt": ...}``, kvproxy.scoring.scorers), the output is parsed by the
   embedded backend's parser and answered as a chat completion, streamed or not (a streamed one sends
-  its call once generated, as the embedded backend does).
+  its call once generated, as the embedded backend does), or as a Responses object or its events
+  (``/v1/responses``, built from that chat completion as every Responses answer is).
 
 Only for templates whose calls are Hermes-style (kvproxy's Gemma template, Qwen 2.5/3, Hermes):
 other requests, and ``auto``/``none``, stay llama-server's.
@@ -25,7 +26,6 @@ import secrets
 import time
 from typing import Any
 
-from kvproxy import sse
 from kvproxy.protocol import (
     AssistantMessage,
     CalledFunction,
@@ -91,9 +91,7 @@ def completion_body(body: dict[str, Any], prompt: str, grammar: str) -> dict[str
     return out
 
 
-def chat_answer(
-    data: dict[str, Any], model: str, fingerprint: str
-) -> tuple[ChatCompletion, str | None, list[MessageToolCall], FinishReason]:
+def chat_answer(data: dict[str, Any], model: str, fingerprint: str) -> ChatCompletion:
     """The ``/v1/completions`` answer as a chat completion (the output parsed for calls)."""
     choice = (data.get("choices") or [{}])[0]
     text = str(choice.get("text") or "")
@@ -111,7 +109,7 @@ def chat_answer(
         completion_tokens=int(u.get("completion_tokens") or 0),
         total_tokens=int(u.get("total_tokens") or 0),
     )
-    answer = ChatCompletion(
+    return ChatCompletion(
         id="chatcmpl-" + secrets.token_hex(16),
         created=int(data.get("created") or time.time()),
         model=model,
@@ -123,24 +121,32 @@ def chat_answer(
         ],
         usage=usage,
     )
-    return answer, content, calls, finish
 
 
-def chat_events(answer: ChatCompletion, include_usage: bool) -> list[bytes]:
-    """The answer as a chat stream: the role, the content if any, each call as one tool-call delta,
-    the finish, the usage if asked, ``[DONE]``."""
-    chunk = ChatCompletionChunk(
-        id=answer.id,
-        created=answer.created,
-        model=answer.model,
-        system_fingerprint=answer.system_fingerprint,
-        choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-    )
-    out = [sse.encode(chunk, exclude={"usage"})]
+Chunk = tuple[ChatCompletionChunk, set[str]]  # a chunk and the fields it is sent without
+
+
+def chat_chunks(answer: ChatCompletion, include_usage: bool) -> list[Chunk]:
+    """The answer as a chat stream's chunks (``[DONE]`` not included): the role, the content if
+    any, each call as one tool-call delta, the finish, the usage if asked."""
+
+    def chunk(delta: ChatDelta | None = None, finish: FinishReason | None = None) -> Chunk:
+        c = ChatCompletionChunk(
+            id=answer.id,
+            created=answer.created,
+            model=answer.model,
+            system_fingerprint=answer.system_fingerprint,
+            choices=[] if delta is None else [ChatChunkChoice(delta=delta, finish_reason=finish)],
+        )
+        if delta is None:
+            c.usage = answer.usage
+            return c, set()
+        return c, {"usage"}
+
     message = answer.choices[0].message
+    out = [chunk(ChatDelta(role="assistant", content=""))]
     if message.content:
-        chunk.choices = [ChatChunkChoice(delta=ChatDelta(content=message.content))]
-        out.append(sse.encode(chunk, exclude={"usage"}))
+        out.append(chunk(ChatDelta(content=message.content)))
     for i, call in enumerate(message.tool_calls or []):
         delta = ToolCallDelta(
             index=i,
@@ -148,13 +154,8 @@ def chat_events(answer: ChatCompletion, include_usage: bool) -> list[bytes]:
             type="function",
             function=FunctionDelta(name=call.function.name, arguments=call.function.arguments),
         )
-        chunk.choices = [ChatChunkChoice(delta=ChatDelta(tool_calls=[delta]))]
-        out.append(sse.encode(chunk, exclude={"usage"}))
-    chunk.choices = [ChatChunkChoice(delta=ChatDelta(), finish_reason=answer.choices[0].finish_reason)]
-    out.append(sse.encode(chunk, exclude={"usage"}))
+        out.append(chunk(ChatDelta(tool_calls=[delta])))
+    out.append(chunk(ChatDelta(), answer.choices[0].finish_reason))
     if include_usage:
-        chunk.choices = []
-        chunk.usage = answer.usage
-        out.append(sse.encode(chunk))
-    out.append(sse.DONE)
+        out.append(chunk())
     return out

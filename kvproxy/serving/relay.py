@@ -33,7 +33,7 @@ from kvproxy.backends.base import BackendError
 from kvproxy.backends.grammar_compiler import GrammarCompiler
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
-from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
+from kvproxy.protocol import ChatCompletion, Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, untyped_input_part
 from kvproxy.schema_limits import SchemaLimits
 from kvproxy.scoring.job import PrimaryReport, ShadowJob
@@ -194,8 +194,23 @@ class RelayServing:
     async def _forced_call(
         self, body: dict[str, Any], plan: ToolPlan, stream: bool, shadow: ShadowDirective | None
     ) -> Response | None:
-        """A required or named tool call, forced by grammar (kvproxy.serving.forced_tools); None
-        when the primary's template does not speak Hermes-style calls (then relayed as it is)."""
+        """A required or named tool call, forced by grammar (kvproxy.serving.forced_tools), as a chat
+        completion; None when the primary's template does not speak Hermes-style calls."""
+        answer = await self._forced_answer(body, plan, shadow)
+        if answer is None:
+            return None
+        if stream:
+            options = body.get("stream_options")
+            include = isinstance(options, dict) and options.get("include_usage") is True
+            events = [sse.encode(c, exclude=x) for c, x in forced_tools.chat_chunks(answer, include)]
+            events.append(sse.DONE)
+            return StreamingResponse(_listed(events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    async def _forced_answer(
+        self, body: dict[str, Any], plan: ToolPlan, shadow: ShadowDirective | None
+    ) -> ChatCompletion | None:
+        """The forced call's whole answer (its shadow job handed on); None where not Hermes."""
         primary = self.deployment.primary
         source = _template(body)
         rendered = self._answer(await primary.post_json("/apply-template", orjson.dumps(source)))
@@ -235,13 +250,7 @@ class RelayServing:
             # a raw prompt: no message cuts for the replay to model
             _settle(ticket, report, {"prompt": prompt}, streamed=False)
         names = self._names(body)
-        answer, _, _, _ = forced_tools.chat_answer(data, names.model, names.fingerprint)
-        if stream:
-            options = body.get("stream_options")
-            include = isinstance(options, dict) and options.get("include_usage") is True
-            events = forced_tools.chat_events(answer, include)
-            return StreamingResponse(_listed(events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return forced_tools.chat_answer(data, names.model, names.fingerprint)
 
     def _names(self, body: dict[str, Any]) -> Names:
         """The client's name for the model, and this deployment's fingerprint, for its answer."""
@@ -348,6 +357,13 @@ class RelayServing:
     ) -> Response:
         cap = responses_chat.output_cap(body, self.max_tokens_default)
         chat = responses_chat.chat_body(body, messages, self.max_tokens_default)
+        forced = forced_tools.forced_plan(chat)
+        if forced is not None:
+            answer = await self._forced_answer(chat, forced, shadow)
+            if answer is not None:
+                return _forced_response(
+                    ResponsesRenderer(_echoable(body), str(body["model"]), cap), answer, stream
+                )
         wants = responses_chat.wants_logprobs(body)
         source = _template(chat)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
@@ -644,6 +660,20 @@ async def _chat_chunks(
     finally:
         if ticket is not None:
             ticket.abandon()  # a no-op once submitted
+
+
+def _forced_response(renderer: ResponsesRenderer, answer: ChatCompletion, stream: bool) -> Response:
+    """A forced call's answer as a Responses object or its events."""
+    if not stream:
+        out: ResponseObject = renderer.from_chat(answer.model_dump(mode="json"))
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    async def chats() -> AsyncIterator[dict[str, Any]]:
+        for chunk, exclude in forced_tools.chat_chunks(answer, include_usage=True):
+            yield chunk.model_dump(mode="json", exclude=exclude)
+
+    events = render_stream(renderer, chats())
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
 
 async def _listed(events: list[bytes]) -> AsyncIterator[bytes]:
