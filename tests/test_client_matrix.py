@@ -66,10 +66,9 @@ class Target:
 
     def __init__(self, mode: str, v1: str, model: str, upstream: str | None = None) -> None:
         self.mode, self.v1, self.model, self.upstream = mode, v1, model, upstream
-        # chat completions force required and named calls in both modes (the proxy by grammar on
-        # the primary's /v1/completions, kvproxy.serving.forced_tools); Responses only embedded
+        # required and named calls are forced in both modes (the proxy by grammar on the primary's
+        # /v1/completions, kvproxy.serving.forced_tools)
         self.forced = True
-        self.responses_forced = mode == "embedded"
         # llama.cpp's JSON grammar lets the base model write up to 20 blanks between tokens, and it
         # does (141 tokens for a City object behind llama-server; kvproxy's grammar allows none)
         self.room = ROOM if mode == "embedded" else 200
@@ -146,10 +145,8 @@ def check_call(name: str, arguments: str) -> dict[str, Any]:
     return args  # type: ignore[no-any-return]
 
 
-def check_first_turn(
-    target: Target, calls: list[tuple[str, str]], text: str | None, forced: bool | None = None
-) -> None:
-    if target.forced if forced is None else forced:
+def check_first_turn(target: Target, calls: list[tuple[str, str]], text: str | None) -> None:
+    if target.forced:
         assert len(calls) >= 1, text
     if calls:
         check_call(*calls[0])
@@ -178,7 +175,15 @@ def test_openai_chat(target: Target) -> None:
         for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             names[d.index] = names.get(d.index) or (d.function.name if d.function and d.function.name else "")
             pieces.setdefault(d.index, []).append(d.function.arguments or "" if d.function else "")
-    assert [(names[i], "".join(pieces[i])) for i in sorted(pieces)] == calls
+    streamed = [(names[i], "".join(pieces[i])) for i in sorted(pieces)]
+    if target.mode == "embedded":
+        assert streamed == calls
+    else:
+        # llama-server keeps the first request's prompt in its cache and computes only the last
+        # prompt token again: on q4_0 rows the 270M model's greedy arguments can then differ (seen:
+        # "Oslo, Norway" then "Odaland"); the call itself must still be valid
+        assert [n for n, _ in streamed] == [n for n, _ in calls]
+        check_call(*streamed[0])
     # the round trip: the call (the model's, or one given where llama-server made none) and its result
     call = message.tool_calls[0] if message.tool_calls else None
     assistant = message.model_dump(exclude_none=True) if call else _assistant_call()
@@ -216,12 +221,10 @@ def test_openai_responses(target: Target) -> None:
     first = client.responses.create(input=ASK, tool_choice="required", max_output_tokens=ROOM, **base)
     assert_valid("Response", first.model_dump(mode="json", exclude_unset=True))
     calls = [o for o in first.output if o.type == "function_call"]
-    check_first_turn(
-        target, [(c.name, c.arguments) for c in calls], first.output_text, target.responses_forced
-    )
+    check_first_turn(target, [(c.name, c.arguments) for c in calls], first.output_text)
     assert first.max_output_tokens == ROOM and first.tool_choice == "required"
     ask = {"input": ASK, "tool_choice": "required", "max_output_tokens": ROOM, **base}
-    if target.responses_forced:  # the SDK's stream helper raises unless the response completes
+    if target.forced:  # the SDK's stream helper raises unless the response completes
         with client.responses.stream(**ask) as stream:  # type: ignore[arg-type]
             kinds = [event.type for event in stream]
             streamed = stream.get_final_response()
