@@ -203,26 +203,28 @@ def test_the_request_id_is_on_the_access_log(client: Client, caplog: pytest.LogC
 
 
 def test_a_shadow_job_carries_its_request_id() -> None:
+    from starlette.requests import Request
+
+    from kvproxy.api.shadow_ask import shadow_ask
     from kvproxy.http import request_id
     from kvproxy.scoring.job import ShadowJob
-    from kvproxy.scoring.kept import KeptScores
-    from kvproxy.shadow.pool import ShadowTicket
+    from kvproxy.shadow.pool import ShadowPool
+    from kvproxy.shadow.quality import QualityTracker
+    from kvproxy.shadow.token_scores import TokenScoreStore
 
-    offered: list[ShadowJob] = []
-
-    class Pool:
-        def _offer(self, job: ShadowJob) -> None:
-            offered.append(job)
-
-    token = request_id.current.set("req_abc")
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    scope["headers"] = [(b"x-kvproxy-token-scores", b"keep"), (b"x-kvproxy-shadow", b"force")]
+    token = request_id.current.set("req_abc")  # as kvproxy.http.request_id sets it for the request
     try:
-        keep = KeptScores()
-        ticket = ShadowTicket(Pool(), keep)  # type: ignore[arg-type]
+        ask = shadow_ask(Request(scope), TokenScoreStore())
     finally:
         request_id.current.reset(token)
+    pool = ShadowPool(None, QualityTracker(), queue_size=1)  # type: ignore[arg-type]  # never started
+    ticket = pool.ticket(ask)
+    assert ticket is not None and ask.keep is not None
     ticket.submit(ShadowJob())
-    assert offered[0].request_id == "req_abc"
-    assert keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it
+    assert pool._queue.get_nowait().request_id == "req_abc"
+    assert ask.keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it
 
 
 # ---- model and system_fingerprint in relayed bytes (issue 28, item 4) ------------------------

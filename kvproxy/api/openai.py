@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.routing import Match
 
+from kvproxy.api.shadow_ask import file_kept, shadow_ask
 from kvproxy.errors import OpenAIError, unknown_route
 from kvproxy.http.access import key_owner
 from kvproxy.protocol import (
@@ -28,10 +29,9 @@ from kvproxy.protocol import (
     ModelList,
 )
 from kvproxy.protocol_responses import STATELESS, ResponseObject, ResponsesRequest
-from kvproxy.serving.base import Serving, shadow_directive
+from kvproxy.serving.base import Serving
 from kvproxy.serving.router import Router
-from kvproxy.shadow.pool import SHADOW_HEADER
-from kvproxy.shadow.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore, parse_token_scores_header
+from kvproxy.shadow.token_scores import TokenScoreStore
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse},
@@ -83,20 +83,10 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     FastAPI (the routes below document them)."""
     raw, body = await _json_body(request)
     serving = router.route(body.get("model"))
-    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
-    handle = _handler(serving, path)
-    if not _keeps_token_scores(request):
-        return await handle(raw, body, shadow)  # type: ignore[no-any-return]
     store: TokenScoreStore = request.app.state.token_scores
-    return await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
-
-
-def _keeps_token_scores(request: Request) -> bool:
-    """The opt-in ``X-KVProxy-Token-Scores: keep`` header (kvproxy.shadow.token_scores), or a 400."""
-    try:
-        return parse_token_scores_header(request.headers.get(TOKEN_SCORES_HEADER))
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc), param=TOKEN_SCORES_HEADER) from exc
+    ask = shadow_ask(request, store)
+    response: Response = await _handler(serving, path)(raw, body, ask)
+    return file_kept(store, ask, response, key_owner(request.scope))
 
 
 def _router(request: Request) -> Router:
@@ -155,7 +145,7 @@ async def relay_other(request: Request, path: str | None = None) -> Response:
     if "model" not in body:
         raise unknown_route(request.method, path)
     serving = _router(request).route(body.get("model"))
-    return await serving.handle_other(path, raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
+    return await serving.handle_other(path, raw, body, shadow_ask(request, None))
 
 
 @router.post("/embeddings", responses={502: {"model": ErrorResponse}})

@@ -17,10 +17,11 @@ from typing import Any
 from kvproxy.backends.base import KVConfig
 from kvproxy.observers import NULL_SERVING, NULL_SHADOW, ServingEvents
 from kvproxy.scoring.job import Scorer
+from kvproxy.shadow.ask import ShadowAsk
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.path import ShadowPath
-from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
+from kvproxy.shadow.pool import ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
 from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
@@ -90,8 +91,8 @@ class DeploymentBase:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
-        return self.shadow.ticket(directive)
+    def ticket(self, ask: ShadowAsk) -> ShadowTicket | None:
+        return self.shadow.ticket(ask)
 
     def after_scored(self, changed: str | None) -> None:
         """After every scored job: log and count a change of drift state, then step the guard."""

@@ -62,7 +62,8 @@ from kvproxy.serving.openai_format import (
     wire_logprob,
 )
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.ask import NO_ASK, ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +96,25 @@ class EmbeddedServing:
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ChatCompletionRequest, body)
         if req.stream:
             return _streaming(await self.chat_stream(req, shadow))
         return _json_response(await self.chat(req, shadow))
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(CompletionRequest, body)
         if req.stream:
             return _streaming(await self.completion_stream(req, shadow))
         return _json_response(await self.completion(req, shadow))
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ResponsesRequest, body)
         if req.stream:
             return _streaming(await self.responses_stream(req, shadow))
         return _json_response(await self.responses(req, shadow))
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         raise OpenAIError(
             404,
             f"{path} is not served by the embedded backend: kvproxy serves generation only (chat "
@@ -157,14 +152,14 @@ class EmbeddedServing:
         if not self.backend.ready:
             raise model_loading()
 
-    async def _collected(self, gen: GenerationRequest, shadow: ShadowDirective | None) -> Collected:
+    async def _collected(self, gen: GenerationRequest, shadow: ShadowAsk) -> Collected:
         try:
             return await collect(self._events(gen, self.deployment.ticket(shadow)))
         except BackendError as exc:
             raise backend_failure(exc) from exc
 
     async def _started(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None
+        self, gen: GenerationRequest, shadow: ShadowAsk
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Start generating and wait for the first event, before any byte of a stream is sent.
 
@@ -324,7 +319,7 @@ class EmbeddedServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
+    async def chat(self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK) -> ChatCompletion:
         gen, splitter = await self._prepare_chat(req)
         got = await self._collected(gen, shadow)
         message = AssistantMessage(content=got.text)
@@ -350,7 +345,7 @@ class EmbeddedServing:
         )
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
+        self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         gen, splitter = await self._prepare_chat(req)
         return self._chat_chunks(req, await self._started(gen, shadow), splitter)
@@ -408,7 +403,7 @@ class EmbeddedServing:
             choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
         )
 
-    async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
+    async def completion(self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK) -> Completion:
         got = await self._collected(await self.prepare_completion(req), shadow)
         lp = legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
         out = self._completion(got.text, got.done.finish_reason, lp)
@@ -416,7 +411,7 @@ class EmbeddedServing:
         return out
 
     async def completion_stream(
-        self, req: CompletionRequest, shadow: ShadowDirective | None = None
+        self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         return self._completion_chunks(req, await self._started(await self.prepare_completion(req), shadow))
 
@@ -446,7 +441,7 @@ class EmbeddedServing:
 
     # ---- /v1/responses ----------------------------------------------------------------------
 
-    async def responses(self, req: ResponsesRequest, shadow: ShadowDirective | None = None) -> BaseModel:
+    async def responses(self, req: ResponsesRequest, shadow: ShadowAsk = NO_ASK) -> BaseModel:
         got = await self._collected(await self.prepare_responses(req), shadow)
         out = ResponsesRenderer(req, self.backend.model_name)
         want = req.top_logprobs_count is not None
@@ -455,7 +450,7 @@ class EmbeddedServing:
         return out.response(done.finish_reason, responses_usage(done.prompt_tokens, done.completion_tokens))
 
     async def responses_stream(
-        self, req: ResponsesRequest, shadow: ShadowDirective | None = None
+        self, req: ResponsesRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         return self._responses_events(req, await self._started(await self.prepare_responses(req), shadow))
 

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from kvproxy.deployments.base import DeploymentBase
 from kvproxy.serving.base import Serving
-from kvproxy.shadow.pool import ShadowDirective
+from kvproxy.shadow.ask import ShadowAsk
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ SERVED_BY_HEADER = "X-KVProxy-Served-By"
 Kind = Literal["chat", "completion", "responses"]
 
 
-Handler = Callable[[bytes, dict[str, Any], ShadowDirective | None], Awaitable[Response]]
+Handler = Callable[[bytes, dict[str, Any], ShadowAsk], Awaitable[Response]]
 
 
 def _handler(serving: Serving, kind: Kind) -> Handler:
@@ -46,57 +46,49 @@ class GuardedServing:
         self.primary = primary
         self.fallback = fallback
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("chat", raw, body, shadow)
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("completion", raw, body, shadow)
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("responses", raw, body, shadow)
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """Routes kvproxy does not serve itself (embeddings, ...) are not generation: the guard
         does not apply, the deployment's own serving answers."""
         response: Response = await self.primary.handle_other(path, raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.deployment.name
         return response
 
-    async def _serve(
-        self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def _serve(self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         d = self.deployment
         d.step_guard()
         if not self.guard.active:
             response: Response = await _handler(self.primary, kind)(raw, body, shadow)
             response.headers[SERVED_BY_HEADER] = d.name
             return response
-        if d.shadow.sampler.decide(shadow) and not d.shadow.pool.saturated:
-            self._probe(kind, body)
+        if d.shadow.sampler.decide(shadow.directive) and not d.shadow.pool.saturated:
+            self._probe(kind, body, shadow.forced())
         response = await _handler(self.fallback, kind)(raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.guard.fallback
         return response
 
-    def _probe(self, kind: Kind, body: dict[str, Any]) -> None:
+    def _probe(self, kind: Kind, body: dict[str, Any], ask: ShadowAsk) -> None:
         d = self.deployment
         if len(d.probes) >= self.guard.probe_concurrency:
             self._count("skipped")
             return
         probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        task = asyncio.create_task(self._run_probe(kind, probe), name=f"kvproxy-probe-{d.name}")
+        task = asyncio.create_task(self._run_probe(kind, probe, ask), name=f"kvproxy-probe-{d.name}")
         d.probes.add(task)
         task.add_done_callback(d.probes.discard)
         self._count("started")
 
-    async def _run_probe(self, kind: Kind, body: dict[str, Any]) -> None:
+    async def _run_probe(self, kind: Kind, body: dict[str, Any], ask: ShadowAsk) -> None:
         try:
-            await _handler(self.primary, kind)(json.dumps(body).encode(), body, "force")
+            await _handler(self.primary, kind)(json.dumps(body).encode(), body, ask)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an OpenAIError from the primary, a network error: count, go on

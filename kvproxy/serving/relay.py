@@ -36,7 +36,8 @@ from kvproxy.scoring.job import PrimaryReport, ShadowJob
 from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.ask import ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
 
@@ -216,7 +217,7 @@ class RelayServing:
             return Plan({}, top, "logprobs_off")
         return Plan(ask, self.deployment.top_k, "logprobs_off")
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayChatRequest, body)
         _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
@@ -228,9 +229,7 @@ class RelayServing:
             "/v1/chat/completions", raw, body, req.stream, shadow, wants, plan, _template(body)
         )
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayCompletionRequest, body)
         raw, body = self._limited(raw, body, ("max_tokens",))
         wants = (req.logprobs is not None, req.logprobs or 0)
@@ -245,9 +244,7 @@ class RelayServing:
             "/v1/completions", raw, body, req.stream, shadow, wants, plan, {"prompt": prompt}
         )
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """A route kvproxy does not serve itself, relayed to the primary as it is (both ways)."""
         try:
             if body.get("stream") is True:
@@ -256,9 +253,7 @@ class RelayServing:
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayResponsesRequest, body)
         untyped = untyped_input_part(body)
         if untyped is not None:  # as OpenAI answers it; llama-server's own route would guess
@@ -287,7 +282,7 @@ class RelayServing:
         body: dict[str, Any],
         messages: list[dict[str, Any]],
         stream: bool,
-        shadow: ShadowDirective | None,
+        shadow: ShadowAsk,
     ) -> Response:
         chat = relay_responses.chat_body(body, messages, self.max_tokens_default)
         wants = relay_responses.wants_logprobs(body)
@@ -333,7 +328,7 @@ class RelayServing:
         raw: bytes,
         body: dict[str, Any],
         stream: bool,
-        shadow: ShadowDirective | None,
+        shadow: ShadowAsk,
         wants: Wants,
         plan: Plan,
         source: dict[str, Any],
@@ -347,7 +342,7 @@ class RelayServing:
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    def _ticket(self, shadow: ShadowDirective | None, plan: Plan) -> ShadowTicket | None:
+    def _ticket(self, shadow: ShadowAsk, plan: Plan) -> ShadowTicket | None:
         """The request's shadow ticket, if sampled; a request whose job the reference cannot score
         (a top-K estimator without the primary's top K) is skipped at once, its answer unread."""
         ticket = self.deployment.ticket(shadow)
