@@ -15,7 +15,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
@@ -36,7 +35,7 @@ from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 from kvproxy.telemetry.gpu import GpuCollector, GpuMonitor
-from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware
+from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware, default_metrics
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +188,6 @@ async def drain_shadow(d: Deployment, deadline: float) -> None:
     )
 
 
-def default_metrics() -> Metrics:
-    """A registry of the process's own, with the process collector (RSS, CPU, open files)."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-    return Metrics(registry)
-
-
 def _document_request_bodies(app: FastAPI) -> None:
     """Request bodies are validated after routing (per deployment kind), so FastAPI does not see
     them; add their schemas to the OpenAPI document by hand."""
@@ -215,4 +207,4 @@ def _document_request_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-__all__ = ["create_app", "default_metrics"]
+__all__ = ["create_app"]

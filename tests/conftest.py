@@ -29,7 +29,7 @@ FAST_MODULES = frozenset(
         "test_api_fast", "test_compat_fast", "test_sse", "test_textstream", "test_kld",
         "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
-        "test_chat_template", "test_cli_options", "test_shadow", "test_score_contract",
+        "test_chat_template", "test_cli_options", "test_shadow", "test_score_contract", "test_layering",
     }
 )  # fmt: skip
 

@@ -16,9 +16,7 @@ from typing import Annotated, Protocol, cast
 import typer
 
 from kvproxy import __version__
-from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
-from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli.banner import describe_proxy, describe_startup
 from kvproxy.cli.listen import listen
@@ -28,9 +26,10 @@ from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.probe import probe as probe_model
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.model.memory import check_head_sizes
-from kvproxy.telemetry.metrics import Metrics
+from kvproxy.telemetry.metrics import Metrics, default_metrics
 
 app = typer.Typer(
     add_completion=False,

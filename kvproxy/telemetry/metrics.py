@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from kvproxy.kld import PositionScores
 
@@ -330,3 +330,10 @@ class RequestMetricsMiddleware:
             method = method if method in HTTP_METHODS else "other"  # the parser accepts WebDAV's too
             self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)
+
+
+def default_metrics() -> Metrics:
+    """A registry of the process's own, with the process collector (RSS, CPU, open files)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    return Metrics(registry)
