@@ -20,7 +20,7 @@ from pydantic.json_schema import models_json_schema
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
-from kvproxy.api.openai import GENERATION_ROUTES
+from kvproxy.api.openai import GENERATION_PATHS
 from kvproxy.config import DEFAULT_MAX_TOKENS
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
@@ -125,13 +125,12 @@ def create_app(
                 d.close()
 
     app = KVProxyApp(title="kvproxy", version=__version__, lifespan=lifespan)
-    hot = {*GENERATION_ROUTES, *(p.removeprefix("/v1") for p in GENERATION_ROUTES)}  # and their aliases
     hot_routes = {
         r.path: r
         for r in [*openai.router.routes, *openai.aliases.routes]
-        if isinstance(r, APIRoute) and r.path in hot and "POST" in (r.methods or ())
+        if isinstance(r, APIRoute) and r.path in GENERATION_PATHS and "POST" in (r.methods or ())
     }
-    assert len(hot_routes) == len(hot), hot_routes  # the fast path answers exactly the routes declared
+    assert hot_routes.keys() == GENERATION_PATHS.keys(), hot_routes  # the fast path answers them all
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
     app.front.append((RequestId, {}))  # every answer carries its x-request-id, a 401 or 413 too
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))

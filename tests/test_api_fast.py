@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -153,6 +154,21 @@ def test_context_overflow_is_refused_before_tokenizing(client: Client, backend: 
     )
     assert "250 for the completion" in err["message"]
     assert len(backend.generated) == before
+
+
+def test_the_openapi_document_builds_without_warnings(backend: StubBackend) -> None:
+    """One route table for generation (kvproxy.api.openai.GENERATION): each operation id once (a
+    GET and a DELETE on one function once shared one, and FastAPI warned), every route documented."""
+    app = create_app(stub_deployment(backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app.openapi()
+    ids = [op["operationId"] for methods in schema["paths"].values() for op in methods.values()]
+    assert len(ids) == len(set(ids))
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].startswith("#/components/schemas/")
+    assert "/chat/completions" not in schema["paths"]  # the aliases are served, not documented
 
 
 def test_a_failing_backend_is_a_500_before_any_stream_starts() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.routing import Match
 
 from kvproxy.api.shadow_ask import file_kept, shadow_ask
@@ -29,7 +30,7 @@ from kvproxy.protocol import (
     ModelList,
 )
 from kvproxy.protocol_responses import STATELESS, ResponseObject, ResponsesRequest
-from kvproxy.serving.base import Serving
+from kvproxy.serving.base import Kind, handler
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 
@@ -67,25 +68,27 @@ async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     return raw, body
 
 
-CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
-GENERATION_ROUTES = (CHAT, COMPLETIONS, RESPONSES)
-
-
-def _handler(serving: Serving, path: str) -> Any:
-    if path.endswith("/chat/completions"):
-        return serving.handle_chat
-    return serving.handle_completion if path.endswith("/completions") else serving.handle_responses
+# The generation routes, in one table: path under /v1 -> (what it is, its request and answer models).
+# kvproxy.api.fast_path answers them (and their aliases without /v1) in front of FastAPI; the FastAPI
+# routes made from this table document them (OpenAPI) and name them for the metrics.
+GENERATION: dict[str, tuple[Kind, type[BaseModel], type[BaseModel]]] = {
+    "/chat/completions": ("chat", ChatCompletionRequest, ChatCompletion),
+    "/completions": ("completion", CompletionRequest, Completion),
+    "/responses": ("responses", ResponsesRequest, ResponseObject),
+}
+GENERATION_PATHS: dict[str, Kind] = {
+    path: kind for suffix, (kind, _, _) in GENERATION.items() for path in (f"/v1{suffix}", suffix)
+}
 
 
 async def complete(router: Router, path: str, request: Request) -> Response:
-    """The generation routes (chat, completions, responses; with or without ``/v1``): read the body,
-    route by ``model``, hand over to that deployment. Served by ``kvproxy.api.fast_path`` in front of
-    FastAPI (the routes below document them)."""
+    """A generation route (chat, completions, responses; with or without ``/v1``): read the body,
+    route by ``model``, hand over to that deployment."""
     raw, body = await _json_body(request)
     serving = router.route(body.get("model"))
     store: TokenScoreStore = request.app.state.token_scores
     ask = shadow_ask(request, store)
-    response: Response = await _handler(serving, path)(raw, body, ask)
+    response = await handler(serving, GENERATION_PATHS[path])(raw, body, ask)
     return file_kept(store, ask, response, key_owner(request.scope))
 
 
@@ -94,24 +97,21 @@ def _router(request: Request) -> Router:
     return r
 
 
-@router.post(
-    "/chat/completions", response_model=ChatCompletion, openapi_extra=_request_schema(ChatCompletionRequest)
-)
-@aliases.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await complete(_router(request), CHAT, request)
+async def _generate(request: Request) -> Response:
+    return await complete(_router(request), request.scope["path"], request)
 
 
-@router.post("/completions", response_model=Completion, openapi_extra=_request_schema(CompletionRequest))
-@aliases.post("/completions")
-async def completions(request: Request) -> Response:
-    return await complete(_router(request), COMPLETIONS, request)
-
-
-@router.post("/responses", response_model=ResponseObject, openapi_extra=_request_schema(ResponsesRequest))
-@aliases.post("/responses")
-async def responses(request: Request) -> Response:
-    return await complete(_router(request), RESPONSES, request)
+_NAMES = {"chat": "chat_completions", "completion": "completions", "responses": "responses"}
+for _suffix, (_kind, _request, _answer) in GENERATION.items():
+    router.add_api_route(
+        _suffix,
+        _generate,
+        methods=["POST"],
+        response_model=_answer,
+        openapi_extra=_request_schema(_request),
+        name=_NAMES[_kind],  # the operation ids stay chat_completions_v1_chat_completions_post, ...
+    )
+    aliases.add_api_route(_suffix, _generate, methods=["POST"], name=_NAMES[_kind])
 
 
 @router.get("/models", response_model=ModelList)
@@ -126,7 +126,8 @@ async def model(model: str, request: Request) -> ModelCard:
     return _router(request).model(model)
 
 
-@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+@router.get("/responses/{response_id}")
+@router.delete("/responses/{response_id}")
 @router.post("/responses/{response_id}/cancel")
 @router.get("/responses/{response_id}/input_items")
 async def stored_response(response_id: str) -> Response:

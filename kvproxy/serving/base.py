@@ -8,7 +8,8 @@ returns the HTTP response.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol, TypeVar
 
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
@@ -32,6 +33,17 @@ class Serving(Protocol):
         """A ``/v1`` route kvproxy does not serve itself (``/v1/embeddings``, ...): relayed to a
         llama-server primary, a 404 on the embedded backend."""
         ...
+
+
+Kind = Literal["chat", "completion", "responses"]  # the generation routes (kvproxy.api.openai)
+Handler = Callable[[bytes, dict[str, Any], ShadowAsk], Awaitable[Response]]
+
+
+def handler(serving: Serving, kind: Kind) -> Handler:
+    """The one dispatch from a generation route's kind to a serving's method."""
+    if kind == "responses":
+        return serving.handle_responses
+    return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -14,28 +14,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi.responses import Response
 
 from kvproxy.deployments.base import DeploymentBase
-from kvproxy.serving.base import Serving
+from kvproxy.serving.base import Kind, Serving, handler
 from kvproxy.shadow.ask import ShadowAsk
 
 log = logging.getLogger(__name__)
 
 SERVED_BY_HEADER = "X-KVProxy-Served-By"
-Kind = Literal["chat", "completion", "responses"]
-
-
-Handler = Callable[[bytes, dict[str, Any], ShadowAsk], Awaitable[Response]]
-
-
-def _handler(serving: Serving, kind: Kind) -> Handler:
-    if kind == "responses":
-        return serving.handle_responses
-    return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
 class GuardedServing:
@@ -66,12 +55,12 @@ class GuardedServing:
         d = self.deployment
         d.step_guard()
         if not self.guard.active:
-            response: Response = await _handler(self.primary, kind)(raw, body, shadow)
+            response: Response = await handler(self.primary, kind)(raw, body, shadow)
             response.headers[SERVED_BY_HEADER] = d.name
             return response
         if d.shadow.sampler.decide(shadow.directive) and not d.shadow.pool.saturated:
             self._probe(kind, body, shadow.forced())
-        response = await _handler(self.fallback, kind)(raw, body, shadow)
+        response = await handler(self.fallback, kind)(raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.guard.fallback
         return response
 
@@ -88,7 +77,7 @@ class GuardedServing:
 
     async def _run_probe(self, kind: Kind, body: dict[str, Any], ask: ShadowAsk) -> None:
         try:
-            await _handler(self.primary, kind)(json.dumps(body).encode(), body, ask)
+            await handler(self.primary, kind)(json.dumps(body).encode(), body, ask)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an OpenAIError from the primary, a network error: count, go on
