@@ -102,10 +102,6 @@ class KVConfig:
         """As the status, the scoring server's info and the page spell a KV config."""
         return {"cache_type_k": self.cache_type_k.value, "cache_type_v": self.cache_type_v.value}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, str]) -> KVConfig:
-        return cls(KVCacheType(d["cache_type_k"]), KVCacheType(d["cache_type_v"]))
-
 
 class Backend(Protocol):
     @property

@@ -29,7 +29,7 @@ from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailur
 log = logging.getLogger(__name__)
 
 # What asking the primary for its top-20 logprobs costs a client (issue 25): measured side by side
-# by benchmarks/shadow_itl.py (docs/benchmarks.md), and on an H100 in DESIGN.md
+# by benchmarks/shadow_itl.py (docs/benchmarks.md), and on an H100 in docs/reference-design.md
 LOGPROBS_COST = (
     "shadowed requests' inter-token latency +{cpu} at p50 on a 2-core CPU "
     "(benchmarks/shadow_itl.py); 2.3 -> 3.8-5.4 ms a token on an H100 GPU"

@@ -5,7 +5,7 @@ the exact tokens the primary produced (prompt, then the completion), and at ever
 position the full-vocabulary KL(P_reference || Q_primary) is computed. The weights are loaded once
 (the contexts share the primary's ``llama_model``, so they also share its GPU offload).
 
-Two paths (DESIGN.md, "Which numerics served the tokens": llama.cpp computes a one-token decode
+Two paths (docs/reference-design.md, "Which numerics served the tokens": llama.cpp computes a one-token decode
 and a batched prefill with different kernels, and a quantized KV cache reads differently in each):
 
 * ``decode`` replays what generation computed. Each context clears its cache, prefills the prompt

@@ -263,9 +263,6 @@ class EmbeddedServing:
         )
         return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
-        return (await self._prepare_chat(req))[0]
-
     async def _prepare_chat(
         self, req: ChatCompletionRequest
     ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
