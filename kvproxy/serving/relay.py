@@ -47,6 +47,18 @@ Wants = tuple[bool, int]  # (logprobs asked for, top_logprobs asked for)
 
 
 @dataclass(frozen=True)
+class Relayed:
+    """One chat or completion request as the relay forwards it."""
+
+    path: str  # the primary's route
+    raw: bytes  # the body as the client sent it (relayed as it is when not shadowed)
+    body: dict[str, Any]  # the same, parsed
+    stream: bool
+    wants: Wants  # what the client asked of logprobs (what its answer keeps)
+    source: dict[str, Any]  # what the scorer replays: the messages (and template fields) or prompt
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a shadowed request adds to the client's for scoring: nothing, unless the deployment
     opts in to the primary's logprobs (``primary_logprobs``) and llama-server accepts them, or the
@@ -225,9 +237,8 @@ class RelayServing:
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         # llama-server: "logprobs is not supported with tools + stream" (a 400 to a valid request)
         plan = self._plan(body, ask, wants, refused=req.stream and bool(body.get("tools")))
-        return await self._serve(
-            "/v1/chat/completions", raw, body, req.stream, shadow, wants, plan, _template(body)
-        )
+        relayed = Relayed("/v1/chat/completions", raw, body, req.stream, wants, _template(body))
+        return await self._serve(relayed, shadow, plan)
 
     async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayCompletionRequest, body)
@@ -240,9 +251,8 @@ class RelayServing:
             if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
             else req.prompt
         )
-        return await self._serve(
-            "/v1/completions", raw, body, req.stream, shadow, wants, plan, {"prompt": prompt}
-        )
+        relayed = Relayed("/v1/completions", raw, body, req.stream, wants, {"prompt": prompt})
+        return await self._serve(relayed, shadow, plan)
 
     async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """A route kvproxy does not serve itself, relayed to the primary as it is (both ways)."""
@@ -322,23 +332,13 @@ class RelayServing:
         out: ResponseObject = renderer.response(choice.get("finish_reason"), _usage(data))
         return Response(out.model_dump_json(), media_type="application/json")
 
-    async def _serve(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        shadow: ShadowAsk,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-    ) -> Response:
+    async def _serve(self, relayed: Relayed, shadow: ShadowAsk, plan: Plan) -> Response:
         try:
             ticket = self._ticket(shadow, plan)
-            names = self._names(body)
+            names = self._names(relayed.body)
             if ticket is None:
-                return await self._relay(path, raw, stream, names)
-            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source, names)
+                return await self._relay(relayed.path, relayed.raw, relayed.stream, names)
+            return await self._shadowed(relayed, ticket, plan, names)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
@@ -360,20 +360,11 @@ class RelayServing:
         self._answer(content)  # relayed as sent, but never a 200 that no client can parse
         return Response(names(content) if names else content, media_type="application/json")
 
-    async def _shadowed(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        ticket: ShadowTicket,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-        names: Names,
-    ) -> Response:
+    async def _shadowed(self, relayed: Relayed, ticket: ShadowTicket, plan: Plan, names: Names) -> Response:
         """The request as sent (or with what ``plan`` adds); its answer as received (or without what
         was added), with what the shadow path needs read off a copy."""
+        path, raw, body, stream = relayed.path, relayed.raw, relayed.body, relayed.stream
+        wants, source = relayed.wants, relayed.source
         primary = self.deployment.primary
         upstream_body = orjson.dumps({**body, **plan.fields}) if plan.fields else raw
         report = plan.report()
