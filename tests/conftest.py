@@ -30,6 +30,7 @@ FAST_MODULES = frozenset(
         "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
         "test_chat_template", "test_cli_options", "test_shadow", "test_score_contract", "test_layering",
+        "test_telemetry_collector",
     }
 )  # fmt: skip
 

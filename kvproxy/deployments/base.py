@@ -24,6 +24,7 @@ from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
+from kvproxy.telemetry.collector import DeploymentState
 from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
 from kvproxy.telemetry.metrics import Metrics
 
@@ -67,6 +68,27 @@ class DeploymentBase:
         self.probes: set[asyncio.Task[None]] = set()  # the guard's replays on a drifting primary
         if metrics is not None and guard is not None:
             export_guard(metrics, name, guard)
+        if metrics is not None:  # its state is read when the metrics are (kvproxy.telemetry.collector)
+            metrics.deployments.watch(self)
+
+    def state(self) -> DeploymentState:
+        """What this deployment is now, as plain values (the metrics read it at scrape time)."""
+        guard, drift = self.guard, self.shadow.drift
+        return DeploymentState(
+            shadow_queued=self.shadow.pool.queued,
+            drift_state=drift.state,
+            drift_statistic=drift.statistic,
+            guard=(guard.fallback, guard.active) if guard is not None else None,
+            backends=self.backends_up(),
+            slots=self.slots(),
+        )
+
+    def backends_up(self) -> tuple[tuple[str, str, bool], ...]:
+        """(role, replica, healthy) of every backend this deployment serves or scores with."""
+        return ()
+
+    def slots(self) -> dict[str, int]:
+        return {}
 
     def _start_shadow(self, options: ShadowOptions, scorer: Scorer) -> None:
         """The shadow path on this deployment's scorer, its outcomes told to the metrics if any."""
