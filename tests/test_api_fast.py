@@ -230,11 +230,22 @@ def test_a_shadow_job_carries_its_request_id() -> None:
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
     scope["headers"] = [(b"x-kvproxy-token-scores", b"keep"), (b"x-kvproxy-shadow", b"force")]
-    token = request_id.current.set("req_abc")  # as kvproxy.http.request_id sets it for the request
-    try:
-        ask = shadow_ask(Request(scope), TokenScoreStore())
-    finally:
-        request_id.current.reset(token)
+    scope["headers"].append((b"x-request-id", b"req_abc"))  # the client's own, kept
+    asks = []
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:  # what the route reads
+        asks.append(shadow_ask(Request(scope, receive), TokenScoreStore()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    asyncio.run(request_id.RequestId(route)(scope, receive, send))
+    ask = asks[0]
     pool = ShadowPool(None, QualityTracker(), queue_size=1)  # type: ignore[arg-type]  # never started
     ticket = pool.ticket(ask)
     assert ticket is not None and ask.keep is not None

@@ -93,5 +93,7 @@ class OpenAIFastPath:
         except OpenAIError as exc:
             return error_response(exc)
         except Exception as exc:  # the answer FastAPI's handler gives (kvproxy.errors)
-            log.exception("unexpected error on %s (request_id=%s)", path, request_id.current.get())
+            log.exception(
+                "unexpected error on %s (request_id=%s)", path, request_id.request_id(request.scope)
+            )
             return error_response(unexpected_error(exc))

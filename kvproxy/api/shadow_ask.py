@@ -66,7 +66,7 @@ def shadow_ask(request: Request, store: TokenScoreStore | None) -> ShadowAsk:
     """The request's ask; with a fresh slot from ``store`` when it opted in to keeping scores."""
     directive = shadow_directive(request)
     keep = store.new_slot() if store is not None and keeps_token_scores(request) else None
-    return ShadowAsk(directive, keep, request_id.current.get())
+    return ShadowAsk(directive, keep, request_id.request_id(request.scope))
 
 
 def file_kept(store: TokenScoreStore, ask: ShadowAsk, response: Response, owner: bytes | None) -> Response:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,9 +22,6 @@ MAX_LENGTH = 128
 _STATE_KEY = "kvproxy_request_id"
 
 access_log = logging.getLogger("kvproxy.access")
-
-# the id of the request being served, for what runs inside it (a shadow ticket; kvproxy.shadow.pool)
-current: ContextVar[str | None] = ContextVar("kvproxy_request_id", default=None)
 
 
 def new_request_id() -> str:
@@ -74,11 +70,9 @@ class RequestId:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        token = current.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            current.reset(token)
             if logging_on:
                 access_log.debug(
                     '%s "%s %s" %d %.1f ms request_id=%s',
