@@ -15,6 +15,10 @@ export KVPROXY_CACHE
 PIP := $(VENV)/bin/python -m pip
 PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 
+# `make test`'s pytest workers (pytest-xdist): one a core, each pinned to its core (tests/workers.py);
+# every module's tests run on one worker, so its module fixtures start once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= $(shell nproc)
+
 .PHONY: serve test test-fast llama-tools install install-test clean
 
 # what `serve` and `install` need: the CPU build, or with CUDA=1 the CUDA one
@@ -35,10 +39,11 @@ test: $(VENV)/.installed-test llama-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) $(VENV)/bin/pytest
+	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) \
+		$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
-# The edit loop's tier: lint, types and the tests that start no server (tests/conftest.py
-# FAST_MODULES); no llama.cpp tools are built for it. `make test` runs these and everything else.
+# The edit loop's tier: lint, types and the tests that start no llama-server and load the model at
+# most once (tests/conftest.py FAST_MODULES, and tests marked fast); no llama.cpp tools are built for it. `make test` runs these and everything else.
 test-fast: $(VENV)/.installed-test
 	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/ruff check .

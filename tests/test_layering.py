@@ -39,12 +39,13 @@ LAYERS: dict[str, int] = {
     "observers": 10,
     "protocol_responses": 10,
     "kld": 5,
+    "protocol": 2,  # the OpenAI wire models (their tool fields are tool_calls' types)
     # leaves: import nothing of kvproxy
     "__init__": 0,
     "config": 0,
     "corpus": 0,
     "priority": 0,
-    "protocol": 0,
+    "tool_calls": 0,
     "schema_limits": 0,
     "sse": 0,
     "tasks": 0,

@@ -44,6 +44,7 @@ from kvproxy.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    MessageToolCall,
     OutputFormat,
 )
 from kvproxy.protocol_responses import ResponsesRequest
@@ -62,6 +63,7 @@ from kvproxy.serving.openai_format import (
     wire_logprob,
 )
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
+from kvproxy.serving.tool_turns import ToolTurn, finish_reason, split, tool_chunks
 from kvproxy.shadow.ask import NO_ASK, ShadowAsk
 from kvproxy.shadow.pool import ShadowTicket
 
@@ -126,21 +128,30 @@ class EmbeddedServing:
     # ---- generation and its hand-over to the shadow path ------------------------------------
 
     async def _events(
-        self, gen: GenerationRequest, ticket: ShadowTicket | None
+        self, gen: GenerationRequest, ticket: ShadowTicket | None, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """The backend's events; a finished generation hands its tokens to the shadow path."""
+        """The backend's events; a finished generation hands its tokens to the shadow path (a tool
+        turn's call tokens are scored as any others; the job says whether the answer was a call)."""
         events = self.deployment.events
         clock = TokenClock(events)
+        parts: list[str] = []
         try:
             async for event in self.backend.generate(gen):
                 if isinstance(event, Finished):
                     if ticket is not None:
+                        called = turn is not None and bool(turn.parse("".join(parts))[1])
                         ticket.submit(
-                            ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                            ShadowJob(
+                                prompt_tokens=tuple(gen.prompt_tokens),
+                                token_ids=event.token_ids,
+                                turn="tool_call" if called else "text",
+                            )
                         )
                     events.tokens(event.prompt_tokens, event.completion_tokens)
                 elif event.text:
                     clock.tick()
+                    if turn is not None and turn.active:
+                        parts.append(event.text)
                 yield event
         finally:
             if ticket is not None:
@@ -152,21 +163,23 @@ class EmbeddedServing:
         if not self.backend.ready:
             raise model_loading()
 
-    async def _collected(self, gen: GenerationRequest, shadow: ShadowAsk) -> Collected:
+    async def _collected(
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
+    ) -> Collected:
         try:
-            return await collect(self._events(gen, self.deployment.ticket(shadow)))
+            return await collect(self._events(gen, self.deployment.ticket(shadow), turn))
         except BackendError as exc:
             raise backend_failure(exc) from exc
 
     async def _started(
-        self, gen: GenerationRequest, shadow: ShadowAsk
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Start generating and wait for the first event, before any byte of a stream is sent.
 
         A request that fails at once (backend error) then still gets a proper HTTP status instead of
         a 200 stream carrying an error. Returns the events, the first one included.
         """
-        events = self._events(gen, self.deployment.ticket(shadow))
+        events = self._events(gen, self.deployment.ticket(shadow), turn)
         try:
             first = await anext(events)
         except BackendError as exc:
@@ -246,10 +259,21 @@ class EmbeddedServing:
         top_logprobs: int | None,
         format_param: str,
         variables: dict[str, Any] | None = None,
+        turn: ToolTurn | None = None,
     ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         """The generation, and for a reasoning template the splitter its output goes through."""
         self._check_ready()
-        grammar = await self._grammar(req.output_format, format_param)
+        if turn is not None and turn.active:
+            fmt_schema = req.output_format
+            response_schema = None if fmt_schema is None else (fmt_schema.schema or {"type": "object"})
+            grammar = await turn.grammar(self.backend.json_grammar, response_schema)
+            if grammar is None:  # nothing forced: a response format still holds
+                grammar = await self._grammar(req.output_format, format_param)
+        else:
+            grammar = await self._grammar(req.output_format, format_param)
+        if turn is not None:
+            messages = turn.messages(messages)
+            variables = turn.variables(variables)
         prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit)
         fmt = self.backend.chat_template.reasoning
         gen = GenerationRequest(
@@ -263,8 +287,11 @@ class EmbeddedServing:
         )
         return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
+    def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
+        return ToolTurn.of(req, self.backend.chat_template.template)
+
     async def _prepare_chat(
-        self, req: ChatCompletionRequest
+        self, req: ChatCompletionRequest, turn: ToolTurn | None = None
     ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         messages = [m.template_dict() for m in req.messages]
         return await self._prepare_messages(
@@ -275,6 +302,7 @@ class EmbeddedServing:
             top_logprobs=req.top_logprobs_count,
             format_param="response_format.json_schema.schema",
             variables=req.chat_template_kwargs,
+            turn=turn,
         )
 
     async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
@@ -317,13 +345,16 @@ class EmbeddedServing:
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK) -> ChatCompletion:
-        gen, splitter = await self._prepare_chat(req)
-        got = await self._collected(gen, shadow)
-        message = AssistantMessage(content=got.text)
-        if splitter is not None:  # a reasoning model: its thinking apart, as llama-server answers
-            r1, c1 = splitter.push(got.text)
-            r2, c2 = splitter.finish()
-            message = AssistantMessage(content=c1 + c2, reasoning_content=(r1 + r2) or None)
+        turn = self._tool_turn(req)
+        gen, splitter = await self._prepare_chat(req, turn)
+        got = await self._collected(gen, shadow, turn)
+        # a reasoning model: its thinking apart, as llama-server answers; then the calls
+        reasoning, rest = split(got.text, splitter)
+        content: str | None = rest
+        calls: list[MessageToolCall] = []
+        if turn is not None:
+            content, calls = turn.parse(rest)
+        message = AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -335,7 +366,7 @@ class EmbeddedServing:
                     logprobs=ChoiceLogprobs(content=[wire_logprob(lp) for lp in got.logprobs])
                     if req.logprobs
                     else None,
-                    finish_reason=got.done.finish_reason,
+                    finish_reason=finish_reason(got.done.finish_reason, calls),
                 )
             ],
             usage=usage(got.done),
@@ -344,8 +375,21 @@ class EmbeddedServing:
     async def chat_stream(
         self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
-        gen, splitter = await self._prepare_chat(req)
-        return self._chat_chunks(req, await self._started(gen, shadow), splitter)
+        turn = self._tool_turn(req)
+        gen, splitter = await self._prepare_chat(req, turn)
+        events = await self._started(gen, shadow, turn)
+        if turn is not None and turn.active:
+            return tool_chunks(self._first_chunk(), events, turn, splitter, req.include_usage)
+        return self._chat_chunks(req, events, splitter)
+
+    def _first_chunk(self) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+        )
 
     async def _chat_chunks(
         self,
@@ -353,13 +397,7 @@ class EmbeddedServing:
         events: AsyncGenerator[GenerationEvent, None],
         splitter: ReasoningSplitter | None = None,
     ) -> AsyncIterator[bytes]:
-        chunk = ChatCompletionChunk(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=self.backend.model_name,
-            system_fingerprint=self.fingerprint,
-            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-        )
+        chunk = self._first_chunk()
 
         def delta(event: TextDelta) -> ChatCompletionChunk:
             lp = ChoiceLogprobs(content=[wire_logprob(x) for x in event.logprobs]) if req.logprobs else None

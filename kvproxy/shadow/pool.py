@@ -242,7 +242,7 @@ class ShadowPool:
         self.count("scored")
         if self.on_scored is not None and len(scores):
             self.on_scored(scores)
-        self.events.scored(scores, lag)
+        self.events.scored(scores, lag, job.turn)
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until nothing is queued or being scored (tests, graceful shutdown)."""

@@ -11,7 +11,7 @@ import numpy as np
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
 from kvproxy.model.memory import AttentionShape, KVLayout, kv_memory_summary
-from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS
+from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS, TURNS
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
 from kvproxy.telemetry.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
 
@@ -54,6 +54,8 @@ class DeploymentObserver:
         for source in ID_SOURCES:
             metrics.shadow_token_ids.labels(name, source)
         metrics.shadow_lag.labels(name)
+        for turn in TURNS:
+            metrics.turn_token_kld.labels(name, deployment.model_label, turn)
         self._touch_quality_series()
 
     def _touch_quality_series(self) -> None:
@@ -82,13 +84,16 @@ class DeploymentObserver:
     def skipped(self, reason: str) -> None:
         self.metrics.shadow_skipped.labels(self.deployment.name, reason).inc()
 
-    def scored(self, scores: PositionScores, lag_seconds: float) -> None:
+    def scored(self, scores: PositionScores, lag_seconds: float, turn: str = "text") -> None:
         labels = self.labels()
         series = (labels["estimator"], labels["score_path"])
         if series != self._series:  # an HTTP reference was identified: new series
             self._series = series
             self._touch_quality_series()
         self.metrics.observe_scores(labels, scores, scores.positions.tolist())
+        by_turn = self.metrics.turn_token_kld.labels(labels["deployment"], labels["model"], turn)
+        for v in scores.kld.tolist():
+            by_turn.observe(v)
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
         if scores.ids_source is not None:
             self.metrics.shadow_token_ids.labels(self.deployment.name, scores.ids_source).inc()
