@@ -26,10 +26,11 @@ from typing import Any
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.grammar_compiler import GrammarCompiler
+from kvproxy.backends.row_capture import CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
-from kvproxy.config import Settings
+from kvproxy.config import ScorePath, Settings
 from kvproxy.model.chat_template import ChatTemplate
 from kvproxy.model.gguf_info import ModelInfo
 from kvproxy.model.memory import KVLayout, ggml_type, llama_n_ubatch
@@ -96,6 +97,8 @@ class EmbeddedBackend:
         self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
         self._grammars = GrammarCompiler(schema_limits(settings))  # JSON schemas, in a child process
+        # served rows of shadow-sampled requests, process-wide (kvproxy.backends.row_capture)
+        self.capture_budget: CaptureBudget | None = CaptureBudget(settings.shadow_capture_mib << 20)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -206,6 +209,19 @@ class EmbeddedBackend:
         if self._llama is None:
             raise BackendError("model not loaded")
         return self._llama._model
+
+    @property
+    def captures(self) -> bool:
+        """Whether shadow-sampled requests keep their served rows: not where they would not stand for
+        the replay (the prefill path), nor with a budget of 0."""
+        budget = self.capture_budget
+        return budget is not None and budget.limit_bytes > 0 and self._settings.score_path is ScorePath.DECODE
+
+    def new_capture(self) -> RowCapture | None:
+        """A row capture for a shadow-sampled request (kvproxy.backends.row_capture), or None."""
+        if not self.captures or self.capture_budget is None:
+            return None
+        return RowCapture(self._n_vocab, self.capture_budget)
 
     def close(self) -> None:
         self._grammars.close()

@@ -135,6 +135,8 @@ class EmbeddedServing:
         events = self.deployment.events
         clock = TokenClock(events)
         parts: list[str] = []
+        if ticket is not None:  # a sampled request keeps its served rows: scoring decodes the reference only
+            gen = dataclasses.replace(gen, capture=self.backend.new_capture())
         try:
             async for event in self.backend.generate(gen):
                 if isinstance(event, Finished):
@@ -145,9 +147,11 @@ class EmbeddedServing:
                                 prompt_tokens=tuple(gen.prompt_tokens),
                                 token_ids=event.token_ids,
                                 turn="tool_call" if called else "text",
+                                captured=gen.capture,
                             )
                         )
                     events.tokens(event.prompt_tokens, event.completion_tokens)
+                    self.deployment.shadow.generated(len(event.token_ids))
                 elif event.text:
                     clock.tick()
                     if turn is not None and turn.active:

@@ -4,6 +4,7 @@ deployment exports at construction (KV memory, backend up, the guard)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol, Unpack
 
 import numpy as np
@@ -37,6 +38,10 @@ class ObservedDeployment(Protocol):
     def score_path(self) -> str: ...
 
 
+def _or_nan(x: object) -> float:
+    return float(x) if isinstance(x, int | float) else math.nan
+
+
 class DeploymentObserver:
     """Feeds one deployment's shadow outcomes and scores into the metrics (kvproxy.observers)."""
 
@@ -56,6 +61,9 @@ class DeploymentObserver:
         metrics.shadow_lag.labels(name)
         for turn in TURNS:
             metrics.turn_token_kld.labels(name, deployment.model_label, turn)
+        metrics.shadow_sustainable_rate.labels(name).set_function(
+            lambda: _or_nan(deployment.shadow.pool.capacity.status()["sustainable_rate"])
+        )
         self._touch_quality_series()
 
     def _touch_quality_series(self) -> None:

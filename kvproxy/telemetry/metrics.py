@@ -135,6 +135,13 @@ class Metrics:
             ("deployment", "source"),
             registry=registry,
         )
+        self.shadow_sustainable_rate = Gauge(
+            "kvproxy_shadow_sustainable_rate",
+            "Scoring capacity / generation load: the shadow rate the scorer keeps up with (NaN until "
+            "known; kvproxy.shadow.capacity).",
+            ("deployment",),
+            registry=registry,
+        )
         self.shadow_lag = Histogram(
             "kvproxy_shadow_lag_seconds",
             "From the end of a response to its score being recorded.",
