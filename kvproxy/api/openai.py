@@ -30,6 +30,7 @@ from kvproxy.protocol import (
     ModelList,
 )
 from kvproxy.protocol_responses import STATELESS, ResponseObject, ResponsesRequest
+from kvproxy.serving import output_cap
 from kvproxy.serving.base import Kind, handler
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
@@ -88,8 +89,15 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     serving = router.route(body.get("model"))
     store: TokenScoreStore = request.app.state.token_scores
     ask = shadow_ask(request, store)
-    response = await handler(serving, GENERATION_PATHS[path])(raw, body, ask)
+    kind = GENERATION_PATHS[path]
+    response = await handler(serving, kind)(raw, body, ask)
+    cap = output_cap.applied_cap(_CAP_KIND[kind], body, router.max_tokens_default)
+    if cap is not None:
+        response.headers[output_cap.HEADER] = str(cap)
     return file_kept(store, ask, response, key_owner(request.scope))
+
+
+_CAP_KIND = {"chat": "chat", "completion": "completions", "responses": "responses"}  # output_cap's names
 
 
 def _router(request: Request) -> Router:
