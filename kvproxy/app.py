@@ -37,6 +37,7 @@ from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.request_id import RequestId
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
+from kvproxy.whatif import api as whatif_api
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(admin.metrics_router)
     app.include_router(ui.router)
+    app.include_router(whatif_api.router)
     if any(isinstance(d, EmbeddedDeployment) for d in deps):
         app.include_router(score.router)
     _document_request_bodies(app)

@@ -25,6 +25,7 @@ from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
+from kvproxy.whatif.tracker import WhatIfTracker
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class DeploymentBase:
     shadow: ShadowPath
     estimator: str = "exact"
     score_path: str = "decode"  # which numerics score both sides (kvproxy.config.ScorePath)
+    whatif: WhatIfTracker | None = None  # candidate KV configs scored on the same jobs (kvproxy.whatif)
 
     def __init__(
         self,

@@ -28,6 +28,8 @@ from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.scorers import ThreadedScorer
 from kvproxy.upstream.replicas import ReplicaPool, ResponseLimits, Timeouts
+from kvproxy.whatif.build import attach as attach_whatif
+from kvproxy.whatif.build import whatif_scorer
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,12 @@ def embedded_deployment(
     """The zero-configuration deployment: primary and exact scorer in process on one set of weights."""
     backend = backend or EmbeddedBackend(settings, info)
     reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
-    return EmbeddedDeployment(
+    scorer = whatif_scorer(settings, backend, reference) or ThreadedScorer(
+        lambda: backend.make_scorer(reference)
+    )
+    deployment = EmbeddedDeployment(
         backend,
-        ThreadedScorer(lambda: backend.make_scorer(reference)),
+        scorer,
         reference_kv=reference,
         shadow=ShadowOptions(
             ShadowSampler(settings.shadow_rate),
@@ -87,6 +92,8 @@ def embedded_deployment(
         score_path=settings.score_path.value,
         metrics=metrics,
     )
+    attach_whatif(deployment, metrics)
+    return deployment
 
 
 def _servers(spec: DeploymentSpec) -> dict[str, tuple[AttentionShape, ServerSpec]]:
