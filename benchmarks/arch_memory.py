@@ -3,7 +3,7 @@
 For the tiny models of tests/arch_models.py at two context sizes and four K/V types, and the real
 Gemma 3 270M under llama-server with ``-np 1``, ``-np 4`` and its default (4 unified slots) at
 131,072 tokens: the MiB llama.cpp prints when it creates the context (``llama_kv_cache: size``, one
-line per cache, and ``llama_memory_recurrent: size``) beside kvproxy.memory's figure.
+line per cache, and ``llama_memory_recurrent: size``) beside kvproxy.model.memory's figure.
 
     .venv/bin/python benchmarks/arch_memory.py
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvproxy.backends.embedded import bundled_model_path
 from kvproxy.config import KVCacheType as T
-from kvproxy.gguf_info import read_model_info
-from kvproxy.memory import ggml_type, kv_cache_parts
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import ggml_type, kv_cache_parts
 from tests.arch_models import ARCHS, tiny_model
 from tests.llama_logged_memory import logged_contexts, parse
 from tests.llama_servers import start_llama_server

@@ -36,11 +36,11 @@ import kvproxy  # noqa: F401  (first: llama.cpp before numpy, see kvproxy/__init
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
 from kvproxy.config import KVCacheType
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores
-from kvproxy.memory import ggml_type
+from kvproxy.model.memory import ggml_type
+from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
 
 
 def progress(message: str) -> None:

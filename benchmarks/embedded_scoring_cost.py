@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import bundled_model_path
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.config import KVCacheType as T
 from kvproxy.corpus import english_text
 from kvproxy.kld import exact_kld
+from kvproxy.scoring.embedded import EmbeddedScorer
 
 Rows = np.ndarray[Any, np.dtype[np.float32]]
 

@@ -3,7 +3,7 @@
     python3 benchmarks/gpu_memory_check.py [--gib 16]
 
 A child process creates a CUDA context with PyTorch, then allocates ``--gib`` GiB. The collector
-(kvproxy.gpu, nvidia-ml-py) reads the device and the child's own usage before and after; the
+(kvproxy.telemetry.gpu, nvidia-ml-py) reads the device and the child's own usage before and after; the
 increases must equal the allocation within a few percent, and the device figure must agree with
 CUDA's own ``cudaMemGetInfo`` (torch.cuda.mem_get_info) read inside the child. Prints a table and
 writes gpu_memory_check.json to $OUT when that is set. Needs a GPU, PyTorch and nvidia-ml-py.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry
 
-from kvproxy.gpu import GpuCollector, read_gpus
+from kvproxy.telemetry.gpu import GpuCollector, read_gpus
 
 CHILD = r"""
 import sys, torch

@@ -6,7 +6,7 @@ call (how kvproxy did it before issue 16) and from the monitor's cache (now), si
 The app runs in this process and is called through ``httpx.ASGITransport`` on the same event loop,
 so the loop thread's CPU time around a request (``time.thread_time``) is what that request cost the
 loop. ``/health`` is measured the same way as the floor of the transport. Then, for ``--seconds``,
-a 1 Hz scrape of both routes runs while kvproxy's load watch (kvproxy.loadwatch) is sampled every
+a 1 Hz scrape of both routes runs while kvproxy's load watch (kvproxy.shadow.loadwatch) is sampled every
 5 ms: how often it would have shed shadow sampling because of the scrapes. Needs a GPU for the two
 modes to differ; on a machine without one both read "no GPU". Writes gpu_scrape_cost.json to $OUT
 when that is set.
@@ -31,8 +31,8 @@ import httpx
 from kvproxy.app import create_app
 from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.spec import DeploymentSpec
-from kvproxy.gpu import GpuMonitor, GpuReading, NvmlReader, read_gpus
-from kvproxy.loadwatch import loop_load
+from kvproxy.shadow.loadwatch import loop_load
+from kvproxy.telemetry.gpu import GpuMonitor, GpuReading, NvmlReader, read_gpus
 
 
 class Absent:

@@ -25,12 +25,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvproxy.backends.embedded import bundled_model_path
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
-from kvproxy.shadow.job import PrimaryReport
-from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_chat
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
+from kvproxy.scoring.job import PrimaryReport
+from kvproxy.scoring.llama_server import LlamaServerReference, prompt_tokens_chat
+from kvproxy.scoring.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
-from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 from tests.conftest import start_server, stop_server
 from tests.llama_servers import llama_servers
 

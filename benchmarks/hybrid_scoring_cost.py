@@ -33,8 +33,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvproxy.shadow.job import PrimaryReport
-from kvproxy.upstream.llama_server import LlamaServerReference, _ServerState
+from kvproxy.scoring.job import PrimaryReport
+from kvproxy.scoring.llama_server import LlamaServerReference, _ServerState
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from tests.arch_models import tiny_model
 from tests.llama_servers import start_llama_server

@@ -81,7 +81,7 @@ def topk_positions_per_s(k: int, seconds: float = 2.0) -> float:
 MEMORY_CHILD = r"""
 import json, sys
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.embedded_scorer import EmbeddedScorer, scoring_chunk_bytes
+from kvproxy.scoring.embedded import EmbeddedScorer, scoring_chunk_bytes
 from kvproxy.backends.embedded import bundled_model_path
 from kvproxy.config import KVCacheType as T
 import llama_cpp

@@ -6,7 +6,7 @@
 For each ``--parallel`` N, the embedded backend serves ``--requests`` greedy completions at once
 (English prompts of different lengths, so prompt fills share batches with running streams), each
 with the top-``--top`` logprobs of every position. Each is then replayed on the decode path, single
-stream, as the shadow scorer replays it (kvproxy/backends/embedded_scorer.py, with the served ids as
+stream, as the shadow scorer replays it (kvproxy/scoring/embedded.py, with the served ids as
 ``check_ids``), and the served logprobs are compared with the replay's on the same tokens:
 
 * ``max_abs``, ``mean_abs``: |served - replayed| logprob over every served entry;
@@ -44,8 +44,8 @@ from kvproxy.backends.base import (
 from kvproxy.backends.embedded import EmbeddedBackend, bundled_model_path
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import coarse_kld_row
+from kvproxy.model.gguf_info import read_model_info
 from kvproxy.serving.openai_format import collect
 
 F16 = KVConfig(KVCacheType.F16, KVCacheType.F16)

@@ -179,7 +179,7 @@ def kvproxy_agreement(
 ) -> dict[str, dict[str, Any]]:
     import llama_cpp
 
-    from kvproxy.backends.embedded_scorer import EmbeddedScorer
+    from kvproxy.scoring.embedded import EmbeddedScorer
 
     llm = llama_cpp.Llama(str(args.model), n_ctx=64, n_gpu_layers=args.n_gpu_layers, verbose=False)
     f16 = parse_config("f16")

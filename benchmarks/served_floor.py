@@ -38,13 +38,13 @@ import httpx
 import numpy as np
 
 from kvproxy.backends.embedded import bundled_model_path
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores
-from kvproxy.shadow.job import PrimaryReport
-from kvproxy.upstream.llama_server import LlamaServerReference, prompt_tokens_text
+from kvproxy.scoring.job import PrimaryReport
+from kvproxy.scoring.llama_server import LlamaServerReference, prompt_tokens_text
+from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
-from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 from tests.conftest import start_server, stop_server
 from tests.llama_servers import llama_servers
 

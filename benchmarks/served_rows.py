@@ -247,8 +247,8 @@ def main() -> None:
 
     # kvproxy's own decode-path scorer, as it is and with its prompt prefill cut like llama-server's
     from kvproxy.backends.base import KVConfig
-    from kvproxy.backends.embedded_scorer import EmbeddedScorer
     from kvproxy.config import KVCacheType
+    from kvproxy.scoring.embedded import EmbeddedScorer
 
     f16 = KVConfig(KVCacheType.F16, KVCacheType.F16)
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.backends.embedded import bundled_model_path
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.config import KVCacheType as T
 from kvproxy.kld import coarse_kld_row, exact_kld, log_softmax
+from kvproxy.scoring.embedded import EmbeddedScorer
 
 
 def english_tokens(llm: object) -> list[int]:

@@ -19,24 +19,24 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
-from kvproxy.access import AccessControl, KeySet
 from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import GENERATION_ROUTES
-from kvproxy.body_limit import BodyLimit
 from kvproxy.config import DEFAULT_MAX_TOKENS
-from kvproxy.cors import CORS
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
-from kvproxy.draining import DrainCutoff
 from kvproxy.errors import install_error_handlers
-from kvproxy.gpu import GpuCollector, GpuMonitor
-from kvproxy.metrics import Metrics, RequestMetricsMiddleware
+from kvproxy.http.access import AccessControl, KeySet
+from kvproxy.http.body_limit import BodyLimit
+from kvproxy.http.cors import CORS
+from kvproxy.http.draining import DrainCutoff
+from kvproxy.http.request_id import RequestId
 from kvproxy.protocol import ChatCompletionRequest, CompletionRequest
 from kvproxy.protocol_responses import ResponsesRequest
-from kvproxy.request_id import RequestId
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
+from kvproxy.telemetry.gpu import GpuCollector, GpuMonitor
+from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware
 from kvproxy.whatif import api as whatif_api
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ def create_app(
     their series and the HTTP ones share a registry; by default a registry of the app's own with the
     process collector (RSS, CPU, open files). ``gpu``: the NVML monitor (a test passes one with its
     own reader); its readings are exported on the same registry. ``api_keys`` guard the serving routes,
-    ``admin_token`` the status and metrics routes (kvproxy.access); none given: open.
+    ``admin_token`` the status and metrics routes (kvproxy.http.access); none given: open.
     ``max_tokens_default`` limits requests that set no limit (0: the context's room). ``cors_origins``
-    opens the serving routes to browsers on those origins (kvproxy.cors); none: CORS off.
+    opens the serving routes to browsers on those origins (kvproxy.http.cors); none: CORS off.
 
     On shutdown, queued and running shadow jobs get until ``app.state.drain_deadline`` (set by the
     server when SIGTERM arrives; else ``drain_timeout`` from the start of shutdown) to finish; what

@@ -4,7 +4,7 @@ The text is cut into chunks of ``ctx_size`` tokens, each starting with BOS, and 
 every chunk is scored (llama-perplexity's layout), so the figures compare with
 ``llama-perplexity --kl-divergence``. Each config is scored exactly, over the full vocabulary,
 against the reference config on the same weights. Memory stays bounded: the text is read and
-tokenized a block at a time, scoring runs in chunks (see kvproxy.backends.embedded_scorer), and
+tokenized a block at a time, scoring runs in chunks (see kvproxy.scoring.embedded), and
 per-config statistics are running sums plus a fixed histogram (kvproxy.shadow.quality).
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.config import KVCacheType, ScorePath
-from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import bits_per_value, kv_cache_allocated_bytes
+from kvproxy.model.gguf_info import ModelInfo
+from kvproxy.model.memory import bits_per_value, kv_cache_allocated_bytes
 from kvproxy.shadow.baseline import SEGMENT_TOKENS
 from kvproxy.shadow.quality import QualityTracker
 
@@ -277,7 +277,7 @@ def sweep(
     in calls of 128 positions (llama-perplexity's batched numerics; cheaper)."""
     import llama_cpp
 
-    from kvproxy.backends.embedded_scorer import EmbeddedScorer
+    from kvproxy.scoring.embedded import EmbeddedScorer
 
     llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, n_gpu_layers=n_gpu_layers, verbose=False)
     scored = [c for c in configs if c != reference]

@@ -78,7 +78,7 @@ class PositionScores:
     # primary reported nothing to compare (only a kvproxy scoring server gives this)
     served_divergence: FloatArray | None = None
     # where the scored (generated) token ids came from: the primary itself, its logprobs, or its
-    # answer's text re-tokenized (kvproxy.shadow.job.ID_SOURCES); None: not said
+    # answer's text re-tokenized (kvproxy.scoring.job.ID_SOURCES); None: not said
     ids_source: str | None = None
 
     def with_checks(self, checks: list[list[float]]) -> PositionScores:

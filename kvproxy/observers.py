@@ -1,7 +1,7 @@
 """What serving and shadow code tells whoever watches it, as small protocols with do-nothing defaults.
 
 Backends, upstream clients and the shadow pool take an observer at construction and call it
-unconditionally; :mod:`kvproxy.metrics` implements these protocols with Prometheus, tests may pass
+unconditionally; :mod:`kvproxy.telemetry.metrics` implements these protocols with Prometheus, tests may pass
 their own, and code built without metrics gets the null observers below. Nothing here imports the
 metrics library, so the layers below serving never depend on it.
 """

@@ -127,7 +127,7 @@ class ChatMessage(BaseModel):
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it ("developer" is OpenAI's new name for system):
-        content parts stay a list (the template decides, kvproxy.chat_template), and an assistant's
+        content parts stay a list (the template decides, kvproxy.model.chat_template), and an assistant's
         reasoning goes along, as llama-server passes them."""
         role = "system" if self.role == "developer" else self.role
         content: Any = (
@@ -413,8 +413,8 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: str | None = None  # required by OpenAI's spec, may be null
-    # a reasoning model's thinking, split from the content as llama-server splits it (kvproxy.reasoning);
-    # absent for other models
+    # a reasoning model's thinking, split from the content as llama-server splits it
+    # (kvproxy.model.reasoning); absent for other models
     reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")

@@ -1,4 +1,4 @@
-"""GPU readers for tests: none at all, or canned readings (kvproxy.gpu takes its reader as a
+"""GPU readers for tests: none at all, or canned readings (kvproxy.telemetry.gpu takes its reader as a
 parameter, so both branches of the collector and the monitor run on any machine)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from kvproxy.gpu import GpuReading
+from kvproxy.telemetry.gpu import GpuReading
 
 
 class NoGpu:

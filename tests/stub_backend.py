@@ -21,10 +21,10 @@ from kvproxy.backends.base import (
     TextDelta,
 )
 from kvproxy.backends.grammar import json_gbnf
-from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import KVCacheType
-from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import AttentionShape
+from kvproxy.model.chat_template import ChatTemplate
+from kvproxy.model.gguf_info import ModelInfo
+from kvproxy.model.memory import AttentionShape
 
 SHAPE = AttentionShape(n_layers=2, n_head_kv=1, head_dim_k=64, head_dim_v=64)
 

@@ -11,12 +11,12 @@ import httpx
 import openai
 import pytest
 
-from kvproxy.access import KeySet, RouteKind, bearer_token, route_kind
 from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deployments.build import build_deployments
 from kvproxy.deployments.spec import ProxyConfig
-from kvproxy.metrics_server import start_metrics_server
+from kvproxy.http.access import KeySet, RouteKind, bearer_token, route_kind
+from kvproxy.telemetry.server import start_metrics_server
 from tests.conftest import serve_in_thread
 from tests.fault_servers import fault_server
 from tests.test_errors import assert_openai_error

@@ -203,10 +203,10 @@ def test_the_request_id_is_on_the_access_log(client: Client, caplog: pytest.LogC
 
 
 def test_a_shadow_job_carries_its_request_id() -> None:
-    from kvproxy import request_id
-    from kvproxy.shadow.job import ShadowJob
+    from kvproxy.http import request_id
+    from kvproxy.scoring.job import ShadowJob
+    from kvproxy.scoring.kept import KeptScores
     from kvproxy.shadow.pool import ShadowTicket
-    from kvproxy.shadow.token_scores import KeptScores
 
     offered: list[ShadowJob] = []
 

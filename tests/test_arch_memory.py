@@ -1,7 +1,7 @@
 """KV and recurrent-state bytes per architecture against what llama.cpp itself logs.
 
 For every tiny model (tests/arch_models.py), at two context sizes, for f16, q8_0, q4_0 and q8_0 K +
-q4_0 V, the bytes kvproxy.memory computes must equal llama.cpp's logged ``llama_kv_cache: size``
+q4_0 V, the bytes kvproxy.model.memory computes must equal llama.cpp's logged ``llama_kv_cache: size``
 of each cache (full attention and sliding window) within 1 % or the log's own rounding (it prints
 MiB to two decimals), with the same cell and layer counts; the recurrent state of the hybrid Qwen
 models must equal ``llama_memory_recurrent: size`` and not move with the KV types. llama-server
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvproxy.config import KVCacheType as T
-from kvproxy.gguf_info import read_model_info
-from kvproxy.memory import ggml_type, kv_cache_parts, kv_cells, kv_memory_summary
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import ggml_type, kv_cache_parts, kv_cells, kv_memory_summary
 from tests.arch_models import ARCHS, tiny_model
 from tests.llama_logged_memory import Logged, logged_contexts, parse, within_log_precision
 from tests.llama_servers import start_llama_server
@@ -156,8 +156,8 @@ def test_deployments_file_sizes_a_llama_server_as_it_was_started(gemma_path: Pat
     from kvproxy.deployments.build import build_deployments
     from kvproxy.deployments.spec import ProxyConfig
     from kvproxy.deployments.status import memory_status
-    from kvproxy.memory import kv_cache_allocated_bytes
-    from kvproxy.metrics import Metrics
+    from kvproxy.model.memory import kv_cache_allocated_bytes
+    from kvproxy.telemetry.metrics import Metrics
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "gemma.gguf").symlink_to(gemma_path)
@@ -182,7 +182,7 @@ def test_deployments_file_sizes_a_llama_server_as_it_was_started(gemma_path: Pat
 
 def test_cells_per_stream_by_hand() -> None:
     """Pure arithmetic, Gemma 3 270M (512-token window on 15 of 18 layers, one 256-wide KV head)."""
-    from kvproxy.memory import AttentionShape, kv_cache_allocated_bytes
+    from kvproxy.model.memory import AttentionShape, kv_cache_allocated_bytes
 
     shape = AttentionShape(18, 1, 256, 256, 512, frozenset(i for i in range(18) if i % 6 < 5))
     one = kv_cells(shape, 16000)  # padded to 16,128; the window cache pad(512 + 512)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvproxy.chat_template import ChatTemplate, ChatTemplateError
+from kvproxy.model.chat_template import ChatTemplate, ChatTemplateError
 
 
 def gemma() -> ChatTemplate:

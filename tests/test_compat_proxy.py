@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from kvproxy import sse
-from kvproxy.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import LlamaServer, llama_servers
 from tests.openai_spec import assert_valid, assert_valid_event

@@ -1,4 +1,4 @@
-"""Connection hygiene (kvproxy.connections): header and body deadlines, the cap on open connections,
+"""Connection hygiene (kvproxy.http.connections): header and body deadlines, the cap on open connections,
 and /health answering while slow clients try to use up the process's file descriptors."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from kvproxy.connections import ConnectionLimits, connection_budget, guarded_protocol
+from kvproxy.http.connections import ConnectionLimits, connection_budget, guarded_protocol
 from tests.conftest import start_server, stop_server
 
 KEY, OTHER_KEY, ADMIN = "probe-key-1", "probe-key-2", "probe-admin"

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.gguf_info import read_model_info
 from kvproxy.serving.embedded import EmbeddedServing
 from tests.llama_servers import LlamaServer, start_llama_server
 

@@ -24,17 +24,17 @@ from kvproxy.backends.base import (
 )
 from kvproxy.backends.devices import gpu_offload_supported
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest, decode_step_bytes
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import PositionScores
-from kvproxy.memory import ggml_type
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import ggml_type
+from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest, decode_step_bytes
+from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.shadow.scorers import ThreadedScorer
 
 F16 = KVConfig(T.F16, T.F16)
 Q4 = KVConfig(T.Q4_0, T.Q4_0)

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.deployments.spec import ProxyConfig
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

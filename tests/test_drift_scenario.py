@@ -21,8 +21,8 @@ import numpy as np
 import openai
 import pytest
 
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
 from kvproxy.shadow.drift import DRIFT, DriftDetector
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.forwarder import Forwarder, forwarding

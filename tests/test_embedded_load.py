@@ -23,7 +23,7 @@ import pytest
 from kvproxy.backends.base import Finished, GenerationRequest, SamplingParams
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 from tests.burst import rss_mib, run_burst
 from tests.conftest import RunningServer, start_server, stop_server, wait_for
 

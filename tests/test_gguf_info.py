@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 
 
 def test_bundled_gemma(gemma_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_fast_header_reader_agrees_with_gguf_reader(gemma_path: Path) -> None:
     """The reference library reads the same header (slowly: it parses the 262k-token arrays)."""
     from gguf import GGUFReader
 
-    from kvproxy.gguf_info import MAX_ARRAY, read_metadata
+    from kvproxy.model.gguf_info import MAX_ARRAY, read_metadata
 
     fast = read_metadata(gemma_path)
     reader = GGUFReader(gemma_path)

@@ -9,7 +9,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from kvproxy.gpu import GpuCollector, GpuMonitor, NvmlReader, gpu_status, read_gpus
+from kvproxy.telemetry.gpu import GpuCollector, GpuMonitor, NvmlReader, gpu_status, read_gpus
 from tests.gpu_fakes import CannedGpu, NoGpu
 
 

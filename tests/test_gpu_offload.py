@@ -14,7 +14,7 @@ from kvproxy.backends.devices import gpu_devices, gpu_offload_supported, resolve
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 
 pytestmark = pytest.mark.skipif(
     not (gpu_offload_supported() and gpu_devices()),

@@ -32,10 +32,10 @@ from kvproxy.backends.base import (
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.job import PrimaryReport
+from kvproxy.scoring.llama_server import LlamaServerReference
 from kvproxy.serving.openai_format import collect
-from kvproxy.shadow.job import PrimaryReport
-from kvproxy.upstream.llama_server import LlamaServerReference
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from tests.arch_models import tiny_model
 from tests.llama_servers import start_llama_server

@@ -68,8 +68,8 @@ def real_logits(gemma_path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     import llama_cpp
 
     from kvproxy.backends.base import KVConfig
-    from kvproxy.backends.embedded_scorer import EmbeddedScorer
     from kvproxy.config import KVCacheType as T
+    from kvproxy.scoring.embedded import EmbeddedScorer
 
     llm = llama_cpp.Llama(str(gemma_path), n_ctx=256, verbose=False)
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. It was a sunny day in the park.")

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import LlamaServer, llama_servers
 
@@ -142,7 +142,7 @@ def test_the_proxy_returns_what_llama_server_returns(stack: dict[str, Any]) -> N
 
 
 def test_prompt_tokens_come_from_the_primary(stack: dict[str, Any]) -> None:
-    from kvproxy.upstream.llama_server import prompt_tokens_chat
+    from kvproxy.scoring.llama_server import prompt_tokens_chat
     from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 
     async def run() -> list[int]:

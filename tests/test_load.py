@@ -15,7 +15,7 @@ proxy's RSS after the run is within RSS_BOUND_MIB of its RSS after a warm-up.
 
 The fake primary takes 20 ms a token (8 tokens: 160 ms a request, so at most 400 requests/s at
 concurrency 64), which leaves the proxy's loop room to shadow most requests; at full speed the
-loop saturates and the shadow path sheds almost everything (by design, kvproxy.loadwatch), which
+loop saturates and the shadow path sheds almost everything (by design, kvproxy.shadow.loadwatch), which
 would test little. ``KVPROXY_LOAD_DELAY_MS`` changes it.
 
 CI runs 1,000 requests after a 300-request warm-up (about 8 s on 2 cores). The full run:

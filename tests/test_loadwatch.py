@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from kvproxy.kld import PositionScores
-from kvproxy.loadwatch import loop_load
+from kvproxy.shadow.loadwatch import loop_load
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
 

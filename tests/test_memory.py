@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvproxy.config import KVCacheType as T
-from kvproxy.memory import (
+from kvproxy.model.memory import (
     AttentionShape,
     bits_per_value,
     kv_bytes_per_token,
@@ -74,7 +74,7 @@ def llama_cpp_reported_kv_bytes(path: Path, n_ctx: int, k: T, v: T) -> float:
     import subprocess
     import sys
 
-    from kvproxy.memory import ggml_type
+    from kvproxy.model.memory import ggml_type
 
     out = subprocess.run(
         [
@@ -108,8 +108,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_kv_bytes_match_what_llama_cpp_allocates(
     model: str, types: tuple[T, T], gemma_path: Path, tiny_llama: Path
 ) -> None:
-    from kvproxy.gguf_info import read_model_info
-    from kvproxy.memory import kv_cache_allocated_bytes
+    from kvproxy.model.gguf_info import read_model_info
+    from kvproxy.model.memory import kv_cache_allocated_bytes
 
     path = gemma_path if model == "gemma" else tiny_llama
     info = read_model_info(path)
@@ -120,7 +120,7 @@ def test_kv_bytes_match_what_llama_cpp_allocates(
 
 
 def test_tiny_llama_shape(tiny_llama: Path) -> None:
-    from kvproxy.gguf_info import read_model_info
+    from kvproxy.model.gguf_info import read_model_info
 
     a = read_model_info(tiny_llama).attention
     assert (a.n_layers, a.n_head_kv, a.head_dim_k, a.head_dim_v, a.swa_layers) == (4, 2, 32, 32, frozenset())

@@ -1,10 +1,10 @@
-"""kvproxy.message_spans and kvproxy.upstream.message_delimiters: where llama-server (Jinja on) sees
+"""kvproxy.model.message_spans and kvproxy.upstream.message_delimiters: where llama-server (Jinja on) sees
 user messages start, and so where it cuts a chat prompt.
 
 The pure parts are checked on llama.cpp's own examples. The whole is checked against a real
 llama-server built from the pinned source: with ``-lv 4`` it logs every prompt call it makes
 ("cached n_tokens = N, memory_seq_rm [N, end)", one line a call), so for each chat template the
-calls kvproxy predicts (kvproxy.backends.prompt_fill, from the user starts it found) must be the calls
+calls kvproxy predicts (kvproxy.scoring.prompt_fill, from the user starts it found) must be the calls
 llama-server made. A llama.cpp that splits messages differently, or cuts differently, fails here.
 """
 
@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from kvproxy.backends.prompt_fill import PromptFill
-from kvproxy.chat_template import GEMMA_TEMPLATE
 from kvproxy.corpus import english_text
-from kvproxy.message_spans import (
+from kvproxy.model.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.message_spans import (
     Delimiter,
     Segment,
     autoparser_delimiters,
@@ -34,7 +33,8 @@ from kvproxy.message_spans import (
     user_start_marker,
     user_starts,
 )
-from kvproxy.upstream.llama_server import chat_prompt
+from kvproxy.scoring.llama_server import chat_prompt
+from kvproxy.scoring.prompt_fill import PromptFill
 from kvproxy.upstream.message_delimiters import DelimiterCache, template_delimiters
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from tests.llama_servers import LlamaServer, start_llama_server

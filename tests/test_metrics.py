@@ -15,9 +15,9 @@ from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deployments.build import build_deployments, embedded_deployment
 from kvproxy.deployments.spec import ProxyConfig
-from kvproxy.gguf_info import read_model_info
-from kvproxy.gpu import GpuMonitor
-from kvproxy.metrics import Metrics, position_bucket
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.telemetry.gpu import GpuMonitor
+from kvproxy.telemetry.metrics import Metrics, position_bucket
 from tests.conftest import serve_in_thread
 from tests.fault_servers import fault_server
 from tests.gpu_fakes import NoGpu
@@ -215,7 +215,7 @@ def test_http_methods_are_labels_only_from_a_fixed_set() -> None:
     """Issue 20, finding 11: 35 methods the parser accepts made 424 new kvproxy_requests_total series."""
     import socket
 
-    from kvproxy.metrics import HTTP_METHODS
+    from kvproxy.telemetry.metrics import HTTP_METHODS
 
     registry = CollectorRegistry()
     with fault_server("ok") as up:

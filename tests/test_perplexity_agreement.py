@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.config import KVCacheType as T
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
+from kvproxy.scoring.embedded import EmbeddedScorer
 from tests.llama_tools import llama_bin
 
 N_CTX = 512
@@ -126,7 +126,7 @@ def test_mean_kld_and_same_top_match_llama_perplexity(gemma_path: Path, tmp_path
 
     # `kvproxy calibrate` cuts the text the way llama-perplexity does: the same figure from the file
     from kvproxy.calibrate import parse_config, read_blocks, sweep
-    from kvproxy.gguf_info import read_model_info
+    from kvproxy.model.gguf_info import read_model_info
 
     calib = sweep(
         gemma_path,

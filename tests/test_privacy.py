@@ -14,7 +14,7 @@ from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deployments.build import build_deployments, embedded_deployment
 from kvproxy.deployments.spec import ProxyConfig
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 from tests.conftest import serve_in_thread, start_server, stop_server
 from tests.fault_servers import fault_server
 

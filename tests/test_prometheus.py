@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kvproxy.gpu import read_gpus
+from kvproxy.telemetry.gpu import read_gpus
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import free_port
 

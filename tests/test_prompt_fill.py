@@ -1,4 +1,4 @@
-"""kvproxy.backends.prompt_fill: llama-server's prompt calls, as its prompt-batch loop makes them
+"""kvproxy.scoring.prompt_fill: llama-server's prompt calls, as its prompt-batch loop makes them
 (tools/server/server-context.cpp); tests/test_message_spans.py checks them against a real one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from kvproxy.backends.prompt_fill import PromptFill
+from kvproxy.scoring.prompt_fill import PromptFill
 
 
 def test_without_message_starts_only_the_tail_is_cut() -> None:

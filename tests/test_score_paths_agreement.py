@@ -30,11 +30,11 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
+from kvproxy.scoring.embedded import EmbeddedScorer
 from tests.test_perplexity_agreement import N_CHUNKS, N_CTX, perplexity, read_base_tokens
 
 UBATCH = {"decode": "1", "prefill": "512"}

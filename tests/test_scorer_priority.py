@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kvproxy.backends.embedded_scorer import ScoreRequest
 from kvproxy.config import Settings
 from kvproxy.deployments.build import embedded_deployment
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.embedded import ScoreRequest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
 

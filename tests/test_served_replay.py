@@ -1,5 +1,5 @@
 """The decode-path replay reproduces what a single-stream llama-server served, once it cuts the
-prompt the way llama-server did (kvproxy.backends.prompt_fill): a real llama-server (f16 KV, one
+prompt the way llama-server did (kvproxy.scoring.prompt_fill): a real llama-server (f16 KV, one
 slot, its default context checkpoints) generates greedily with its top-20 logprobs, and kvproxy's
 scorer replays the same token ids on the same weights. With llama-server's cuts the rows agree to
 float32 rounding (llama-server normalises with a float32 sum, a constant shift per row); in one call,
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
+from kvproxy.scoring.embedded import EmbeddedScorer
+from kvproxy.scoring.prompt_fill import PromptFill
 from tests.llama_servers import llama_servers
 
 F16 = KVConfig(T.F16, T.F16)

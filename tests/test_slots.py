@@ -18,8 +18,8 @@ from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
-from kvproxy.memory import kv_memory_summary
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import kv_memory_summary
 
 SLOTS_CHILD = r"""
 import sys
@@ -45,7 +45,7 @@ def test_the_slots_kv_cache_is_what_the_banner_and_metrics_say(
 ) -> None:
     """One KV stream of ``--ctx-size`` cells per slot (sliding-window cache included), as
     ``kv_memory_summary(n_seq=slots)`` counts it; checked against llama.cpp's own log."""
-    from kvproxy.memory import ggml_type
+    from kvproxy.model.memory import ggml_type
 
     n_ctx = 1000  # not a multiple of 256: llama.cpp pads each stream
     args = [str(gemma_path), str(n_ctx), str(slots), *(str(int(ggml_type(t))) for t in types)]

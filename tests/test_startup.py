@@ -17,7 +17,7 @@ from kvproxy.app import create_app
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.deployments.build import embedded_deployment
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 from tests.conftest import serve_in_thread, start_server, stop_server
 
 MSG = [{"role": "user", "content": "Hi"}]

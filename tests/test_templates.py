@@ -23,11 +23,11 @@ import httpx
 import pytest
 
 from kvproxy.backends.embedded import EmbeddedBackend
-from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.chat_template import ChatTemplate
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.reasoning import GEMMA4, QWEN, ReasoningFormat, ReasoningSplitter, split_reasoning
 from kvproxy.protocol import ChatCompletionRequest
-from kvproxy.reasoning import GEMMA4, QWEN, ReasoningFormat, ReasoningSplitter, split_reasoning
 from tests.arch_models import tiny_model, with_chat_template
 from tests.llama_servers import LlamaServer, start_llama_server
 from tests.llama_tools import llama_bin
@@ -126,7 +126,7 @@ def test_thinking_can_be_turned_off(served: tuple[str, EmbeddedBackend, LlamaSer
 
 
 def test_two_final_assistant_messages_are_refused(served: tuple[str, EmbeddedBackend, LlamaServer]) -> None:
-    from kvproxy.chat_template import ChatTemplateError
+    from kvproxy.model.chat_template import ChatTemplateError
 
     _, backend, _ = served
     msgs = [*CONVERSATIONS["multi-turn"][:3], {"role": "assistant", "content": "more"}]

@@ -26,25 +26,20 @@ from kvproxy.api.ui import page_html
 from kvproxy.app import create_app
 from kvproxy.config import Settings
 from kvproxy.deployments.build import embedded_deployment
-from kvproxy.gguf_info import read_model_info
-from kvproxy.gpu import read_gpus
 from kvproxy.kld import PositionScores
-from kvproxy.memory import kv_cache_allocated_bytes
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import kv_cache_allocated_bytes
+from kvproxy.scoring.kept import DROPPED, FAILED, NOT_SAMPLED, PENDING, SCORED, KeptScores
 from kvproxy.shadow.history import KLDHistory
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.token_scores import (
-    DROPPED,
-    FAILED,
-    NOT_SAMPLED,
-    PENDING,
-    SCORED,
-    KeptScores,
     TokenScoreStore,
     _current,
     claim,
     parse_token_scores_header,
 )
+from kvproxy.telemetry.gpu import read_gpus
 from tests.conftest import RunningServer, serve_in_thread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -536,7 +531,7 @@ async def no_lifespan(receive: Any, send: Any) -> None:
 
 
 def test_a_401_asks_for_tokens_and_sends_them(unloaded_app: TestClient, browser: Any) -> None:
-    """The page's side of access control (kvproxy.access on main: an API key for /v1/*, the admin
+    """The page's side of access control (kvproxy.http.access on main: an API key for /v1/*, the admin
     token for /kvproxy/*): on a 401 it shows the field for that kind, keeps what is typed in
     sessionStorage and sends it as a bearer token on that kind's routes only."""
     from selenium.webdriver.common.by import By

@@ -180,7 +180,7 @@ from pathlib import Path
 from kvproxy.backends.base import BackendError, Finished, GenerationRequest, SamplingParams
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import Settings
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 
 path = Path(sys.argv[1])
 backend = EmbeddedBackend(Settings(model=path, ctx_size=256, threads=2, shadow_rate=0), read_model_info(path))

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from kvproxy.calibrate import parse_config, sweep, text_chunks
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
 from kvproxy.kld import PositionScores
+from kvproxy.model.gguf_info import read_model_info
 from kvproxy.whatif.frontier import Point, cheapest_within, pareto
 from kvproxy.whatif.scorer import WhatIf
 from kvproxy.whatif.tracker import ConfigCost, WhatIfTracker
@@ -269,7 +269,7 @@ def test_seed_finding_live_q4_0_far_above_q8_0_and_k_is_the_sensitive_side(
     assert mean["q4_0/q8_0"] > 3 * mean["q8_0/q4_0"]
     assert mean["q4_0/q8_0"] - mean["q8_0/q4_0"] > 3 * math.hypot(err["q4_0/q8_0"], err["q8_0/q4_0"])
     assert rows["q4_0"]["kld"]["same_top"] < rows["q8_0"]["kld"]["same_top"]
-    # KV bytes: the model's shape through kvproxy.memory (Gemma 3 270M: 18 layers, 1 KV head of 256)
+    # KV bytes: the model's shape through kvproxy.model.memory (Gemma 3 270M: 18 layers, 1 KV head of 256)
     assert rows["f16"]["bytes_per_token"] == 18 * 2 * 256 * 2
     assert rows["q8_0"]["bytes_per_token"] == 18 * 2 * 256 * 34 // 32
     assert rows["q4_0"]["bytes_per_token"] == 18 * 2 * 256 * 18 // 32

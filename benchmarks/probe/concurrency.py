@@ -5,7 +5,7 @@ generation is answered within 5 s, and the long stream's tokens keep coming.
 
 Run it against a server that can hold the burst's connections (``--file-limit`` above ``--concurrency``)
 and has a second slot for the fairness check (``--serve-args "--parallel 2"``): under the default
-1,024-descriptor limit the connection cap (kvproxy.connections) closes connections past its ceiling
+1,024-descriptor limit the connection cap (kvproxy.http.connections) closes connections past its ceiling
 unanswered, and with one slot the short request waits for the long one, both by design.
 """
 

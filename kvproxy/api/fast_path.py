@@ -20,9 +20,9 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect, Request
 
-from kvproxy import request_id
 from kvproxy.api.openai import complete
 from kvproxy.errors import OpenAIError, error_response, unexpected_error
+from kvproxy.http import request_id
 from kvproxy.serving.router import Router
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.routing import Match
 
-from kvproxy.access import key_owner
 from kvproxy.errors import OpenAIError, unknown_route
+from kvproxy.http.access import key_owner
 from kvproxy.protocol import (
     ChatCompletion,
     ChatCompletionRequest,

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvproxy.backends.embedded_scorer import ScoreRequest
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_loading
+from kvproxy.scoring.embedded import ScoreRequest
+from kvproxy.scoring.prompt_fill import PromptFill
 
 router = APIRouter(prefix="/kvproxy/v1")
 
@@ -26,7 +26,7 @@ class ScoreBody(BaseModel):
     token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     check_ids: list[list[Annotated[int, Field(ge=0)]]] | None = None
     # how the live primary (a llama-server) cut the prompt into calls: the decode-path replay cuts it
-    # the same way, so its rows are the served ones (kvproxy.backends.prompt_fill)
+    # the same way, so its rows are the served ones (kvproxy.scoring.prompt_fill)
     prompt_fill: PromptFillSpec | None = None
 
 
@@ -37,7 +37,7 @@ class PromptFillSpec(BaseModel):
     checkpoints: bool = True
     checkpoint_min_step: Annotated[int, Field(ge=0)] = 8192
     # where the primary saw user messages start in this prompt (llama-server with Jinja templates
-    # cuts there; kvproxy.message_spans): token positions inside the prompt
+    # cuts there; kvproxy.model.message_spans): token positions inside the prompt
     user_starts: list[Annotated[int, Field(ge=0)]] = []
 
 

@@ -50,7 +50,7 @@ class GenerationRequest:
     # distribution, before the grammar (as the shadow path, which replays without it, scores them)
     grammar: str | None = None
     # special tokens whose text is part of the output (llama-server's "preserved tokens": a
-    # reasoning template's <think> or <|channel>, which kvproxy.reasoning then splits on)
+    # reasoning template's <think> or <|channel>, which kvproxy.model.reasoning then splits on)
     special_tokens: frozenset[int] = frozenset()
 
 

@@ -25,16 +25,16 @@ from typing import Any
 
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
-from kvproxy.backends.embedded_scorer import EmbeddedScorer
 from kvproxy.backends.grammar_compiler import GrammarCompiler
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
-from kvproxy.chat_template import ChatTemplate
 from kvproxy.config import ScorePath, Settings
-from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import KVLayout, ggml_type, llama_n_ubatch
+from kvproxy.model.chat_template import ChatTemplate
+from kvproxy.model.gguf_info import ModelInfo
+from kvproxy.model.memory import KVLayout, ggml_type, llama_n_ubatch
 from kvproxy.schema_limits import SchemaLimits
+from kvproxy.scoring.embedded import EmbeddedScorer
 
 log = logging.getLogger(__name__)
 

@@ -112,7 +112,7 @@ def probe(settings: Settings, timeout: float = 900.0) -> str | None:
 async def _run(settings: Settings) -> None:
     from kvproxy.backends.base import GenerationRequest, KVConfig, SamplingParams
     from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
-    from kvproxy.gguf_info import read_model_info
+    from kvproxy.model.gguf_info import read_model_info
 
     path = resolve_model_path(settings.model)
     backend = EmbeddedBackend(settings, read_model_info(path), verbose=True)  # llama.cpp's reasons

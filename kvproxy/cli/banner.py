@@ -7,8 +7,8 @@ from kvproxy.backends.devices import cpu_build_features, offload
 from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.http import HttpDeployment
-from kvproxy.gguf_info import ModelInfo
-from kvproxy.memory import kv_memory_summary, llama_n_ubatch
+from kvproxy.model.gguf_info import ModelInfo
+from kvproxy.model.memory import kv_memory_summary, llama_n_ubatch
 
 
 def describe_startup(settings: Settings, info: ModelInfo) -> str:

@@ -16,7 +16,7 @@ from kvproxy.calibrate import parse_config, read_blocks, recommend, sweep, write
 from kvproxy.cli.options import fail, setting_help
 from kvproxy.config import ScorePath, default_threads
 from kvproxy.corpus import english_text
-from kvproxy.gguf_info import read_model_info
+from kvproxy.model.gguf_info import read_model_info
 
 
 def calibrate(

@@ -28,9 +28,9 @@ from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
-from kvproxy.gguf_info import read_model_info
-from kvproxy.memory import check_head_sizes
-from kvproxy.metrics import Metrics
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.model.memory import check_head_sizes
+from kvproxy.telemetry.metrics import Metrics
 
 app = typer.Typer(
     add_completion=False,

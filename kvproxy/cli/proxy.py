@@ -12,7 +12,7 @@ from kvproxy.cli.options import fail
 from kvproxy.config import Settings
 from kvproxy.deployments.build import Deployment, build_deployments
 from kvproxy.deployments.spec import BackendSpec, DeploymentSpec, ProxyConfig
-from kvproxy.metrics import Metrics
+from kvproxy.telemetry.metrics import Metrics
 
 # per-position scoring on a plain llama-server costs about 6 decodes a token: a lower default rate
 # than the embedded one unless asked for

@@ -13,17 +13,17 @@ from types import FrameType
 import typer
 import uvicorn
 
-from kvproxy.access import KeySet
 from kvproxy.app import create_app
 from kvproxy.cli.banner import describe_access, describe_limits
 from kvproxy.cli.options import fail
 from kvproxy.config import Settings
-from kvproxy.connections import ConnectionLimits, connection_budget, file_limit, guarded_protocol
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.deployments.http import HttpDeployment
-from kvproxy.metrics import Metrics
-from kvproxy.metrics_server import start_metrics_server
+from kvproxy.http.access import KeySet
+from kvproxy.http.connections import ConnectionLimits, connection_budget, file_limit, guarded_protocol
+from kvproxy.telemetry.metrics import Metrics
+from kvproxy.telemetry.server import start_metrics_server
 from kvproxy.upstream.replicas import CONNECTIONS_PER_REPLICA
 
 
@@ -66,7 +66,7 @@ class DrainClock:
 
 def connection_limits(settings: Settings, deployments: list[Deployment]) -> ConnectionLimits:
     """The cap on client connections from the open-file limit, less what the upstream pools may
-    hold (kvproxy.connections); a cap the limit cannot carry stops start-up (exit 2)."""
+    hold (kvproxy.http.connections); a cap the limit cannot carry stops start-up (exit 2)."""
     upstream = 0
     for d in deployments:
         if isinstance(d, HttpDeployment):

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.metrics import Metrics
-from kvproxy.metrics_export import DeploymentObserver, ServingObserver, export_guard
 from kvproxy.observers import NULL_SERVING, NULL_SHADOW, ServingEvents
+from kvproxy.scoring.job import Scorer
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
-from kvproxy.shadow.job import Scorer
 from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
+from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
+from kvproxy.telemetry.metrics import Metrics
 from kvproxy.whatif.tracker import WhatIfTracker
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class DeploymentBase:
         return {}
 
     def kv_figures(self) -> dict[str, Any] | None:
-        """KV memory figures (kvproxy.memory.KV_MEMORY_FIELDS) when the model's shape is known."""
+        """KV memory figures (kvproxy.model.memory.KV_MEMORY_FIELDS) when the model's shape is known."""
         return None
 
     async def cancel_probes(self) -> None:

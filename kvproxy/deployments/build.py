@@ -18,15 +18,15 @@ from kvproxy.deployments.spec import (
     ProxyConfig,
     ServerSpec,
 )
-from kvproxy.gguf_info import ModelInfo, read_model_info
-from kvproxy.memory import AttentionShape
-from kvproxy.metrics import Metrics
+from kvproxy.model.gguf_info import ModelInfo, read_model_info
+from kvproxy.model.memory import AttentionShape
+from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.shadow.baseline import read_baseline
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.shadow.scorers import ThreadedScorer
+from kvproxy.telemetry.metrics import Metrics
 from kvproxy.upstream.replicas import ReplicaPool, ResponseLimits, Timeouts
 from kvproxy.whatif.build import attach as attach_whatif
 from kvproxy.whatif.build import whatif_scorer

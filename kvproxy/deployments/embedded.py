@@ -8,11 +8,11 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.backends.devices import Offload
 from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
-from kvproxy.memory import kv_memory_summary
-from kvproxy.metrics import Metrics
-from kvproxy.metrics_export import export_backend_up, export_kv_memory
+from kvproxy.model.memory import kv_memory_summary
+from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.shadow.guard import Guard
-from kvproxy.shadow.scorers import ThreadedScorer
+from kvproxy.telemetry.export import export_backend_up, export_kv_memory
+from kvproxy.telemetry.metrics import Metrics
 
 
 class EmbeddedDeployment(DeploymentBase):

@@ -10,20 +10,21 @@ from typing import Any
 import orjson
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.deployments.spec import ServerSpec
 from kvproxy.kld import PositionScores
-from kvproxy.memory import AttentionShape, kv_memory_summary
-from kvproxy.metrics import Metrics
-from kvproxy.metrics_export import export_backend_up, export_kv_memory
+from kvproxy.model.memory import AttentionShape, kv_memory_summary
+from kvproxy.scoring.job import ShadowJob
+from kvproxy.scoring.llama_server import LlamaServerReference
+from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.score_client import ScoreRouteReference
+from kvproxy.scoring.scorers import HttpScorer, ReferenceResolver
 from kvproxy.shadow.guard import Guard
-from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowSampler
-from kvproxy.shadow.scorers import HttpScorer, ReferenceResolver
-from kvproxy.upstream.llama_server import LlamaServerPrimary, LlamaServerReference
+from kvproxy.telemetry.export import export_backend_up, export_kv_memory
+from kvproxy.telemetry.metrics import Metrics
+from kvproxy.upstream.llama_server import LlamaServerPrimary
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
-from kvproxy.upstream.score_client import ScoreRouteReference
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import KVCacheType
-from kvproxy.memory import KVLayout
+from kvproxy.model.memory import KVLayout
+from kvproxy.scoring.prompt_fill import PromptFill
 
 
 class _Strict(BaseModel):
@@ -58,7 +58,7 @@ class _Strict(BaseModel):
 
 class ServerSpec(_Strict):
     """How a llama-server was started, so its KV bytes can be sized as it sizes them
-    (kvproxy.memory.kv_cells): llama-server reports neither its KV types nor its streams."""
+    (kvproxy.model.memory.kv_cells): llama-server reports neither its KV types nor its streams."""
 
     model: Path  # the GGUF it serves, readable here
     ctx_size: Annotated[int, Field(ge=0)] = 0  # -c; 0 (its default): the GGUF's training context
@@ -91,7 +91,7 @@ class BackendSpec(_Strict):
     api_key_env: str | None = None
     # how these llama-servers were started (their -b, -ub, --ctx-checkpoints and
     # --checkpoint-min-step; llama-server's defaults): a kvproxy scoring server replays a primary's
-    # prompt cut the way they cut it, so its replay is the served rows (kvproxy.backends.prompt_fill,
+    # prompt cut the way they cut it, so its replay is the served rows (kvproxy.scoring.prompt_fill,
     # docs/production.md)
     batch_size: Annotated[int, Field(ge=1)] = 2048
     ubatch_size: Annotated[int, Field(ge=1)] = 512

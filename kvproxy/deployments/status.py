@@ -7,7 +7,7 @@ from typing import Any
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.deployments.base import DeploymentBase
-from kvproxy.memory import KV_MEMORY_FIELDS
+from kvproxy.model.memory import KV_MEMORY_FIELDS
 
 
 def kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
@@ -15,7 +15,7 @@ def kv_dict(kv: KVConfig | None) -> dict[str, str] | None:
 
 
 def memory_status(d: DeploymentBase) -> dict[str, Any] | None:
-    """KV bytes of the primary config against f16 (kvproxy.memory). Without the model's attention
+    """KV bytes of the primary config against f16 (kvproxy.model.memory). Without the model's attention
     shape (a llama-server primary) only the config is known: the figures are null."""
     kv = kv_dict(d.primary_kv)
     if kv is None:

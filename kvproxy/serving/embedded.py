@@ -24,10 +24,11 @@ from pydantic import BaseModel
 
 from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, TextDelta
-from kvproxy.chat_template import ChatTemplateError, RenderedChat
-from kvproxy.content_specials import mark_literals
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, context_length_exceeded, model_load_failed, model_loading
+from kvproxy.model.chat_template import ChatTemplateError, RenderedChat
+from kvproxy.model.content_specials import mark_literals
+from kvproxy.model.reasoning import ReasoningSplitter
 from kvproxy.observers import TokenClock
 from kvproxy.protocol import (
     AssistantMessage,
@@ -46,7 +47,7 @@ from kvproxy.protocol import (
     OutputFormat,
 )
 from kvproxy.protocol_responses import ResponsesRequest
-from kvproxy.reasoning import ReasoningSplitter
+from kvproxy.scoring.job import ShadowJob
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, embedded_build, system_fingerprint, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -61,7 +62,6 @@ from kvproxy.serving.openai_format import (
     wire_logprob,
 )
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
-from kvproxy.shadow.job import ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class EmbeddedServing:
         self, messages: list[dict[str, Any]], variables: dict[str, Any] | None, requested: int | None
     ) -> tuple[list[int], RenderedChat]:
         """The prompt's token ids: control-token text in user and tool content stays text unless
-        ``--parse-special-in-content`` (kvproxy.content_specials)."""
+        ``--parse-special-in-content`` (kvproxy.model.content_specials)."""
         find = getattr(self.backend, "control_texts", None)
         literals = None
         if find is not None and not self.parse_special_in_content:

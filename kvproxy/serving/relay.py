@@ -32,10 +32,10 @@ from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
 from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
+from kvproxy.scoring.job import PrimaryReport, ShadowJob
 from kvproxy.serving import relay_responses
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
-from kvproxy.shadow.job import PrimaryReport, ShadowJob
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure

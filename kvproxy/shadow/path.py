@@ -14,9 +14,9 @@ import numpy as np
 
 from kvproxy.kld import PositionScores
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
+from kvproxy.scoring.job import Scorer
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.history import KLDHistory
-from kvproxy.shadow.job import Scorer
 from kvproxy.shadow.pool import ShadowDirective, ShadowPool, ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 

@@ -7,14 +7,14 @@
   finish (client gone, backend error) or a full queue drops the job, and the drop is counted.
 * The pool's workers score jobs through a :class:`Scorer` and feed the deployment's
   :class:`~kvproxy.shadow.quality.QualityTracker`. A scorer failure is counted, logged and never reaches
-  a client. A scorer with ``score_many`` (:class:`~kvproxy.shadow.job.BatchScorer`) is handed what is
+  a client. A scorer with ``score_many`` (:class:`~kvproxy.scoring.job.BatchScorer`) is handed what is
   queued, up to its ``max_jobs``, in one call: the batched decode path scores them as sequences of one
   context.
 
 Accounting invariant, at any moment: ``sampled = scored + failed + dropped + queued + in_flight``. A
 job that cannot be scored although nothing failed (the answer holds tool calls, the estimator needs
 logprobs that were not asked for, ...) is *skipped*: counted as dropped, and by its reason
-(``skipped``; kvproxy.shadow.job.SKIP_REASONS).
+(``skipped``; kvproxy.scoring.job.SKIP_REASONS).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from kvproxy import request_id
+from kvproxy.http import request_id
 from kvproxy.kld import PositionScores
-from kvproxy.loadwatch import LoopLoad, loop_load
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
-from kvproxy.shadow.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
+from kvproxy.scoring.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
+from kvproxy.scoring.kept import DROPPED, FAILED, KeptScores
+from kvproxy.shadow.loadwatch import LoopLoad, loop_load
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.shadow.token_scores import DROPPED, FAILED, KeptScores, claim
+from kvproxy.shadow.token_scores import claim
 from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,12 @@ class ShadowCounters:
     scored: int = 0
     failed: int = 0
     dropped: int = 0
-    shed: int = 0  # not sampled: the proxy was saturated (kvproxy.loadwatch); not part of `sampled`
+    shed: int = 0  # not sampled: the proxy was saturated (kvproxy.shadow.loadwatch); not part of `sampled`
     scored_tokens: int = 0
     last_lag_seconds: float | None = None  # response end -> score done, for the last job
     # dropped jobs that could not be scored, by reason (part of `dropped`)
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
-    # scored jobs by where their generated token ids came from (kvproxy.shadow.job.ID_SOURCES)
+    # scored jobs by where their generated token ids came from (kvproxy.scoring.job.ID_SOURCES)
     token_ids: dict[str, int] = field(default_factory=dict)
 
 
@@ -146,7 +147,7 @@ class ShadowPool:
 
     @property
     def saturated(self) -> bool:
-        """The proxy's loop is saturated (kvproxy.loadwatch): shadow work gives way to clients."""
+        """The proxy's loop is saturated (kvproxy.shadow.loadwatch): shadow work gives way to clients."""
         return self.load is not None and self.load.busy
 
     def ticket(self, directive: ShadowDirective | None = None) -> ShadowTicket | None:
@@ -293,7 +294,7 @@ class ShadowTicket:
             self._pool.drop(self.keep)
 
     def skip(self, reason: str) -> None:
-        """Nothing of this response can be scored (one of kvproxy.shadow.job.SKIP_REASONS)."""
+        """Nothing of this response can be scored (one of kvproxy.scoring.job.SKIP_REASONS)."""
         if not self._settled:
             self._settled = True
             self._pool.skip(reason, self.keep)

@@ -17,17 +17,15 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
 from kvproxy import sse
-from kvproxy.kld import PositionScores
+from kvproxy.scoring.kept import NOT_SAMPLED, KeptScores
 
 TOKEN_SCORES_HEADER = "X-KVProxy-Token-Scores"
-PENDING, SCORED, FAILED, DROPPED, NOT_SAMPLED = "pending", "scored", "failed", "dropped", "not_sampled"
 
 
 def parse_token_scores_header(value: str | None) -> bool:
@@ -37,44 +35,6 @@ def parse_token_scores_header(value: str | None) -> bool:
     if value.strip().lower() == "keep":
         return True
     raise ValueError(f"{TOKEN_SCORES_HEADER} must be 'keep', not {value!r}")
-
-
-@dataclass
-class KeptScores:
-    """One opted-in response: ``pending`` until its shadow job scored, failed or was dropped."""
-
-    created: float = field(default_factory=time.monotonic)
-    state: str = PENDING
-    claimed: bool = False
-    first_position: int | None = None
-    kld: list[float] = field(default_factory=list)
-    same_top: list[bool] = field(default_factory=list)
-    request_id: str | None = None  # the x-request-id of the response's request
-
-    def scored(self, scores: PositionScores) -> None:
-        if self.state == PENDING:
-            self.state = SCORED
-            self.first_position = scores.first_position
-            self.kld = [float(x) for x in scores.kld]
-            self.same_top = [bool(x) for x in scores.same_top]
-
-    def end(self, state: str) -> None:
-        """A final state without scores (failed, dropped, not sampled); the first one stands."""
-        if self.state == PENDING:
-            self.state = state
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.state}
-        if self.request_id is not None:
-            out["request_id"] = self.request_id
-        if self.state == SCORED:
-            out.update(
-                positions=len(self.kld),
-                first_position=self.first_position,
-                kld=self.kld,
-                same_top=self.same_top,
-            )
-        return out
 
 
 _current: ContextVar[KeptScores | None] = ContextVar("kvproxy_kept_scores", default=None)
@@ -90,7 +50,7 @@ def claim() -> KeptScores | None:
 
 
 class TokenScoreStore:
-    """Per owner (the API key that made the request: its digest, kvproxy.access.key_owner; None when
+    """Per owner (the API key that made the request: its digest, kvproxy.http.access.key_owner; None when
     the serving routes are open), at most ``capacity`` slots (that owner's oldest go first), each for
     ``ttl`` seconds after its response. An owner reads only its own slots, and its requests evict
     only its own: another key can neither read one nor push it out. Owners are the configured keys,

@@ -1,13 +1,13 @@
 """The message delimiters a llama-server primary splits chat prompts with, asked of the server itself.
 
 llama-server reports neither its template mode nor its delimiters (``/apply-template`` returns the
-prompt only), so kvproxy finds them once per replica as llama.cpp does (kvproxy.message_spans):
+prompt only), so kvproxy finds them once per replica as llama.cpp does (kvproxy.model.message_spans):
 
 * the template mode: a legacy (``--no-jinja``) server refuses ``tool_choice`` with "requires
   --jinja"; then there are no delimiters and no message cuts;
 * the template's source (``/props``): a template with a dedicated parser has a fixed list;
 * otherwise llama.cpp's autoparser probes, rendered by this server's ``/apply-template`` (so by its
-  own Jinja engine), and the marker detection ported in kvproxy.message_spans;
+  own Jinja engine), and the marker detection ported in kvproxy.model.message_spans;
 * each delimiter's token ids from its ``/tokenize`` (``parse_special``, no BOS: ``common_tokenize(
   vocab, text, false, true)``).
 
@@ -23,7 +23,7 @@ import logging
 
 import orjson
 
-from kvproxy.message_spans import PROBES, Delimiters, autoparser_delimiters, specialized_delimiters
+from kvproxy.model.message_spans import PROBES, Delimiters, autoparser_delimiters, specialized_delimiters
 from kvproxy.upstream.replicas import Replica, map_upstream_status
 
 log = logging.getLogger(__name__)

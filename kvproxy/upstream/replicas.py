@@ -28,7 +28,7 @@ from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-CONNECTIONS_PER_REPLICA = 256  # the session's pool; kvproxy.connections reserves descriptors for it
+CONNECTIONS_PER_REPLICA = 256  # the session's pool; kvproxy.http.connections reserves descriptors for it
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from kvproxy.backends.base import KVConfig
 from kvproxy.calibrate import parse_config
 from kvproxy.config import Settings
-from kvproxy.memory import check_head_sizes, kv_bytes_per_token, kv_cache_allocated_bytes
-from kvproxy.metrics import Metrics
+from kvproxy.model.memory import check_head_sizes, kv_bytes_per_token, kv_cache_allocated_bytes
+from kvproxy.telemetry.metrics import Metrics
 from kvproxy.whatif.metrics import export_whatif
 from kvproxy.whatif.replay import WhatIfReplay
 from kvproxy.whatif.scorer import WhatIf, WhatIfScorer

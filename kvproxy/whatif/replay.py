@@ -11,7 +11,7 @@ At each step the reference's row is read once and the candidates' rows are stack
 broadcast, not copied), so the per-position figures are those the shadow scorer computes for one
 config (llama-perplexity's definitions). Extra memory: ``C`` candidate rows copied a step
 (``C x n_vocab x 4`` bytes: 1 MiB a candidate for Gemma), the KLD's fixed temporaries, and each
-context's KV cache of ``n_ctx`` cells (:func:`kvproxy.memory.kv_cache_allocated_bytes`).
+context's KV cache of ``n_ctx`` cells (:func:`kvproxy.model.memory.kv_cache_allocated_bytes`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.kld import PositionScores, exact_kld
-from kvproxy.memory import ggml_type, llama_n_ubatch
+from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.scoring.prompt_fill import PromptFill
 
 
 class WhatIfReplay:
@@ -53,7 +53,7 @@ class WhatIfReplay:
         self.batch = min(batch, n_ctx)
         self.ubatch = ubatch if ubatch is not None else llama_n_ubatch(self.batch, n_ctx)
         self.n_vocab = int(model.n_vocab())
-        # llama-server's checkpoint cuts apply to windowed or recurrent models (kvproxy.backends.prompt_fill)
+        # llama-server's checkpoint cuts apply to windowed or recurrent models (kvproxy.scoring.prompt_fill)
         self.cuts_apply = bool(
             llama_cpp.llama_model_n_swa(model.model) > 0
             or llama_cpp.llama_model_is_recurrent(model.model)

@@ -1,6 +1,6 @@
 """The what-if on the shadow path: after a job's served config is scored, replay it under each candidate.
 
-:class:`WhatIfScorer` is the deployment's :class:`~kvproxy.shadow.scorers.ThreadedScorer` with the
+:class:`WhatIfScorer` is the deployment's :class:`~kvproxy.scoring.scorers.ThreadedScorer` with the
 what-if after each job it scores: shadow jobs in process (``kvproxy serve``) and score-route jobs
 (``kvproxy backend``, a proxy's reference). So the what-if obeys the shadow budget: it runs on the
 shadow worker's time, never on a client's request; while it runs, new shadow jobs wait in the
@@ -20,13 +20,13 @@ import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
-from kvproxy.shadow.job import ShadowJob
-from kvproxy.shadow.scorers import ThreadedScorer
+from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
+from kvproxy.scoring.job import ShadowJob
+from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.whatif.replay import WhatIfReplay
 from kvproxy.whatif.tracker import WhatIfTracker
 

@@ -4,7 +4,7 @@ Three kinds of config share a job's tokens: the served one (its scores are the s
 for that job), each candidate (the what-if replay) and the reference (KLD 0 by definition, drawn so
 that the frontier and the budget pick always have a fallback). Each scored config keeps a
 :class:`~kvproxy.shadow.quality.QualityTracker` (llama-perplexity's statistics since start, bounded
-memory). KV bytes per token and at the deployment's context come from kvproxy.memory.
+memory). KV bytes per token and at the deployment's context come from kvproxy.model.memory.
 """
 
 from __future__ import annotations

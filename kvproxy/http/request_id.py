@@ -2,7 +2,7 @@
 
 A client's own ``x-request-id`` is kept when it is sane (1 to 128 printable ASCII characters, no
 spaces); otherwise kvproxy makes one, ``req_`` and 32 hex digits. The id is on the response's
-headers (errors and streams included), on the access log line (logger ``kvproxy.access``, at debug
+headers (errors and streams included), on the access log line (logger ``kvproxy.http.access``, at debug
 level: ``--log-level debug``), and on the request's shadow job, so a failed scoring in the log names
 the request it came from.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf.constants import GGUF_MAGIC, GGUFValueType
 
-from kvproxy.memory import AttentionShape, RecurrentShape
+from kvproxy.model.memory import AttentionShape, RecurrentShape
 
 # Architectures whose sliding-window layout llama.cpp hard-codes when the GGUF does not carry
 # `<arch>.attention.sliding_window_pattern` (src/models/<arch>.cpp: load_swa_pattern(ml, N)):

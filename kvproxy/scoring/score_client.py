@@ -19,9 +19,9 @@ import numpy as np
 import orjson
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.kld import PositionScores, coarse_kld_row
-from kvproxy.shadow.job import PrimaryReport
+from kvproxy.scoring.job import PrimaryReport
+from kvproxy.scoring.prompt_fill import PromptFill
 from kvproxy.upstream.replicas import (
     ReplicaPool,
     UpstreamError,

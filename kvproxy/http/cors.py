@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from kvproxy.access import RouteKind, route_kind
+from kvproxy.http.access import RouteKind, route_kind
 
 ALLOWED_METHODS = b"GET, POST, DELETE, OPTIONS"
 EXPOSED_HEADERS = b"X-KVProxy-Served-By, X-Request-Id"

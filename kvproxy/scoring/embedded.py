@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
-from kvproxy.memory import ggml_type, llama_n_ubatch
+from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.scoring.prompt_fill import PromptFill
 
 KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
 
@@ -154,7 +154,7 @@ class EmbeddedScorer:
         self.max_sequences = max_sequences
         self._model = model
         # llama-server's checkpoint cuts apply to models with sliding-window layers (kvproxy keeps
-        # them windowed: swa_full off) or with recurrent state (kvproxy.backends.prompt_fill)
+        # them windowed: swa_full off) or with recurrent state (kvproxy.scoring.prompt_fill)
         import llama_cpp
 
         self.cuts_apply = bool(
@@ -329,7 +329,7 @@ class EmbeddedScorer:
     ) -> None:
         """The prompt as generation fed it, logits for the last token only: calls of ``batch``
         tokens (or of ``prompt_ubatch``) as the embedded backend's generation makes them, or the
-        micro-batches of another server's cuts (``fill``, kvproxy.backends.prompt_fill). Llama.eval
+        micro-batches of another server's cuts (``fill``, kvproxy.scoring.prompt_fill). Llama.eval
         also asks for the last row of each earlier call; those rows change no KV cell, so they are not
         computed here."""
         ctx.kv_cache_seq_rm(seq, -1, -1)

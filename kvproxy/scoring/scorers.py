@@ -12,22 +12,22 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvproxy.backends.embedded_scorer import EmbeddedScorer, ScoreRequest
-from kvproxy.backends.prompt_fill import PromptFill
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
-from kvproxy.shadow.job import PrimaryReport, ShadowJob, SkipJob
-from kvproxy.upstream.llama_server import (
+from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
+from kvproxy.scoring.job import PrimaryReport, ShadowJob, SkipJob
+from kvproxy.scoring.llama_server import (
     LlamaServerReference,
     chat_prompt,
     prompt_tokens_chat,
     prompt_tokens_text,
     tokenize_answer,
 )
+from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.score_client import ScoreRouteReference, probe_score_route
 from kvproxy.upstream.message_delimiters import DelimiterCache
 from kvproxy.upstream.replicas import ReplicaPool
-from kvproxy.upstream.score_client import ScoreRouteReference, probe_score_route
 
 Reference = LlamaServerReference | ScoreRouteReference
 

@@ -11,11 +11,11 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
-from kvproxy.memory import AttentionShape, KVLayout, kv_memory_summary
-from kvproxy.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
+from kvproxy.model.memory import AttentionShape, KVLayout, kv_memory_summary
+from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS
 from kvproxy.shadow.drift import STATE_CODES
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
-from kvproxy.shadow.job import ID_SOURCES, SKIP_REASONS
+from kvproxy.telemetry.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
 
 if TYPE_CHECKING:
     from kvproxy.shadow.path import ShadowPath
@@ -129,7 +129,7 @@ def export_kv_memory(
     n_ctx: int,
     **layout: Unpack[KVLayout],
 ) -> None:
-    """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.memory: the same
+    """KV-cache bytes of one config, from the GGUF's attention shape (kvproxy.model.memory: the same
     figures as the start-up banner and the status endpoint), and a hybrid model's recurrent state."""
     labels = (deployment, role, kv.cache_type_k.value, kv.cache_type_v.value)
     m = kv_memory_summary(shape, kv.cache_type_k, kv.cache_type_v, n_ctx, **layout)

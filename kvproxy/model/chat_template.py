@@ -10,7 +10,7 @@ What llama-server (``--jinja``) does around the template is done the same way, s
 the same prompt (checked against its ``/apply-template`` for Qwen3.5 and Gemma 4,
 tests/test_templates.py):
 
-* ``enable_thinking`` is passed, true where the template has a reasoning format (kvproxy.reasoning);
+* ``enable_thinking`` is passed, true where the template has a reasoning format (kvproxy.model.reasoning);
   a request's ``chat_template_kwargs`` can turn it off;
 * a leading BOS the template writes is dropped when the vocabulary adds one anyway;
 * content parts reach the template as a list where it reads lists, else joined with newlines;
@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from kvproxy.reasoning import GEMMA4, QWEN, ReasoningFormat, reasoning_format
+from kvproxy.model.reasoning import GEMMA4, QWEN, ReasoningFormat, reasoning_format
 
 # Gemma's published chat template (Gemma 2 and 3): a system message is folded into the first user
 # turn; the assistant's role is called "model".

@@ -1,5 +1,5 @@
 """Where llama-server (Jinja templates on) sees each chat message start, so a replay can cut the
-prompt where it did (kvproxy.backends.prompt_fill).
+prompt where it did (kvproxy.scoring.prompt_fill).
 
 llama-server splits a chat prompt's token ids into message spans with the template's *message
 delimiters* (common/chat.cpp ``common_chat_msg_delimiters::split``): at every position, the first

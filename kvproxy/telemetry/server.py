@@ -2,7 +2,7 @@
 
 prometheus-client's ``start_http_server`` cannot check a token, so its WSGI app is served here
 (same threaded stdlib server, in a daemon thread, request lines not logged) behind the same
-constant-time check as the main port's admin routes (kvproxy.access).
+constant-time check as the main port's admin routes (kvproxy.http.access).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from kvproxy.access import KeySet, RouteKind, bearer_token, refusal
+from kvproxy.http.access import KeySet, RouteKind, bearer_token, refusal
 
 
 class _QuietHandler(WSGIRequestHandler):

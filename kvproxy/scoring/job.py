@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvproxy.kld import PositionScores
-from kvproxy.shadow.token_scores import KeptScores
+from kvproxy.scoring.kept import KeptScores
 
 # Why a sampled job was not scored although nothing failed (a fixed set: a Prometheus label).
 SKIP_REASONS = (
@@ -139,7 +139,7 @@ class ShadowJob:
     report: PrimaryReport | None = None  # what an HTTP primary reported per generated position
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
     keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
-    request_id: str | None = None  # the client's request (its x-request-id; kvproxy.request_id)
+    request_id: str | None = None  # the client's request (its x-request-id; kvproxy.http.request_id)
 
 
 class Scorer(Protocol):
