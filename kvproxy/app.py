@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score, ui
+from kvproxy.api import whatif as whatif_api
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import GENERATION_ROUTES
 from kvproxy.config import DEFAULT_MAX_TOKENS
@@ -37,7 +38,6 @@ from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 from kvproxy.telemetry.gpu import GpuCollector, GpuMonitor
 from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware
-from kvproxy.whatif import api as whatif_api
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,8 @@ from kvproxy.config import Settings
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores
 from kvproxy.model.gguf_info import read_model_info
-from kvproxy.whatif.frontier import Point, cheapest_within, pareto
-from kvproxy.whatif.scorer import WhatIf
-from kvproxy.whatif.tracker import ConfigCost, WhatIfTracker
+from kvproxy.shadow.whatif import ConfigCost, Point, WhatIfTracker, cheapest_within, pareto
+from kvproxy.shadow.whatif_scorer import WhatIf
 from tests.conftest import RunningServer, start_server, stop_server, wait_for
 from tests.test_startup import run_cli
 from tests.test_ui import ARTIFACTS, browser  # noqa: F401 - the Chromium fixture
@@ -279,7 +278,7 @@ def test_seed_finding_live_q4_0_far_above_q8_0_and_k_is_the_sensitive_side(
         < rows["q8_0/q4_0"]["allocated_bytes"]
         < rows["q8_0"]["allocated_bytes"]
     )
-    # the frontier and the budget pick follow from the figures (kvproxy.whatif.frontier)
+    # the frontier and the budget pick follow from the figures (kvproxy.shadow.whatif)
     points = [Point(r["config"], r["allocated_bytes"], r["kld"]["mean"]) for r in w["configs"]]
     assert {r["config"] for r in w["configs"] if r["pareto"]} == pareto(points)
     assert w["kld_budget"] == 0.05 and w["within_budget"] == cheapest_within(points, 0.05)

@@ -22,10 +22,10 @@ from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.whatif import WhatIfTracker
 from kvproxy.tasks import cancel_and_wait
 from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
 from kvproxy.telemetry.metrics import Metrics
-from kvproxy.whatif.tracker import WhatIfTracker
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class DeploymentBase:
     shadow: ShadowPath
     estimator: str = "exact"
     score_path: str = "decode"  # which numerics score both sides (kvproxy.config.ScorePath)
-    whatif: WhatIfTracker | None = None  # candidate KV configs scored on the same jobs (kvproxy.whatif)
+    whatif: WhatIfTracker | None = None  # candidate KV configs scored on the same jobs (docs/what-if.md)
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ from kvproxy.deployments.spec import (
     ProxyConfig,
     ServerSpec,
 )
+from kvproxy.deployments.whatif import attach as attach_whatif
+from kvproxy.deployments.whatif import whatif_scorer
 from kvproxy.model.gguf_info import ModelInfo, read_model_info
 from kvproxy.model.memory import AttentionShape
 from kvproxy.scoring.scorers import ThreadedScorer
@@ -28,8 +30,6 @@ from kvproxy.shadow.pool import ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.telemetry.metrics import Metrics
 from kvproxy.upstream.replicas import ReplicaPool, ResponseLimits, Timeouts
-from kvproxy.whatif.build import attach as attach_whatif
-from kvproxy.whatif.build import whatif_scorer
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,51 @@ for that job), each candidate (the what-if replay) and the reference (KLD 0 by d
 that the frontier and the budget pick always have a fallback). Each scored config keeps a
 :class:`~kvproxy.shadow.quality.QualityTracker` (llama-perplexity's statistics since start, bounded
 memory). KV bytes per token and at the deployment's context come from kvproxy.model.memory.
+
+The frontier and the budget pick follow ``kvproxy calibrate``'s rules (kvproxy.calibrate.pareto_front,
+recommend) on the live figures; a config not scored yet (mean NaN) is neither on it nor picked.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.whatif.frontier import Point, cheapest_within, pareto
+
+
+@dataclass(frozen=True)
+class Point:
+    config: str
+    kv_bytes: int
+    mean_kld: float
+
+
+def pareto(points: Sequence[Point]) -> set[str]:
+    """The configs no other scored config beats on both KV bytes and mean KLD."""
+    scored = [p for p in points if not math.isnan(p.mean_kld)]
+    return {
+        p.config
+        for p in scored
+        if not any(
+            o is not p
+            and o.kv_bytes <= p.kv_bytes
+            and o.mean_kld <= p.mean_kld
+            and (o.kv_bytes < p.kv_bytes or o.mean_kld < p.mean_kld)
+            for o in scored
+        )
+    }
+
+
+def cheapest_within(points: Sequence[Point], budget: float) -> str | None:
+    """The config with the fewest KV bytes whose mean KLD is at most ``budget`` (ties: lower KLD)."""
+    fitting = [p for p in points if not math.isnan(p.mean_kld) and p.mean_kld <= budget]
+    return min(fitting, key=lambda p: (p.kv_bytes, p.mean_kld)).config if fitting else None
+
 
 ROLES = ("served", "candidate", "reference")
 OUTCOMES = ("scored", "failed", "shed", "not_sampled")

@@ -27,8 +27,8 @@ from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
 from kvproxy.scoring.job import ShadowJob
 from kvproxy.scoring.prompt_fill import PromptFill
 from kvproxy.scoring.scorers import ThreadedScorer
-from kvproxy.whatif.replay import WhatIfReplay
-from kvproxy.whatif.tracker import WhatIfTracker
+from kvproxy.scoring.whatif_replay import WhatIfReplay
+from kvproxy.shadow.whatif import WhatIfTracker
 
 log = logging.getLogger(__name__)
 

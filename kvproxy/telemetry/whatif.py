@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from kvproxy.whatif.tracker import OUTCOMES, ConfigCost, WhatIfTracker
+from kvproxy.shadow.whatif import OUTCOMES, ConfigCost, WhatIfTracker
 
 LABELS = ("deployment", "candidate", "role", "reference_type", "score_path")
 

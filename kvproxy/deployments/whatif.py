@@ -10,11 +10,11 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.calibrate import parse_config
 from kvproxy.config import Settings
 from kvproxy.model.memory import check_head_sizes, kv_bytes_per_token, kv_cache_allocated_bytes
+from kvproxy.scoring.whatif_replay import WhatIfReplay
+from kvproxy.shadow.whatif import ConfigCost, WhatIfTracker
+from kvproxy.shadow.whatif_scorer import WhatIf, WhatIfScorer
 from kvproxy.telemetry.metrics import Metrics
-from kvproxy.whatif.metrics import export_whatif
-from kvproxy.whatif.replay import WhatIfReplay
-from kvproxy.whatif.scorer import WhatIf, WhatIfScorer
-from kvproxy.whatif.tracker import ConfigCost, WhatIfTracker
+from kvproxy.telemetry.whatif import export_whatif
 
 if TYPE_CHECKING:
     from kvproxy.backends.embedded import EmbeddedBackend
