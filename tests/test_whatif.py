@@ -246,7 +246,7 @@ def seed_server() -> Iterator[RunningServer]:
                 assert r.status_code == 200, r.text
                 # one at a time: with shadow jobs queued the what-if gives way (shed, counted)
                 done = i + 1
-                assert wait_for(lambda: _what_if(srv.base_url)["jobs"]["scored"] == done, timeout=600)
+                assert wait_for(lambda: _what_if(srv.base_url)["jobs"]["scored"] == done, 600)  # noqa: B023
         yield srv
     finally:
         stop_server(srv)
