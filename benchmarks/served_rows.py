@@ -88,16 +88,19 @@ def server_prompt_calls(n: int, n_batch: int = 2048, n_ubatch: int = 512, checkp
 
 
 class Replay:
-    """One llama.cpp context (f16 KV, flash attention, SWA cache as llama-server's default)."""
+    """One llama.cpp context (f16 KV unless ``kv_type`` names another GGML type, flash attention,
+    SWA cache as llama-server's default)."""
 
-    def __init__(self, model: Any, n_ctx: int, n_batch: int, threads: int, n_ubatch: int = 512) -> None:
+    def __init__(
+        self, model: Any, n_ctx: int, n_batch: int, threads: int, n_ubatch: int = 512, kv_type: int = 1
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_ubatch, 1
         p.n_threads = p.n_threads_batch = threads
-        p.type_k = p.type_v = 1  # GGML_TYPE_F16
+        p.type_k = p.type_v = kv_type  # 1: GGML_TYPE_F16
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.swa_full = False
         p.no_perf = True

@@ -91,6 +91,18 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 ],
             ),
             (
+                "Mean KLD per token by turn (text, tool_call)",
+                "timeseries",
+                "none",
+                [
+                    (
+                        "{{deployment}} {{turn}}",
+                        f"sum by (deployment, turn) (rate(kvproxy_turn_token_kld_sum{{{SEL}}}[{RI}]))\n"
+                        f"  / sum by (deployment, turn) (rate(kvproxy_turn_token_kld_count{{{SEL}}}[{RI}]))",
+                    )
+                ],
+            ),
+            (
                 "Median KLD by context position",
                 "timeseries",
                 "none",

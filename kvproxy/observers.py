@@ -45,7 +45,7 @@ class ShadowEvents(Protocol):
 
     def skipped(self, reason: str) -> None: ...
 
-    def scored(self, scores: PositionScores, lag_seconds: float) -> None: ...
+    def scored(self, scores: PositionScores, lag_seconds: float, turn: str = "text") -> None: ...
 
 
 class NullServingEvents:
@@ -80,7 +80,7 @@ class NullShadowEvents:
     def skipped(self, reason: str) -> None:
         pass
 
-    def scored(self, scores: PositionScores, lag_seconds: float) -> None:
+    def scored(self, scores: PositionScores, lag_seconds: float, turn: str = "text") -> None:
         pass
 
 

@@ -1,7 +1,7 @@
 """The OpenAI wire format kvproxy accepts and returns, as pydantic models.
 
 Requests are strict in the way OpenAI's own API is strict: an unknown field is a 400 ("Unrecognized
-request argument"), and a parameter kvproxy cannot honour (``n > 1``, tools, ``logit_bias``, audio,
+request argument"), and a parameter kvproxy cannot honour (``n > 1``, ``logit_bias``, audio,
 ``echo``) is a 400 naming that parameter, never silently ignored. Known OpenAI fields that cannot
 change the output here are accepted and ignored (:data:`IGNORED_PARAMETERS`, listed in the README).
 llama.cpp's own sampling extensions ``top_k``, ``min_p`` and ``repeat_penalty`` are accepted as
@@ -18,10 +18,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
+
+from kvproxy.tool_calls.spec import ToolChoice, ToolPlan
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -45,13 +48,16 @@ IGNORED_PARAMETERS = (
     "prompt_cache_key",
     "prompt_cache_retention",
     "safety_identifier",
-    "parallel_tool_calls",
     "stream_options.include_obfuscation",
 )
+# the Responses API's tools (kvproxy.protocol_responses): not parsed there yet
 TOOLS_REFUSAL = (
     "kvproxy's embedded backend does not parse tool calls; serve this model with llama-server and put "
     "kvproxy in front of it (kvproxy serve --primary URL), where llama-server handles tools"
 )
+# chat's legacy ``functions`` / ``function_call`` (before ``tools``)
+FUNCTIONS_REFUSAL = "use tools of type function (OpenAI's tools and tool_choice)"
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 IMAGE_REFUSAL = "this deployment's model takes text only"
 
 
@@ -90,19 +96,61 @@ def refuse_media_parts(content: Any, text_types: tuple[str, ...]) -> None:
             raise ValueError(f"content part type '{kind}' is not supported; use {' or '.join(text_types)}")
 
 
+class FunctionSpec(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(_Strict):
+    """A tool the model may call: OpenAI's function tool (the only kind kvproxy offers)."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoiceParam = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message: in a request's history, or in an answer."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     # Clients often send back an assistant message exactly as they received it (with refusal,
     # annotations, audio: null ...), so unknown keys are ignored here; ones that would carry meaning
     # kvproxy cannot honour are rejected below.
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     # an earlier answer's reasoning, as llama-server returns and accepts it (reasoning templates
     # read it back)
     reasoning_content: str | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
     function_call: Any | None = None
 
     @field_validator("content", mode="before")
@@ -111,12 +159,20 @@ class ChatMessage(BaseModel):
         refuse_media_parts(value, ("text",))
         return value
 
-    @field_validator("tool_calls", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_calls(cls, value: Any) -> Any:
+    def _no_function_call(cls, value: Any) -> Any:
         if value:
-            raise _unsupported("tool calls", TOOLS_REFUSAL)
+            raise _unsupported("function_call", FUNCTIONS_REFUSAL)
         return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs a tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -136,6 +192,10 @@ class ChatMessage(BaseModel):
         out = {"role": role, "content": content}
         if self.role == "assistant" and self.reasoning_content:
             out["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
@@ -249,12 +309,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
     # accepted and ignored (IGNORED_PARAMETERS): they cannot change the output here
-    parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -271,18 +331,40 @@ class ChatCompletionRequest(_SamplingFields):
     # llama-server's extension: extra chat-template variables (e.g. {"enable_thinking": false})
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+    def _no_functions(cls, value: Any) -> Any:
         if value:
-            raise _unsupported("tools", TOOLS_REFUSAL)
+            raise _unsupported("functions and function_call", FUNCTIONS_REFUSAL)
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("tools")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", TOOLS_REFUSAL)
+    def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        names = [t.function.name for t in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(
+                'must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'
+            )
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_tools(cls, value: ToolChoiceParam | None, info: ValidationInfo) -> ToolChoiceParam | None:
+        tools = info.data.get("tools") or []
+        if value is None or value == "none" or (value == "auto" and not tools):
+            return value
+        if not tools:
+            raise ValueError("'tool_choice' is only allowed when 'tools' are specified")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"no function named '{value.function.name}' is among the tools")
         return value
 
     @field_validator("reasoning_effort")
@@ -338,6 +420,21 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    def tool_plan(self, parallel_default: bool) -> ToolPlan | None:
+        """What the request asks of function calling (None: no tools). ``parallel_default``: the
+        format's default when ``parallel_tool_calls`` is unset (kvproxy.serving.embedded)."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        parsed = (
+            ToolChoice("required", choice.function.name)
+            if isinstance(choice, NamedToolChoice)
+            else ToolChoice(choice)
+        )
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools)
+        parallel = self.parallel_tool_calls if self.parallel_tool_calls is not None else parallel_default
+        return ToolPlan(tools, parsed, parallel)
+
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -354,7 +451,9 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
-    max_tokens: TokenLimit | None = 16  # OpenAI's default for this route
+    # OpenAI's default here is 16; kvproxy's one default output cap applies instead
+    # (--max-tokens-default, kvproxy.serving.output_cap), as on every route and in both modes
+    max_tokens: TokenLimit | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -406,22 +505,24 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None  # required by OpenAI's spec, may be null
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None  # required by OpenAI's spec, may be null
     # a reasoning model's thinking, split from the content as llama-server splits it
     # (kvproxy.model.reasoning); absent for other models
     reasoning_content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # absent when there are none
 
     @model_serializer(mode="wrap")
     def _drop_no_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("reasoning_content") is None:
-            data.pop("reasoning_content", None)
+        for key in ("reasoning_content", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -449,10 +550,35 @@ class ChatCompletion(_Envelope):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call: the first carries its id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

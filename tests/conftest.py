@@ -15,29 +15,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-import uvicorn
+from tests.workers import isolate_worker, worker_index
 
-from kvproxy.backends.embedded import bundled_model_path
+isolate_worker()  # before llama.cpp (and its OpenMP runtime) is loaded in this process
 
-# `make test-fast` (the edit loop's tier, `pytest -m fast`): the modules that start no server and no
-# llama-server, and load the model at most once (test_kld's real logits). Everything else, and these,
-# runs under `make test`.
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+
+from kvproxy.backends.embedded import bundled_model_path  # noqa: E402
+
+# `make test-fast` (the edit loop's tier, `pytest -m fast`): the modules that start no llama-server
+# and load the model at most once (test_kld's real logits), or only through the one shared `server`
+# (test_errors, test_compat_model); besides these, single tests marked `@pytest.mark.fast` (refusals
+# run in process: tests/cli_runner.py). Everything else, and these, runs under `make test`.
 FAST_MODULES = frozenset(
     {
         "test_api_fast", "test_compat_fast", "test_sse", "test_textstream", "test_kld",
         "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
-        "test_chat_template", "test_cli_options", "test_shadow",
+        "test_chat_template", "test_cli_options", "test_shadow", "test_relay_line_endings",
+        "test_errors", "test_compat_model", "test_responses_render", "test_llama_args",
     }
 )  # fmt: skip
 
 
+# The longest modules, longest first (the 20 slowest of a one-process run; test_client_matrix took
+# 310 to 547 s alone on 2 shared cores): under pytest-xdist they
+# are handed out first, so no worker is left with one of them while the other has finished.
+LONG_MODULES = (
+    "test_client_matrix", "test_score_paths_agreement", "test_schema_fuzz", "test_calibrate",
+    "test_perplexity_agreement",
+    "test_drift_scenario", "test_shadow_e2e", "test_decode_path", "test_prometheus", "test_connections",
+    "test_embedded_load", "test_served_replay_jinja", "test_gguf_info", "test_shadow_unchanged",
+)  # fmt: skip
+
+
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+        if _module(item) in FAST_MODULES:
             item.add_marker(pytest.mark.fast)
+    if worker_index() is not None:  # a stable sort: each module's own order is kept
+        rank = {name: i for i, name in enumerate(LONG_MODULES)}
+        items.sort(key=lambda item: rank.get(_module(item), len(rank)))
 
 
 @pytest.fixture(scope="session")

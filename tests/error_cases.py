@@ -24,11 +24,11 @@ SCHEMA_VIOLATIONS: list[tuple[dict[str, Any], str, str]] = [
 UNHONOURED: list[tuple[dict[str, Any], str | None, str]] = [
     ({"n": 2}, "n", "n > 1 is not supported"),
     (
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        "tools",
-        "tools is not supported",
+        {"functions": [{"name": "f", "parameters": {}}]},
+        "functions",
+        "use tools of type function",
     ),
-    ({"tool_choice": "required"}, "tool_choice", "not supported"),
+    ({"tool_choice": "required"}, "tool_choice", "only allowed when 'tools' are specified"),
     ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
     ({"response_format": {"type": "xml"}}, "response_format", "json_object"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio is not supported"),

@@ -13,6 +13,7 @@ from kvproxy.deployments.build import http_deployment
 from kvproxy.deployments.spec import ProxyConfig
 from kvproxy.deployments.status import deployment_status
 from kvproxy.shadow.baseline import read_baseline
+from tests.cli_runner import run_cli_in_process
 from tests.test_startup import run_cli
 
 # a hang guard, not a speed target: the 5-config sweep takes about 40 s on a quiet 2-core machine and
@@ -20,12 +21,14 @@ from tests.test_startup import run_cli
 SWEEP_TIMEOUT = 600
 
 
+@pytest.mark.fast  # in process, no model
 def test_parse_config() -> None:
     assert str(parse_config("q8_0")) == "q8_0" and str(parse_config("q8_0/q4_0")) == "q8_0/q4_0"
     with pytest.raises(ValueError, match="not a KV config"):
         parse_config("q3_k")
 
 
+@pytest.mark.fast  # in process, no model
 def test_chunks_match_llama_perplexity_layout(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("word " * 50_000)
@@ -41,6 +44,7 @@ def r(config: str, kv: int, kld: float) -> ConfigResult:
     return ConfigResult(config, 0, kv, 1, kld, 0, 0, 0, 1, 0, 0, 0, 0)
 
 
+@pytest.mark.fast  # in process, no model
 def test_pareto_and_recommendation() -> None:
     rs = [r("f16", 9, 0.0), r("q8_0", 5, 0.01), r("q5_1", 3, 0.04), r("q4_0", 2, 0.11), r("x", 5, 0.2)]
     assert [p.config for p in pareto_front(rs)] == ["f16", "q8_0", "q5_1", "q4_0"]
@@ -84,12 +88,16 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.fast  # in process, no model
 def test_calibrate_refuses_bad_input(tmp_path: Path) -> None:
-    assert "not a KV config" in run_cli("calibrate", "--configs", "f16,q3_k", "--out", str(tmp_path)).stderr
-    assert "does not exist" in run_cli("calibrate", "--text", str(tmp_path / "none.txt")).stderr
+    assert (
+        "not a KV config"
+        in run_cli_in_process("calibrate", "--configs", "f16,q3_k", "--out", str(tmp_path)).stderr
+    )
+    assert "does not exist" in run_cli_in_process("calibrate", "--text", str(tmp_path / "none.txt")).stderr
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    result = run_cli("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
+    result = run_cli_in_process("calibrate", "--text", str(short), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "fewer than 512 tokens" in result.stderr
 
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from kvproxy.deployments.spec import ProxyConfig
+from tests.cli_runner import run_cli_in_process
 from tests.conftest import start_server, stop_server
 from tests.fault_servers import fault_server
-from tests.test_startup import run_cli
 
 GOOD = """
 [[deployments]]
@@ -76,18 +76,22 @@ def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.
         (GOOD + "drift = { warmup = 1 }\n", "greater than or equal to 2"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_bad_files_exit_2_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
-    result = run_cli("serve", "--config", str(write(tmp_path, text)))
+    result = run_cli_in_process("serve", "--config", str(write(tmp_path, text)))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
 
 
+@pytest.mark.fast  # in process, no model
 def test_flag_combinations_that_make_no_sense(tmp_path: Path) -> None:
-    result = run_cli("serve", "--reference", "http://127.0.0.1:10")
+    result = run_cli_in_process("serve", "--reference", "http://127.0.0.1:10")
     assert result.returncode == 2 and "--reference needs --primary" in result.stderr
-    result = run_cli("serve", "--config", str(write(tmp_path, GOOD)), "--primary", "http://127.0.0.1:9")
+    result = run_cli_in_process(
+        "serve", "--config", str(write(tmp_path, GOOD)), "--primary", "http://127.0.0.1:9"
+    )
     assert result.returncode == 2 and "not both" in result.stderr
-    result = run_cli("serve", "--config", str(tmp_path / "missing.toml"))
+    result = run_cli_in_process("serve", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "cannot read" in result.stderr
 
 

@@ -497,8 +497,11 @@ def test_ensure_llama_wheel_cuda_mode_builds_once_per_set_of_arguments(tmp_path:
 
 def make_dry_run(tmp: Path, *args: str) -> list[str]:
     """The commands `make -n ARGS` would run for a fresh venv (nothing is run)."""
-    # under `make test` the inherited MAKELEVEL makes a nested make print "Entering directory"
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    # under `make test` the inherited MAKELEVEL makes a nested make print "Entering directory"; a
+    # TEST_WORKERS given to that run is not the default this test reads
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "TEST_WORKERS")
+    }
     result = subprocess.run(
         [
             "make",
@@ -540,9 +543,12 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
         assert f"scripts/ensure-llama-wheel.sh {venv}/bin/python" in cpu
         assert f"{pip} --find-links {cache}/wheels -e ." in cpu
     assert make_dry_run(tmp_path, "serve")[-1] == f"{venv}/bin/kvproxy serve"
-    assert make_dry_run(tmp_path, "test")[-1] == (
-        f"KVPROXY_LLAMA_BIN=$(scripts/build-llama-tools.sh {venv}/bin/python) {venv}/bin/pytest"
+    cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    assert make_dry_run(tmp_path, "test")[-1] == (  # one pytest-xdist worker a core, a module on one
+        f"KVPROXY_LLAMA_BIN=$(scripts/build-llama-tools.sh {venv}/bin/python) "
+        f"{venv}/bin/pytest -n {cores} --dist loadfile"
     )
+    assert make_dry_run(tmp_path, "test", "TEST_WORKERS=0")[-1].endswith("/bin/pytest -n 0 --dist loadfile")
 
 
 def k8s_gpu_files() -> list[dict[str, Any]]:

@@ -97,6 +97,13 @@ def test_embedded_metrics_after_real_scored_jobs(gemma_path: Path) -> None:
         status["kld"]["since_start"]["same_top"] * tokens
     )
     assert value("kvproxy_token_delta_p_count", q) == tokens
+    # the same tokens by turn: text answers here (tool turns: tests/test_tools_embedded.py)
+    turn = {"deployment": "Gemma 3 270m", "model": "Gemma 3 270m"}
+    assert value("kvproxy_turn_token_kld_count", {**turn, "turn": "text"}) == tokens
+    assert value("kvproxy_turn_token_kld_sum", {**turn, "turn": "text"}) == pytest.approx(
+        value("kvproxy_token_kld_sum", {**q, "context": "<512"}), rel=1e-12
+    )
+    assert value("kvproxy_turn_token_kld_count", {**turn, "turn": "tool_call"}) == 0
     for outcome, expected in (("sampled", 2), ("scored", 2), ("dropped", 0), ("failed", 0)):
         assert (
             value("kvproxy_shadow_requests_total", {"deployment": "Gemma 3 270m", "outcome": outcome})

@@ -16,11 +16,13 @@ Why 128 and not the shadow scorer's default of 8: llama.cpp's CPU flash attentio
 f32) cache runs a tiled kernel for calls of 64 query rows or more and a vector kernel below that
 (ggml-cpu ops.cpp, GGML_FA_TILE_Q), so the f16 reference of a chunk of 8 is computed like a decode
 while its matrix products are computed like a prefill. Chunks of 8 read q8_0 about 11 % above
-``-ub 512`` here (printed, not asserted); every call of 64 rows or more agrees.
+``-ub 512`` here (not asserted; ``KVPROXY_SMALL_CHUNKS=1`` prints it, at the cost of a third scoring
+pass); every call of 64 rows or more agrees.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,7 +124,7 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
         f"same top {gold_same:.4f}; kvproxy mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f} "
         f"({100 * (mine.mean / gold_mean - 1):+.2f} %), same top {mine.same_top:.4f}"
     )
-    if path == "prefill":
+    if path == "prefill" and os.environ.get("KVPROXY_SMALL_CHUNKS") == "1":
         small = summarize(kvproxy_scores(llm, KVConfig(kv, kv), path, seqs, chunk=8)).mean
         print(f"{kv.value} prefill path in chunks of 8: {small:.6f} ({100 * (small / gold_mean - 1):+.2f} %)")
     assert mine.mean == pytest.approx(gold_mean, rel=0.02)

@@ -18,6 +18,7 @@ from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType, Settings
 from kvproxy.deployments.build import embedded_deployment
 from kvproxy.model.gguf_info import read_model_info
+from tests.cli_runner import run_cli_in_process
 from tests.conftest import serve_in_thread, start_server, stop_server
 
 MSG = [{"role": "user", "content": "Hi"}]
@@ -26,7 +27,8 @@ MSG = [{"role": "user", "content": "Hi"}]
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m kvproxy ARGS``; ``timeout`` only guards against a hang (a sweep takes longer)."""
+    """``python -m kvproxy ARGS`` in a process of its own; ``timeout`` only guards against a hang (a
+    sweep takes longer)."""
     import os
 
     return subprocess.run(
@@ -34,7 +36,9 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        # port 0 unless ARGS or ``env`` say otherwise: a refusal never needs the default 8000,
+        # which another run (or another xdist worker) may hold
+        env={**os.environ, "KVPROXY_PORT": "0", **(env or {})},
     )
 
 
@@ -73,8 +77,9 @@ def test_quantized_v_without_flash_attention_is_refused() -> None:
         (["--ctx-size", "4"], {}, "ctx_size"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict[str, str], message: str) -> None:
-    result = run_cli("serve", *args, env=env)
+    result = run_cli_in_process("serve", *args, env=env)
     assert_startup_failure(result, message)
 
 
@@ -97,13 +102,20 @@ def assert_startup_failure(result: subprocess.CompletedProcess[str], message: st
         ([], {"KVPROXY_API_KEYS": " , "}, "KVPROXY_API_KEYS is set but holds no key"),
         (["--host", "no-such-host.invalid", "--port", "0"], {}, "cannot resolve 'no-such-host.invalid'"),
         (["--port", "8123", "--metrics-port", "8123"], {}, "--metrics-port 8123 is --port too"),
-        (["--port", "0", "--max-connections", "999999999"], {}, "open-file limit"),
     ],
 )
+@pytest.mark.fast  # in process, no model
 def test_startup_failures_exit_2_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
     """Issue 20, findings 6, 7 and 9."""
-    result = run_cli("serve", *args, env=env)
+    result = run_cli_in_process("serve", *args, env=env)
     assert_startup_failure(result, message)
+
+
+def test_a_connection_cap_past_the_open_file_limit_exits_2_with_one_line() -> None:
+    """Issue 20, finding 9: checked where the server starts, after the model has loaded, so in a
+    process of its own."""
+    result = run_cli("serve", "--port", "0", "--max-connections", "999999999")
+    assert_startup_failure(result, "open-file limit")
 
 
 def test_a_port_in_use_is_named(tmp_path: Path) -> None:
@@ -124,12 +136,13 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
         assert "model " not in result.stdout  # nor its banner printed
 
 
+@pytest.mark.fast  # in process, no model
 def test_gguf_files_that_are_not_models_exit_2_with_the_reason(tmp_path: Path) -> None:
     """Issue 20, finding 8."""
     from tests.test_gguf_info import bad_ggufs
 
     for path, reason in bad_ggufs(tmp_path).values():
-        assert_startup_failure(run_cli("serve", "--port", "0", "--model", str(path)), reason)
+        assert_startup_failure(run_cli_in_process("serve", "--port", "0", "--model", str(path)), reason)
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:

@@ -249,6 +249,16 @@ def test_status_additions_before_traffic(unloaded_app: TestClient, gemma_path: P
     assert d["history"] == []
     assert d["histogram"]["tokens"] == 0 and sum(d["histogram"]["counts"]) == 0
     assert d["shadow"]["coverage"] == {"requests": 0, "sampled_fraction": None, "scored_fraction": None}
+    capacity = d["shadow"]["capacity"]  # nothing generated or scored yet: no rate to show
+    assert capacity["sustainable_rate"] is None and capacity["load_source"] == "none"
+    # the served-row capture is on by default (decode path) and holds nothing yet
+    assert d["shadow"]["capture"] == {
+        "limit_bytes": 1024 << 20,
+        "held_bytes": 0,
+        "idle_bytes": 0,
+        "captured_jobs": 0,
+        "fallback_jobs": 0,
+    }
 
 
 def test_unknown_scores_are_a_404_in_openai_format(unloaded_app: TestClient) -> None:
@@ -338,10 +348,12 @@ PCT = {
     "kld.since_start.same_top",
     "kld.since_start.same_top_error",
     "shadow.coverage.scored_fraction",
+    "shadow.capacity.sustainable_rate",
 }
 MIB = {"memory.allocated_bytes", "memory.f16_allocated_bytes"}
 INT = {"memory.n_ctx", "memory.bytes_per_token", "kld.since_start.tokens"}
-NUM = {"shadow.last_lag_seconds", "drift.statistic"}
+NUM = {"shadow.last_lag_seconds", "drift.statistic", "shadow.capacity.generated_tokens_per_second"}
+MS = {"shadow.capacity.scoring_seconds_per_token"}
 
 
 def page_format(field: str, v: Any) -> str:
@@ -356,6 +368,8 @@ def page_format(field: str, v: Any) -> str:
         return f"{v * 100:.1f}%"
     if field in MIB:
         return f"{v / 2**20:.1f} MiB"
+    if field in MS:
+        return f"{v * 1000:.2f} ms"
     if field in INT:
         return f"{round(v):,}"
     if field in NUM:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.cli_runner import run_cli_in_process
 from tests.conftest import start_server, stop_server
 from tests.llama_servers import llama_servers
-from tests.test_startup import run_cli
 
 PRIMARY_KEY, BACKEND_KEY = "sk-llama-primary-1", "sk-kvproxy-backend-2"
 
@@ -71,6 +72,7 @@ reference = {{ urls = ["{backend.base_url}"] }}
     assert PRIMARY_KEY not in log and BACKEND_KEY not in log
 
 
+@pytest.mark.fast  # in process, no model
 def test_an_unset_key_variable_stops_start_up(tmp_path: Path) -> None:
     config = tmp_path / "keys.toml"
     config.write_text("""
@@ -78,6 +80,6 @@ def test_an_unset_key_variable_stops_start_up(tmp_path: Path) -> None:
 model = "m"
 primary = { urls = ["http://127.0.0.1:9"], api_key_env = "T_SURELY_UNSET_KEY" }
 """)
-    result = run_cli("serve", "--config", str(config))
+    result = run_cli_in_process("serve", "--config", str(config))
     assert result.returncode == 2
     assert "T_SURELY_UNSET_KEY is not set" in result.stderr

@@ -28,6 +28,7 @@ from kvproxy.protocol import (
     ModelList,
 )
 from kvproxy.protocol_responses import STATELESS, ResponseObject, ResponsesRequest
+from kvproxy.serving import output_cap
 from kvproxy.serving.base import Serving, shadow_directive
 from kvproxy.serving.router import Router
 from kvproxy.shadow.pool import SHADOW_HEADER
@@ -86,9 +87,20 @@ async def complete(router: Router, path: str, request: Request) -> Response:
     shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
     handle = _handler(serving, path)
     if not _keeps_token_scores(request):
-        return await handle(raw, body, shadow)  # type: ignore[no-any-return]
-    store: TokenScoreStore = request.app.state.token_scores
-    return await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
+        response: Response = await handle(raw, body, shadow)
+    else:
+        store: TokenScoreStore = request.app.state.token_scores
+        response = await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
+    cap = output_cap.applied_cap(_route_kind(path), body, router.max_tokens_default)
+    if cap is not None:
+        response.headers[output_cap.HEADER] = str(cap)
+    return response
+
+
+def _route_kind(path: str) -> str:
+    if path.endswith("/chat/completions"):
+        return "chat"
+    return "completions" if path.endswith("/completions") else "responses"
 
 
 def _keeps_token_scores(request: Request) -> bool:

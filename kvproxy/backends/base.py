@@ -52,6 +52,9 @@ class GenerationRequest:
     # special tokens whose text is part of the output (llama-server's "preserved tokens": a
     # reasoning template's <think> or <|channel>, which kvproxy.model.reasoning then splits on)
     special_tokens: frozenset[int] = frozenset()
+    # the served row of every sampled token is copied here (a shadow-sampled request in embedded
+    # mode: kvproxy.scoring.row_capture.RowCapture), so scoring need not replay the primary
+    capture: Any = None
 
 
 @dataclass(frozen=True)

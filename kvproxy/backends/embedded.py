@@ -35,6 +35,7 @@ from kvproxy.model.gguf_info import ModelInfo
 from kvproxy.model.memory import KVLayout, ggml_type, llama_n_ubatch
 from kvproxy.schema_limits import SchemaLimits
 from kvproxy.scoring.embedded import EmbeddedScorer
+from kvproxy.scoring.row_capture import CaptureBudget, RowCapture
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class EmbeddedBackend:
         self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
         self._grammars = GrammarCompiler(schema_limits(settings))  # JSON schemas, in a child process
+        # served rows of shadow-sampled requests, process-wide (kvproxy.scoring.row_capture)
+        self.capture_budget: CaptureBudget | None = CaptureBudget(settings.shadow_capture_mib << 20)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -233,6 +236,19 @@ class EmbeddedBackend:
             ubatch=self.n_ubatch,
             max_sequences=sequences,
         )
+
+    @property
+    def captures(self) -> bool:
+        """Whether shadow-sampled requests keep their served rows: not where they would not stand for
+        the replay (the prefill path), nor with a budget of 0."""
+        budget = self.capture_budget
+        return budget is not None and budget.limit_bytes > 0 and self._settings.score_path is ScorePath.DECODE
+
+    def new_capture(self) -> RowCapture | None:
+        """A row capture for a shadow-sampled request (kvproxy.scoring.row_capture), or None."""
+        if not self.captures or self.capture_budget is None:
+            return None
+        return RowCapture(self._n_vocab, self.capture_budget)
 
     def close(self) -> None:
         self._grammars.close()

@@ -128,6 +128,10 @@ class DeploymentBase:
         """What the status route says of this kind's backends (replicas, scoring server...)."""
         return {}
 
+    def capture_status(self) -> dict[str, int] | None:
+        """The served-row capture's budget and counts (embedded only; kvproxy.scoring.row_capture)."""
+        return None
+
     def kv_figures(self) -> dict[str, Any] | None:
         """KV memory figures (kvproxy.model.memory.KV_MEMORY_FIELDS) when the model's shape is known."""
         return None

@@ -75,6 +75,10 @@ class EmbeddedDeployment(DeploymentBase):
             "slots": self.backend.slots_status(),
         }
 
+    def capture_status(self) -> dict[str, int] | None:
+        budget = self.backend.capture_budget
+        return budget.status() if budget is not None and self.backend.captures else None
+
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend
         shape, kv = b.info.attention, b.kv

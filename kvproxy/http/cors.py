@@ -20,7 +20,7 @@ from typing import Any
 from kvproxy.http.access import RouteKind, route_kind
 
 ALLOWED_METHODS = b"GET, POST, DELETE, OPTIONS"
-EXPOSED_HEADERS = b"X-KVProxy-Served-By, X-Request-Id"
+EXPOSED_HEADERS = b"X-KVProxy-Served-By, X-Request-Id, X-KVProxy-Max-Tokens"
 MAX_AGE = b"600"
 _HEADER_LIST = re.compile(rb"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 _DEFAULT_HEADERS = b"authorization, content-type"

@@ -21,6 +21,12 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   numerics: at chunks of 8, q8_0 read 11 % above ``llama-perplexity -ub 512``, at 128 within 0.2 %
   (tests/test_score_paths_agreement.py).
 
+In embedded mode a shadow-sampled request's served rows are captured at generation time
+(kvproxy.scoring.row_capture) and :meth:`EmbeddedScorer.score_captured` decodes only the reference
+against them, the KLD overlapping the next decode (kvproxy.scoring.captured); the replay of
+both configs here stays for the score route, for the prefill path and for jobs whose rows did not fit
+the capture budget.
+
 Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
 on the rows per call; on a CPU from 2 sequences, and on CUDA, they do (docs/kld.md has the
 figures), so several sequences are off unless asked for (``EmbeddedBackend.make_scorer``).
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +66,10 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.priority import lower_thread_priority
+from kvproxy.scoring.captured import score_against_capture
 from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.row_capture import RowCapture
 
 KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
 
@@ -184,6 +194,7 @@ class EmbeddedScorer:
             _internals, reference, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
         )
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._kld_worker: ThreadPoolExecutor | None = None  # score_captured's overlap (on first use)
 
     def _context(
         self,
@@ -219,8 +230,41 @@ class EmbeddedScorer:
         return internals.LlamaContext(model=self._model, params=params, verbose=False)
 
     def close(self) -> None:
+        if self._kld_worker is not None:
+            self._kld_worker.shutdown(wait=True)
         for obj in (self._batch, self._ctx_primary, self._ctx_reference):
             obj.close()
+
+    def score_captured(self, request: ScoreRequest, capture: RowCapture) -> PositionScores:
+        """Decode path against the primary's captured rows: the reference alone is decoded and the
+        KLD of each block overlaps the next block's decode (kvproxy.scoring.captured)."""
+        self._check(request)
+        if self.path is not ScorePath.DECODE or request.check_ids is not None:
+            raise ValueError("captured rows are scored on the decode path, without check_ids")
+        if self._kld_worker is None:
+            self._kld_worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="kvproxy-kld-overlap", initializer=lower_thread_priority
+            )
+        ctx = self._ctx_reference
+        ctx.kv_cache_clear()
+
+        def step(token: int, pos: int) -> None:
+            self._fill([token], [pos], [0], 1)
+            ctx.decode(self._batch)
+
+        try:
+            if request.completion:
+                self._prefill_prompt(ctx, request.prompt, 0, request.prompt_fill)
+            return score_against_capture(
+                len(request.prompt),
+                request.completion,
+                capture,
+                step=step,
+                row=lambda: ctx.get_logits_ith(-1),
+                executor=self._kld_worker,
+            )
+        finally:
+            ctx.kv_cache_clear()
 
     def _decode(self, ctx: Any, tokens: Sequence[int], n_past: int, with_logits: bool) -> None:
         self._batch.set_batch(batch=list(tokens), n_past=n_past, logits_all=with_logits)

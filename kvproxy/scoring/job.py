@@ -25,6 +25,8 @@ SKIP_REASONS = (
 )
 # Where a scored job's generated token ids came from (a Prometheus label).
 ID_SOURCES = ("logprobs", "retokenized", "primary")
+# What the scored answer was (a Prometheus label): text, or a turn whose answer holds tool calls.
+TURNS = ("text", "tool_call")
 
 
 class SkipJob(Exception):
@@ -140,6 +142,10 @@ class ShadowJob:
     ended_at: float = field(default_factory=time.monotonic)  # when the client's response ended
     keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
     request_id: str | None = None  # the client's request (its x-request-id; kvproxy.http.request_id)
+    turn: str = "text"  # one of TURNS: whether the answer held tool calls (their tokens are scored)
+    # an embedded primary's served rows (kvproxy.scoring.row_capture.RowCapture), when captured:
+    # the scorer then decodes only the reference
+    captured: Any = None
 
 
 class Scorer(Protocol):

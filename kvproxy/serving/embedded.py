@@ -4,7 +4,8 @@ A validated request becomes prompt tokens and a token budget (checked against th
 the chat template is rendered and the prompt tokenized on a worker thread, never on the event loop,
 and a prompt that cannot fit is refused from its length in bytes before it is tokenized at all.
 The backend's events then become one response object or a stream of SSE chunks (chat completions,
-completions, or the Responses API's events); a finished generation hands its tokens to the shadow
+completions; the Responses API is served as a chat completion, kvproxy.serving.responses_chat); a
+finished generation hands its tokens to the shadow
 path with a non-blocking put. A JSON response format becomes a llama.cpp grammar; the shadow path
 replays the tokens without it, so their KLD is that of the raw distributions (docs/design.md).
 """
@@ -12,6 +13,7 @@ replays the tokens without it, so their KLD is that of the raw distributions (do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
+import orjson
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -44,10 +47,12 @@ from kvproxy.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    MessageToolCall,
     OutputFormat,
 )
 from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.scoring.job import ShadowJob
+from kvproxy.serving import responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, embedded_build, system_fingerprint, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -55,14 +60,15 @@ from kvproxy.serving.openai_format import (
     collect,
     legacy_logprobs,
     prepend,
-    responses_logprob,
     sampling,
     sse_stream,
     usage,
     wire_logprob,
 )
-from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
+from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
+from kvproxy.serving.tool_turns import ToolTurn, finish_reason, split, tool_chunks
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.upstream.llama_server import strip_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +119,26 @@ class EmbeddedServing:
         self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
     ) -> Response:
         req = validated(ResponsesRequest, body)
+        messages = responses_chat.translatable(body)
+        if messages is None:  # the model above refuses all such input first; kept as a guard
+            raise OpenAIError(400, "This input cannot be served as a chat completion.", param="input")
+        cap = responses_chat.output_cap(body, self.max_tokens_default)
+        chat = responses_chat.chat_body(body, messages, 0)  # _budget applies the default
+        try:
+            chat_req = validated(ChatCompletionRequest, chat)
+        except OpenAIError as exc:  # named as the Responses request has it: its input, not messages
+            if exc.detail.param and exc.detail.param.startswith("messages"):
+                exc.detail.param = "input"
+            raise
+        renderer = ResponsesRenderer(req, self.backend.model_name, cap)
+        wants = responses_chat.wants_logprobs(body)
         if req.stream:
-            return _streaming(await self.responses_stream(req, shadow))
-        return _json_response(await self.responses(req, shadow))
+            chunks = await self.chat_stream(chat_req, shadow)
+            return _streaming(render_stream(renderer, _parsed(chunks, wants)))
+        data = (await self.chat(chat_req, shadow)).model_dump(mode="json")
+        for choice in data["choices"]:
+            strip_logprobs(choice, *wants)
+        return _json_response(renderer.from_chat(data))
 
     async def handle_other(
         self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
@@ -131,21 +154,34 @@ class EmbeddedServing:
     # ---- generation and its hand-over to the shadow path ------------------------------------
 
     async def _events(
-        self, gen: GenerationRequest, ticket: ShadowTicket | None
+        self, gen: GenerationRequest, ticket: ShadowTicket | None, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """The backend's events; a finished generation hands its tokens to the shadow path."""
+        """The backend's events; a finished generation hands its tokens to the shadow path (a tool
+        turn's call tokens are scored as any others; the job says whether the answer was a call)."""
         events = self.deployment.events
         clock = TokenClock(events)
+        parts: list[str] = []
+        if ticket is not None:  # a sampled request keeps its served rows: scoring decodes the reference only
+            gen = dataclasses.replace(gen, capture=self.backend.new_capture())
         try:
             async for event in self.backend.generate(gen):
                 if isinstance(event, Finished):
                     if ticket is not None:
+                        called = turn is not None and bool(turn.parse("".join(parts))[1])
                         ticket.submit(
-                            ShadowJob(prompt_tokens=tuple(gen.prompt_tokens), token_ids=event.token_ids)
+                            ShadowJob(
+                                prompt_tokens=tuple(gen.prompt_tokens),
+                                token_ids=event.token_ids,
+                                turn="tool_call" if called else "text",
+                                captured=gen.capture,
+                            )
                         )
                     events.tokens(event.prompt_tokens, event.completion_tokens)
+                    self.deployment.shadow.generated(len(event.token_ids))
                 elif event.text:
                     clock.tick()
+                    if turn is not None and turn.active:
+                        parts.append(event.text)
                 yield event
         finally:
             if ticket is not None:
@@ -157,21 +193,23 @@ class EmbeddedServing:
         if not self.backend.ready:
             raise model_loading()
 
-    async def _collected(self, gen: GenerationRequest, shadow: ShadowDirective | None) -> Collected:
+    async def _collected(
+        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
+    ) -> Collected:
         try:
-            return await collect(self._events(gen, self.deployment.ticket(shadow)))
+            return await collect(self._events(gen, self.deployment.ticket(shadow), turn))
         except BackendError as exc:
             raise backend_failure(exc) from exc
 
     async def _started(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None
+        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Start generating and wait for the first event, before any byte of a stream is sent.
 
         A request that fails at once (backend error) then still gets a proper HTTP status instead of
         a 200 stream carrying an error. Returns the events, the first one included.
         """
-        events = self._events(gen, self.deployment.ticket(shadow))
+        events = self._events(gen, self.deployment.ticket(shadow), turn)
         try:
             first = await anext(events)
         except BackendError as exc:
@@ -245,16 +283,27 @@ class EmbeddedServing:
         self,
         messages: list[dict[str, Any]],
         limit: int | None,
-        req: ChatCompletionRequest | ResponsesRequest,
+        req: ChatCompletionRequest,
         *,
         stop: tuple[str, ...],
         top_logprobs: int | None,
         format_param: str,
         variables: dict[str, Any] | None = None,
+        turn: ToolTurn | None = None,
     ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         """The generation, and for a reasoning template the splitter its output goes through."""
         self._check_ready()
-        grammar = await self._grammar(req.output_format, format_param)
+        if turn is not None and turn.active:
+            fmt_schema = req.output_format
+            response_schema = None if fmt_schema is None else (fmt_schema.schema or {"type": "object"})
+            grammar = await turn.grammar(self.backend.json_grammar, response_schema)
+            if grammar is None:  # nothing forced: a response format still holds
+                grammar = await self._grammar(req.output_format, format_param)
+        else:
+            grammar = await self._grammar(req.output_format, format_param)
+        if turn is not None:
+            messages = turn.messages(messages)
+            variables = turn.variables(variables)
         prompt, rendered = await asyncio.to_thread(self._chat_prompt, messages, variables, limit)
         fmt = self.backend.chat_template.reasoning
         gen = GenerationRequest(
@@ -271,8 +320,11 @@ class EmbeddedServing:
     async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
         return (await self._prepare_chat(req))[0]
 
+    def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
+        return ToolTurn.of(req, self.backend.chat_template.template)
+
     async def _prepare_chat(
-        self, req: ChatCompletionRequest
+        self, req: ChatCompletionRequest, turn: ToolTurn | None = None
     ) -> tuple[GenerationRequest, ReasoningSplitter | None]:
         messages = [m.template_dict() for m in req.messages]
         return await self._prepare_messages(
@@ -283,20 +335,8 @@ class EmbeddedServing:
             top_logprobs=req.top_logprobs_count,
             format_param="response_format.json_schema.schema",
             variables=req.chat_template_kwargs,
+            turn=turn,
         )
-
-    async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
-        # a reasoning model's thinking stays in the output text here: the Responses API has its own
-        # reasoning items, which kvproxy does not produce (docs/design.md)
-        gen, _ = await self._prepare_messages(
-            req.messages,
-            req.max_output_tokens,
-            req,
-            stop=(),
-            top_logprobs=req.top_logprobs_count,
-            format_param="text.format.schema",
-        )
-        return gen
 
     async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
         self._check_ready()
@@ -325,13 +365,16 @@ class EmbeddedServing:
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
-        gen, splitter = await self._prepare_chat(req)
-        got = await self._collected(gen, shadow)
-        message = AssistantMessage(content=got.text)
-        if splitter is not None:  # a reasoning model: its thinking apart, as llama-server answers
-            r1, c1 = splitter.push(got.text)
-            r2, c2 = splitter.finish()
-            message = AssistantMessage(content=c1 + c2, reasoning_content=(r1 + r2) or None)
+        turn = self._tool_turn(req)
+        gen, splitter = await self._prepare_chat(req, turn)
+        got = await self._collected(gen, shadow, turn)
+        # a reasoning model: its thinking apart, as llama-server answers; then the calls
+        reasoning, rest = split(got.text, splitter)
+        content: str | None = rest
+        calls: list[MessageToolCall] = []
+        if turn is not None:
+            content, calls = turn.parse(rest)
+        message = AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -343,7 +386,7 @@ class EmbeddedServing:
                     logprobs=ChoiceLogprobs(content=[wire_logprob(lp) for lp in got.logprobs])
                     if req.logprobs
                     else None,
-                    finish_reason=got.done.finish_reason,
+                    finish_reason=finish_reason(got.done.finish_reason, calls),
                 )
             ],
             usage=usage(got.done),
@@ -352,8 +395,21 @@ class EmbeddedServing:
     async def chat_stream(
         self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
     ) -> AsyncIterator[bytes]:
-        gen, splitter = await self._prepare_chat(req)
-        return self._chat_chunks(req, await self._started(gen, shadow), splitter)
+        turn = self._tool_turn(req)
+        gen, splitter = await self._prepare_chat(req, turn)
+        events = await self._started(gen, shadow, turn)
+        if turn is not None and turn.active:
+            return tool_chunks(self._first_chunk(), events, turn, splitter, req.include_usage)
+        return self._chat_chunks(req, events, splitter)
+
+    def _first_chunk(self) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.backend.model_name,
+            system_fingerprint=self.fingerprint,
+            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+        )
 
     async def _chat_chunks(
         self,
@@ -361,13 +417,7 @@ class EmbeddedServing:
         events: AsyncGenerator[GenerationEvent, None],
         splitter: ReasoningSplitter | None = None,
     ) -> AsyncIterator[bytes]:
-        chunk = ChatCompletionChunk(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=self.backend.model_name,
-            system_fingerprint=self.fingerprint,
-            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-        )
+        chunk = self._first_chunk()
 
         def delta(event: TextDelta) -> ChatCompletionChunk:
             lp = ChoiceLogprobs(content=[wire_logprob(x) for x in event.logprobs]) if req.logprobs else None
@@ -444,38 +494,19 @@ class EmbeddedServing:
         async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
             yield out
 
-    # ---- /v1/responses ----------------------------------------------------------------------
 
-    async def responses(self, req: ResponsesRequest, shadow: ShadowDirective | None = None) -> BaseModel:
-        got = await self._collected(await self.prepare_responses(req), shadow)
-        out = ResponsesRenderer(req, self.backend.model_name)
-        want = req.top_logprobs_count is not None
-        out.add(got.text, [responses_logprob(lp) for lp in got.logprobs] if want else ())
-        done = got.done
-        return out.response(done.finish_reason, responses_usage(done.prompt_tokens, done.completion_tokens))
-
-    async def responses_stream(
-        self, req: ResponsesRequest, shadow: ShadowDirective | None = None
-    ) -> AsyncIterator[bytes]:
-        return self._responses_events(req, await self._started(await self.prepare_responses(req), shadow))
-
-    async def _responses_events(
-        self, req: ResponsesRequest, events: AsyncGenerator[GenerationEvent, None]
-    ) -> AsyncIterator[bytes]:
-        out = ResponsesRenderer(req, self.backend.model_name)
-        want = req.top_logprobs_count is not None
-        yield out.start()
-        try:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    if event.text or event.logprobs:
-                        lps = [responses_logprob(lp) for lp in event.logprobs] if want else []
-                        yield out.delta(event.text, lps)
+async def _parsed(chunks: AsyncIterator[bytes], wants: tuple[bool, int]) -> AsyncIterator[dict[str, Any]]:
+    """The embedded chat stream's chunks as the Responses renderer reads them (the relay's are the
+    primary's, parsed the same way); its error event breaks the response off."""
+    decoder = sse.SSEDecoder()
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            for event in decoder.feed(chunk):
+                if event.data is None or not event.data.startswith(b"{"):
                     continue
-                used = responses_usage(event.prompt_tokens, event.completion_tokens)
-                yield out.finish(event.finish_reason, used)
-                return
-        except BackendError as exc:
-            yield out.failed(f"The backend failed: {exc}")
-        finally:
-            await events.aclose()
+                data = orjson.loads(event.data)
+                if "error" in data:
+                    raise StreamBroke(str(data["error"].get("message")))
+                for choice in data.get("choices") or []:
+                    strip_logprobs(choice, *wants)
+                yield data

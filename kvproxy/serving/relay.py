@@ -10,7 +10,8 @@ primary's logprobs if the client asked for them). Only a deployment that opts in
 (``primary_logprobs``: what the top-K estimator needs, at a measured cost to the primary's speed)
 asks for logprobs the client did not, strips them from the answer, and never where llama-server
 refuses them (tools + stream). ``/v1/responses``
-is served through the primary's chat route (kvproxy.serving.relay_responses); other ``/v1`` routes
+is served through the primary's chat route (kvproxy.serving.responses_chat, as the embedded backend
+serves it; never llama-server's own ``/v1/responses``); other ``/v1`` routes
 kvproxy does not serve itself (``/v1/embeddings``, ...) are relayed to the primary as they are.
 """
 
@@ -31,11 +32,11 @@ from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
-from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
+from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, untyped_input_part
 from kvproxy.scoring.job import PrimaryReport, ShadowJob
-from kvproxy.serving import relay_responses
+from kvproxy.serving import responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
-from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
+from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
 from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
@@ -180,10 +181,6 @@ class RelayResponsesRequest(_Lenient):
     top_logprobs: TopLogprobs | None = None
 
 
-# the events that end a stream of llama-server's own /v1/responses (which sends no [DONE])
-RESPONSES_END = (b"response.completed", b"response.incomplete", b"response.failed")
-
-
 class RelayServing:
     def __init__(self, deployment: HttpDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
@@ -268,16 +265,11 @@ class RelayServing:
                 param=untyped,
                 code="missing_required_parameter",
             )
-        messages = relay_responses.translatable(body)
+        messages = responses_chat.translatable(body)
+        if messages is None:  # what a chat completion cannot express: the embedded backend's 400
+            validated(ResponsesRequest, body)
+            raise OpenAIError(400, "This input cannot be served as a chat completion.", param="input")
         try:
-            if messages is None:  # tools and the like: llama-server's own route, as it is
-                raw, body = self._limited(raw, body, ("max_output_tokens",))
-                names = self._names(body)
-                if req.stream:
-                    primary = self.deployment.primary
-                    chunks = await primary.open_stream("/v1/responses", raw, ends=RESPONSES_END)
-                    return _streaming(chunks, names)
-                return await self._relay("/v1/responses", raw, False, names)
             return await self._responses_via_chat(body, messages, req.stream, shadow)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
@@ -289,22 +281,25 @@ class RelayServing:
         stream: bool,
         shadow: ShadowDirective | None,
     ) -> Response:
-        chat = relay_responses.chat_body(body, messages, self.max_tokens_default)
-        wants = relay_responses.wants_logprobs(body)
+        cap = responses_chat.output_cap(body, self.max_tokens_default)
+        chat = responses_chat.chat_body(body, messages, self.max_tokens_default)
+        wants = responses_chat.wants_logprobs(body)
         source = _template(chat)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         chat_wants = (bool(chat.get("logprobs")), int(chat.get("top_logprobs") or 0))
-        plan = self._plan(chat, ask, chat_wants, refused=False)
+        # llama-server: "logprobs is not supported with tools + stream"
+        plan = self._plan(chat, ask, chat_wants, refused=stream and bool(chat.get("tools")))
         ticket = self._ticket(shadow, plan)
         if ticket is not None:
             chat.update(plan.fields)
-        renderer = ResponsesRenderer(_echoable(body), str(body["model"]))
+        renderer = ResponsesRenderer(_echoable(body), str(body["model"]), cap)
         primary = self.deployment.primary
         report = plan.report()
         try:
             if stream:
                 chunks = await primary.open_stream("/v1/chat/completions", orjson.dumps(chat))
-                events = _responses_events(chunks, renderer, ticket, report, wants, source)
+                chats = _chat_chunks(chunks, ticket, report, wants, source)
+                events = render_stream(renderer, chats)
                 return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
             content = await primary.post_json("/v1/chat/completions", orjson.dumps(chat))
             data = self._answer(content)
@@ -322,9 +317,7 @@ class RelayServing:
             report.note_text(data)
             report.note_end(data)
             _settle(ticket, report, source, streamed=False)
-        message = choice.get("message") or {}
-        renderer.add(str(message.get("content") or ""), relay_responses.responses_logprobs(choice))
-        out: ResponseObject = renderer.response(choice.get("finish_reason"), _usage(data))
+        out: ResponseObject = renderer.from_chat(data)
         return Response(out.model_dump_json(), media_type="application/json")
 
     async def _serve(
@@ -552,27 +545,16 @@ def _echoable(body: dict[str, Any]) -> ResponsesRequest:
         return ResponsesRequest.model_construct(model=str(body.get("model")), input="")
 
 
-def _usage(data: dict[str, Any]) -> ResponsesUsage:
-    found = data.get("usage")
-    usage: dict[str, Any] = found if isinstance(found, dict) else {}
-    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    return responses_usage(prompt, completion)
-
-
-async def _responses_events(
+async def _chat_chunks(
     chunks: AsyncIterator[bytes],
-    renderer: ResponsesRenderer,
     ticket: ShadowTicket | None,
     report: PrimaryReport,
     wants: Wants,
     source: dict[str, Any],
-) -> AsyncIterator[bytes]:
-    """The primary's chat stream as the Responses API's events; what it reported goes to the shadow
-    path as a chat stream's would. A stream that breaks ends with ``response.failed``."""
+) -> AsyncIterator[dict[str, Any]]:
+    """The primary's chat stream, parsed, without the logprobs the client did not ask for; what it
+    reported goes to the shadow path as a chat stream's would."""
     decoder = sse.SSEDecoder()
-    finish: str | None = None
-    usage: dict[str, Any] = {}
-    yield renderer.start()
     try:
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
@@ -587,20 +569,13 @@ async def _responses_events(
                     if ticket is not None:
                         report.note_end(data)
                         report.note_text(data)
-                    if isinstance(data.get("usage"), dict):
-                        usage = data["usage"]
                     for choice in data.get("choices") or []:
                         entries = strip_logprobs(choice, *wants) if choice.get("logprobs") else []
                         if ticket is not None and entries:
                             report.add(entries)
-                        finish = choice.get("finish_reason") or finish
-                        text = str((choice.get("delta") or {}).get("content") or "")
-                        logprobs = relay_responses.responses_logprobs(choice)
-                        if text or logprobs:
-                            yield renderer.delta(text, logprobs)
-        yield renderer.finish(finish, _usage({"usage": usage}))  # the upstream's stream ended in [DONE]
+                    yield data
     except UpstreamFailure as failure:
-        yield renderer.failed(failure.message)
+        raise StreamBroke(failure.message) from failure
     finally:
         if ticket is not None:
             ticket.abandon()  # a no-op once submitted

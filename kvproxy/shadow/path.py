@@ -52,7 +52,12 @@ class ShadowPath:
     def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
         """Called once per request that reaches generation (each kind's serving code does)."""
         self.requests += 1
+        self.pool.capacity.request()
         return self.pool.ticket(directive) if self.sampler.decide(directive) else None
+
+    def generated(self, tokens: int) -> None:
+        """A finished generation's token count (embedded serving: the exact generation load)."""
+        self.pool.capacity.generated(tokens)
 
     def _scored(self, scores: PositionScores) -> None:
         self.history.record(self.tracker)

@@ -33,6 +33,7 @@ from kvproxy.kld import PositionScores
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
 from kvproxy.scoring.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
 from kvproxy.scoring.kept import DROPPED, FAILED, KeptScores
+from kvproxy.shadow.capacity import ScoringCapacity
 from kvproxy.shadow.loadwatch import LoopLoad, loop_load
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.shadow.token_scores import claim
@@ -109,6 +110,7 @@ class ShadowPool:
         self.in_flight = 0
         self.load: LoopLoad | None = None  # set by start(): the running loop's watch
         self.max_defer = max_defer
+        self.capacity = ScoringCapacity()  # the sustainable shadow rate (kvproxy.shadow.capacity)
 
     @property
     def queued(self) -> int:
@@ -216,11 +218,15 @@ class ShadowPool:
             self._record(job, result)
 
     async def _score(self, jobs: list[ShadowJob]) -> Sequence[PositionScores | Exception]:
+        started = time.monotonic()
         if len(jobs) == 1:
-            return [await self.scorer.score(jobs[0])]
-        results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
-        if len(results) != len(jobs):
-            raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+            results: Sequence[PositionScores | Exception] = [await self.scorer.score(jobs[0])]
+        else:
+            results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
+            if len(results) != len(jobs):
+                raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+        tokens = sum(len(r) for r in results if isinstance(r, PositionScores))
+        self.capacity.scored(tokens, time.monotonic() - started, len(jobs))
         return results
 
     def _record(self, job: ShadowJob, result: PositionScores | Exception) -> None:
@@ -256,7 +262,7 @@ class ShadowPool:
         self.count("scored")
         if self.on_scored is not None and len(scores):
             self.on_scored(scores)
-        self.events.scored(scores, lag)
+        self.events.scored(scores, lag, job.turn)
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until nothing is queued or being scored (tests, graceful shutdown)."""

@@ -4,6 +4,7 @@ deployment exports at construction (KV memory, backend up, the guard)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, Unpack
 
@@ -12,7 +13,7 @@ import numpy as np
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
 from kvproxy.model.memory import AttentionShape, KVLayout, kv_memory_summary
-from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS
+from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS, TURNS
 from kvproxy.shadow.drift import STATE_CODES
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
 from kvproxy.telemetry.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
@@ -39,6 +40,10 @@ class ObservedDeployment(Protocol):
     def score_path(self) -> str: ...
 
 
+def _or_nan(x: object) -> float:
+    return float(x) if isinstance(x, int | float) else math.nan
+
+
 class DeploymentObserver:
     """Feeds one deployment's shadow outcomes and scores into the metrics (kvproxy.observers)."""
 
@@ -57,6 +62,11 @@ class DeploymentObserver:
             metrics.shadow_token_ids.labels(name, source)
         metrics.shadow_queue_depth.labels(name).set_function(lambda: deployment.shadow.pool.queued)
         metrics.shadow_lag.labels(name)
+        for turn in TURNS:
+            metrics.turn_token_kld.labels(name, deployment.model_label, turn)
+        metrics.shadow_sustainable_rate.labels(name).set_function(
+            lambda: _or_nan(deployment.shadow.pool.capacity.status()["sustainable_rate"])
+        )
         self._touch_quality_series()
         metrics.drift_state.labels(name).set_function(lambda: STATE_CODES[deployment.shadow.drift.state])
         metrics.drift_statistic.labels(name).set_function(lambda: deployment.shadow.drift.statistic)
@@ -87,13 +97,16 @@ class DeploymentObserver:
     def skipped(self, reason: str) -> None:
         self.metrics.shadow_skipped.labels(self.deployment.name, reason).inc()
 
-    def scored(self, scores: PositionScores, lag_seconds: float) -> None:
+    def scored(self, scores: PositionScores, lag_seconds: float, turn: str = "text") -> None:
         labels = self.labels()
         series = (labels["estimator"], labels["score_path"])
         if series != self._series:  # an HTTP reference was identified: new series
             self._series = series
             self._touch_quality_series()
         self.metrics.observe_scores(labels, scores, scores.positions.tolist())
+        by_turn = self.metrics.turn_token_kld.labels(labels["deployment"], labels["model"], turn)
+        for v in scores.kld.tolist():
+            by_turn.observe(v)
         self.metrics.shadow_lag.labels(self.deployment.name).observe(lag_seconds)
         if scores.ids_source is not None:
             self.metrics.shadow_token_ids.labels(self.deployment.name, scores.ids_source).inc()

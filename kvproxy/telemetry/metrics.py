@@ -66,6 +66,16 @@ class Metrics:
             buckets=KLD_BUCKETS,
             registry=registry,
         )
+        # A family of its own rather than a label on the quality series (which would split every
+        # existing series and the queries over them): per-token KLD by what the answer was.
+        self.turn_token_kld = Histogram(
+            "kvproxy_turn_token_kld",
+            "Per-token KL(reference || primary), nats, by turn: text, or tool_call (an answer "
+            "holding tool calls; all its tokens are scored).",
+            ("deployment", "model", "turn"),
+            buckets=KLD_BUCKETS,
+            registry=registry,
+        )
         self.request_mean_kld = Histogram(
             "kvproxy_request_mean_kld",
             "Mean per-token KLD of each scored request, nats.",
@@ -127,6 +137,13 @@ class Metrics:
         self.shadow_queue_depth = Gauge(
             "kvproxy_shadow_queue_depth",
             "Shadow jobs waiting to be scored.",
+            ("deployment",),
+            registry=registry,
+        )
+        self.shadow_sustainable_rate = Gauge(
+            "kvproxy_shadow_sustainable_rate",
+            "Scoring capacity / generation load: the shadow rate the scorer keeps up with (NaN until "
+            "known; kvproxy.shadow.capacity).",
             ("deployment",),
             registry=registry,
         )
