@@ -165,7 +165,6 @@ class Settings(BaseSettings):
         le=64,
         description="Shadow jobs decoded together as sequences of one context (decode path, GPU only).",
     )
-<<<<<<< HEAD
     what_if: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="What-if KV configs scored live beside the served one on the same tokens, "
@@ -183,14 +182,13 @@ class Settings(BaseSettings):
         gt=0.0,
         description="Mean KLD (nats/token) a what-if config may cost: the status and page name the "
         "cheapest config within it (0.05: the KLD alert rules' default threshold).",
-=======
+    )
     shadow_capture_mib: int = Field(
         default=1024,
         ge=0,
         description="Embedded, decode path: MiB of served logits rows kept for shadow-sampled requests "
         "(n_vocab x 4 bytes a token: 1 MiB for Gemma), so scoring decodes only the reference. A job "
         "whose rows do not fit is scored by replaying the primary config too (counted). 0: always replay.",
->>>>>>> main
     )
     metrics_port: int | None = Field(
         default=None,

@@ -114,7 +114,7 @@ class WhatIfScorer(ThreadedScorer):
         return scorer
 
     async def score(self, job: ShadowJob) -> PositionScores:
-        return await super().score(job)  # through score_request, which runs the what-if
+        return await super().score(job)  # through score_many (or score_request), which run the what-if
 
     async def score_request(self, request: ScoreRequest) -> PositionScores:
         self._requests += 1
