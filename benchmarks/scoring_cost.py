@@ -7,7 +7,7 @@ written at run time into /tmp with the ``gguf`` package; its outputs are noise, 
 
 1. generation: ``--jobs`` greedy requests of ``--tokens`` tokens through kvproxy's own slot scheduler
    (kvproxy.backends.slots, one slot) with the primary KV config, timed without and then with the
-   served rows captured (kvproxy.scoring.row_capture): the capture's cost on the client's path;
+   served rows captured (kvproxy.backends.row_capture): the capture's cost on the client's path;
 2. old path: ``EmbeddedScorer`` on the decode path replaying both the primary config and the f16
    reference, the KLD between steps (what scoring cost before);
 3. new path: ``EmbeddedScorer.score_captured``: the reference alone against the captured rows, the
@@ -48,13 +48,13 @@ from kvproxy.backends.base import (
     KVConfig,
     SamplingParams,
 )
+from kvproxy.backends.row_capture import CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, SlotConfig, SlotScheduler
 from kvproxy.config import KVCacheType
 from kvproxy.corpus import english_text
 from kvproxy.model.memory import ggml_type, llama_n_ubatch
 from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
-from kvproxy.scoring.row_capture import CaptureBudget, RowCapture
 
 # Qwen3 1.7B (config.json of Qwen/Qwen3-1.7B)
 QWEN3_1_7B = {"n_embd": 2048, "n_layer": 28, "n_head": 16, "n_head_kv": 8, "head_dim": 128, "n_ff": 6144}

@@ -36,6 +36,7 @@ FAST_MODULES = frozenset(
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
         "test_chat_template", "test_cli_options", "test_shadow", "test_relay_line_endings",
         "test_errors", "test_compat_model", "test_responses_render", "test_llama_args",
+        "test_score_contract", "test_layering", "test_telemetry_collector",
     }
 )  # fmt: skip
 

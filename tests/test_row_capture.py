@@ -19,15 +19,15 @@ import pytest
 
 from kvproxy.backends.base import GenerationRequest, KVConfig, SamplingParams
 from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.backends.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.corpus import english_text
 from kvproxy.kld import exact_kld
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.scoring.captured import score_against_capture
-from kvproxy.scoring.embedded import ScoreRequest
+from kvproxy.scoring.embedded import ScoreRequest, make_scorer
 from kvproxy.scoring.job import ShadowJob
-from kvproxy.scoring.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
 from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.capacity import ScoringCapacity, sustainable_rate
@@ -183,7 +183,7 @@ def test_captured_rows_score_as_the_replay_does(gemma_path: Path, kv: T) -> None
         prompt, tokens, cap = _serve(backend, 40)
         assert cap is not None and cap.usable(len(tokens)) and len(tokens) > BLOCK_ROWS
         assert len(prompt) > 64  # the prompt went in two calls of the batch, as the replay does them
-        scorer = backend.make_scorer(F16)
+        scorer = make_scorer(backend, F16)
         assert scorer.path == "decode"
         replayed = scorer.score(prompt, tokens)
         captured = scorer.score_captured(ScoreRequest(prompt, tokens), cap)
@@ -215,7 +215,7 @@ def test_out_of_budget_jobs_are_replayed_and_counted(gemma_path: Path) -> None:
         budget = backend.capture_budget
         assert cap is not None and budget is not None
         assert cap.overflowed and budget.held_bytes == 0
-        scorer = ThreadedScorer(lambda: backend.make_scorer(F16))
+        scorer = ThreadedScorer(lambda: make_scorer(backend, F16))
 
         async def score(job: ShadowJob) -> Any:
             await scorer.start()
@@ -225,7 +225,7 @@ def test_out_of_budget_jobs_are_replayed_and_counted(gemma_path: Path) -> None:
         assert budget.status()["fallback_jobs"] == 1 and budget.status()["captured_jobs"] == 0
         roomy = CaptureBudget(64 << 20)
         good = RowCapture(cap.n_vocab, roomy)
-        replay_scorer = backend.make_scorer(F16)
+        replay_scorer = make_scorer(backend, F16)
         # the rows the replay computes for the primary, taken into a capture of another budget
         want = replay_scorer.score(prompt, tokens)
         replay_scorer.close()
@@ -243,7 +243,7 @@ def test_out_of_budget_jobs_are_replayed_and_counted(gemma_path: Path) -> None:
 
 def _primary_rows(backend: EmbeddedBackend, prompt: list[int], tokens: list[int]) -> np.ndarray[Any, Any]:
     """The primary config's decode-path rows, through a scorer's primary context."""
-    scorer = backend.make_scorer(F16)
+    scorer = make_scorer(backend, F16)
     ctx = scorer._ctx_primary
     try:
         scorer._prefill_prompt(ctx, prompt, 0)

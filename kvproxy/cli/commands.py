@@ -16,9 +16,7 @@ from typing import Annotated, Protocol, cast
 import typer
 
 from kvproxy import __version__
-from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
-from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
 from kvproxy.cli import llama_args
 from kvproxy.cli.banner import describe_proxy, describe_startup
@@ -29,9 +27,10 @@ from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.probe import probe as probe_model
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.model.memory import check_head_sizes
-from kvproxy.telemetry.metrics import Metrics
+from kvproxy.telemetry.metrics import Metrics, default_metrics
 
 app = typer.Typer(
     add_completion=False,
@@ -139,6 +138,9 @@ def serve(
     schema_max_repeat: Annotated[int | None, typer.Option(help=setting_help("schema_max_repeat"))] = None,
     grammar_max_bytes: Annotated[int | None, typer.Option(help=setting_help("grammar_max_bytes"))] = None,
     probe: Annotated[bool | None, typer.Option("--probe/--no-probe", help=setting_help("probe"))] = None,
+    what_if: Annotated[str | None, typer.Option(help=setting_help("what_if"))] = None,
+    what_if_rate: Annotated[float | None, typer.Option(help=setting_help("what_if_rate"))] = None,
+    what_if_kld_budget: Annotated[float | None, typer.Option(help=setting_help("what_if_kld_budget"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -211,7 +213,10 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
             f"{info.path.name}: its KV cache cannot be {settings.cache_type_k}/{settings.cache_type_v}: {exc}"
         ) from None
     typer.echo(banner)
-    return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
+    try:
+        return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
+    except ValueError as exc:  # a --what-if config the model's KV cache cannot have
+        raise fail(f"{info.path.name}: {exc}") from None
 
 
 app.command()(calibrate_command.calibrate)

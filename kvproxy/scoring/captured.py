@@ -3,10 +3,10 @@
 Why: the decode path replays BOTH the primary's KV config and the reference, one token per
 ``llama_decode``, and computed the full-vocabulary KLD on the CPU between steps, which cost 1.82x
 generation per scored token on an H100. In embedded mode the primary's rows already exist: the slot
-scheduler captured the row each served token was sampled from (kvproxy.scoring.row_capture). So
+scheduler captured the row each served token was sampled from (kvproxy.backends.row_capture). So
 here the reference alone is decoded, exactly as the decode path does it (the prompt as generation fed
 it, then one token a call), and each reference row is copied out (one ``memmove``) into one of two
-block buffers; when a block of :data:`~kvproxy.scoring.row_capture.BLOCK_ROWS` rows is full its
+block buffers; when a block of :data:`~kvproxy.backends.row_capture.BLOCK_ROWS` rows is full its
 KLD against the matching captured block is computed on a worker thread while the next block
 decodes (``llama_decode`` and numpy's reductions release the GIL). Per position the numbers are
 :func:`kvproxy.kld.exact_kld`'s, as on the replay path: only the block shape of the call differs.
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from kvproxy.backends.row_capture import RowCapture
 from kvproxy.kld import PositionScores, exact_kld
-from kvproxy.scoring.row_capture import RowCapture
 
 Step = Callable[[int, int], None]  # decode one token at a position (logits on), in the reference
 Row = Callable[[], Any]  # the reference's last row, a float*

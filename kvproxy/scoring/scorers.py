@@ -78,7 +78,7 @@ class HttpScorer:
     asked, or the deployment's opt-in ``primary_logprobs``); otherwise from the answer's text,
     re-tokenized by the primary's own tokenizer (labelled ``retokenized``). That is exact only when
     the model emitted the canonical tokenization of its text (24 of 24 answers on Gemma 3 270M,
-    DESIGN.md): a count that differs from what the primary generated is detected and skipped
+    docs/reference-design.md): a count that differs from what the primary generated is detected and skipped
     (``retokenize_mismatch``); the same count made of other tokens is not detectable.
     """
 

@@ -68,7 +68,8 @@ from kvproxy.serving.openai_format import (
 )
 from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
 from kvproxy.serving.tool_turns import ToolTurn, finish_reason, split, tool_chunks
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.ask import NO_ASK, ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
 from kvproxy.upstream.llama_server import strip_logprobs
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,19 @@ class EmbeddedServing:
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ChatCompletionRequest, body)
         if req.stream:
             return _streaming(await self.chat_stream(req, shadow))
         return _json_response(await self.chat(req, shadow))
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(CompletionRequest, body)
         if req.stream:
             return _streaming(await self.completion_stream(req, shadow))
         return _json_response(await self.completion(req, shadow))
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ResponsesRequest, body)
         messages = responses_chat.translatable(body)
         if messages is None:  # the model above refuses all such input first; kept as a guard
@@ -141,9 +138,7 @@ class EmbeddedServing:
             strip_logprobs(choice, *wants)
         return _json_response(renderer.from_chat(data))
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         raise OpenAIError(
             404,
             f"{path} is not served by the embedded backend: kvproxy serves generation only (chat "
@@ -195,7 +190,7 @@ class EmbeddedServing:
             raise model_loading()
 
     async def _collected(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
     ) -> Collected:
         try:
             return await collect(self._events(gen, self.deployment.ticket(shadow), turn))
@@ -203,7 +198,7 @@ class EmbeddedServing:
             raise backend_failure(exc) from exc
 
     async def _started(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Start generating and wait for the first event, before any byte of a stream is sent.
 
@@ -324,9 +319,6 @@ class EmbeddedServing:
         )
         return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
-        return (await self._prepare_chat(req))[0]
-
     def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
         return ToolTurn.of(req, with_tool_calls(self.backend.chat_template).template)
 
@@ -371,7 +363,7 @@ class EmbeddedServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
+    async def chat(self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK) -> ChatCompletion:
         turn = self._tool_turn(req)
         gen, splitter = await self._prepare_chat(req, turn)
         got = await self._collected(gen, shadow, turn)
@@ -400,7 +392,7 @@ class EmbeddedServing:
         )
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
+        self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         turn = self._tool_turn(req)
         gen, splitter = await self._prepare_chat(req, turn)
@@ -465,7 +457,7 @@ class EmbeddedServing:
             choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
         )
 
-    async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
+    async def completion(self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK) -> Completion:
         got = await self._collected(await self.prepare_completion(req), shadow)
         lp = legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
         out = self._completion(got.text, got.done.finish_reason, lp)
@@ -473,7 +465,7 @@ class EmbeddedServing:
         return out
 
     async def completion_stream(
-        self, req: CompletionRequest, shadow: ShadowDirective | None = None
+        self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         return self._completion_chunks(req, await self._started(await self.prepare_completion(req), shadow))
 

@@ -40,7 +40,8 @@ from kvproxy.scoring.job import PrimaryReport, ShadowJob
 from kvproxy.serving import forced_tools, responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
 from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.ask import ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
 from kvproxy.tool_calls import ToolPlan, hermes
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
@@ -48,6 +49,18 @@ from kvproxy.upstream.replicas import UpstreamFailure
 log = logging.getLogger(__name__)
 
 Wants = tuple[bool, int]  # (logprobs asked for, top_logprobs asked for)
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """One chat or completion request as the relay forwards it."""
+
+    path: str  # the primary's route
+    raw: bytes  # the body as the client sent it (relayed as it is when not shadowed)
+    body: dict[str, Any]  # the same, parsed
+    stream: bool
+    wants: Wants  # what the client asked of logprobs (what its answer keeps)
+    source: dict[str, Any]  # what the scorer replays: the messages (and template fields) or prompt
 
 
 @dataclass(frozen=True)
@@ -192,7 +205,7 @@ class RelayServing:
         self._grammars: GrammarCompiler | None = None  # started on the first forced tool call
 
     async def _forced_call(
-        self, body: dict[str, Any], plan: ToolPlan, stream: bool, shadow: ShadowDirective | None
+        self, body: dict[str, Any], plan: ToolPlan, stream: bool, shadow: ShadowAsk
     ) -> Response | None:
         """A required or named tool call, forced by grammar (kvproxy.serving.forced_tools), as a chat
         completion; None when the primary's template does not speak Hermes-style calls."""
@@ -208,7 +221,7 @@ class RelayServing:
         return Response(answer.model_dump_json(), media_type="application/json")
 
     async def _forced_answer(
-        self, body: dict[str, Any], plan: ToolPlan, shadow: ShadowDirective | None
+        self, body: dict[str, Any], plan: ToolPlan, shadow: ShadowAsk
     ) -> ChatCompletion | None:
         """The forced call's whole answer (its shadow job handed on); None where not Hermes."""
         primary = self.deployment.primary
@@ -279,7 +292,7 @@ class RelayServing:
             return Plan({}, top, "logprobs_off")
         return Plan(ask, self.deployment.top_k, "logprobs_off")
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayChatRequest, body)
         _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
@@ -295,13 +308,10 @@ class RelayServing:
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         # llama-server: "logprobs is not supported with tools + stream" (a 400 to a valid request)
         plan = self._plan(body, ask, wants, refused=req.stream and bool(body.get("tools")))
-        return await self._serve(
-            "/v1/chat/completions", raw, body, req.stream, shadow, wants, plan, _template(body)
-        )
+        relayed = Relayed("/v1/chat/completions", raw, body, req.stream, wants, _template(body))
+        return await self._serve(relayed, shadow, plan)
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayCompletionRequest, body)
         raw, body = self._limited(raw, body, ("max_tokens",))
         wants = (req.logprobs is not None, req.logprobs or 0)
@@ -312,13 +322,10 @@ class RelayServing:
             if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
             else req.prompt
         )
-        return await self._serve(
-            "/v1/completions", raw, body, req.stream, shadow, wants, plan, {"prompt": prompt}
-        )
+        relayed = Relayed("/v1/completions", raw, body, req.stream, wants, {"prompt": prompt})
+        return await self._serve(relayed, shadow, plan)
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """A route kvproxy does not serve itself, relayed to the primary as it is (both ways)."""
         try:
             if body.get("stream") is True:
@@ -327,9 +334,7 @@ class RelayServing:
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayResponsesRequest, body)
         untyped = untyped_input_part(body)
         if untyped is not None:  # as OpenAI answers it; llama-server's own route would guess
@@ -353,7 +358,7 @@ class RelayServing:
         body: dict[str, Any],
         messages: list[dict[str, Any]],
         stream: bool,
-        shadow: ShadowDirective | None,
+        shadow: ShadowAsk,
     ) -> Response:
         cap = responses_chat.output_cap(body, self.max_tokens_default)
         chat = responses_chat.chat_body(body, messages, self.max_tokens_default)
@@ -401,27 +406,17 @@ class RelayServing:
         out: ResponseObject = renderer.from_chat(data)
         return Response(out.model_dump_json(), media_type="application/json")
 
-    async def _serve(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        shadow: ShadowDirective | None,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-    ) -> Response:
+    async def _serve(self, relayed: Relayed, shadow: ShadowAsk, plan: Plan) -> Response:
         try:
             ticket = self._ticket(shadow, plan)
-            names = self._names(body)
+            names = self._names(relayed.body)
             if ticket is None:
-                return await self._relay(path, raw, stream, names)
-            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source, names)
+                return await self._relay(relayed.path, relayed.raw, relayed.stream, names)
+            return await self._shadowed(relayed, ticket, plan, names)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    def _ticket(self, shadow: ShadowDirective | None, plan: Plan) -> ShadowTicket | None:
+    def _ticket(self, shadow: ShadowAsk, plan: Plan) -> ShadowTicket | None:
         """The request's shadow ticket, if sampled; a request whose job the reference cannot score
         (a top-K estimator without the primary's top K) is skipped at once, its answer unread."""
         ticket = self.deployment.ticket(shadow)
@@ -439,20 +434,11 @@ class RelayServing:
         self._answer(content)  # relayed as sent, but never a 200 that no client can parse
         return Response(names(content) if names else content, media_type="application/json")
 
-    async def _shadowed(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        ticket: ShadowTicket,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-        names: Names,
-    ) -> Response:
+    async def _shadowed(self, relayed: Relayed, ticket: ShadowTicket, plan: Plan, names: Names) -> Response:
         """The request as sent (or with what ``plan`` adds); its answer as received (or without what
         was added), with what the shadow path needs read off a copy."""
+        path, raw, body, stream = relayed.path, relayed.raw, relayed.body, relayed.stream
+        wants, source = relayed.wants, relayed.source
         primary = self.deployment.primary
         upstream_body = orjson.dumps({**body, **plan.fields}) if plan.fields else raw
         report = plan.report()
