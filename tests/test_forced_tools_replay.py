@@ -90,10 +90,10 @@ def _consistency(proxy: RunningServer) -> tuple[dict[str, Any], dict[str, Any]]:
 def test_a_forced_call_is_replayed_as_served(stack: RunningServer) -> None:
     _, before = _consistency(stack)
     client = openai.OpenAI(base_url=stack.v1, api_key="unused", max_retries=0, timeout=300)
-    out = client.chat.completions.create(
+    out = client.chat.completions.create(  # type: ignore[call-overload]
         model="q4_0",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        tools=[TOOL],  # type: ignore[list-item]
+        messages=MESSAGES,
+        tools=[TOOL],
         tool_choice="required",
         max_tokens=40,
         temperature=0,
@@ -102,7 +102,7 @@ def test_a_forced_call_is_replayed_as_served(stack: RunningServer) -> None:
     call = (out.choices[0].message.tool_calls or [])[0]
     assert call.function.name == "weather" and out.choices[0].finish_reason == "tool_calls"
     jsonschema.validate(json.loads(call.function.arguments), CITY)
-    produced = out.usage.completion_tokens  # type: ignore[union-attr]
+    produced = out.usage.completion_tokens
     deadline = time.monotonic() + 300
     while True:
         shadow, after = _consistency(stack)
@@ -121,5 +121,5 @@ def test_a_forced_call_is_replayed_as_served(stack: RunningServer) -> None:
         after["mean_divergence"] * after["compared_positions"]
         - (before["mean_divergence"] or 0) * (before["compared_positions"])
     )
-    print(f"\nforced call: {out.usage.prompt_tokens} prompt tokens, served vs replay {total / n:.2e}")  # type: ignore[union-attr]
+    print(f"\nforced call: {out.usage.prompt_tokens} prompt tokens, served vs replay {total / n:.2e}")
     assert total / n < 1e-4
