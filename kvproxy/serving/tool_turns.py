@@ -86,16 +86,20 @@ class ToolTurn:
 
     async def grammar(self, compile_schema: Compile, response_schema: dict[str, Any] | None) -> str | None:
         """The grammar the answer must follow: the generic format's always (a call or a response),
-        the Hermes format's when a call is required; None when nothing is forced."""
+        the Hermes format's when a call is required; None when nothing is forced (the tools' schemas
+        are compiled all the same, so that one past the limits or unresolvable is a 400)."""
         plan = self.plan
         if plan is None or not plan.active:
             return None
         try:
             if self.format is ToolFormat.GENERIC:
                 return await compile_schema(generic.output_schema(plan, response_schema))
+            # compiled with ``auto`` too, and dropped: a schema that cannot be compiled is a 400 in
+            # every mode, as llama-server's lazy grammar makes it
+            call_grammar = await compile_schema(hermes.call_schema(plan))
             if not plan.choice.forced:
                 return None
-            return hermes.wrap_grammar(await compile_schema(hermes.call_schema(plan)), plan.parallel)
+            return hermes.wrap_grammar(call_grammar, plan.parallel)
         except ValueError as exc:
             raise OpenAIError(400, f"Invalid schema for 'tools': {exc}", param="tools") from None
         except BackendError as exc:
