@@ -31,7 +31,16 @@ from kvproxy.protocol import (
     ToolCallDelta,
 )
 from kvproxy.serving.openai_format import backend_failure, usage
-from kvproxy.tool_calls import ToolFormat, ToolPlan, generic, hermes, new_call_id, tool_format
+from kvproxy.tool_calls import (
+    ToolFormat,
+    ToolPlan,
+    gemma4,
+    generic,
+    hermes,
+    new_call_id,
+    qwen_xml,
+    tool_format,
+)
 from kvproxy.tool_calls.formats import UnsupportedToolFormat
 
 Compile = Callable[[dict[str, Any]], Awaitable[str]]
@@ -45,6 +54,7 @@ def has_tool_history(messages: list[dict[str, Any]]) -> bool:
 class ToolTurn:
     format: ToolFormat
     plan: ToolPlan | None  # None: no tools in the request, only calls and results in its history
+    template: str = ""
 
     @classmethod
     def of(cls, req: ChatCompletionRequest, template: str) -> ToolTurn | None:
@@ -62,7 +72,8 @@ class ToolTurn:
                 "yet; serve it with llama-server and put kvproxy in front (kvproxy serve --primary URL)",
                 param="tools",
             ) from None
-        return cls(fmt, req.tool_plan(parallel_default=fmt is ToolFormat.HERMES))
+        # llama-server's default is the template's: true for the formats that write a list of calls
+        return cls(fmt, req.tool_plan(parallel_default=fmt is not ToolFormat.GENERIC), template)
 
     @property
     def active(self) -> bool:
@@ -71,6 +82,8 @@ class ToolTurn:
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.format is ToolFormat.GENERIC:
             return generic.history(messages, self.plan)
+        if self.format is ToolFormat.GEMMA4:
+            return gemma4.history(hermes.history(messages), self.template)
         return hermes.history(messages)
 
     def variables(self, variables: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -91,6 +104,11 @@ class ToolTurn:
                 return await compile_schema(generic.output_schema(plan, response_schema))
             if not plan.choice.forced:
                 return None
+            if self.format is ToolFormat.GEMMA4:
+                return gemma4.grammar(plan)
+            if self.format is ToolFormat.QWEN_XML:
+                values = qwen_xml.values_schema(plan)
+                return qwen_xml.grammar(plan, None if values is None else await compile_schema(values))
             return hermes.wrap_grammar(await compile_schema(hermes.call_schema(plan)), plan.parallel)
         except ValueError as exc:
             raise OpenAIError(400, f"Invalid schema for 'tools': {exc}", param="tools") from None
@@ -102,7 +120,14 @@ class ToolTurn:
         another call has already: a client matches results to calls by id)."""
         if not self.active:
             return text, []
-        content, calls = (generic if self.format is ToolFormat.GENERIC else hermes).parse(text)
+        plan = self.plan
+        assert plan is not None
+        if self.format is ToolFormat.GEMMA4:
+            content, calls = gemma4.parse(text, plan)
+        elif self.format is ToolFormat.QWEN_XML:
+            content, calls = qwen_xml.parse(text, plan)
+        else:
+            content, calls = (generic if self.format is ToolFormat.GENERIC else hermes).parse(text)
         out: list[MessageToolCall] = []
         for c in calls:
             known = {m.id for m in out}
