@@ -119,7 +119,8 @@ def test_required_call_beside_llama_server(served: Served, tools: list[dict[str,
     assert their_calls or theirs["finish_reason"] == "length", theirs
     for call_name, _ in their_calls + my_calls:
         assert call_name in names
-    if len(tools) == 1 and their_calls and my_calls:
+    if len(tools) == 1:  # short arguments: both finish their call within max_tokens
+        assert their_calls and my_calls, (theirs, mine)
         assert their_calls[0][0] == my_calls[0][0]
         assert json.loads(their_calls[0][1]) == json.loads(my_calls[0][1]), (theirs, mine)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}

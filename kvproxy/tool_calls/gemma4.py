@@ -22,6 +22,7 @@ from kvproxy.tool_calls.spec import ParsedCall, ToolPlan
 OPEN = "<|tool_call>call:"
 CLOSE = "<tool_call|>"
 QUOTE = '<|"|>'
+TURN = "<|turn>model\n"
 CURRENT_TEMPLATE = "{#- OpenAI Chat Completions:"  # templates without it need history() folded
 _NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
 _SPACE = " \t\n"
@@ -116,6 +117,8 @@ class _Reader:
 def parse(text: str, plan: ToolPlan) -> tuple[str | None, list[ParsedCall]]:
     """The text before the first call as content, and the calls; an answer whose calls do not all
     parse (cut short, an unknown function) is all content."""
+    if text.startswith(TURN):  # llama.cpp's grammar and parser allow the turn's header again
+        text = text[len(TURN) :]
     start = text.find(OPEN)
     if start < 0:
         return text, []
@@ -145,7 +148,8 @@ def parse(text: str, plan: ToolPlan) -> tuple[str | None, list[ParsedCall]]:
 
 def grammar(plan: ToolPlan) -> str:
     """The grammar of a forced answer (llama.cpp's for ``tool_choice: required``): an optional thought
-    block, then one call (or with parallel calls one or more) of a callable function."""
+    block (and the turn's header, as llama.cpp allows it), then one call (or with parallel calls one
+    or more) of a callable function."""
     names = [t["function"]["name"] for t in plan.callable]
     tools = []
     for name in names:
@@ -156,7 +160,8 @@ def grammar(plan: ToolPlan) -> str:
         f'( "<|tool_call>call:" ( {" | ".join(t.split(" ::=")[0] for t in tools)} ) "<tool_call|>" ){repeat}'
     )
     rules = [
-        f"root ::= thought? {call}",
+        f"root ::= start? thought? {call}",
+        'start ::= "<|turn>model\\n"',
         'thought ::= "<|channel>thought" space until-channel "<channel|>"',
         *gbnf.excluding("until-channel", "<channel|>"),
         *tools,
