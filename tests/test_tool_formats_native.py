@@ -291,7 +291,7 @@ def test_gemma4_grammar_is_accepted_by_llama_cpp(parallel: bool) -> None:
 
 def test_gemma4_history_folds_results_for_older_templates() -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}}
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "time?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": '{"time": "noon"}'},
@@ -346,3 +346,21 @@ def test_turn_of_native_format_parses_with_ids_and_defaults_to_parallel(tmp_path
         g.parse("<|tool_call>call:special_function{arg1:1}<tool_call|>")[1][0].function.arguments
         == '{"arg1":1}'
     )
+
+
+@pytest.mark.parametrize(
+    ("generated", "reasoning", "calls"),
+    [
+        (xml("special_function", ("arg1", "1")), None, 1),  # a forced call straight after <think>
+        ("Let me call it.\n" + xml("special_function", ("arg1", "1")), "Let me call it.\n", 1),
+        ("Thought.\n</think>\n\n" + xml("special_function", ("arg1", "1")), "Thought.\n", 1),
+        ("Only thinking", "Only thinking", 0),
+    ],
+)
+def test_qwen_thinking_ends_where_a_call_starts(generated: str, reasoning: str | None, calls: int) -> None:
+    from kvproxy.model.reasoning import QWEN, ReasoningSplitter
+    from kvproxy.serving.tool_turns import split
+
+    r, rest = split(generated, ReasoningSplitter(QWEN, "<|im_start|>assistant\n<think>\n"))
+    assert r == reasoning
+    assert len(qwen_xml.parse(rest, plan())[1]) == calls

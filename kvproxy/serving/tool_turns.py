@@ -18,7 +18,7 @@ from typing import Any
 from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, TextDelta
 from kvproxy.errors import OpenAIError
-from kvproxy.model.reasoning import ReasoningSplitter
+from kvproxy.model.reasoning import QWEN, ReasoningSplitter
 from kvproxy.protocol import (
     CalledFunction,
     ChatChunkChoice,
@@ -148,7 +148,13 @@ def split(text: str, splitter: ReasoningSplitter | None) -> tuple[str | None, st
         return None, text
     r1, c1 = splitter.push(text)
     r2, c2 = splitter.finish()
-    return (r1 + r2) or None, c1 + c2
+    reasoning, rest = r1 + r2, c1 + c2
+    # Qwen3.5's thinking also ends where a call starts (llama.cpp's thinking end tags include
+    # <tool_call>): a forced call is written straight after the generation prompt's <think>
+    cut = reasoning.find(qwen_xml.OPEN) if splitter.fmt is QWEN else -1
+    if cut >= 0:
+        reasoning, rest = reasoning[:cut], reasoning[cut:] + rest
+    return (reasoning if reasoning.strip() else None), rest
 
 
 async def tool_chunks(
