@@ -19,7 +19,7 @@ PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 # every module's tests run on one worker, so its module fixtures start once. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= $(shell nproc)
 
-.PHONY: serve test test-fast llama-tools install install-test clean
+.PHONY: serve test test-fast llama-tools node-clients install install-test clean
 
 # what `serve` and `install` need: the CPU build, or with CUDA=1 the CUDA one
 ifeq ($(CUDA),1)
@@ -34,7 +34,7 @@ serve: $(INSTALLED)
 	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/kvproxy serve
 
-test: $(VENV)/.installed-test llama-tools
+test: $(VENV)/.installed-test llama-tools node-clients
 	scripts/ensure-llama-wheel.sh --installed $(VENV)/bin/python
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -54,6 +54,11 @@ test-fast: $(VENV)/.installed-test
 # llama-server and llama-perplexity from the pinned llama.cpp source, cached in $(KVPROXY_CACHE)
 llama-tools: $(VENV)/.installed
 	scripts/build-llama-tools.sh $(VENV)/bin/python
+
+# the client matrix's JavaScript client (openai-node) in $(KVPROXY_CACHE)/node-clients; without node
+# it says so and the test skips
+node-clients:
+	scripts/ensure-node-clients.sh >/dev/null
 
 install: $(INSTALLED)
 install-test: $(VENV)/.installed-test
@@ -78,8 +83,12 @@ $(VENV)/.installed-cuda: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wh
 	$(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels-cuda -e .
 	touch $@ $(VENV)/.installed
 
+# instructor pins jiter<0.15, which the openai SDK outgrew: installed without its pins (pyproject.toml)
+INSTRUCTOR := instructor==1.17.0
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) --no-deps '$(INSTRUCTOR)'
 	touch $@
 
 clean:

@@ -46,6 +46,7 @@ from kvproxy.config import KVCacheType, Settings
 from kvproxy.corpus import english_text
 from kvproxy.kld import coarse_kld_row
 from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.embedded import make_scorer
 from kvproxy.serving.openai_format import collect
 
 F16 = KVConfig(KVCacheType.F16, KVCacheType.F16)
@@ -100,7 +101,7 @@ def measure(args: argparse.Namespace, parallel: int) -> tuple[dict[str, Any], li
         start = time.perf_counter()
         served = asyncio.run(serve_all(backend, jobs, args.tokens, args.top))
         wall = time.perf_counter() - start
-        scorer = backend.make_scorer(F16, path="decode")
+        scorer = make_scorer(backend, F16, path="decode")
         diffs: list[float] = []
         kls: list[float] = []
         exact = positions = 0

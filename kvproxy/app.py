@@ -15,13 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score, ui
 from kvproxy.api.fast_path import OpenAIFastPath
-from kvproxy.api.openai import GENERATION_ROUTES
+from kvproxy.api.openai import GENERATION_PATHS
 from kvproxy.config import DEFAULT_MAX_TOKENS
 from kvproxy.deployments.build import Deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
@@ -36,7 +35,7 @@ from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.serving.router import Router
 from kvproxy.shadow.token_scores import TokenScoreStore
 from kvproxy.telemetry.gpu import GpuCollector, GpuMonitor
-from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware
+from kvproxy.telemetry.metrics import Metrics, RequestMetricsMiddleware, default_metrics
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +125,12 @@ def create_app(
                 d.close()
 
     app = KVProxyApp(title="kvproxy", version=__version__, lifespan=lifespan)
-    hot = {*GENERATION_ROUTES, *(p.removeprefix("/v1") for p in GENERATION_ROUTES)}  # and their aliases
     hot_routes = {
         r.path: r
         for r in [*openai.router.routes, *openai.aliases.routes]
-        if isinstance(r, APIRoute) and r.path in hot and "POST" in (r.methods or ())
+        if isinstance(r, APIRoute) and r.path in GENERATION_PATHS and "POST" in (r.methods or ())
     }
-    assert len(hot_routes) == len(hot), hot_routes  # the fast path answers exactly the routes declared
+    assert hot_routes.keys() == GENERATION_PATHS.keys(), hot_routes  # the fast path answers them all
     # kvproxy's own ASGI layers, outermost first, in front of Starlette's whole stack (kvproxy.app)
     app.front.append((RequestId, {}))  # every answer carries its x-request-id, a 401 or 413 too
     app.front.append((RequestMetricsMiddleware, {"metrics": metrics}))
@@ -189,13 +187,6 @@ async def drain_shadow(d: Deployment, deadline: float) -> None:
     )
 
 
-def default_metrics() -> Metrics:
-    """A registry of the process's own, with the process collector (RSS, CPU, open files)."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-    return Metrics(registry)
-
-
 def _document_request_bodies(app: FastAPI) -> None:
     """Request bodies are validated after routing (per deployment kind), so FastAPI does not see
     them; add their schemas to the OpenAPI document by hand."""
@@ -215,4 +206,4 @@ def _document_request_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-__all__ = ["create_app", "default_metrics"]
+__all__ = ["create_app"]

@@ -152,6 +152,13 @@ class Settings(BaseSettings):
         le=64,
         description="Shadow jobs decoded together as sequences of one context (decode path, GPU only).",
     )
+    shadow_capture_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="Embedded, decode path: MiB of served logits rows kept for shadow-sampled requests "
+        "(n_vocab x 4 bytes a token: 1 MiB for Gemma), so scoring decodes only the reference. A job "
+        "whose rows do not fit is scored by replaying the primary config too (counted). 0: always replay.",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=1,

@@ -344,15 +344,6 @@ def coarse_kld_row(
     return max(kl, 0.0)
 
 
-def coarse_kld_full_reference(
-    ref_logprobs_row: npt.ArrayLike, primary_ids: npt.ArrayLike, primary_logprobs: npt.ArrayLike
-) -> float:
-    """Coarse-grained KL when the reference's full distribution is known and the primary gave top-K."""
-    row = np.asarray(ref_logprobs_row, dtype=np.float64)
-    ids = np.asarray(primary_ids, dtype=np.int64)
-    return coarse_kld_row(ids, row[ids], ids, primary_logprobs)
-
-
 # ---- summary statistics ---------------------------------------------------------------------
 
 

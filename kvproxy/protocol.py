@@ -451,7 +451,9 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
-    max_tokens: TokenLimit | None = 16  # OpenAI's default for this route
+    # OpenAI's default here is 16; kvproxy's one default output cap applies instead
+    # (--max-tokens-default, kvproxy.serving.output_cap), as on every route and in both modes
+    max_tokens: TokenLimit | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None

@@ -6,8 +6,12 @@ the system message, and what needs stored state (``previous_response_id``, ``con
 ``background``, stored ``prompt`` templates, item references) or built-in tools is a 400 naming it.
 ``store: true`` is accepted (it cannot change the output) and answered as ``store: false``.
 
-The output is one assistant message with one ``output_text`` part, in the shape of OpenAI's published
-OpenAPI spec (tests/data holds a pinned copy; tests/test_openai_spec.py validates against it).
+Function tools are taken (as chat completions take them), and so are the ``function_call`` and
+``function_call_output`` items a client sends back (an assistant's tool calls, ``role: tool``
+messages). The output is an assistant message with one ``output_text`` part and/or ``function_call``
+items, in the shape of OpenAI's published OpenAPI spec (tests/data holds a pinned copy;
+tests/openai_spec.py validates against it). Both modes build it from a chat completion
+(kvproxy.serving.responses_chat).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from kvproxy.protocol import (
     NO_REASONING,
     NO_VERBOSITY,
     TOOLS_REFUSAL,
-    OutputFormat,
     Temperature,
     TokenLimit,
     TopLogprobs,
@@ -157,8 +160,6 @@ class InputMessage(BaseModel):
 
 
 _ITEM_REFUSALS = {
-    "function_call": ("function calls", TOOLS_REFUSAL),
-    "function_call_output": ("function call outputs", TOOLS_REFUSAL),
     "custom_tool_call": ("tool calls", TOOLS_REFUSAL),
     "custom_tool_call_output": ("tool call outputs", TOOLS_REFUSAL),
     "item_reference": ("item_reference", STATELESS),
@@ -166,17 +167,50 @@ _ITEM_REFUSALS = {
 }
 
 
-def _input_message(index: int, item: Any) -> InputMessage:
+class FunctionCallItem(BaseModel):
+    """A ``function_call`` the model made, sent back in ``input`` (an assistant tool call)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A ``function_call_output``: what the client's function returned (a ``role: tool`` message)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[dict[str, Any]]
+
+    @field_validator("output")
+    @classmethod
+    def _text_output(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        refuse_media_parts(value, ("input_text", "output_text"))
+        return value
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+_ITEMS: dict[str, type[BaseModel]] = {
+    "message": InputMessage,
+    "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem,
+}
+
+
+def _input_message(index: int, item: Any) -> InputItem:
     if not isinstance(item, dict):
         raise ValueError(f"input[{index}] must be an object")
     kind = item.get("type", "message")
     if kind in _ITEM_REFUSALS:
         name, why = _ITEM_REFUSALS[kind]
         raise _unsupported(name, why)
-    if kind != "message":
+    if kind not in _ITEMS:
         raise _unsupported(f"input items of type '{kind}'", BUILT_IN_TOOLS)
     try:
-        return InputMessage.model_validate(item)
+        return _ITEMS[kind].model_validate(item)  # type: ignore[return-value]
     except ValidationError as exc:  # said in one line, naming the item
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("str", "list[")))
@@ -246,20 +280,25 @@ class ResponsesRequest(_Strict):
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for tool in value or []:
-            kind = tool.get("type")
-            if kind in ("function", "custom"):
-                raise _unsupported("tools", TOOLS_REFUSAL)
-            raise _unsupported(f"the built-in tool {kind!r}", BUILT_IN_TOOLS)
+    def _function_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(value or []):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind == "custom":
+                raise _unsupported("custom tools", "only function tools are (as chat completions take them)")
+            if kind != "function":
+                raise _unsupported(f"the built-in tool {kind!r}", BUILT_IN_TOOLS)
+            if not isinstance(tool.get("name"), str) or not FORMAT_NAME.fullmatch(tool["name"]):
+                raise ValueError(f"tools[{i}].name must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
         return value
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", TOOLS_REFUSAL)
-        return value
+    def _function_choice(cls, value: Any) -> Any:
+        if value in (None, "none", "auto", "required"):
+            return value
+        if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+            return value
+        raise _unsupported("tool_choice", "it takes none, auto, required or {type: function, name}")
 
     @field_validator("truncation")
     @classmethod
@@ -267,34 +306,6 @@ class ResponsesRequest(_Strict):
         if value == "auto":
             raise _unsupported("truncation 'auto'", "input is never truncated; a prompt too long is a 400")
         return value
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat templates take it: instructions first, as the system message."""
-        out: list[dict[str, Any]] = []
-        if self.instructions:
-            out.append({"role": "system", "content": self.instructions})
-        if isinstance(self.input, str):
-            out.append({"role": "user", "content": self.input})
-        else:
-            out.extend(m.template_dict() for m in self.input)
-        return out
-
-    @property
-    def output_format(self) -> OutputFormat | None:
-        fmt = self.text.format if self.text else None
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return OutputFormat()
-        return OutputFormat(fmt.schema_ or {})
-
-    @property
-    def top_logprobs_count(self) -> int | None:
-        """None unless ``include`` asks for logprobs; then how many alternatives a position."""
-        if LOGPROBS_INCLUDE not in (self.include or []):
-            return None
-        return self.top_logprobs or 0
 
 
 # ---- the response object and its stream events --------------------------------------------------
@@ -328,6 +339,20 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class OutputFunctionCall(BaseModel):
+    """A ``function_call`` output item: one tool call of the chat completion it was built from."""
+
+    id: str
+    type: Literal["function_call"] = "function_call"
+    status: ItemStatus
+    call_id: str
+    name: str
+    arguments: str
+
+
+OutputItem = OutputMessage | OutputFunctionCall
+
+
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0  # every request is prefilled from scratch
     cache_write_tokens: int = 0
@@ -351,7 +376,7 @@ class ResponseError(BaseModel):
 
 
 class IncompleteDetails(BaseModel):
-    reason: Literal["max_output_tokens"]
+    reason: Literal["max_output_tokens", "content_filter"]
 
 
 class ResponseObject(BaseModel):
@@ -365,7 +390,7 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
     parallel_tool_calls: bool = False
     previous_response_id: None = None
     reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
@@ -373,8 +398,8 @@ class ResponseObject(BaseModel):
     store: bool = False  # nothing is kept, whatever the request said
     temperature: float = 1.0
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}, "verbosity": "medium"})
-    tool_choice: Literal["none", "auto"] = "auto"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     top_logprobs: int = 0
     top_p: float = 1.0
     truncation: Literal["disabled"] = "disabled"

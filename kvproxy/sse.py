@@ -184,6 +184,16 @@ class SSEDecoder:
         return parse_events(self._take(self._complete(final=True)))
 
 
+def ends_done(last_block: bytes, pending: bytes = b"") -> bool:
+    """Whether a stream whose last whole events were ``last_block`` (and ``pending``, bytes of an
+    event never terminated) ended as an OpenAI stream ends: its last event with data is ``[DONE]``."""
+    events = parse_events(last_block)
+    if pending:
+        events += parse_events(pending + b"\n\n")
+    with_data = [e for e in events if e.data is not None]
+    return bool(with_data) and with_data[-1].is_done
+
+
 def first_data(chunk: bytes) -> bytes | None:
     """The data of the first whole event in ``chunk`` (e.g. a stream's first chunk), if any."""
     events = parse_events(chunk[: complete_length(chunk)])

@@ -35,15 +35,18 @@ FAST_MODULES = frozenset(
         "test_kld_threads", "test_prompt_fill", "test_schema_limits", "test_build_cache",
         "test_deploy", "test_drift", "test_guard", "test_quality", "test_loadwatch", "test_gpu",
         "test_chat_template", "test_cli_options", "test_shadow", "test_relay_line_endings",
-        "test_errors", "test_compat_model",
+        "test_errors", "test_compat_model", "test_responses_render", "test_llama_args",
+        "test_score_contract", "test_layering", "test_telemetry_collector",
     }
 )  # fmt: skip
 
 
-# The longest modules, longest first (the 20 slowest of a one-process run): under pytest-xdist they
+# The longest modules, longest first (the 20 slowest of a one-process run; test_client_matrix took
+# 310 to 547 s alone on 2 shared cores): under pytest-xdist they
 # are handed out first, so no worker is left with one of them while the other has finished.
 LONG_MODULES = (
-    "test_score_paths_agreement", "test_schema_fuzz", "test_calibrate", "test_perplexity_agreement",
+    "test_client_matrix", "test_score_paths_agreement", "test_schema_fuzz", "test_calibrate",
+    "test_perplexity_agreement",
     "test_drift_scenario", "test_shadow_e2e", "test_decode_path", "test_prometheus", "test_connections",
     "test_embedded_load", "test_served_replay_jinja", "test_gguf_info", "test_shadow_unchanged",
 )  # fmt: skip

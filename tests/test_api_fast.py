@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,6 +156,21 @@ def test_context_overflow_is_refused_before_tokenizing(client: Client, backend: 
     assert len(backend.generated) == before
 
 
+def test_the_openapi_document_builds_without_warnings(backend: StubBackend) -> None:
+    """One route table for generation (kvproxy.api.openai.GENERATION): each operation id once (a
+    GET and a DELETE on one function once shared one, and FastAPI warned), every route documented."""
+    app = create_app(stub_deployment(backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app.openapi()
+    ids = [op["operationId"] for methods in schema["paths"].values() for op in methods.values()]
+    assert len(ids) == len(set(ids))
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].startswith("#/components/schemas/")
+    assert "/chat/completions" not in schema["paths"]  # the aliases are served, not documented
+
+
 def test_a_failing_backend_is_a_500_before_any_stream_starts() -> None:
     c = Client(create_app(stub_deployment(StubBackend(fail=True))))
     try:
@@ -203,26 +219,39 @@ def test_the_request_id_is_on_the_access_log(client: Client, caplog: pytest.LogC
 
 
 def test_a_shadow_job_carries_its_request_id() -> None:
+    from starlette.requests import Request
+
+    from kvproxy.api.shadow_ask import shadow_ask
     from kvproxy.http import request_id
     from kvproxy.scoring.job import ShadowJob
-    from kvproxy.scoring.kept import KeptScores
-    from kvproxy.shadow.pool import ShadowTicket
+    from kvproxy.shadow.pool import ShadowPool
+    from kvproxy.shadow.quality import QualityTracker
+    from kvproxy.shadow.token_scores import TokenScoreStore
 
-    offered: list[ShadowJob] = []
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    scope["headers"] = [(b"x-kvproxy-token-scores", b"keep"), (b"x-kvproxy-shadow", b"force")]
+    scope["headers"].append((b"x-request-id", b"req_abc"))  # the client's own, kept
+    asks = []
 
-    class Pool:
-        def _offer(self, job: ShadowJob) -> None:
-            offered.append(job)
+    async def route(scope: Any, receive: Any, send: Any) -> None:  # what the route reads
+        asks.append(shadow_ask(Request(scope, receive), TokenScoreStore()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
 
-    token = request_id.current.set("req_abc")
-    try:
-        keep = KeptScores()
-        ticket = ShadowTicket(Pool(), keep)  # type: ignore[arg-type]
-    finally:
-        request_id.current.reset(token)
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    asyncio.run(request_id.RequestId(route)(scope, receive, send))
+    ask = asks[0]
+    pool = ShadowPool(None, QualityTracker(), queue_size=1)  # type: ignore[arg-type]  # never started
+    ticket = pool.ticket(ask)
+    assert ticket is not None and ask.keep is not None
     ticket.submit(ShadowJob())
-    assert offered[0].request_id == "req_abc"
-    assert keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it
+    assert pool._queue.get_nowait().request_id == "req_abc"
+    assert ask.keep.as_dict()["request_id"] == "req_abc"  # GET /kvproxy/v1/scores/{id} names it
 
 
 # ---- model and system_fingerprint in relayed bytes (issue 28, item 4) ------------------------

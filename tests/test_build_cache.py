@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from kvproxy.backends.devices import cpu_build_features, parse_cpu_features
-from kvproxy.backends.probe import _reason, signal_reason
 from kvproxy.cli.banner import describe_cpu_build
+from kvproxy.deployments.probe import _reason, signal_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"

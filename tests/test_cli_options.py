@@ -12,7 +12,15 @@ from kvproxy.config import Settings
 
 # settings that are tuning knobs of the shadow path or the status, set by environment variable only;
 # and the two lists, whose repeatable flags are named in the singular (checked below)
-ENV_ONLY = {"shadow_chunk", "score_sequences", "status_window", "api_keys", "cors_origins", "prefill_chunk"}
+ENV_ONLY = {
+    "shadow_chunk",
+    "score_sequences",
+    "status_window",
+    "api_keys",
+    "cors_origins",
+    "prefill_chunk",
+    "shadow_capture_mib",
+}
 
 
 def serve_params() -> dict[str, typer.core.click.Parameter]:

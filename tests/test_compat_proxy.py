@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from kvproxy import sse
-from kvproxy.model.chat_template import GEMMA_TEMPLATE
+from kvproxy.model.gemma_tools_template import GEMMA_TOOLS_TEMPLATE
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import LlamaServer, llama_servers
 from tests.openai_spec import assert_valid, assert_valid_event
@@ -29,7 +29,7 @@ LIMIT = 8  # the proxy's --max-tokens-default
 def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("compat-proxy")
     template = tmp / "gemma.jinja"
-    template.write_text(GEMMA_TEMPLATE)
+    template.write_text(GEMMA_TOOLS_TEMPLATE)  # Gemma turns; tools llama-server parses
     # Jinja on (the helper turns it off for the built-in format): tools need it
     tpl = ("--jinja", "--chat-template-file", str(template))
     with llama_servers(
@@ -122,17 +122,42 @@ def test_a_relayed_response_is_shadow_scored(http: httpx.Client) -> None:
     assert kept(http, streamed[0]["response"]["id"])["status"] == "scored"
 
 
-def test_tools_go_to_llama_servers_own_route(http: httpx.Client) -> None:
+def test_tools_are_served_through_the_chat_route_too(http: httpx.Client, stack: dict[str, Any]) -> None:
+    """Tools and function-call items go through the primary's chat route like any Responses request
+    (not llama-server's own /v1/responses, whose events had no sequence_number or output_index)."""
     tool = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
-    body = {"model": "gemma", "input": "Hi", "tools": [tool], "max_output_tokens": 4}
+    given = {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{}"}
+    history = [
+        {"role": "user", "content": "Hi"},
+        given,
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    body = {"model": "gemma", "input": history, "tools": [tool], "max_output_tokens": 4, "temperature": 0}
     out = http.post("/v1/responses", json=body)
     assert out.status_code == 200, out.text
-    assert "parallel_tool_calls" not in out.json()  # llama-server's own rendering, relayed as it is
+    assert_valid("Response", out.json())
+    assert out.json()["parallel_tool_calls"] is True and out.json()["tools"][0]["name"] == "weather"
+    # the tokens are those of the same chat completion, tool messages included
+    q4: LlamaServer = stack["q4"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": tool["parameters"]}}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    own = httpx.post(f"{q4.url}/v1/chat/completions", json=chat, timeout=300).json()
+    assert out.json()["usage"]["input_tokens"] == own["usage"]["prompt_tokens"]
     with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
-        raw = resp.read().decode()
-    # llama-server's stream ends with response.completed and no [DONE]: a complete stream, not an
-    # upstream that broke off (which would end in an error event)
-    assert "event: response.completed" in raw and '"timings"' in raw and "upstream_stream_ended" not in raw
+        got = events(resp)
+    for event in got:
+        assert_valid_event(event)
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+    assert got[-1]["type"] in ("response.completed", "response.incomplete")
 
 
 def test_embeddings_and_other_routes_are_relayed(http: httpx.Client) -> None:

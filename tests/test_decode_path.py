@@ -30,7 +30,7 @@ from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.model.memory import ggml_type
-from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest, decode_step_bytes
+from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest, decode_step_bytes, make_scorer
 from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
@@ -93,7 +93,7 @@ def test_decode_replay_reproduces_the_served_logprobs(
     want = np.array([[s.logprob, *(t.logprob for t in s.top)] for s in served])
     got = {}
     for path in ("decode", "prefill"):
-        scorer = backend.make_scorer(F16, path=path)
+        scorer = make_scorer(backend, F16, path=path)
         assert scorer.path == path
         scores = scorer.score(prompt, tokens, check)
         scorer.close()

@@ -15,6 +15,7 @@ from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.embedded import make_scorer
 
 pytestmark = pytest.mark.skipif(
     not (gpu_offload_supported() and gpu_devices()),
@@ -39,7 +40,7 @@ def test_default_offload_and_served_equals_replayed_on_the_gpu(gemma_path: Path)
         return prompt, served, tokens
 
     prompt, served, tokens = asyncio.run(run())
-    scorer = backend.make_scorer(KVConfig(T.F16, T.F16))
+    scorer = make_scorer(backend, KVConfig(T.F16, T.F16))
     try:
         scores = scorer.score(prompt, list(tokens), [[t] for t in tokens])
     finally:

@@ -33,6 +33,7 @@ from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import Settings
 from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.embedded import make_scorer
 from kvproxy.scoring.job import PrimaryReport
 from kvproxy.scoring.llama_server import LlamaServerReference
 from kvproxy.serving.openai_format import collect
@@ -74,7 +75,7 @@ def test_embedded_generation_and_scoring_start_every_job_from_a_zero_state() -> 
 
     check = [[s.token_id, *(t.token_id for t in s.top)] for s in served_a]
     want = np.array([[s.logprob, *(t.logprob for t in s.top)] for s in served_a])
-    scorer = backend.make_scorer(F16, path="decode")
+    scorer = make_scorer(backend, F16, path="decode")
     try:
         fresh = scorer.score(prompt_a, list(done_a.token_ids), check)
         scorer.score(prompt_b, list(done_b.token_ids))  # another job's state in both contexts...

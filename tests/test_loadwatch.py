@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from kvproxy.kld import PositionScores
+from kvproxy.shadow.ask import FORCE
 from kvproxy.shadow.loadwatch import loop_load
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
@@ -30,7 +31,7 @@ def test_a_saturated_loop_sheds_samples_and_drops_deferred_jobs() -> None:
             await asyncio.sleep(0)
         assert watch.busy, watch.lag
         assert pool.ticket() is None and pool.counters.shed == 1  # busy: not sampled, counted
-        assert pool.ticket("force") is not None  # a forced request is still scored
+        assert pool.ticket(FORCE) is not None  # a forced request is still scored
         ticket.submit(ShadowJob(source={}, report=None))  # queued while busy ...
         deadline = time.monotonic() + 2
         while pool.counters.dropped < 1:  # ... and dropped after max_defer without being scored

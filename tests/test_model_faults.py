@@ -2,7 +2,7 @@
 
 * llama.cpp aborts the process on a failed ``GGML_ASSERT`` (here: a Qwen3.5 MoE asking for more
   experts per token than it has) and cannot be caught in Python. ``kvproxy serve`` first loads the
-  model, generates and scores in a child process (kvproxy.backends.probe): the child dies, and
+  model, generates and scores in a child process (kvproxy.deployments.probe): the child dies, and
   start-up ends with exit 2 and llama.cpp's own reason, one line on stderr.
 * A file llama.cpp refuses without aborting (an unknown architecture) gets the same one line.
 * The tiny test-llama-archs models have no BOS and no EOS (llama.cpp answers -1): asking llama.cpp

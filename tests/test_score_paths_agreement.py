@@ -1,6 +1,7 @@
 """Both scoring paths agree with ``llama-perplexity --kl-divergence`` run on the same numerics.
 
-llama-perplexity's micro-batch picks the numerics (DESIGN.md, "Which numerics served the tokens"):
+llama-perplexity's micro-batch picks the numerics (docs/reference-design.md, "Which numerics served the
+tokens"):
 ``-ub 1`` on both the f16 base run and the config run computes every position as a one-token
 decode, the way generation does, and ``-ub 512`` computes each 512-token chunk as one prefill.
 Both runs use ``-b 512``: with the default ``-b 2048`` llama-perplexity packs four chunks as four

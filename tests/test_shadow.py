@@ -8,8 +8,9 @@ import random
 import numpy as np
 import pytest
 
+from kvproxy.api.shadow_ask import parse_shadow_header
 from kvproxy.kld import PositionScores
-from kvproxy.shadow.pool import ShadowJob, ShadowPool, ShadowSampler, parse_shadow_header
+from kvproxy.shadow.pool import ShadowJob, ShadowPool, ShadowSampler
 from kvproxy.shadow.quality import QualityTracker
 
 

@@ -119,3 +119,17 @@ def test_an_event_past_the_cap_is_refused_not_held() -> None:
     assert [e.data for e in decoder.feed(b"data: a\r\rdata: b\r")] == [b"a"]
     assert decoder.feed(b"\r") == []  # the last CR may still be half a CRLF
     assert [e.data for e in decoder.close()] == [b"b"]
+
+
+def test_a_stream_ends_done_when_its_last_event_with_data_is_done() -> None:
+    """How the llama-server relay tells a finished stream from one cut short (kvproxy.upstream)."""
+    for nl in (b"\n", b"\r\n", b"\r"):
+        done = b"data: [DONE]" + nl + nl
+        chunk = b'data: {"choices": []}' + nl + nl
+        assert sse.ends_done(chunk + done)
+        assert sse.ends_done(done + b": keep-alive" + nl + nl)  # a comment after it changes nothing
+        assert not sse.ends_done(chunk)
+        assert not sse.ends_done(done + chunk)  # more data after [DONE]: not an OpenAI end
+        assert sse.ends_done(chunk, pending=b"data: [DONE]")  # its blank line never came
+    assert not sse.ends_done(b"")
+    assert not sse.ends_done(b'data: {"text": "[DONE]"}\n\n')  # the marker inside data is no end

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from kvproxy.api.shadow_ask import parse_token_scores_header
 from kvproxy.api.ui import page_html
 from kvproxy.app import create_app
 from kvproxy.config import Settings
@@ -30,15 +31,11 @@ from kvproxy.kld import PositionScores
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.model.memory import kv_cache_allocated_bytes
 from kvproxy.scoring.kept import DROPPED, FAILED, NOT_SAMPLED, PENDING, SCORED, KeptScores
+from kvproxy.shadow.ask import ShadowAsk
 from kvproxy.shadow.history import KLDHistory
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.shadow.token_scores import (
-    TokenScoreStore,
-    _current,
-    claim,
-    parse_token_scores_header,
-)
+from kvproxy.shadow.token_scores import TokenScoreStore
 from kvproxy.telemetry.gpu import read_gpus
 from tests.conftest import RunningServer, serve_in_thread
 
@@ -115,26 +112,19 @@ def test_the_shadow_pool_reports_into_the_claimed_slot_only() -> None:
     async def run(fail: bool) -> tuple[KeptScores, KeptScores, KeptScores]:
         pool = ShadowPool(Scorer(fail), QualityTracker(), queue_size=1)
         slot, dropped = KeptScores(), KeptScores()
-        token = _current.set(slot)
-        try:
-            ticket = pool.ticket("force")
-            assert ticket is not None and ticket.keep is slot
-            assert claim() is None  # a second ticket (a guard's probe) finds it taken
-            other = pool.ticket("force")
-            assert other is not None and other.keep is None
-        finally:
-            _current.reset(token)
-        assert pool.ticket("force").keep is None  # type: ignore[union-attr]  # no slot current
+        ask = ShadowAsk("force", slot)
+        ticket = pool.ticket(ask)
+        assert ticket is not None and ticket.keep is slot
+        assert ask.claim() is None  # a second ticket (a guard's probe) finds it taken
+        other = pool.ticket(ask.forced())
+        assert other is not None and other.keep is None
+        assert pool.ticket(ShadowAsk("force")).keep is None  # type: ignore[union-attr]  # no slot asked
         ticket.submit(ShadowJob((1, 2), (3, 4, 5)))
-        token = _current.set(dropped)
-        full = pool.ticket("force")
-        _current.reset(token)
+        full = pool.ticket(ShadowAsk("force", dropped))
         assert full is not None
         full.submit(ShadowJob((1,), (2,)))  # the queue holds one job: dropped
         abandoned = KeptScores()
-        token = _current.set(abandoned)
-        left = pool.ticket("force")
-        _current.reset(token)
+        left = pool.ticket(ShadowAsk("force", abandoned))
         assert left is not None
         left.abandon()
         pool.start()
@@ -249,6 +239,16 @@ def test_status_additions_before_traffic(unloaded_app: TestClient, gemma_path: P
     assert d["history"] == []
     assert d["histogram"]["tokens"] == 0 and sum(d["histogram"]["counts"]) == 0
     assert d["shadow"]["coverage"] == {"requests": 0, "sampled_fraction": None, "scored_fraction": None}
+    capacity = d["shadow"]["capacity"]  # nothing generated or scored yet: no rate to show
+    assert capacity["sustainable_rate"] is None and capacity["load_source"] == "none"
+    # the served-row capture is on by default (decode path) and holds nothing yet
+    assert d["shadow"]["capture"] == {
+        "limit_bytes": 1024 << 20,
+        "held_bytes": 0,
+        "idle_bytes": 0,
+        "captured_jobs": 0,
+        "fallback_jobs": 0,
+    }
 
 
 def test_unknown_scores_are_a_404_in_openai_format(unloaded_app: TestClient) -> None:
@@ -338,10 +338,12 @@ PCT = {
     "kld.since_start.same_top",
     "kld.since_start.same_top_error",
     "shadow.coverage.scored_fraction",
+    "shadow.capacity.sustainable_rate",
 }
 MIB = {"memory.allocated_bytes", "memory.f16_allocated_bytes"}
 INT = {"memory.n_ctx", "memory.bytes_per_token", "kld.since_start.tokens"}
-NUM = {"shadow.last_lag_seconds", "drift.statistic"}
+NUM = {"shadow.last_lag_seconds", "drift.statistic", "shadow.capacity.generated_tokens_per_second"}
+MS = {"shadow.capacity.scoring_seconds_per_token"}
 
 
 def page_format(field: str, v: Any) -> str:
@@ -356,6 +358,8 @@ def page_format(field: str, v: Any) -> str:
         return f"{v * 100:.1f}%"
     if field in MIB:
         return f"{v / 2**20:.1f} MiB"
+    if field in MS:
+        return f"{v * 1000:.2f} ms"
     if field in INT:
         return f"{round(v):,}"
     if field in NUM:

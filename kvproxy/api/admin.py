@@ -8,11 +8,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvproxy.api.shadow_ask import TOKEN_SCORES_HEADER
 from kvproxy.deployments.status import deployment_status
 from kvproxy.errors import OpenAIError
 from kvproxy.http.access import key_owner
 from kvproxy.scoring.kept import PENDING
-from kvproxy.shadow.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore
+from kvproxy.shadow.token_scores import TokenScoreStore
 from kvproxy.telemetry.gpu import gpu_status
 
 router = APIRouter(prefix="/kvproxy/v1")

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvproxy.api.openai import complete
 from kvproxy.errors import OpenAIError, error_response, unexpected_error
@@ -31,19 +32,19 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499
 
 
-async def _disconnected(receive: Any) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Return once the client has gone."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
 class OpenAIFastPath:
-    def __init__(self, app: Any, router: Router, routes: dict[str, Any]) -> None:
+    def __init__(self, app: ASGIApp, router: Router, routes: dict[str, Any]) -> None:
         self.app = app
         self.router = router
         self.routes = routes  # path -> FastAPI's route object, for the metrics' route label
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")
         if scope["type"] != "http" or scope["method"] != "POST" or path not in self.routes:
             await self.app(scope, receive, send)
@@ -56,7 +57,7 @@ class OpenAIFastPath:
             return
         await response(scope, receive, send)
 
-    async def _unless_client_leaves(self, path: str, request: Request, receive: Any) -> Response | None:
+    async def _unless_client_leaves(self, path: str, request: Request, receive: Receive) -> Response | None:
         """The answer, or None when the client left before it began (a slow upstream, a long
         prefill): the handler is cancelled then, so the upstream request is closed at once rather
         than at its deadline. (Once a stream has begun, Starlette watches for the client itself.)"""
@@ -92,5 +93,7 @@ class OpenAIFastPath:
         except OpenAIError as exc:
             return error_response(exc)
         except Exception as exc:  # the answer FastAPI's handler gives (kvproxy.errors)
-            log.exception("unexpected error on %s (request_id=%s)", path, request_id.current.get())
+            log.exception(
+                "unexpected error on %s (request_id=%s)", path, request_id.request_id(request.scope)
+            )
             return error_response(unexpected_error(exc))

@@ -14,8 +14,10 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.routing import Match
 
+from kvproxy.api.shadow_ask import file_kept, shadow_ask
 from kvproxy.errors import OpenAIError, unknown_route
 from kvproxy.http.access import key_owner
 from kvproxy.protocol import (
@@ -28,10 +30,10 @@ from kvproxy.protocol import (
     ModelList,
 )
 from kvproxy.protocol_responses import STATELESS, ResponseObject, ResponsesRequest
-from kvproxy.serving.base import Serving, shadow_directive
+from kvproxy.serving import output_cap
+from kvproxy.serving.base import Kind, handler
 from kvproxy.serving.router import Router
-from kvproxy.shadow.pool import SHADOW_HEADER
-from kvproxy.shadow.token_scores import TOKEN_SCORES_HEADER, TokenScoreStore, parse_token_scores_header
+from kvproxy.shadow.token_scores import TokenScoreStore
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse},
@@ -67,36 +69,35 @@ async def _json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     return raw, body
 
 
-CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
-GENERATION_ROUTES = (CHAT, COMPLETIONS, RESPONSES)
-
-
-def _handler(serving: Serving, path: str) -> Any:
-    if path.endswith("/chat/completions"):
-        return serving.handle_chat
-    return serving.handle_completion if path.endswith("/completions") else serving.handle_responses
+# The generation routes, in one table: path under /v1 -> (what it is, its request and answer models).
+# kvproxy.api.fast_path answers them (and their aliases without /v1) in front of FastAPI; the FastAPI
+# routes made from this table document them (OpenAPI) and name them for the metrics.
+GENERATION: dict[str, tuple[Kind, type[BaseModel], type[BaseModel]]] = {
+    "/chat/completions": ("chat", ChatCompletionRequest, ChatCompletion),
+    "/completions": ("completion", CompletionRequest, Completion),
+    "/responses": ("responses", ResponsesRequest, ResponseObject),
+}
+GENERATION_PATHS: dict[str, Kind] = {
+    path: kind for suffix, (kind, _, _) in GENERATION.items() for path in (f"/v1{suffix}", suffix)
+}
 
 
 async def complete(router: Router, path: str, request: Request) -> Response:
-    """The generation routes (chat, completions, responses; with or without ``/v1``): read the body,
-    route by ``model``, hand over to that deployment. Served by ``kvproxy.api.fast_path`` in front of
-    FastAPI (the routes below document them)."""
+    """A generation route (chat, completions, responses; with or without ``/v1``): read the body,
+    route by ``model``, hand over to that deployment."""
     raw, body = await _json_body(request)
     serving = router.route(body.get("model"))
-    shadow = shadow_directive(request.headers.get(SHADOW_HEADER))
-    handle = _handler(serving, path)
-    if not _keeps_token_scores(request):
-        return await handle(raw, body, shadow)  # type: ignore[no-any-return]
     store: TokenScoreStore = request.app.state.token_scores
-    return await store.serve(lambda: handle(raw, body, shadow), key_owner(request.scope))
+    ask = shadow_ask(request, store)
+    kind = GENERATION_PATHS[path]
+    response = await handler(serving, kind)(raw, body, ask)
+    cap = output_cap.applied_cap(_CAP_KIND[kind], body, router.max_tokens_default)
+    if cap is not None:
+        response.headers[output_cap.HEADER] = str(cap)
+    return file_kept(store, ask, response, key_owner(request.scope))
 
 
-def _keeps_token_scores(request: Request) -> bool:
-    """The opt-in ``X-KVProxy-Token-Scores: keep`` header (kvproxy.shadow.token_scores), or a 400."""
-    try:
-        return parse_token_scores_header(request.headers.get(TOKEN_SCORES_HEADER))
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc), param=TOKEN_SCORES_HEADER) from exc
+_CAP_KIND = {"chat": "chat", "completion": "completions", "responses": "responses"}  # output_cap's names
 
 
 def _router(request: Request) -> Router:
@@ -104,24 +105,21 @@ def _router(request: Request) -> Router:
     return r
 
 
-@router.post(
-    "/chat/completions", response_model=ChatCompletion, openapi_extra=_request_schema(ChatCompletionRequest)
-)
-@aliases.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await complete(_router(request), CHAT, request)
+async def _generate(request: Request) -> Response:
+    return await complete(_router(request), request.scope["path"], request)
 
 
-@router.post("/completions", response_model=Completion, openapi_extra=_request_schema(CompletionRequest))
-@aliases.post("/completions")
-async def completions(request: Request) -> Response:
-    return await complete(_router(request), COMPLETIONS, request)
-
-
-@router.post("/responses", response_model=ResponseObject, openapi_extra=_request_schema(ResponsesRequest))
-@aliases.post("/responses")
-async def responses(request: Request) -> Response:
-    return await complete(_router(request), RESPONSES, request)
+_NAMES = {"chat": "chat_completions", "completion": "completions", "responses": "responses"}
+for _suffix, (_kind, _request, _answer) in GENERATION.items():
+    router.add_api_route(
+        _suffix,
+        _generate,
+        methods=["POST"],
+        response_model=_answer,
+        openapi_extra=_request_schema(_request),
+        name=_NAMES[_kind],  # the operation ids stay chat_completions_v1_chat_completions_post, ...
+    )
+    aliases.add_api_route(_suffix, _generate, methods=["POST"], name=_NAMES[_kind])
 
 
 @router.get("/models", response_model=ModelList)
@@ -136,7 +134,8 @@ async def model(model: str, request: Request) -> ModelCard:
     return _router(request).model(model)
 
 
-@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+@router.get("/responses/{response_id}")
+@router.delete("/responses/{response_id}")
 @router.post("/responses/{response_id}/cancel")
 @router.get("/responses/{response_id}/input_items")
 async def stored_response(response_id: str) -> Response:
@@ -155,7 +154,7 @@ async def relay_other(request: Request, path: str | None = None) -> Response:
     if "model" not in body:
         raise unknown_route(request.method, path)
     serving = _router(request).route(body.get("model"))
-    return await serving.handle_other(path, raw, body, shadow_directive(request.headers.get(SHADOW_HEADER)))
+    return await serving.handle_other(path, raw, body, shadow_ask(request, None))
 
 
 @router.post("/embeddings", responses={502: {"model": ErrorResponse}})

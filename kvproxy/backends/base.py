@@ -52,6 +52,9 @@ class GenerationRequest:
     # special tokens whose text is part of the output (llama-server's "preserved tokens": a
     # reasoning template's <think> or <|channel>, which kvproxy.model.reasoning then splits on)
     special_tokens: frozenset[int] = frozenset()
+    # the served row of every sampled token is copied here (a shadow-sampled request in embedded
+    # mode: kvproxy.backends.row_capture.RowCapture), so scoring need not replay the primary
+    capture: Any = None
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,6 @@ class KVConfig:
     def as_dict(self) -> dict[str, str]:
         """As the status, the scoring server's info and the page spell a KV config."""
         return {"cache_type_k": self.cache_type_k.value, "cache_type_v": self.cache_type_v.value}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, str]) -> KVConfig:
-        return cls(KVCacheType(d["cache_type_k"]), KVCacheType(d["cache_type_v"]))
 
 
 class Backend(Protocol):

@@ -26,6 +26,7 @@ from typing import Any
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.grammar_compiler import GrammarCompiler
+from kvproxy.backends.row_capture import CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
@@ -34,7 +35,6 @@ from kvproxy.model.chat_template import ChatTemplate
 from kvproxy.model.gguf_info import ModelInfo
 from kvproxy.model.memory import KVLayout, ggml_type, llama_n_ubatch
 from kvproxy.schema_limits import SchemaLimits
-from kvproxy.scoring.embedded import EmbeddedScorer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class EmbeddedBackend:
         self._slots: SlotScheduler | None = None  # generation (set at load)
         self.preserved_tokens: frozenset[int] = frozenset()  # the reasoning format's tags (at load)
         self._grammars = GrammarCompiler(schema_limits(settings))  # JSON schemas, in a child process
+        # served rows of shadow-sampled requests, process-wide (kvproxy.backends.row_capture)
+        self.capture_budget: CaptureBudget | None = CaptureBudget(settings.shadow_capture_mib << 20)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -200,39 +202,26 @@ class EmbeddedBackend:
                 self.preserved_tokens |= {int(ids[0])}
         self._llama = llama
 
-    def make_scorer(self, reference: KVConfig, *, path: ScorePath | str | None = None) -> EmbeddedScorer:
-        """Scoring contexts (this KV config and ``reference``) on the weights already loaded.
-
-        On the decode path (the default) the prompt is prefilled with this context's batch and
-        micro-batch, as generation did, then one token a step; on the prefill path in calls of
-        ``shadow_chunk`` positions. Several jobs in lockstep (``score_sequences``) only with layers
-        on a GPU: on a CPU they are not worth it (docs/benchmarks.md: 2 or 3 sequences stay within
-        1 % of the single-sequence figure but save 4-6 % of the time; from 4 on llama.cpp multiplies
-        4 rows at a time with other kernels and the mean moves 2.6 to 4.5 %)."""
+    @property
+    def llama_model(self) -> Any:
+        """llama.cpp's model (``llama_model *``) the loaded weights are, for scoring contexts that
+        share them (kvproxy.scoring.embedded.make_scorer)."""
         if self._llama is None:
             raise BackendError("model not loaded")
-        s = self._settings
-        path = ScorePath(path) if path is not None else s.score_path  # the settings' unless told
-        decode = path is ScorePath.DECODE
-        sequences = s.score_sequences
-        if sequences > 1 and not (decode and self.offload.label != "CPU"):
-            log.warning(
-                "%d scoring sequences at once are for the decode path on a GPU: one at a time", sequences
-            )
-            sequences = 1
-        return EmbeddedScorer(
-            self._llama._model,
-            primary=self.kv,
-            reference=reference,
-            n_ctx=s.ctx_size,
-            threads=s.threads,
-            flash_attn=s.flash_attn,
-            chunk=s.shadow_chunk,
-            batch=min(s.batch_size, s.ctx_size),
-            path=path,
-            ubatch=self.n_ubatch,
-            max_sequences=sequences,
-        )
+        return self._llama._model
+
+    @property
+    def captures(self) -> bool:
+        """Whether shadow-sampled requests keep their served rows: not where they would not stand for
+        the replay (the prefill path), nor with a budget of 0."""
+        budget = self.capture_budget
+        return budget is not None and budget.limit_bytes > 0 and self._settings.score_path is ScorePath.DECODE
+
+    def new_capture(self) -> RowCapture | None:
+        """A row capture for a shadow-sampled request (kvproxy.backends.row_capture), or None."""
+        if not self.captures or self.capture_budget is None:
+            return None
+        return RowCapture(self._n_vocab, self.capture_budget)
 
     def close(self) -> None:
         self._grammars.close()

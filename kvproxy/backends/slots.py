@@ -336,6 +336,9 @@ class SlotScheduler:
                 self._leave(owner)
                 continue
             owner.next_token = token
+            capture = owner.entry.request.capture
+            if capture is not None:  # a shadow-sampled request keeps the row it was served from
+                capture.take(self._ctx.get_logits_ith(index))
             if owner.entry.output.push(token, self._row(index)):
                 self._leave(owner)
 

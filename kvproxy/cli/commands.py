@@ -16,10 +16,9 @@ from typing import Annotated, Protocol, cast
 import typer
 
 from kvproxy import __version__
-from kvproxy.app import default_metrics
 from kvproxy.backends.embedded import resolve_model_path
-from kvproxy.backends.probe import probe as probe_model
 from kvproxy.cli import calibrate as calibrate_command
+from kvproxy.cli import llama_args
 from kvproxy.cli.banner import describe_proxy, describe_startup
 from kvproxy.cli.listen import listen
 from kvproxy.cli.options import TYPES, fail, load_settings, setting_help
@@ -28,9 +27,10 @@ from kvproxy.cli.server import run
 from kvproxy.config import KVCacheType, ScorePath, Settings
 from kvproxy.deployments.build import Deployment, embedded_deployment
 from kvproxy.deployments.embedded import EmbeddedDeployment
+from kvproxy.deployments.probe import probe as probe_model
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.model.memory import check_head_sizes
-from kvproxy.telemetry.metrics import Metrics
+from kvproxy.telemetry.metrics import Metrics, default_metrics
 
 app = typer.Typer(
     add_completion=False,
@@ -214,6 +214,22 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
 
 
 app.command()(calibrate_command.calibrate)
+
+
+@app.command("llama-server-args")
+def llama_server_args(
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The GGUF (default: the bundled Gemma 3 270M).")
+    ] = None,
+) -> None:
+    """Print the llama-server arguments that serve MODEL with the chat template kvproxy uses for it
+    (-m MODEL --jinja, and --chat-template-file where the GGUF has none): for proxy mode."""
+    try:
+        path = resolve_model_path(model)
+        args = llama_args.llama_server_args(path, llama_args.cache_dir() / "templates")
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(llama_args.format_args(args))
 
 
 @app.command()

@@ -17,12 +17,14 @@ from typing import Any
 from kvproxy.backends.base import KVConfig
 from kvproxy.observers import NULL_SERVING, NULL_SHADOW, ServingEvents
 from kvproxy.scoring.job import Scorer
+from kvproxy.shadow.ask import ShadowAsk
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.path import ShadowPath
-from kvproxy.shadow.pool import ShadowDirective, ShadowSampler, ShadowTicket
+from kvproxy.shadow.pool import ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 from kvproxy.tasks import cancel_and_wait
+from kvproxy.telemetry.collector import DeploymentState
 from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
 from kvproxy.telemetry.metrics import Metrics
 
@@ -66,6 +68,27 @@ class DeploymentBase:
         self.probes: set[asyncio.Task[None]] = set()  # the guard's replays on a drifting primary
         if metrics is not None and guard is not None:
             export_guard(metrics, name, guard)
+        if metrics is not None:  # its state is read when the metrics are (kvproxy.telemetry.collector)
+            metrics.deployments.watch(self)
+
+    def state(self) -> DeploymentState:
+        """What this deployment is now, as plain values (the metrics read it at scrape time)."""
+        guard, drift = self.guard, self.shadow.drift
+        return DeploymentState(
+            shadow_queued=self.shadow.pool.queued,
+            drift_state=drift.state,
+            drift_statistic=drift.statistic,
+            guard=(guard.fallback, guard.active) if guard is not None else None,
+            backends=self.backends_up(),
+            slots=self.slots(),
+        )
+
+    def backends_up(self) -> tuple[tuple[str, str, bool], ...]:
+        """(role, replica, healthy) of every backend this deployment serves or scores with."""
+        return ()
+
+    def slots(self) -> dict[str, int]:
+        return {}
 
     def _start_shadow(self, options: ShadowOptions, scorer: Scorer) -> None:
         """The shadow path on this deployment's scorer, its outcomes told to the metrics if any."""
@@ -90,8 +113,8 @@ class DeploymentBase:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
-        return self.shadow.ticket(directive)
+    def ticket(self, ask: ShadowAsk) -> ShadowTicket | None:
+        return self.shadow.ticket(ask)
 
     def after_scored(self, changed: str | None) -> None:
         """After every scored job: log and count a change of drift state, then step the guard."""
@@ -125,6 +148,10 @@ class DeploymentBase:
     def backend_status(self) -> dict[str, Any]:
         """What the status route says of this kind's backends (replicas, scoring server...)."""
         return {}
+
+    def capture_status(self) -> dict[str, int] | None:
+        """The served-row capture's budget and counts (embedded only; kvproxy.backends.row_capture)."""
+        return None
 
     def kv_figures(self) -> dict[str, Any] | None:
         """KV memory figures (kvproxy.model.memory.KV_MEMORY_FIELDS) when the model's shape is known."""

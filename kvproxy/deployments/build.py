@@ -20,6 +20,7 @@ from kvproxy.deployments.spec import (
 )
 from kvproxy.model.gguf_info import ModelInfo, read_model_info
 from kvproxy.model.memory import AttentionShape
+from kvproxy.scoring.embedded import make_scorer
 from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.shadow.baseline import read_baseline
 from kvproxy.shadow.drift import DriftDetector
@@ -75,7 +76,7 @@ def embedded_deployment(
     reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
     return EmbeddedDeployment(
         backend,
-        ThreadedScorer(lambda: backend.make_scorer(reference)),
+        ThreadedScorer(lambda: make_scorer(backend, reference)),
         reference_kv=reference,
         shadow=ShadowOptions(
             ShadowSampler(settings.shadow_rate),

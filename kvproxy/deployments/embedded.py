@@ -11,7 +11,7 @@ from kvproxy.deployments.base import DeploymentBase, ShadowOptions
 from kvproxy.model.memory import kv_memory_summary
 from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.shadow.guard import Guard
-from kvproxy.telemetry.export import export_backend_up, export_kv_memory
+from kvproxy.telemetry.export import export_kv_memory
 from kvproxy.telemetry.metrics import Metrics
 
 
@@ -39,11 +39,6 @@ class EmbeddedDeployment(DeploymentBase):
 
     def _export(self, metrics: Metrics) -> None:
         backend = self.backend
-        export_backend_up(metrics, self.name, "primary", "embedded", lambda: backend.ready)
-        for state in ("total", "busy", "waiting"):
-            metrics.embedded_slots.labels(self.name, state).set_function(
-                lambda state=state: float(backend.slots_status()[state])  # type: ignore[misc]
-            )
         for context, where in self.devices().items():
             metrics.context_device.labels(self.name, context, where.label).set(1)
         # the served context has one KV stream per slot; the scorer's reference context one
@@ -54,6 +49,12 @@ class EmbeddedDeployment(DeploymentBase):
             if kv is not None:
                 shape, n_ctx = backend.info.attention, backend.n_ctx * streams
                 export_kv_memory(metrics, self.name, role, shape, kv, n_ctx, **backend.kv_layout(streams))
+
+    def backends_up(self) -> tuple[tuple[str, str, bool], ...]:
+        return (("primary", "embedded", self.backend.ready),)
+
+    def slots(self) -> dict[str, int]:
+        return self.backend.slots_status()
 
     @property
     def ready(self) -> bool:
@@ -74,6 +75,10 @@ class EmbeddedDeployment(DeploymentBase):
             "devices": {context: str(where) for context, where in self.devices().items()},
             "slots": self.backend.slots_status(),
         }
+
+    def capture_status(self) -> dict[str, int] | None:
+        budget = self.backend.capture_budget
+        return budget.status() if budget is not None and self.backend.captures else None
 
     def kv_figures(self) -> dict[str, Any]:
         b = self.backend

@@ -21,7 +21,7 @@ from kvproxy.scoring.score_client import ScoreRouteReference
 from kvproxy.scoring.scorers import HttpScorer, ReferenceResolver
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.pool import ShadowSampler
-from kvproxy.telemetry.export import export_backend_up, export_kv_memory
+from kvproxy.telemetry.export import export_kv_memory
 from kvproxy.telemetry.metrics import Metrics
 from kvproxy.upstream.llama_server import LlamaServerPrimary
 from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailure
@@ -29,7 +29,7 @@ from kvproxy.upstream.replicas import ReplicaPool, UpstreamError, UpstreamFailur
 log = logging.getLogger(__name__)
 
 # What asking the primary for its top-20 logprobs costs a client (issue 25): measured side by side
-# by benchmarks/shadow_itl.py (docs/benchmarks.md), and on an H100 in DESIGN.md
+# by benchmarks/shadow_itl.py (docs/benchmarks.md), and on an H100 in docs/reference-design.md
 LOGPROBS_COST = (
     "shadowed requests' inter-token latency +{cpu} at p50 on a 2-core CPU "
     "(benchmarks/shadow_itl.py); 2.3 -> 3.8-5.4 ms a token on an H100 GPU"
@@ -78,13 +78,13 @@ class HttpDeployment(DeploymentBase):
         if metrics is not None:
             self._export(metrics)
 
-    def _export(self, metrics: Metrics) -> None:
+    def backends_up(self) -> tuple[tuple[str, str, bool], ...]:
         pools = [("primary", self.primary_pool)]
         if self.reference_pool is not None:
             pools.append(("reference", self.reference_pool))
-        for role, pool in pools:
-            for replica in pool.replicas:
-                export_backend_up(metrics, self.name, role, replica.url, lambda r=replica: r.healthy)  # type: ignore[misc]
+        return tuple((role, r.url, r.healthy) for role, pool in pools for r in pool.replicas)
+
+    def _export(self, metrics: Metrics) -> None:
         for role, kv in (("primary", self.primary_kv), ("reference", self._declared_reference_kv)):
             if kv is not None and role in self.servers:
                 shape, srv = self.servers[role]

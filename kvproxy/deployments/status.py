@@ -52,6 +52,8 @@ def deployment_status(d: DeploymentBase) -> dict[str, Any]:
             "scored_tokens": c.scored_tokens,
             "last_lag_seconds": c.last_lag_seconds,
             "coverage": shadow.coverage(),
+            "capacity": pool.capacity.status(),  # the sustainable shadow rate (kvproxy.shadow.capacity)
+            "capture": d.capture_status(),
         },
         "kld": {
             "since_start": tracker.since_start().as_dict(),

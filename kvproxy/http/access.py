@@ -21,7 +21,8 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Iterable
-from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvproxy.errors import OpenAIError, error_response
 
@@ -72,7 +73,7 @@ class KeySet:
         return given if found else None
 
 
-def key_owner(scope: Any) -> bytes | None:
+def key_owner(scope: Scope) -> bytes | None:
     """Which API key the request came with (its digest), as AccessControl noted it; None when the
     serving routes are open. Kept per-token scores belong to it (kvproxy.shadow.token_scores)."""
     owner: bytes | None = (scope.get("state") or {}).get(_OWNER)
@@ -112,11 +113,11 @@ def refusal(kind: RouteKind, *, presented: bool) -> OpenAIError:
 class AccessControl:
     """Pure ASGI middleware: refuses with 401 (OpenAI's error body) before anything reads the body."""
 
-    def __init__(self, app: Any, api_keys: KeySet, admin_token: KeySet) -> None:
+    def __init__(self, app: ASGIApp, api_keys: KeySet, admin_token: KeySet) -> None:
         self.app = app
         self.keys = {RouteKind.SERVING: api_keys, RouteKind.ADMIN: admin_token}
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             kind = route_kind(scope["path"])
             keys = self.keys.get(kind)

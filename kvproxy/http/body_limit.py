@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from kvproxy.errors import OpenAIError, error_response
 
 
@@ -40,11 +42,11 @@ class BodyLimit:
     FastAPI's generic 400 for a body it failed to read) is replaced by the 413.
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -70,7 +72,7 @@ class BodyLimit:
                     raise BodyTooLarge(limit)
             return message
 
-        async def guarded_send(message: Any) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
             if exceeded:
                 if message["type"] == "http.response.start" and not started:

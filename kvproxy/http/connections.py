@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kvproxy.errors import OpenAIError
@@ -275,14 +276,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         super().on_message_complete()
 
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:  # uvicorn's own ASGI types
         """Run the request, telling the client when its connection will not be kept: a response
         that starts before the request's body is all in (a 401, a 413, a 404) closes the connection
         (:meth:`on_response_complete`), and without ``Connection: close`` a keep-alive client sent
         its next request into a closed socket."""
         send = cycle.send
 
-        async def closing_send(message: Any) -> None:
+        async def closing_send(message: Message) -> None:
             if message["type"] == "http.response.start" and cycle.more_body:
                 cycle.keep_alive = False  # uvicorn then writes `connection: close` and closes
             await send(message)
@@ -307,11 +308,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._await_request()  # idle: the next request's headers are on the deadline again
 
 
-def _over_cap(app: Any, table: ConnectionTable) -> Any:
+def _over_cap(app: ASGIApp, table: ConnectionTable) -> Any:
     """The app for a request that came over the cap: ``/health`` as usual, everything else a 503."""
     body = orjson.dumps(_busy(table.limits.max_connections).body())
 
-    async def refuse(scope: Any, receive: Any, send: Any) -> None:
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("path") == "/health":
             await app(scope, receive, send)
             return

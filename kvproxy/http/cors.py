@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvproxy.http.access import RouteKind, route_kind
 
 ALLOWED_METHODS = b"GET, POST, DELETE, OPTIONS"
-EXPOSED_HEADERS = b"X-KVProxy-Served-By, X-Request-Id"
+EXPOSED_HEADERS = b"X-KVProxy-Served-By, X-Request-Id, X-KVProxy-Max-Tokens"
 MAX_AGE = b"600"
 _HEADER_LIST = re.compile(rb"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 _DEFAULT_HEADERS = b"authorization, content-type"
@@ -32,7 +33,7 @@ def opened(path: str) -> bool:
 
 
 class CORS:
-    def __init__(self, app: Any, origins: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
         self.app = app
         self.any = "*" in origins
         self.origins = frozenset(o.encode() for o in origins if o != "*")
@@ -43,7 +44,7 @@ class CORS:
             return b"*"
         return origin if origin in self.origins else None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -64,14 +65,14 @@ class CORS:
             return
         common = _common_headers(allow)
 
-        async def send_with_cors(message: Any) -> None:
+        async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *common]}
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
 
-    async def _preflight(self, send: Any, allow: bytes, requested_headers: bytes | None) -> None:
+    async def _preflight(self, send: Send, allow: bytes, requested_headers: bytes | None) -> None:
         headers = [
             *_common_headers(allow),
             (b"access-control-allow-methods", ALLOWED_METHODS),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from kvproxy.errors import error_response, server_busy
 
 RETRY_AFTER_S = 1  # another replica (or this one, restarted) can take it at once
@@ -36,17 +38,17 @@ class DrainCutoff:
     cancellation without it (a client that left, a test's server stopping) is passed on unchanged.
     """
 
-    def __init__(self, app: Any, state: Any) -> None:
+    def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
         self.state = state
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = False
 
-        async def tracking_send(message: Any) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)

@@ -14,17 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextvars import ContextVar
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_LENGTH = 128
 _STATE_KEY = "kvproxy_request_id"
 
 access_log = logging.getLogger("kvproxy.access")
-
-# the id of the request being served, for what runs inside it (a shadow ticket; kvproxy.shadow.pool)
-current: ContextVar[str | None] = ContextVar("kvproxy_request_id", default=None)
 
 
 def new_request_id() -> str:
@@ -43,7 +40,7 @@ def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def request_id(scope: Any) -> str | None:
+def request_id(scope: Scope) -> str | None:
     """The id RequestId gave this request (None outside it)."""
     found: str | None = (scope.get("state") or {}).get(_STATE_KEY)
     return found
@@ -52,10 +49,10 @@ def request_id(scope: Any) -> str | None:
 class RequestId:
     """Pure ASGI middleware: the request's id on its response, its log line and its shadow job."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -66,18 +63,16 @@ class RequestId:
         logging_on = access_log.isEnabledFor(logging.DEBUG)
         start = time.perf_counter() if logging_on else 0.0
 
-        async def send_with_id(message: Any) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        token = current.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            current.reset(token)
             if logging_on:
                 access_log.debug(
                     '%s "%s %s" %d %.1f ms request_id=%s',
@@ -90,6 +85,6 @@ class RequestId:
                 )
 
 
-def _client(scope: Any) -> str:
+def _client(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "-"

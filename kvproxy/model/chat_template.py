@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
-
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from typing import TYPE_CHECKING, Any
 
 from kvproxy.model.reasoning import GEMMA4, QWEN, ReasoningFormat, reasoning_format
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 # Gemma's published chat template (Gemma 2 and 3): a system message is folded into the first user
 # turn; the assistant's role is called "model".
@@ -121,10 +122,14 @@ class ChatTemplate:
 
     @cached_property
     def _formatter(self) -> Jinja2ChatFormatter:  # compiles the template once
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # llama.cpp loads when needed
+
         return Jinja2ChatFormatter(template=self.template, eos_token=self.eos_token, bos_token=self.bos_token)
 
     @cached_property
     def _formatter_no_prompt(self) -> Jinja2ChatFormatter:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         return Jinja2ChatFormatter(
             template=self.template,
             eos_token=self.eos_token,

@@ -5,7 +5,7 @@ the exact tokens the primary produced (prompt, then the completion), and at ever
 position the full-vocabulary KL(P_reference || Q_primary) is computed. The weights are loaded once
 (the contexts share the primary's ``llama_model``, so they also share its GPU offload).
 
-Two paths (DESIGN.md, "Which numerics served the tokens": llama.cpp computes a one-token decode
+Two paths (docs/reference-design.md, "Which numerics served the tokens": llama.cpp computes a one-token decode
 and a batched prefill with different kernels, and a quantized KV cache reads differently in each):
 
 * ``decode`` replays what generation computed. Each context clears its cache, prefills the prompt
@@ -21,9 +21,15 @@ and a batched prefill with different kernels, and a quantized KV cache reads dif
   numerics: at chunks of 8, q8_0 read 11 % above ``llama-perplexity -ub 512``, at 128 within 0.2 %
   (tests/test_score_paths_agreement.py).
 
+In embedded mode a shadow-sampled request's served rows are captured at generation time
+(kvproxy.backends.row_capture) and :meth:`EmbeddedScorer.score_captured` decodes only the reference
+against them, the KLD overlapping the next decode (kvproxy.scoring.captured); the replay of
+both configs here stays for the score route, for the prefill path and for jobs whose rows did not fit
+the capture budget.
+
 Lockstep sequences reproduce the single-sequence rows only where llama.cpp's kernels do not depend
 on the rows per call; on a CPU from 2 sequences, and on CUDA, they do (docs/kld.md has the
-figures), so several sequences are off unless asked for (``EmbeddedBackend.make_scorer``).
+figures), so several sequences are off unless asked for (:func:`make_scorer`).
 
 Memory stays bounded whatever the vocabulary V, the sequence length and the number of jobs.
 
@@ -48,18 +54,26 @@ decode path.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.backends.row_capture import RowCapture
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.priority import lower_thread_priority
+from kvproxy.scoring.captured import score_against_capture
 from kvproxy.scoring.prompt_fill import PromptFill
+
+log = logging.getLogger(__name__)
 
 KLD_FIXED_BYTES = 8 << 20  # kvproxy.kld.exact_kld's temporaries, whatever the rows
 
@@ -184,6 +198,7 @@ class EmbeddedScorer:
             _internals, reference, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
         )
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._kld_worker: ThreadPoolExecutor | None = None  # score_captured's overlap (on first use)
 
     def _context(
         self,
@@ -219,8 +234,41 @@ class EmbeddedScorer:
         return internals.LlamaContext(model=self._model, params=params, verbose=False)
 
     def close(self) -> None:
+        if self._kld_worker is not None:
+            self._kld_worker.shutdown(wait=True)
         for obj in (self._batch, self._ctx_primary, self._ctx_reference):
             obj.close()
+
+    def score_captured(self, request: ScoreRequest, capture: RowCapture) -> PositionScores:
+        """Decode path against the primary's captured rows: the reference alone is decoded and the
+        KLD of each block overlaps the next block's decode (kvproxy.scoring.captured)."""
+        self._check(request)
+        if self.path is not ScorePath.DECODE or request.check_ids is not None:
+            raise ValueError("captured rows are scored on the decode path, without check_ids")
+        if self._kld_worker is None:
+            self._kld_worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="kvproxy-kld-overlap", initializer=lower_thread_priority
+            )
+        ctx = self._ctx_reference
+        ctx.kv_cache_clear()
+
+        def step(token: int, pos: int) -> None:
+            self._fill([token], [pos], [0], 1)
+            ctx.decode(self._batch)
+
+        try:
+            if request.completion:
+                self._prefill_prompt(ctx, request.prompt, 0, request.prompt_fill)
+            return score_against_capture(
+                len(request.prompt),
+                request.completion,
+                capture,
+                step=step,
+                row=lambda: ctx.get_logits_ith(-1),
+                executor=self._kld_worker,
+            )
+        finally:
+            ctx.kv_cache_clear()
 
     def _decode(self, ctx: Any, tokens: Sequence[int], n_past: int, with_logits: bool) -> None:
         self._batch.set_batch(batch=list(tokens), n_past=n_past, logits_all=with_logits)
@@ -412,3 +460,37 @@ class EmbeddedScorer:
         for ctx in contexts:
             ctx.kv_cache_clear()
         return [r if r is not None else ValueError("not scored") for r in results]
+
+
+def make_scorer(
+    backend: EmbeddedBackend, reference: KVConfig, *, path: ScorePath | str | None = None
+) -> EmbeddedScorer:
+    """Scoring contexts (the backend's KV config and ``reference``) on the weights already loaded.
+
+    On the decode path (the default) the prompt is prefilled with this context's batch and
+    micro-batch, as generation did, then one token a step; on the prefill path in calls of
+    ``shadow_chunk`` positions. Several jobs in lockstep (``score_sequences``) only with layers
+    on a GPU: on a CPU they are not worth it (docs/benchmarks.md: 2 or 3 sequences stay within
+    1 % of the single-sequence figure but save 4-6 % of the time; from 4 on llama.cpp multiplies
+    4 rows at a time with other kernels and the mean moves 2.6 to 4.5 %)."""
+    model = backend.llama_model
+    s = backend.settings
+    path = ScorePath(path) if path is not None else s.score_path  # the settings' unless told
+    decode = path is ScorePath.DECODE
+    sequences = s.score_sequences
+    if sequences > 1 and not (decode and backend.offload.label != "CPU"):
+        log.warning("%d scoring sequences at once are for the decode path on a GPU: one at a time", sequences)
+        sequences = 1
+    return EmbeddedScorer(
+        model,
+        primary=backend.kv,
+        reference=reference,
+        n_ctx=s.ctx_size,
+        threads=s.threads,
+        flash_attn=s.flash_attn,
+        chunk=s.shadow_chunk,
+        batch=min(s.batch_size, s.ctx_size),
+        path=path,
+        ubatch=backend.n_ubatch,
+        max_sequences=sequences,
+    )

@@ -143,6 +143,9 @@ class ShadowJob:
     keep: KeptScores | None = None  # the opted-in request's slot for its per-position numbers
     request_id: str | None = None  # the client's request (its x-request-id; kvproxy.http.request_id)
     turn: str = "text"  # one of TURNS: whether the answer held tool calls (their tokens are scored)
+    # an embedded primary's served rows (kvproxy.backends.row_capture.RowCapture), when captured:
+    # the scorer then decodes only the reference
+    captured: Any = None
 
 
 class Scorer(Protocol):

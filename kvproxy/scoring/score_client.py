@@ -9,17 +9,16 @@ like the primary (a mismatch, such as a different KV type, is itself worth an al
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores, coarse_kld_row
+from kvproxy.scoring.contract import INFO_PATH, SCORE_PATH, PromptFillSpec, ScoreAnswer, ScoreBody, ScoreInfo
 from kvproxy.scoring.job import PrimaryReport
 from kvproxy.scoring.prompt_fill import PromptFill
 from kvproxy.upstream.replicas import (
@@ -31,9 +30,6 @@ from kvproxy.upstream.replicas import (
 )
 
 log = logging.getLogger(__name__)
-
-INFO_PATH = "/kvproxy/v1/info"
-SCORE_PATH = "/kvproxy/v1/score"
 
 
 @dataclass(frozen=True)
@@ -54,15 +50,11 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
         status, content = await replica.get(INFO_PATH)
     if status != 200:
         return None
-    data = orjson.loads(content)
-    if not data.get("score"):
+    info = ScoreInfo.model_validate_json(content)
+    if not info.score:
         raise UpstreamFailure(503, f"the scoring server {replica.url} is still loading", code="model_loading")
     return ScoreServerInfo(
-        data["model"],
-        KVConfig.from_dict(data["primary"]),
-        KVConfig.from_dict(data["reference"]),
-        str(data.get("score_path", "prefill")),
-        int(data["n_ubatch"]) if data.get("n_ubatch") is not None else None,
+        info.model, info.primary.config(), info.reference.config(), info.score_path, info.n_ubatch
     )
 
 
@@ -120,24 +112,28 @@ class ScoreRouteReference:
     ) -> PositionScores:
         """``user_starts``: where the primary (llama-server, Jinja templates) saw user messages start
         in ``prompt``; it cut its prompt batches there, so the replay does too."""
-        body: dict[str, Any] = {"prompt_tokens": prompt, "token_ids": report.token_ids}
-        if report.top_ids:  # the primary's top K, where it reported them (its logprobs)
-            body["check_ids"] = report.top_ids
-        if self.prompt_fill is not None and self.replays_prompt_cuts:
-            body["prompt_fill"] = dataclasses.asdict(self.prompt_fill.for_prompt(user_starts))
+        fill = self.prompt_fill if self.replays_prompt_cuts else None
+        body = ScoreBody(
+            prompt_tokens=prompt,
+            token_ids=report.token_ids,
+            # the primary's top K, where it reported them (its logprobs)
+            check_ids=report.top_ids or None,
+            prompt_fill=PromptFillSpec.of(fill.for_prompt(user_starts)) if fill is not None else None,
+        )
         async with self.pool.acquire() as replica:
             try:
-                status, content = await replica.post(SCORE_PATH, orjson.dumps(body))
+                payload = body.model_dump_json(exclude_none=True).encode()
+                status, content = await replica.post(SCORE_PATH, payload)
             except UpstreamError as exc:
                 raise map_transport_error(replica, exc) from exc
             if status != 200:
                 raise map_upstream_status(replica, status, content)
-        data = orjson.loads(content)
+        data = ScoreAnswer.model_validate_json(content)
         n = len(report.token_ids)
-        sizes = {key: len(data[key]) for key in ("kld", "same_top", "p_ref", "p_primary")}
+        sizes = {key: len(getattr(data, key)) for key in ("kld", "same_top", "p_ref", "p_primary")}
         if any(size != n for size in sizes.values()):  # never record scores for the wrong positions
             raise ValueError(f"the scoring server answered {sizes} positions for {n} tokens")
-        checks = data.get("check_logprobs") or []
+        checks = data.check_logprobs or []
         served = np.full(n, np.nan)
         for j, (ids, reported, replayed) in enumerate(
             zip(report.top_ids, report.top_logprobs, checks, strict=False)
@@ -147,10 +143,10 @@ class ScoreRouteReference:
                 self._kl_sum += served[j]
                 self._positions += 1
         return PositionScores(
-            np.asarray(data["kld"], dtype=np.float64),
-            np.asarray(data["same_top"], dtype=bool),
-            np.asarray(data["p_ref"], dtype=np.float64),
-            np.asarray(data["p_primary"], dtype=np.float64),
+            np.asarray(data.kld, dtype=np.float64),
+            np.asarray(data.same_top, dtype=bool),
+            np.asarray(data.p_ref, dtype=np.float64),
+            np.asarray(data.p_primary, dtype=np.float64),
             first_position=len(prompt),
             served_divergence=served,
         )

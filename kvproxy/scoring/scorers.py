@@ -78,7 +78,7 @@ class HttpScorer:
     asked, or the deployment's opt-in ``primary_logprobs``); otherwise from the answer's text,
     re-tokenized by the primary's own tokenizer (labelled ``retokenized``). That is exact only when
     the model emitted the canonical tokenization of its text (24 of 24 answers on Gemma 3 270M,
-    DESIGN.md): a count that differs from what the primary generated is detected and skipped
+    docs/reference-design.md): a count that differs from what the primary generated is detected and skipped
     (``retokenize_mismatch``); the same count made of other tokens is not detectable.
     """
 
@@ -157,15 +157,45 @@ class ThreadedScorer:
         return self._scorer.max_sequences if self._scorer is not None else 1
 
     async def score(self, job: ShadowJob) -> PositionScores:
-        scores = await self.score_request(ScoreRequest(job.prompt_tokens, job.token_ids))
-        return dataclasses.replace(scores, ids_source="primary")
+        result = (await self.score_many([job]))[0]
+        if isinstance(result, ValueError):
+            raise result
+        return result
 
     async def score_many(self, jobs: Sequence[ShadowJob]) -> list[PositionScores | ValueError]:
-        """Several jobs in one pass (lockstep sequences on the batched decode path)."""
-        requests = [ScoreRequest(j.prompt_tokens, j.token_ids) for j in jobs]
+        """Several jobs in one pass: those with usable captured rows against them (the reference
+        alone decodes), the rest replayed (lockstep sequences on the batched decode path). One
+        job's ValueError in its place; a llama.cpp failure raises for all."""
 
         def run() -> list[PositionScores | ValueError]:
-            return self._get().score_batch(requests)
+            scorer = self._get()
+            out: list[PositionScores | ValueError | None] = [None] * len(jobs)
+            replay: list[int] = []
+            for i, job in enumerate(jobs):
+                request = ScoreRequest(job.prompt_tokens, job.token_ids)
+                capture = job.captured
+                if capture is None:
+                    replay.append(i)
+                    continue
+                try:
+                    usable = capture.usable(len(job.token_ids))
+                    capture.budget.count(usable)
+                    if not usable:  # out of capture budget: today's replay of the primary config
+                        replay.append(i)
+                        continue
+                    try:
+                        out[i] = scorer.score_captured(request, capture)
+                    except ValueError as exc:
+                        out[i] = exc
+                finally:
+                    capture.release()
+            if replay:
+                done = scorer.score_batch(
+                    [ScoreRequest(jobs[i].prompt_tokens, jobs[i].token_ids) for i in replay]
+                )
+                for i, r in zip(replay, done, strict=True):
+                    out[i] = r
+            return [r if r is not None else ValueError("not scored") for r in out]
 
         results = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         return [

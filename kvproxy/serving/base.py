@@ -1,44 +1,49 @@
 """What every kind of serving offers the routes, and the helpers they share.
 
-A serving object takes a request's raw body (for byte-exact relays), its parsed JSON and the
-shadow directive of its headers, and returns the HTTP response.
+A serving object takes a request's raw body (for byte-exact relays), its parsed JSON and what the
+request asks of the shadow path (kvproxy.shadow.ask, read from its headers by the route), and
+returns the HTTP response.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol, TypeVar
 
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.errors import OpenAIError, pydantic_error
-from kvproxy.shadow.pool import SHADOW_HEADER, ShadowDirective, parse_shadow_header
+from kvproxy.errors import pydantic_error
+from kvproxy.shadow.ask import ShadowAsk
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_MEDIA_TYPE = "text/event-stream"
 
 
 class Serving(Protocol):
-    async def handle_chat(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response: ...
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response: ...
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response: ...
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response: ...
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """A ``/v1`` route kvproxy does not serve itself (``/v1/embeddings``, ...): relayed to a
         llama-server primary, a 404 on the embedded backend."""
         ...
+
+
+Kind = Literal["chat", "completion", "responses"]  # the generation routes (kvproxy.api.openai)
+Handler = Callable[[bytes, dict[str, Any], ShadowAsk], Awaitable[Response]]
+
+
+def handler(serving: Serving, kind: Kind) -> Handler:
+    """The one dispatch from a generation route's kind to a serving's method."""
+    if kind == "responses":
+        return serving.handle_responses
+    return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -50,14 +55,6 @@ def validated(model: type[_M], body: dict[str, Any]) -> _M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise pydantic_error(exc) from exc
-
-
-def shadow_directive(header: str | None) -> ShadowDirective | None:
-    """The ``X-KVProxy-Shadow`` request header, or a 400 naming it."""
-    try:
-        return parse_shadow_header(header)
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc), param=SHADOW_HEADER) from exc
 
 
 def system_fingerprint(build: str | None, kv: KVConfig | None) -> str:

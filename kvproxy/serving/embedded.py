@@ -4,7 +4,8 @@ A validated request becomes prompt tokens and a token budget (checked against th
 the chat template is rendered and the prompt tokenized on a worker thread, never on the event loop,
 and a prompt that cannot fit is refused from its length in bytes before it is tokenized at all.
 The backend's events then become one response object or a stream of SSE chunks (chat completions,
-completions, or the Responses API's events); a finished generation hands its tokens to the shadow
+completions; the Responses API is served as a chat completion, kvproxy.serving.responses_chat); a
+finished generation hands its tokens to the shadow
 path with a non-blocking put. A JSON response format becomes a llama.cpp grammar; the shadow path
 replays the tokens without it, so their KLD is that of the raw distributions (docs/design.md).
 """
@@ -12,6 +13,7 @@ replays the tokens without it, so their KLD is that of the raw distributions (do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
+import orjson
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -49,6 +52,7 @@ from kvproxy.protocol import (
 )
 from kvproxy.protocol_responses import ResponsesRequest
 from kvproxy.scoring.job import ShadowJob
+from kvproxy.serving import responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, embedded_build, system_fingerprint, validated
 from kvproxy.serving.openai_format import (
     Collected,
@@ -56,15 +60,16 @@ from kvproxy.serving.openai_format import (
     collect,
     legacy_logprobs,
     prepend,
-    responses_logprob,
     sampling,
     sse_stream,
     usage,
     wire_logprob,
 )
-from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
+from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
 from kvproxy.serving.tool_turns import ToolTurn, finish_reason, split, tool_chunks
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.shadow.ask import NO_ASK, ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
+from kvproxy.upstream.llama_server import strip_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -97,31 +102,42 @@ class EmbeddedServing:
 
     # ---- the router's interface: a JSON body in, an HTTP response out -----------------------
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ChatCompletionRequest, body)
         if req.stream:
             return _streaming(await self.chat_stream(req, shadow))
         return _json_response(await self.chat(req, shadow))
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(CompletionRequest, body)
         if req.stream:
             return _streaming(await self.completion_stream(req, shadow))
         return _json_response(await self.completion(req, shadow))
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(ResponsesRequest, body)
+        messages = responses_chat.translatable(body)
+        if messages is None:  # the model above refuses all such input first; kept as a guard
+            raise OpenAIError(400, "This input cannot be served as a chat completion.", param="input")
+        cap = responses_chat.output_cap(body, self.max_tokens_default)
+        chat = responses_chat.chat_body(body, messages, 0)  # _budget applies the default
+        try:
+            chat_req = validated(ChatCompletionRequest, chat)
+        except OpenAIError as exc:  # named as the Responses request has it: its input, not messages
+            if exc.detail.param and exc.detail.param.startswith("messages"):
+                exc.detail.param = "input"
+            raise
+        renderer = ResponsesRenderer(req, self.backend.model_name, cap)
+        wants = responses_chat.wants_logprobs(body)
         if req.stream:
-            return _streaming(await self.responses_stream(req, shadow))
-        return _json_response(await self.responses(req, shadow))
+            chunks = await self.chat_stream(chat_req, shadow)
+            return _streaming(render_stream(renderer, _parsed(chunks, wants)))
+        data = (await self.chat(chat_req, shadow)).model_dump(mode="json")
+        for choice in data["choices"]:
+            strip_logprobs(choice, *wants)
+        return _json_response(renderer.from_chat(data))
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         raise OpenAIError(
             404,
             f"{path} is not served by the embedded backend: kvproxy serves generation only (chat "
@@ -140,6 +156,8 @@ class EmbeddedServing:
         events = self.deployment.events
         clock = TokenClock(events)
         parts: list[str] = []
+        if ticket is not None:  # a sampled request keeps its served rows: scoring decodes the reference only
+            gen = dataclasses.replace(gen, capture=self.backend.new_capture())
         try:
             async for event in self.backend.generate(gen):
                 if isinstance(event, Finished):
@@ -150,9 +168,11 @@ class EmbeddedServing:
                                 prompt_tokens=tuple(gen.prompt_tokens),
                                 token_ids=event.token_ids,
                                 turn="tool_call" if called else "text",
+                                captured=gen.capture,
                             )
                         )
                     events.tokens(event.prompt_tokens, event.completion_tokens)
+                    self.deployment.shadow.generated(len(event.token_ids))
                 elif event.text:
                     clock.tick()
                     if turn is not None and turn.active:
@@ -169,7 +189,7 @@ class EmbeddedServing:
             raise model_loading()
 
     async def _collected(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
     ) -> Collected:
         try:
             return await collect(self._events(gen, self.deployment.ticket(shadow), turn))
@@ -177,7 +197,7 @@ class EmbeddedServing:
             raise backend_failure(exc) from exc
 
     async def _started(
-        self, gen: GenerationRequest, shadow: ShadowDirective | None, turn: ToolTurn | None = None
+        self, gen: GenerationRequest, shadow: ShadowAsk, turn: ToolTurn | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Start generating and wait for the first event, before any byte of a stream is sent.
 
@@ -258,7 +278,7 @@ class EmbeddedServing:
         self,
         messages: list[dict[str, Any]],
         limit: int | None,
-        req: ChatCompletionRequest | ResponsesRequest,
+        req: ChatCompletionRequest,
         *,
         stop: tuple[str, ...],
         top_logprobs: int | None,
@@ -292,9 +312,6 @@ class EmbeddedServing:
         )
         return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> GenerationRequest:
-        return (await self._prepare_chat(req))[0]
-
     def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
         return ToolTurn.of(req, self.backend.chat_template.template)
 
@@ -312,19 +329,6 @@ class EmbeddedServing:
             variables=req.chat_template_kwargs,
             turn=turn,
         )
-
-    async def prepare_responses(self, req: ResponsesRequest) -> GenerationRequest:
-        # a reasoning model's thinking stays in the output text here: the Responses API has its own
-        # reasoning items, which kvproxy does not produce (docs/design.md)
-        gen, _ = await self._prepare_messages(
-            req.messages,
-            req.max_output_tokens,
-            req,
-            stop=(),
-            top_logprobs=req.top_logprobs_count,
-            format_param="text.format.schema",
-        )
-        return gen
 
     async def prepare_completion(self, req: CompletionRequest) -> GenerationRequest:
         self._check_ready()
@@ -352,7 +356,7 @@ class EmbeddedServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None) -> ChatCompletion:
+    async def chat(self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK) -> ChatCompletion:
         turn = self._tool_turn(req)
         gen, splitter = await self._prepare_chat(req, turn)
         got = await self._collected(gen, shadow, turn)
@@ -381,7 +385,7 @@ class EmbeddedServing:
         )
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, shadow: ShadowDirective | None = None
+        self, req: ChatCompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         turn = self._tool_turn(req)
         gen, splitter = await self._prepare_chat(req, turn)
@@ -446,7 +450,7 @@ class EmbeddedServing:
             choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],
         )
 
-    async def completion(self, req: CompletionRequest, shadow: ShadowDirective | None = None) -> Completion:
+    async def completion(self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK) -> Completion:
         got = await self._collected(await self.prepare_completion(req), shadow)
         lp = legacy_logprobs(got.logprobs, 0) if req.logprobs is not None else None
         out = self._completion(got.text, got.done.finish_reason, lp)
@@ -454,7 +458,7 @@ class EmbeddedServing:
         return out
 
     async def completion_stream(
-        self, req: CompletionRequest, shadow: ShadowDirective | None = None
+        self, req: CompletionRequest, shadow: ShadowAsk = NO_ASK
     ) -> AsyncIterator[bytes]:
         return self._completion_chunks(req, await self._started(await self.prepare_completion(req), shadow))
 
@@ -482,38 +486,19 @@ class EmbeddedServing:
         async for out in sse_stream(events, delta, finish, final_usage if req.include_usage else None):
             yield out
 
-    # ---- /v1/responses ----------------------------------------------------------------------
 
-    async def responses(self, req: ResponsesRequest, shadow: ShadowDirective | None = None) -> BaseModel:
-        got = await self._collected(await self.prepare_responses(req), shadow)
-        out = ResponsesRenderer(req, self.backend.model_name)
-        want = req.top_logprobs_count is not None
-        out.add(got.text, [responses_logprob(lp) for lp in got.logprobs] if want else ())
-        done = got.done
-        return out.response(done.finish_reason, responses_usage(done.prompt_tokens, done.completion_tokens))
-
-    async def responses_stream(
-        self, req: ResponsesRequest, shadow: ShadowDirective | None = None
-    ) -> AsyncIterator[bytes]:
-        return self._responses_events(req, await self._started(await self.prepare_responses(req), shadow))
-
-    async def _responses_events(
-        self, req: ResponsesRequest, events: AsyncGenerator[GenerationEvent, None]
-    ) -> AsyncIterator[bytes]:
-        out = ResponsesRenderer(req, self.backend.model_name)
-        want = req.top_logprobs_count is not None
-        yield out.start()
-        try:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    if event.text or event.logprobs:
-                        lps = [responses_logprob(lp) for lp in event.logprobs] if want else []
-                        yield out.delta(event.text, lps)
+async def _parsed(chunks: AsyncIterator[bytes], wants: tuple[bool, int]) -> AsyncIterator[dict[str, Any]]:
+    """The embedded chat stream's chunks as the Responses renderer reads them (the relay's are the
+    primary's, parsed the same way); its error event breaks the response off."""
+    decoder = sse.SSEDecoder()
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            for event in decoder.feed(chunk):
+                if event.data is None or not event.data.startswith(b"{"):
                     continue
-                used = responses_usage(event.prompt_tokens, event.completion_tokens)
-                yield out.finish(event.finish_reason, used)
-                return
-        except BackendError as exc:
-            yield out.failed(f"The backend failed: {exc}")
-        finally:
-            await events.aclose()
+                data = orjson.loads(event.data)
+                if "error" in data:
+                    raise StreamBroke(str(data["error"].get("message")))
+                for choice in data.get("choices") or []:
+                    strip_logprobs(choice, *wants)
+                yield data

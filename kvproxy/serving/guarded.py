@@ -14,28 +14,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi.responses import Response
 
 from kvproxy.deployments.base import DeploymentBase
-from kvproxy.serving.base import Serving
-from kvproxy.shadow.pool import ShadowDirective
+from kvproxy.serving.base import Kind, Serving, handler
+from kvproxy.shadow.ask import ShadowAsk
 
 log = logging.getLogger(__name__)
 
 SERVED_BY_HEADER = "X-KVProxy-Served-By"
-Kind = Literal["chat", "completion", "responses"]
-
-
-Handler = Callable[[bytes, dict[str, Any], ShadowDirective | None], Awaitable[Response]]
-
-
-def _handler(serving: Serving, kind: Kind) -> Handler:
-    if kind == "responses":
-        return serving.handle_responses
-    return serving.handle_chat if kind == "chat" else serving.handle_completion
 
 
 class GuardedServing:
@@ -46,57 +35,49 @@ class GuardedServing:
         self.primary = primary
         self.fallback = fallback
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("chat", raw, body, shadow)
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("completion", raw, body, shadow)
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         return await self._serve("responses", raw, body, shadow)
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """Routes kvproxy does not serve itself (embeddings, ...) are not generation: the guard
         does not apply, the deployment's own serving answers."""
         response: Response = await self.primary.handle_other(path, raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.deployment.name
         return response
 
-    async def _serve(
-        self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def _serve(self, kind: Kind, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         d = self.deployment
         d.step_guard()
         if not self.guard.active:
-            response: Response = await _handler(self.primary, kind)(raw, body, shadow)
+            response: Response = await handler(self.primary, kind)(raw, body, shadow)
             response.headers[SERVED_BY_HEADER] = d.name
             return response
-        if d.shadow.sampler.decide(shadow) and not d.shadow.pool.saturated:
-            self._probe(kind, body)
-        response = await _handler(self.fallback, kind)(raw, body, shadow)
+        if d.shadow.sampler.decide(shadow.directive) and not d.shadow.pool.saturated:
+            self._probe(kind, body, shadow.forced())
+        response = await handler(self.fallback, kind)(raw, body, shadow)
         response.headers[SERVED_BY_HEADER] = self.guard.fallback
         return response
 
-    def _probe(self, kind: Kind, body: dict[str, Any]) -> None:
+    def _probe(self, kind: Kind, body: dict[str, Any], ask: ShadowAsk) -> None:
         d = self.deployment
         if len(d.probes) >= self.guard.probe_concurrency:
             self._count("skipped")
             return
         probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        task = asyncio.create_task(self._run_probe(kind, probe), name=f"kvproxy-probe-{d.name}")
+        task = asyncio.create_task(self._run_probe(kind, probe, ask), name=f"kvproxy-probe-{d.name}")
         d.probes.add(task)
         task.add_done_callback(d.probes.discard)
         self._count("started")
 
-    async def _run_probe(self, kind: Kind, body: dict[str, Any]) -> None:
+    async def _run_probe(self, kind: Kind, body: dict[str, Any], ask: ShadowAsk) -> None:
         try:
-            await _handler(self.primary, kind)(json.dumps(body).encode(), body, "force")
+            await handler(self.primary, kind)(json.dumps(body).encode(), body, ask)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an OpenAIError from the primary, a network error: count, go on

@@ -10,7 +10,8 @@ primary's logprobs if the client asked for them). Only a deployment that opts in
 (``primary_logprobs``: what the top-K estimator needs, at a measured cost to the primary's speed)
 asks for logprobs the client did not, strips them from the answer, and never where llama-server
 refuses them (tools + stream). ``/v1/responses``
-is served through the primary's chat route (kvproxy.serving.relay_responses); other ``/v1`` routes
+is served through the primary's chat route (kvproxy.serving.responses_chat, as the embedded backend
+serves it; never llama-server's own ``/v1/responses``); other ``/v1`` routes
 kvproxy does not serve itself (``/v1/embeddings``, ...) are relayed to the primary as they are.
 """
 
@@ -31,18 +32,31 @@ from kvproxy import sse
 from kvproxy.deployments.http import HttpDeployment
 from kvproxy.errors import OpenAIError, upstream_error
 from kvproxy.protocol import Choices, Penalty, Temperature, TokenLimit, TopLogprobs, TopP
-from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, ResponsesUsage, untyped_input_part
+from kvproxy.protocol_responses import ResponseObject, ResponsesRequest, untyped_input_part
 from kvproxy.scoring.job import PrimaryReport, ShadowJob
-from kvproxy.serving import relay_responses
+from kvproxy.serving import responses_chat
 from kvproxy.serving.base import SSE_HEADERS, SSE_MEDIA_TYPE, system_fingerprint, validated
-from kvproxy.serving.responses_format import ResponsesRenderer, responses_usage
-from kvproxy.shadow.pool import ShadowDirective, ShadowTicket
+from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
+from kvproxy.shadow.ask import ShadowAsk
+from kvproxy.shadow.pool import ShadowTicket
 from kvproxy.upstream.llama_server import error_object, strip_logprobs
 from kvproxy.upstream.replicas import UpstreamFailure
 
 log = logging.getLogger(__name__)
 
 Wants = tuple[bool, int]  # (logprobs asked for, top_logprobs asked for)
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """One chat or completion request as the relay forwards it."""
+
+    path: str  # the primary's route
+    raw: bytes  # the body as the client sent it (relayed as it is when not shadowed)
+    body: dict[str, Any]  # the same, parsed
+    stream: bool
+    wants: Wants  # what the client asked of logprobs (what its answer keeps)
+    source: dict[str, Any]  # what the scorer replays: the messages (and template fields) or prompt
 
 
 @dataclass(frozen=True)
@@ -180,10 +194,6 @@ class RelayResponsesRequest(_Lenient):
     top_logprobs: TopLogprobs | None = None
 
 
-# the events that end a stream of llama-server's own /v1/responses (which sends no [DONE])
-RESPONSES_END = (b"response.completed", b"response.incomplete", b"response.failed")
-
-
 class RelayServing:
     def __init__(self, deployment: HttpDeployment, *, max_tokens_default: int = 0) -> None:
         self.deployment = deployment
@@ -216,7 +226,7 @@ class RelayServing:
             return Plan({}, top, "logprobs_off")
         return Plan(ask, self.deployment.top_k, "logprobs_off")
 
-    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None) -> Response:
+    async def handle_chat(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayChatRequest, body)
         _text_only(req.messages)
         raw, body = self._limited(raw, body, ("max_tokens", "max_completion_tokens"))
@@ -224,13 +234,10 @@ class RelayServing:
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         # llama-server: "logprobs is not supported with tools + stream" (a 400 to a valid request)
         plan = self._plan(body, ask, wants, refused=req.stream and bool(body.get("tools")))
-        return await self._serve(
-            "/v1/chat/completions", raw, body, req.stream, shadow, wants, plan, _template(body)
-        )
+        relayed = Relayed("/v1/chat/completions", raw, body, req.stream, wants, _template(body))
+        return await self._serve(relayed, shadow, plan)
 
-    async def handle_completion(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_completion(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayCompletionRequest, body)
         raw, body = self._limited(raw, body, ("max_tokens",))
         wants = (req.logprobs is not None, req.logprobs or 0)
@@ -241,13 +248,10 @@ class RelayServing:
             if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
             else req.prompt
         )
-        return await self._serve(
-            "/v1/completions", raw, body, req.stream, shadow, wants, plan, {"prompt": prompt}
-        )
+        relayed = Relayed("/v1/completions", raw, body, req.stream, wants, {"prompt": prompt})
+        return await self._serve(relayed, shadow, plan)
 
-    async def handle_other(
-        self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_other(self, path: str, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         """A route kvproxy does not serve itself, relayed to the primary as it is (both ways)."""
         try:
             if body.get("stream") is True:
@@ -256,9 +260,7 @@ class RelayServing:
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    async def handle_responses(
-        self, raw: bytes, body: dict[str, Any], shadow: ShadowDirective | None
-    ) -> Response:
+    async def handle_responses(self, raw: bytes, body: dict[str, Any], shadow: ShadowAsk) -> Response:
         req = validated(RelayResponsesRequest, body)
         untyped = untyped_input_part(body)
         if untyped is not None:  # as OpenAI answers it; llama-server's own route would guess
@@ -268,16 +270,11 @@ class RelayServing:
                 param=untyped,
                 code="missing_required_parameter",
             )
-        messages = relay_responses.translatable(body)
+        messages = responses_chat.translatable(body)
+        if messages is None:  # what a chat completion cannot express: the embedded backend's 400
+            validated(ResponsesRequest, body)
+            raise OpenAIError(400, "This input cannot be served as a chat completion.", param="input")
         try:
-            if messages is None:  # tools and the like: llama-server's own route, as it is
-                raw, body = self._limited(raw, body, ("max_output_tokens",))
-                names = self._names(body)
-                if req.stream:
-                    primary = self.deployment.primary
-                    chunks = await primary.open_stream("/v1/responses", raw, ends=RESPONSES_END)
-                    return _streaming(chunks, names)
-                return await self._relay("/v1/responses", raw, False, names)
             return await self._responses_via_chat(body, messages, req.stream, shadow)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
@@ -287,24 +284,27 @@ class RelayServing:
         body: dict[str, Any],
         messages: list[dict[str, Any]],
         stream: bool,
-        shadow: ShadowDirective | None,
+        shadow: ShadowAsk,
     ) -> Response:
-        chat = relay_responses.chat_body(body, messages, self.max_tokens_default)
-        wants = relay_responses.wants_logprobs(body)
+        cap = responses_chat.output_cap(body, self.max_tokens_default)
+        chat = responses_chat.chat_body(body, messages, self.max_tokens_default)
+        wants = responses_chat.wants_logprobs(body)
         source = _template(chat)
         ask: dict[str, Any] = {"logprobs": True, "top_logprobs": max(wants[1], self.deployment.top_k)}
         chat_wants = (bool(chat.get("logprobs")), int(chat.get("top_logprobs") or 0))
-        plan = self._plan(chat, ask, chat_wants, refused=False)
+        # llama-server: "logprobs is not supported with tools + stream"
+        plan = self._plan(chat, ask, chat_wants, refused=stream and bool(chat.get("tools")))
         ticket = self._ticket(shadow, plan)
         if ticket is not None:
             chat.update(plan.fields)
-        renderer = ResponsesRenderer(_echoable(body), str(body["model"]))
+        renderer = ResponsesRenderer(_echoable(body), str(body["model"]), cap)
         primary = self.deployment.primary
         report = plan.report()
         try:
             if stream:
                 chunks = await primary.open_stream("/v1/chat/completions", orjson.dumps(chat))
-                events = _responses_events(chunks, renderer, ticket, report, wants, source)
+                chats = _chat_chunks(chunks, ticket, report, wants, source)
+                events = render_stream(renderer, chats)
                 return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
             content = await primary.post_json("/v1/chat/completions", orjson.dumps(chat))
             data = self._answer(content)
@@ -322,32 +322,20 @@ class RelayServing:
             report.note_text(data)
             report.note_end(data)
             _settle(ticket, report, source, streamed=False)
-        message = choice.get("message") or {}
-        renderer.add(str(message.get("content") or ""), relay_responses.responses_logprobs(choice))
-        out: ResponseObject = renderer.response(choice.get("finish_reason"), _usage(data))
+        out: ResponseObject = renderer.from_chat(data)
         return Response(out.model_dump_json(), media_type="application/json")
 
-    async def _serve(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        shadow: ShadowDirective | None,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-    ) -> Response:
+    async def _serve(self, relayed: Relayed, shadow: ShadowAsk, plan: Plan) -> Response:
         try:
             ticket = self._ticket(shadow, plan)
-            names = self._names(body)
+            names = self._names(relayed.body)
             if ticket is None:
-                return await self._relay(path, raw, stream, names)
-            return await self._shadowed(path, raw, body, stream, ticket, wants, plan, source, names)
+                return await self._relay(relayed.path, relayed.raw, relayed.stream, names)
+            return await self._shadowed(relayed, ticket, plan, names)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
 
-    def _ticket(self, shadow: ShadowDirective | None, plan: Plan) -> ShadowTicket | None:
+    def _ticket(self, shadow: ShadowAsk, plan: Plan) -> ShadowTicket | None:
         """The request's shadow ticket, if sampled; a request whose job the reference cannot score
         (a top-K estimator without the primary's top K) is skipped at once, its answer unread."""
         ticket = self.deployment.ticket(shadow)
@@ -365,20 +353,11 @@ class RelayServing:
         self._answer(content)  # relayed as sent, but never a 200 that no client can parse
         return Response(names(content) if names else content, media_type="application/json")
 
-    async def _shadowed(
-        self,
-        path: str,
-        raw: bytes,
-        body: dict[str, Any],
-        stream: bool,
-        ticket: ShadowTicket,
-        wants: Wants,
-        plan: Plan,
-        source: dict[str, Any],
-        names: Names,
-    ) -> Response:
+    async def _shadowed(self, relayed: Relayed, ticket: ShadowTicket, plan: Plan, names: Names) -> Response:
         """The request as sent (or with what ``plan`` adds); its answer as received (or without what
         was added), with what the shadow path needs read off a copy."""
+        path, raw, body, stream = relayed.path, relayed.raw, relayed.body, relayed.stream
+        wants, source = relayed.wants, relayed.source
         primary = self.deployment.primary
         upstream_body = orjson.dumps({**body, **plan.fields}) if plan.fields else raw
         report = plan.report()
@@ -552,27 +531,16 @@ def _echoable(body: dict[str, Any]) -> ResponsesRequest:
         return ResponsesRequest.model_construct(model=str(body.get("model")), input="")
 
 
-def _usage(data: dict[str, Any]) -> ResponsesUsage:
-    found = data.get("usage")
-    usage: dict[str, Any] = found if isinstance(found, dict) else {}
-    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    return responses_usage(prompt, completion)
-
-
-async def _responses_events(
+async def _chat_chunks(
     chunks: AsyncIterator[bytes],
-    renderer: ResponsesRenderer,
     ticket: ShadowTicket | None,
     report: PrimaryReport,
     wants: Wants,
     source: dict[str, Any],
-) -> AsyncIterator[bytes]:
-    """The primary's chat stream as the Responses API's events; what it reported goes to the shadow
-    path as a chat stream's would. A stream that breaks ends with ``response.failed``."""
+) -> AsyncIterator[dict[str, Any]]:
+    """The primary's chat stream, parsed, without the logprobs the client did not ask for; what it
+    reported goes to the shadow path as a chat stream's would."""
     decoder = sse.SSEDecoder()
-    finish: str | None = None
-    usage: dict[str, Any] = {}
-    yield renderer.start()
     try:
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
@@ -587,20 +555,13 @@ async def _responses_events(
                     if ticket is not None:
                         report.note_end(data)
                         report.note_text(data)
-                    if isinstance(data.get("usage"), dict):
-                        usage = data["usage"]
                     for choice in data.get("choices") or []:
                         entries = strip_logprobs(choice, *wants) if choice.get("logprobs") else []
                         if ticket is not None and entries:
                             report.add(entries)
-                        finish = choice.get("finish_reason") or finish
-                        text = str((choice.get("delta") or {}).get("content") or "")
-                        logprobs = relay_responses.responses_logprobs(choice)
-                        if text or logprobs:
-                            yield renderer.delta(text, logprobs)
-        yield renderer.finish(finish, _usage({"usage": usage}))  # the upstream's stream ended in [DONE]
+                    yield data
     except UpstreamFailure as failure:
-        yield renderer.failed(failure.message)
+        raise StreamBroke(failure.message) from failure
     finally:
         if ticket is not None:
             ticket.abandon()  # a no-op once submitted

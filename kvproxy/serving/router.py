@@ -22,6 +22,7 @@ class Router:
     def __init__(self, deployments: list[Deployment], *, max_tokens_default: int = 0) -> None:
         check_names([d.name for d in deployments], {d.name: d.guard.fallback for d in deployments if d.guard})
         self.deployments = deployments
+        self.max_tokens_default = max_tokens_default
         limit = max_tokens_default
         own: dict[str, Serving] = {
             d.name: EmbeddedServing(d, max_tokens_default=limit)

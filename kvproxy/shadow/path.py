@@ -15,9 +15,10 @@ import numpy as np
 from kvproxy.kld import PositionScores
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
 from kvproxy.scoring.job import Scorer
+from kvproxy.shadow.ask import ShadowAsk
 from kvproxy.shadow.drift import DriftDetector
 from kvproxy.shadow.history import KLDHistory
-from kvproxy.shadow.pool import ShadowDirective, ShadowPool, ShadowSampler, ShadowTicket
+from kvproxy.shadow.pool import ShadowPool, ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
 
 
@@ -49,10 +50,15 @@ class ShadowPath:
             on_scored=self._scored,
         )
 
-    def ticket(self, directive: ShadowDirective | None) -> ShadowTicket | None:
+    def ticket(self, ask: ShadowAsk) -> ShadowTicket | None:
         """Called once per request that reaches generation (each kind's serving code does)."""
         self.requests += 1
-        return self.pool.ticket(directive) if self.sampler.decide(directive) else None
+        self.pool.capacity.request()
+        return self.pool.ticket(ask) if self.sampler.decide(ask.directive) else None
+
+    def generated(self, tokens: int) -> None:
+        """A finished generation's token count (embedded serving: the exact generation load)."""
+        self.pool.capacity.generated(tokens)
 
     def _scored(self, scores: PositionScores) -> None:
         self.history.record(self.tracker)

@@ -26,32 +26,19 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import cast
 
-from kvproxy.http import request_id
 from kvproxy.kld import PositionScores
 from kvproxy.observers import NULL_SHADOW, ShadowEvents
 from kvproxy.scoring.job import SKIP_REASONS, BatchScorer, Scorer, ShadowJob, SkipJob
 from kvproxy.scoring.kept import DROPPED, FAILED, KeptScores
+from kvproxy.shadow.ask import NO_ASK, ShadowAsk, ShadowDirective
+from kvproxy.shadow.capacity import ScoringCapacity
 from kvproxy.shadow.loadwatch import LoopLoad, loop_load
 from kvproxy.shadow.quality import QualityTracker
-from kvproxy.shadow.token_scores import claim
 from kvproxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-SHADOW_HEADER = "X-KVProxy-Shadow"
-ShadowDirective = Literal["force", "skip"]
-
-
-def parse_shadow_header(value: str | None) -> ShadowDirective | None:
-    """``force`` / ``skip`` (any case); None when absent. Anything else is a ValueError."""
-    if value is None:
-        return None
-    v = value.strip().lower()
-    if v == "force" or v == "skip":
-        return v  # type: ignore[return-value]
-    raise ValueError(f"{SHADOW_HEADER} must be 'force' or 'skip', not {value!r}")
 
 
 @dataclass
@@ -109,6 +96,7 @@ class ShadowPool:
         self.in_flight = 0
         self.load: LoopLoad | None = None  # set by start(): the running loop's watch
         self.max_defer = max_defer
+        self.capacity = ScoringCapacity()  # the sustainable shadow rate (kvproxy.shadow.capacity)
 
     @property
     def queued(self) -> int:
@@ -150,13 +138,13 @@ class ShadowPool:
         """The proxy's loop is saturated (kvproxy.shadow.loadwatch): shadow work gives way to clients."""
         return self.load is not None and self.load.busy
 
-    def ticket(self, directive: ShadowDirective | None = None) -> ShadowTicket | None:
+    def ticket(self, ask: ShadowAsk = NO_ASK) -> ShadowTicket | None:
         """A ticket for a sampled request; none while the proxy is saturated (unless forced)."""
-        if directive != "force" and self.saturated:
+        if ask.directive != "force" and self.saturated:
             self.count("shed")
             return None
         self.count("sampled")
-        return ShadowTicket(self, claim())
+        return ShadowTicket(self, ask.claim(), ask.request_id)
 
     def _offer(self, job: ShadowJob) -> bool:
         try:
@@ -216,11 +204,15 @@ class ShadowPool:
             self._record(job, result)
 
     async def _score(self, jobs: list[ShadowJob]) -> Sequence[PositionScores | Exception]:
+        started = time.monotonic()
         if len(jobs) == 1:
-            return [await self.scorer.score(jobs[0])]
-        results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
-        if len(results) != len(jobs):
-            raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+            results: Sequence[PositionScores | Exception] = [await self.scorer.score(jobs[0])]
+        else:
+            results = await cast(BatchScorer, self.scorer).score_many(jobs)  # _batch_limit saw score_many
+            if len(results) != len(jobs):
+                raise RuntimeError(f"score_many returned {len(results)} results for {len(jobs)} jobs")
+        tokens = sum(len(r) for r in results if isinstance(r, PositionScores))
+        self.capacity.scored(tokens, time.monotonic() - started, len(jobs))
         return results
 
     def _record(self, job: ShadowJob, result: PositionScores | Exception) -> None:
@@ -270,13 +262,16 @@ class ShadowPool:
 class ShadowTicket:
     """One sampled request's claim on the shadow path: submitted once, or dropped (and counted).
 
-    ``keep``: the request opted in to keeping its per-position scores (kvproxy.shadow.token_scores)."""
+    ``keep``: the request opted in to keeping its per-position scores (kvproxy.shadow.token_scores);
+    ``request_id``: the request being served (its x-request-id)."""
 
-    def __init__(self, pool: ShadowPool, keep: KeptScores | None = None) -> None:
+    def __init__(
+        self, pool: ShadowPool, keep: KeptScores | None = None, request_id: str | None = None
+    ) -> None:
         self._pool = pool
         self._settled = False
         self.keep = keep
-        self.request_id = request_id.current.get()  # the request being served (its x-request-id)
+        self.request_id = request_id
         if keep is not None:
             keep.request_id = self.request_id
 

@@ -4,7 +4,7 @@ deployment exports at construction (KV memory, backend up, the guard)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from typing import TYPE_CHECKING, Protocol, Unpack
 
 import numpy as np
@@ -13,7 +13,6 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores
 from kvproxy.model.memory import AttentionShape, KVLayout, kv_memory_summary
 from kvproxy.scoring.job import ID_SOURCES, SKIP_REASONS, TURNS
-from kvproxy.shadow.drift import STATE_CODES
 from kvproxy.shadow.guard import FALLBACK, PRIMARY, PROBE_OUTCOMES, Guard
 from kvproxy.telemetry.metrics import POSITION_BUCKETS, POSITION_OVER, QUALITY_LABELS, Metrics
 
@@ -39,6 +38,10 @@ class ObservedDeployment(Protocol):
     def score_path(self) -> str: ...
 
 
+def _or_nan(x: object) -> float:
+    return float(x) if isinstance(x, int | float) else math.nan
+
+
 class DeploymentObserver:
     """Feeds one deployment's shadow outcomes and scores into the metrics (kvproxy.observers)."""
 
@@ -55,13 +58,13 @@ class DeploymentObserver:
             metrics.shadow_skipped.labels(name, reason)
         for source in ID_SOURCES:
             metrics.shadow_token_ids.labels(name, source)
-        metrics.shadow_queue_depth.labels(name).set_function(lambda: deployment.shadow.pool.queued)
         metrics.shadow_lag.labels(name)
         for turn in TURNS:
             metrics.turn_token_kld.labels(name, deployment.model_label, turn)
+        metrics.shadow_sustainable_rate.labels(name).set_function(
+            lambda: _or_nan(deployment.shadow.pool.capacity.status()["sustainable_rate"])
+        )
         self._touch_quality_series()
-        metrics.drift_state.labels(name).set_function(lambda: STATE_CODES[deployment.shadow.drift.state])
-        metrics.drift_statistic.labels(name).set_function(lambda: deployment.shadow.drift.statistic)
 
     def _touch_quality_series(self) -> None:
         m, lv = self.metrics, [self.labels()[k] for k in QUALITY_LABELS]
@@ -111,18 +114,11 @@ class DeploymentObserver:
 
 
 def export_guard(metrics: Metrics, deployment: str, guard: Guard) -> None:
-    """The guard's state as a gauge, and its switch and probe counters at 0 from the start."""
-    metrics.guard_active.labels(deployment, guard.fallback).set_function(lambda: float(guard.active))
+    """The guard's switch and probe counters at 0 from the start (its state: kvproxy.telemetry.collector)."""
     for to in (PRIMARY, FALLBACK):
         metrics.guard_switches.labels(deployment, to)
     for outcome in PROBE_OUTCOMES:
         metrics.guard_probes.labels(deployment, outcome)
-
-
-def export_backend_up(
-    metrics: Metrics, deployment: str, role: str, replica: str, up: Callable[[], bool]
-) -> None:
-    metrics.backend_up.labels(deployment, role, replica).set_function(lambda: float(up()))
 
 
 def export_kv_memory(

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvproxy.kld import PositionScores
-
-if TYPE_CHECKING:
-    pass
+from kvproxy.telemetry.collector import DeploymentCollector
 
 # per-token KLD resolves 1e-5 .. 10 (half-decade steps)
 KLD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -58,6 +56,9 @@ def position_bucket(position: int) -> str:
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # the deployments' state (queue, drift, guard, replicas, slots), read at scrape time
+        self.deployments = DeploymentCollector()
+        registry.register(self.deployments)
         q = QUALITY_LABELS
         self.token_kld = Histogram(
             "kvproxy_token_kld",
@@ -134,9 +135,10 @@ class Metrics:
             ("deployment", "source"),
             registry=registry,
         )
-        self.shadow_queue_depth = Gauge(
-            "kvproxy_shadow_queue_depth",
-            "Shadow jobs waiting to be scored.",
+        self.shadow_sustainable_rate = Gauge(
+            "kvproxy_shadow_sustainable_rate",
+            "Scoring capacity / generation load: the shadow rate the scorer keeps up with (NaN until "
+            "known; kvproxy.shadow.capacity).",
             ("deployment",),
             registry=registry,
         )
@@ -199,40 +201,10 @@ class Metrics:
         self.upstream_errors = Counter(
             "kvproxy_upstream_errors", "Upstream failures by kind.", ("deployment", "kind"), registry=registry
         )
-        self.backend_up = Gauge(
-            "kvproxy_backend_up",
-            "1 when a backend replica is healthy (or an embedded model loaded), else 0.",
-            ("deployment", "role", "replica"),
-            registry=registry,
-        )
-        self.embedded_slots = Gauge(
-            "kvproxy_embedded_slots",
-            "Embedded server slots (--parallel) and requests: total slots, busy slots, requests waiting.",
-            ("deployment", "state"),
-            registry=registry,
-        )
-        self.drift_state = Gauge(
-            "kvproxy_drift_state",
-            "Drift detector state: -1 warm-up, 0 ok, 1 warning, 2 drift.",
-            ("deployment",),
-            registry=registry,
-        )
-        self.drift_statistic = Gauge(
-            "kvproxy_drift_statistic",
-            "The detector's CUSUM statistic (drift above its threshold).",
-            ("deployment",),
-            registry=registry,
-        )
         self.drift_transitions = Counter(
             "kvproxy_drift_transitions",
             "Changes of drift state, by the state entered.",
             ("deployment", "state"),
-            registry=registry,
-        )
-        self.guard_active = Gauge(
-            "kvproxy_guard_active",
-            "1 while a guarded deployment's traffic goes to its fallback, else 0.",
-            ("deployment", "fallback"),
             registry=registry,
         )
         self.guard_switches = Counter(
@@ -314,18 +286,18 @@ class RequestMetricsMiddleware:
     """Pure ASGI middleware: requests by route template and status, and their duration (for a
     stream, until its last byte). Unmatched paths share one label value."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
         status = 500
 
-        async def send_wrapper(message: Any) -> None:
+        async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
@@ -340,3 +312,10 @@ class RequestMetricsMiddleware:
             method = method if method in HTTP_METHODS else "other"  # the parser accepts WebDAV's too
             self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.request_duration.labels(name).observe(time.perf_counter() - start)
+
+
+def default_metrics() -> Metrics:
+    """A registry of the process's own, with the process collector (RSS, CPU, open files)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    return Metrics(registry)

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from kvproxy import sse
 from kvproxy.observers import NULL_SERVING, ServingEvents, TokenClock
 from kvproxy.sse import EventTooLarge, SSEDecoder
 from kvproxy.upstream.replicas import (
@@ -162,7 +163,7 @@ class LlamaServerPrimary:
         max_event = self.pool.limits.max_event_bytes
 
         async def relay() -> AsyncIterator[bytes]:
-            tail = b""
+            tail = last = b""  # the stream's last bytes (usage), its last whole events ([DONE])
             decoder = SSEDecoder(max_event_bytes=max_event)
             markers = None if ends is DONE_END else ends
             ended = ends is None
@@ -175,12 +176,13 @@ class LlamaServerPrimary:
                         if whole:
                             if markers and not ended:
                                 ended = any(m in whole for m in markers)
+                            last = whole
                             yield whole
                 if decoder.pending:
                     yield decoder.pending
                 self._count_usage(tail)
                 if ends is DONE_END:
-                    ended = b"[DONE]" in tail[-32:]
+                    ended = sse.ends_done(last, decoder.pending)
                 if not ended:
                     self.record_error("stream_ended")
                     raise UpstreamFailure(

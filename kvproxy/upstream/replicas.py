@@ -44,8 +44,8 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class ResponseLimits:
-    """What kvproxy holds of one upstream answer: upstream bytes are untrusted too (DESIGN.md). A
-    300 MB body read whole took the proxy to 917 MiB."""
+    """What kvproxy holds of one upstream answer: upstream bytes are untrusted too
+    (docs/reference-design.md). A 300 MB body read whole took the proxy to 917 MiB."""
 
     max_body_bytes: int = 64 * 2**20  # a whole (non-streamed) body
     max_event_bytes: int = 16 * 2**20  # one SSE event of a stream, a line without its end included

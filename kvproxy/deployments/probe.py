@@ -3,7 +3,7 @@
 llama.cpp stops the whole process on a failed ``GGML_ASSERT`` (an unsupported hyper-parameter, a
 KV type a layer's head size cannot take, a graph it cannot build) and on a C++ exception that
 crosses its C API; neither can be caught in Python. So ``kvproxy serve`` first runs the same code it
-will serve with in a child (``python -m kvproxy.backends.probe``): the embedded backend loads the
+will serve with in a child (``python -m kvproxy.deployments.probe``): the embedded backend loads the
 model with the configured context and KV types, renders and tokenizes a chat, generates two tokens,
 and scores them on the reference's contexts (the shadow scorer's path). If the child fails, start-up
 ends with exit 2 and llama.cpp's own reason in one line; the server never starts on a model that
@@ -95,7 +95,7 @@ def probe(settings: Settings, timeout: float = 900.0) -> str | None:
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # an abort prints its reason, no debugger run
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "kvproxy.backends.probe"],
+            [sys.executable, "-m", "kvproxy.deployments.probe"],
             input=json.dumps(args),
             capture_output=True,
             text=True,
@@ -113,6 +113,7 @@ async def _run(settings: Settings) -> None:
     from kvproxy.backends.base import GenerationRequest, KVConfig, SamplingParams
     from kvproxy.backends.embedded import EmbeddedBackend, resolve_model_path
     from kvproxy.model.gguf_info import read_model_info
+    from kvproxy.scoring.embedded import make_scorer
 
     path = resolve_model_path(settings.model)
     backend = EmbeddedBackend(settings, read_model_info(path), verbose=True)  # llama.cpp's reasons
@@ -126,7 +127,7 @@ async def _run(settings: Settings) -> None:
     async for event in backend.generate(request):
         tokens = getattr(event, "token_ids", tokens)
     reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
-    scorer = await asyncio.to_thread(backend.make_scorer, reference)
+    scorer = await asyncio.to_thread(make_scorer, backend, reference)
     try:
         if tokens:
             await asyncio.to_thread(scorer.score, prompt, list(tokens))
@@ -136,6 +137,9 @@ async def _run(settings: Settings) -> None:
 
 
 def main() -> None:
+    from kvproxy.backends.native import load_llama_first
+
+    load_llama_first()
     args: dict[str, Any] = json.loads(sys.stdin.read())
     asyncio.run(_run(Settings(**args)))
 

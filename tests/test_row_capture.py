@@ -1,0 +1,257 @@
+"""Captured served rows: the same numerics as the decode path's replay, bounded memory, counted fallback.
+
+Why: scoring against the rows the primary served (kept at generation time) instead of replaying the
+primary config halves the scorer's decodes; that is only worth having if, with one slot, the KLD is
+the replay's (the rows are bit for bit the same), the memory stays within its budget, and a job whose
+rows did not fit is still scored, by the replay, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvproxy.backends.base import GenerationRequest, KVConfig, SamplingParams
+from kvproxy.backends.embedded import EmbeddedBackend
+from kvproxy.backends.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
+from kvproxy.config import KVCacheType as T
+from kvproxy.config import Settings
+from kvproxy.corpus import english_text
+from kvproxy.kld import exact_kld
+from kvproxy.model.gguf_info import read_model_info
+from kvproxy.scoring.captured import score_against_capture
+from kvproxy.scoring.embedded import ScoreRequest, make_scorer
+from kvproxy.scoring.job import ShadowJob
+from kvproxy.scoring.scorers import ThreadedScorer
+from kvproxy.serving.openai_format import collect
+from kvproxy.shadow.capacity import ScoringCapacity, sustainable_rate
+
+F16 = KVConfig(T.F16, T.F16)
+
+
+def _ptr(row: np.ndarray[Any, Any]) -> Any:
+    return ctypes.cast(row.ctypes.data, ctypes.POINTER(ctypes.c_float))
+
+
+def _captured(rows: np.ndarray[Any, Any], budget: CaptureBudget) -> RowCapture:
+    cap = RowCapture(rows.shape[1], budget)
+    for r in rows:
+        cap.take(_ptr(r))
+    return cap
+
+
+def test_capture_copies_rows_in_blocks_and_gives_the_budget_back() -> None:
+    rng = np.random.default_rng(0)
+    v = 1000
+    rows = rng.standard_normal((2 * BLOCK_ROWS + 3, v)).astype(np.float32)
+    block_bytes = BLOCK_ROWS * v * 4
+    budget = CaptureBudget(3 * block_bytes)
+    cap = _captured(rows, budget)
+    assert cap.n_rows == len(rows) and cap.usable(len(rows)) and not cap.usable(len(rows) - 1)
+    assert np.array_equal(cap.rows(), rows)  # bit for bit
+    assert np.array_equal(cap.block(2), rows[2 * BLOCK_ROWS :])
+    assert budget.held_bytes == 3 * block_bytes
+    first_block = cap.block(0).ctypes.data
+    cap.release()
+    assert budget.held_bytes == 0 and budget.idle_bytes == 3 * block_bytes  # kept for reuse
+    again = _captured(rows[:1], budget)  # the next request copies into memory already mapped
+    assert again.block(0).ctypes.data == first_block
+    assert budget.idle_bytes == 2 * block_bytes and budget.held_bytes == block_bytes
+    again.release()
+    # a capture that is dropped without release (a job dropped anywhere) gives its bytes back too
+    cap = _captured(rows[:5], budget)
+    assert budget.held_bytes == block_bytes
+    del cap
+    gc.collect()
+    assert budget.held_bytes == 0
+
+
+def test_a_capture_past_the_budget_keeps_nothing() -> None:
+    v = 500
+    rows = np.ones((BLOCK_ROWS + 1, v), dtype=np.float32)
+    budget = CaptureBudget(BLOCK_ROWS * v * 4)  # one block: the 17th row needs a second
+    other = RowCapture(v, budget)
+    cap = _captured(rows, budget)
+    assert cap.overflowed and not cap.usable(len(rows)) and budget.held_bytes == 0
+    other.take(_ptr(rows[0]))  # the budget it gave back is there for the next request
+    assert budget.held_bytes == BLOCK_ROWS * v * 4
+    with pytest.raises(ValueError):
+        CaptureBudget(-1)
+
+
+@pytest.mark.parametrize("n", [1, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 3 * BLOCK_ROWS + 5])
+def test_the_overlapped_kld_equals_exact_kld_row_by_row(n: int) -> None:
+    """Every block boundary, in order: each reference row is the one decoded for its position."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(n)
+    v = 4096
+    ref = (3 * rng.standard_normal((n, v))).astype(np.float32)
+    primary = (ref + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    completion = rng.integers(0, v, n).tolist()
+    budget = CaptureBudget(1 << 30)
+    cap = _captured(primary, budget)
+    decoded: list[tuple[int, int]] = []
+    current = [0]
+
+    def step(token: int, pos: int) -> None:
+        decoded.append((token, pos))
+        current[0] += 1
+
+    with ThreadPoolExecutor(1) as pool:
+        got = score_against_capture(
+            7, completion, cap, step=step, row=lambda: _ptr(ref[current[0]]), executor=pool
+        )
+    assert decoded == [(completion[j - 1], 7 + j - 1) for j in range(1, n)]
+    blocks = [
+        exact_kld(ref[lo : lo + BLOCK_ROWS], primary[lo : lo + BLOCK_ROWS], completion[lo : lo + BLOCK_ROWS])
+        for lo in range(0, n, BLOCK_ROWS)
+    ]
+    assert np.array_equal(got.kld, np.concatenate([b.kld for b in blocks]))  # each block its own rows
+    assert np.array_equal(got.p_primary, np.concatenate([b.p_primary for b in blocks]))
+    # row by row, as the replay computes it: float32 partial sums grouped otherwise, within 1e-6
+    want = [exact_kld(ref[j : j + 1], primary[j : j + 1], completion[j : j + 1]) for j in range(n)]
+    np.testing.assert_allclose(got.kld, [w.kld[0] for w in want], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got.p_ref, [w.p_ref[0] for w in want], rtol=1e-6)
+    assert list(got.same_top) == [bool(w.same_top[0]) for w in want]
+    assert got.positions is not None and got.positions[0] == 7
+
+
+def test_sustainable_rate() -> None:
+    assert sustainable_rate(None, 10.0) is None and sustainable_rate(0.01, 0.0) is None
+    assert sustainable_rate(0.01, 50.0) == pytest.approx(2.0)  # 100 tokens/s of scoring for 50 generated
+    c = ScoringCapacity(window=10.0)
+    assert c.status()["sustainable_rate"] is None
+    c.scored(100, 2.0)  # 20 ms a scored token
+    c.request(now=0.0)
+    c.request(now=1.0)
+    estimated = c.status()  # proxy mode: 2 requests of 100 tokens in 10 s
+    assert estimated["load_source"] == "estimated"
+    assert estimated["sustainable_rate"] == pytest.approx(1 / (0.02 * 20.0))
+    c.generated(250, now=2.0)
+    c.generated(250, now=3.0)
+    exact = c.status()
+    assert exact["load_source"] == "generated" and exact["generated_tokens_per_second"] == 50.0
+    assert exact["sustainable_rate"] == pytest.approx(1.0)
+    c.generated(100, now=13.5)  # the window ends at the latest event: the first two are out
+    assert c.status()["generated_tokens_per_second"] == 10.0
+
+
+# ---- against the real model: captured rows are the replay's rows ----------------------------------
+
+
+def _settings(gemma_path: Path, kv: T, **kw: Any) -> Settings:
+    return Settings(
+        model=gemma_path,
+        ctx_size=512,
+        batch_size=64,
+        threads=2,
+        shadow_rate=0,
+        cache_type_k=kv,
+        cache_type_v=kv,
+        **kw,
+    )
+
+
+def _serve(backend: EmbeddedBackend, n_tokens: int) -> tuple[list[int], list[int], RowCapture | None]:
+    """One greedy generation with its rows captured (prompt longer than the batch: several calls)."""
+
+    async def run() -> tuple[list[int], list[int], RowCapture | None]:
+        await backend.load()
+        words = " ".join(english_text().split()[:90])
+        prompt = backend.tokenize(words, add_bos=True)
+        cap = backend.new_capture()
+        request = GenerationRequest(
+            prompt, max_tokens=n_tokens, sampling=SamplingParams(temperature=0.0), capture=cap
+        )
+        got = await collect(backend.generate(request))
+        return prompt, list(got.done.token_ids), cap
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kv", [T.Q4_0, T.F16])
+def test_captured_rows_score_as_the_replay_does(gemma_path: Path, kv: T) -> None:
+    backend = EmbeddedBackend(_settings(gemma_path, kv), read_model_info(gemma_path))
+    try:
+        prompt, tokens, cap = _serve(backend, 40)
+        assert cap is not None and cap.usable(len(tokens)) and len(tokens) > BLOCK_ROWS
+        assert len(prompt) > 64  # the prompt went in two calls of the batch, as the replay does them
+        scorer = make_scorer(backend, F16)
+        assert scorer.path == "decode"
+        replayed = scorer.score(prompt, tokens)
+        captured = scorer.score_captured(ScoreRequest(prompt, tokens), cap)
+        scorer.close()
+    finally:
+        backend.close()
+    assert len(captured) == len(replayed) == len(tokens)
+    mean_replay, mean_capture = float(np.mean(replayed.kld)), float(np.mean(captured.kld))
+    print(f"\n{kv.value}: mean KLD replay {mean_replay:.6g}, captured {mean_capture:.6g}")
+    if kv is T.F16:  # the served rows ARE the reference's: exactly 0, as the replay reads
+        assert np.all(captured.kld == 0) and np.all(replayed.kld == 0)
+        assert captured.same_top.all()
+    else:
+        assert mean_replay > 1e-3  # q4_0 costs something on Gemma
+        assert abs(mean_capture - mean_replay) <= 5e-3 * mean_replay  # the issue's 0.5 %
+        # per position too: the same rows, only the KLD call's block shape differs
+        np.testing.assert_allclose(captured.kld, replayed.kld, rtol=1e-5, atol=1e-9)
+        assert np.array_equal(captured.same_top, replayed.same_top)
+
+
+def test_out_of_budget_jobs_are_replayed_and_counted(gemma_path: Path) -> None:
+    """A budget of 1 MiB holds no Gemma block (16 MiB): the capture overflows, the job is scored by
+    the replay of both configs, counted as a fallback; a roomy budget scores against the capture."""
+    backend = EmbeddedBackend(
+        _settings(gemma_path, T.Q4_0, shadow_capture_mib=1), read_model_info(gemma_path)
+    )
+    try:
+        prompt, tokens, cap = _serve(backend, 20)
+        budget = backend.capture_budget
+        assert cap is not None and budget is not None
+        assert cap.overflowed and budget.held_bytes == 0
+        scorer = ThreadedScorer(lambda: make_scorer(backend, F16))
+
+        async def score(job: ShadowJob) -> Any:
+            await scorer.start()
+            return await scorer.score(job)
+
+        fallback = asyncio.run(score(ShadowJob(tuple(prompt), tuple(tokens), captured=cap)))
+        assert budget.status()["fallback_jobs"] == 1 and budget.status()["captured_jobs"] == 0
+        roomy = CaptureBudget(64 << 20)
+        good = RowCapture(cap.n_vocab, roomy)
+        replay_scorer = make_scorer(backend, F16)
+        # the rows the replay computes for the primary, taken into a capture of another budget
+        want = replay_scorer.score(prompt, tokens)
+        replay_scorer.close()
+        backend_rows = _primary_rows(backend, prompt, tokens)
+        for r in backend_rows:
+            good.take(_ptr(r))
+        captured = asyncio.run(score(ShadowJob(tuple(prompt), tuple(tokens), captured=good)))
+        assert roomy.status()["captured_jobs"] == 1 and roomy.held_bytes == 0  # released after scoring
+        scorer.close()
+    finally:
+        backend.close()
+    np.testing.assert_allclose(fallback.kld, want.kld, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(captured.kld, want.kld, rtol=1e-5, atol=1e-9)
+
+
+def _primary_rows(backend: EmbeddedBackend, prompt: list[int], tokens: list[int]) -> np.ndarray[Any, Any]:
+    """The primary config's decode-path rows, through a scorer's primary context."""
+    scorer = make_scorer(backend, F16)
+    ctx = scorer._ctx_primary
+    try:
+        scorer._prefill_prompt(ctx, prompt, 0)
+        rows = [np.ctypeslib.as_array(ctx.get_logits_ith(-1), shape=(scorer.n_vocab,)).copy()]
+        for j in range(1, len(tokens)):
+            scorer._fill([tokens[j - 1]], [len(prompt) + j - 1], [0], 1)
+            ctx.decode(scorer._batch)
+            rows.append(np.ctypeslib.as_array(ctx.get_logits_ith(-1), shape=(scorer.n_vocab,)).copy())
+    finally:
+        scorer.close()
+    return np.stack(rows)
