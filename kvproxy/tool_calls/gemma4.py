@@ -7,7 +7,7 @@ value is a string between ``<|"|>`` quotes, a number, ``true``/``false``/``null`
 or a ``{key:value}`` dict. The arguments are that dict as JSON, written as llama.cpp writes it
 (numbers as the model wrote them). A required or named choice is forced by llama.cpp's grammar:
 the name of a callable function, then any dict (llama.cpp does not apply the parameter schema to
-this format: "need to extend json-schema-to-grammar"), optionally after a thought block.
+this format: "need to extend json-schema-to-grammar").
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ def parse(text: str, plan: ToolPlan) -> tuple[str | None, list[ParsedCall]]:
 
 
 def grammar(plan: ToolPlan) -> str:
-    """The grammar of a forced answer (llama.cpp's for ``tool_choice: required``): an optional thought
-    block (and the turn's header, as llama.cpp allows it), then one call (or with parallel calls one
-    or more) of a callable function."""
+    """The grammar of a forced answer: one call (or with parallel calls one or more) of a callable
+    function, with any dict as its arguments. llama.cpp's also allows a thought block (and the turn's
+    header) first; on the side-by-side model that free text ran to the token limit where llama-server
+    called at once, so here the call comes first (docs/function-calling.md)."""
     names = [t["function"]["name"] for t in plan.callable]
     tools = []
     for name in names:
@@ -160,10 +161,7 @@ def grammar(plan: ToolPlan) -> str:
         f'( "<|tool_call>call:" ( {" | ".join(t.split(" ::=")[0] for t in tools)} ) "<tool_call|>" ){repeat}'
     )
     rules = [
-        f"root ::= start? thought? {call}",
-        'start ::= "<|turn>model\\n"',
-        'thought ::= "<|channel>thought" space until-channel "<channel|>"',
-        *gbnf.excluding("until-channel", "<channel|>"),
+        f"root ::= {call}",
         *tools,
         'gemma4-string ::= "<|\\"|>" gemma4-string-content "<|\\"|>"',
         *gbnf.excluding("gemma4-string-content", QUOTE),
