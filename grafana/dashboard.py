@@ -239,6 +239,42 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ],
     ),
     (
+        "What-if: candidate KV configs on the same traffic (--what-if)",
+        [
+            (
+                "What-if frontier: KV bytes and mean KLD per config",
+                "table",
+                "none",
+                [
+                    (
+                        metric,
+                        f"max by (deployment, candidate, role, score_path) ({metric}{{{DEP}}})",
+                    )
+                    for metric in (
+                        "kvproxy_whatif_kv_bytes",
+                        "kvproxy_whatif_mean_kld",
+                        "kvproxy_whatif_mean_kld_error",
+                        "kvproxy_whatif_same_top_ratio",
+                        "kvproxy_whatif_pareto",
+                        "kvproxy_whatif_within_budget",
+                    )
+                ],
+            ),
+            (
+                "What-if: mean KLD per config (since start)",
+                "timeseries",
+                "none",
+                [
+                    (
+                        "{{deployment}} {{candidate}} ({{role}}, {{score_path}})",
+                        f"kvproxy_whatif_mean_kld{{{DEP}}}",
+                    ),
+                    ("budget {{deployment}}", f"kvproxy_whatif_kld_budget{{{DEP}}}"),
+                ],
+            ),
+        ],
+    ),
+    (
         "Memory",
         [
             (

@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from kvproxy import __version__
 from kvproxy.api import admin, health, openai, score, ui
+from kvproxy.api import whatif as whatif_api
 from kvproxy.api.fast_path import OpenAIFastPath
 from kvproxy.api.openai import GENERATION_PATHS
 from kvproxy.config import DEFAULT_MAX_TOKENS
@@ -155,6 +156,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(admin.metrics_router)
     app.include_router(ui.router)
+    app.include_router(whatif_api.router)
     if any(isinstance(d, EmbeddedDeployment) for d in deps):
         app.include_router(score.router)
     _document_request_bodies(app)

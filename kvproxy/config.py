@@ -41,6 +41,19 @@ class ScorePath(enum.StrEnum):
     PREFILL = "prefill"  # chunked replay: cheaper, and on CUDA it understates
 
 
+def kv_config_spec(spec: str) -> str:
+    """``TYPE`` or ``K/V`` checked against the types llama.cpp takes, spelt canonically (``q8_0/q8_0``
+    is ``q8_0``); anything else is a ValueError listing the valid types."""
+    k, sep, v = spec.strip().lower().partition("/")
+    valid = {t.value for t in KVCacheType}
+    bad = [t for t in ((k, v) if sep else (k,)) if t not in valid]
+    if bad or "/" in v:
+        types = ", ".join(t.value for t in KVCacheType)
+        raise ValueError(f"{spec!r} is not a KV config: write TYPE or K/V, each one of {types}")
+    v = v or k
+    return k if k == v else f"{k}/{v}"
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # The completion limit of a request that sets none. OpenAI's models stop long before a context of
@@ -151,6 +164,24 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Shadow jobs decoded together as sequences of one context (decode path, GPU only).",
+    )
+    what_if: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="What-if KV configs scored live beside the served one on the same tokens, "
+        "comma-separated: TYPE (K and V) or K/V, e.g. q8_0,q5_1,iq4_nl,q8_0/q4_0 (docs/what-if.md).",
+    )
+    what_if_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of shadow-scored jobs (in `kvproxy backend`: of score requests) also "
+        "replayed under every --what-if config; 1: all of them, so requests at the shadow rate.",
+    )
+    what_if_kld_budget: float = Field(
+        default=0.05,
+        gt=0.0,
+        description="Mean KLD (nats/token) a what-if config may cost: the status and page name the "
+        "cheapest config within it (0.05: the KLD alert rules' default threshold).",
     )
     shadow_capture_mib: int = Field(
         default=1024,
@@ -294,6 +325,18 @@ class Settings(BaseSettings):
             return keys
         return value
 
+    @field_validator("what_if", mode="before")
+    @classmethod
+    def _split_what_if(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [c.strip() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("what_if")
+    @classmethod
+    def _what_if_configs(cls, value: list[str]) -> list[str]:
+        return [kv_config_spec(spec) for spec in value]
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -329,4 +372,10 @@ class Settings(BaseSettings):
                 f"cache_type_v={self.cache_type_v} needs flash attention; enable --flash-attn "
                 "or use an f16/bf16 V cache"
             )
+        if self.what_if and self.score_path is not ScorePath.DECODE:
+            raise ValueError("--what-if replays on the decode path: it needs --score-path decode")
+        if not self.flash_attn:
+            for spec in self.what_if:
+                if KVCacheType(spec.partition("/")[2] or spec).is_quantized:
+                    raise ValueError(f"what-if config {spec} has a quantized V cache: it needs --flash-attn")
         return self

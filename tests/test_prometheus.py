@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debi
 
 @pytest.fixture(scope="module")
 def kvproxy_server() -> Iterator[RunningServer]:
-    srv = start_server("--ctx-size", "1024", "--shadow-rate", "1")
+    # one what-if candidate, so the what-if panels have data (docs/what-if.md)
+    srv = start_server("--ctx-size", "1024", "--shadow-rate", "1", "--what-if", "q8_0")
     yield srv
     stop_server(srv)
 
@@ -143,7 +144,7 @@ def test_every_dashboard_query_and_the_recording_rules(
 
     board = dashboard.build()
     rows = {p["title"]: p for p in board["panels"] if p["type"] == "row"}
-    assert len(rows) == 5
+    assert len(rows) == 6
     # no GPU on this machine, and no guarded deployment in this test: no readings, by design
     empty_allowed = {"VRAM used / total", "Guard: on the fallback (1) and route switches"}
     for title, expr in dashboard.queries(board):
@@ -154,4 +155,11 @@ def test_every_dashboard_query_and_the_recording_rules(
     mean = scalar(prometheus, "kvproxy:token_kld_mean:rate10m", until=lambda v: v > 0)
     assert 0 < mean < 1
     assert scalar(prometheus, "kvproxy:kld_alert_threshold") == 0.05  # the default (not gemma-q4)
+    # the what-if's served q4_0 and its q8_0 candidate, on the same jobs: q8_0 far below
+    served = scalar(prometheus, 'kvproxy_whatif_mean_kld{role="served"}', until=lambda v: v > 0)
+    q8 = scalar(prometheus, 'kvproxy_whatif_mean_kld{candidate="q8_0"}', until=lambda v: v > 0)
+    assert q8 < served / 3
+    assert scalar(prometheus, 'kvproxy_whatif_kv_bytes{candidate="q8_0"}') > scalar(
+        prometheus, 'kvproxy_whatif_kv_bytes{role="served"}'
+    )
     assert query(prometheus, 'ALERTS{alertname="KVProxyBackendDown"}') == []

@@ -65,6 +65,14 @@ def describe_startup(settings: Settings, info: ModelInfo) -> str:
             f"  slots      {slots} (--parallel), {settings.max_queue} waiting at most, "
             f"queue deadline {deadline}",
             *layers,
+            *(
+                [
+                    f"  what-if    {', '.join(settings.what_if)} replayed on {settings.what_if_rate:.0%} of "
+                    f"scored jobs, KLD budget {settings.what_if_kld_budget:g} (/kvproxy/v1/what-if)"
+                ]
+                if settings.what_if
+                else []
+            ),
             f"  device     {offload(settings.n_gpu_layers, shape.n_layers)} (the model and its scorer)",
             f"  CPU code   {describe_cpu_build(cpu_build_features())}",
             f"  threads    {settings.threads}",

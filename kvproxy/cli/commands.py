@@ -138,6 +138,9 @@ def serve(
     schema_max_repeat: Annotated[int | None, typer.Option(help=setting_help("schema_max_repeat"))] = None,
     grammar_max_bytes: Annotated[int | None, typer.Option(help=setting_help("grammar_max_bytes"))] = None,
     probe: Annotated[bool | None, typer.Option("--probe/--no-probe", help=setting_help("probe"))] = None,
+    what_if: Annotated[str | None, typer.Option(help=setting_help("what_if"))] = None,
+    what_if_rate: Annotated[float | None, typer.Option(help=setting_help("what_if_rate"))] = None,
+    what_if_kld_budget: Annotated[float | None, typer.Option(help=setting_help("what_if_kld_budget"))] = None,
 ) -> None:
     """Serve OpenAI chat completions from llama.cpp with a quantized KV cache.
 
@@ -210,7 +213,10 @@ def _embedded(settings: Settings, metrics: Metrics) -> Deployment:
             f"{info.path.name}: its KV cache cannot be {settings.cache_type_k}/{settings.cache_type_v}: {exc}"
         ) from None
     typer.echo(banner)
-    return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
+    try:
+        return embedded_deployment(settings.model_copy(update={"model": path}), info, metrics=metrics)
+    except ValueError as exc:  # a --what-if config the model's KV cache cannot have
+        raise fail(f"{info.path.name}: {exc}") from None
 
 
 app.command()(calibrate_command.calibrate)

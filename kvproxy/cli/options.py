@@ -21,6 +21,7 @@ _SHOWN = {
     "n_gpu_layers": "all when the installed llama-cpp-python can offload (a CUDA build), else 0",
     "max_connections": "what the open-file limit leaves, at most 16,384",
     "cors_origins": "none (CORS off)",
+    "what_if": "none (what-if off)",
 }
 
 

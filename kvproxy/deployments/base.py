@@ -23,6 +23,7 @@ from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.path import ShadowPath
 from kvproxy.shadow.pool import ShadowSampler, ShadowTicket
 from kvproxy.shadow.quality import QualityTracker
+from kvproxy.shadow.whatif import WhatIfTracker
 from kvproxy.tasks import cancel_and_wait
 from kvproxy.telemetry.collector import DeploymentState
 from kvproxy.telemetry.export import DeploymentObserver, ServingObserver, export_guard
@@ -49,6 +50,7 @@ class DeploymentBase:
     shadow: ShadowPath
     estimator: str = "exact"
     score_path: str = "decode"  # which numerics score both sides (kvproxy.config.ScorePath)
+    whatif: WhatIfTracker | None = None  # candidate KV configs scored on the same jobs (docs/what-if.md)
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ from kvproxy.deployments.spec import (
     ProxyConfig,
     ServerSpec,
 )
+from kvproxy.deployments.whatif import attach as attach_whatif
+from kvproxy.deployments.whatif import whatif_scorer
 from kvproxy.model.gguf_info import ModelInfo, read_model_info
 from kvproxy.model.memory import AttentionShape
 from kvproxy.scoring.embedded import make_scorer
@@ -74,9 +76,12 @@ def embedded_deployment(
     """The zero-configuration deployment: primary and exact scorer in process on one set of weights."""
     backend = backend or EmbeddedBackend(settings, info)
     reference = KVConfig(settings.reference_cache_type, settings.reference_cache_type)
-    return EmbeddedDeployment(
+    scorer = whatif_scorer(settings, backend, reference) or ThreadedScorer(
+        lambda: make_scorer(backend, reference)
+    )
+    deployment = EmbeddedDeployment(
         backend,
-        ThreadedScorer(lambda: make_scorer(backend, reference)),
+        scorer,
         reference_kv=reference,
         shadow=ShadowOptions(
             ShadowSampler(settings.shadow_rate),
@@ -88,6 +93,8 @@ def embedded_deployment(
         score_path=settings.score_path.value,
         metrics=metrics,
     )
+    attach_whatif(deployment, metrics)
+    return deployment
 
 
 def _servers(spec: DeploymentSpec) -> dict[str, tuple[AttentionShape, ServerSpec]]:

@@ -62,4 +62,6 @@ def deployment_status(d: DeploymentBase) -> dict[str, Any]:
         "memory": memory_status(d),
         "history": shadow.history.as_list(),
         "histogram": tracker.histogram(),
+        # null unless --what-if names candidates (docs/what-if.md)
+        "what_if": d.whatif.status() if d.whatif is not None else None,
     }
