@@ -283,9 +283,7 @@ def test_gemma4_grammar_is_accepted_by_llama_cpp(parallel: bool) -> None:
 
     grammar = gemma4.grammar(plan("required", parallel, tools=[GET_TIME, GET_WEATHER]))
     assert parse_error(grammar) is None, grammar
-    assert grammar.startswith(
-        'root ::= ( "<|tool_call>call:" ( tool-get-time | tool-get-weather )'
-    )
+    assert grammar.startswith('root ::= ( "<|tool_call>call:" ( tool-get-time | tool-get-weather )')
     assert grammar.splitlines()[0].endswith('"<tool_call|>" )' + ("+" if parallel else ""))
 
 
