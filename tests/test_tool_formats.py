@@ -242,8 +242,9 @@ TEMPLATES = llama_bin().parent / "src" / "models" / "templates"
         ("Qwen-Qwen2.5-7B-Instruct.jinja", ToolFormat.HERMES),
         ("Qwen-Qwen3-0.6B.jinja", ToolFormat.HERMES),
         ("google-gemma-2-2b-it.jinja", ToolFormat.GENERIC),
-        ("Qwen3.5-4B.jinja", None),
-        ("google-gemma-4-31B-it.jinja", None),
+        ("Qwen3.5-4B.jinja", ToolFormat.QWEN_XML),
+        ("Qwen3-Coder.jinja", ToolFormat.QWEN_XML),
+        ("google-gemma-4-31B-it.jinja", ToolFormat.GEMMA4),
         ("meta-llama-Llama-3.1-8B-Instruct.jinja", None),
     ],
 )
@@ -324,8 +325,8 @@ def test_turn_parse_gives_ids_and_finish_reason() -> None:
 def test_unsupported_template_is_a_400() -> None:
     from kvproxy.errors import OpenAIError
 
-    text = Path(TEMPLATES / "Qwen3.5-4B.jinja").read_text()
+    text = Path(TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
     with pytest.raises(OpenAIError) as err:
         ToolTurn.of(_request(tools=[SPECIAL]), text)
     assert err.value.status == 400 and err.value.detail.param == "tools"
-    assert "<function=" in err.value.body()["error"]["message"]
+    assert "own tool-call format" in err.value.body()["error"]["message"]

@@ -80,6 +80,9 @@ class RenderedChat:
     generation_prompt: str
 
 
+GEMMA4_CALL = "'<|tool_call>call:'"  # how llama.cpp tells a Gemma 4 template
+GEMMA4_TURN_END = "<turn|>\n"
+GEMMA4_MODEL_TURN = "<|turn>model\n"
 _PROBE = ("\x00kvproxy-part-one\x00", "\x00kvproxy-part-two\x00")
 
 
@@ -181,6 +184,10 @@ class ChatTemplate:
         if fmt is not None and msgs and msgs[-1]["role"] == "assistant":
             return self._continue(fmt, msgs, context)
         prompt = self._render(msgs, True, context)
+        if GEMMA4_CALL in self.template and prompt.endswith(GEMMA4_TURN_END):
+            # a model turn ending in a call leaves the template no generation prompt to add: llama.cpp
+            # adds Gemma 4's (common/parsers/gemma4.cpp), so the model starts a new turn
+            return RenderedChat(prompt + GEMMA4_MODEL_TURN, GEMMA4_MODEL_TURN)
         if fmt is None:
             return RenderedChat(prompt, "")
         before = self._render(msgs, False, context)

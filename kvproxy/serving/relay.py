@@ -228,7 +228,8 @@ class RelayServing:
         source = _template(body)
         rendered = self._answer(await primary.post_json("/apply-template", orjson.dumps(source)))
         prompt = rendered.get("prompt")
-        if not isinstance(prompt, str) or hermes.OPEN not in prompt:
+        # Hermes-style JSON calls only: Qwen XML (``<function=``) and Gemma 4 stay llama-server's
+        if not isinstance(prompt, str) or hermes.OPEN not in prompt or "<function=" in prompt:
             return None
         if self._grammars is None:
             self._grammars = GrammarCompiler(SchemaLimits())

@@ -18,7 +18,7 @@ from typing import Any
 from kvproxy import sse
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, TextDelta
 from kvproxy.errors import OpenAIError
-from kvproxy.model.reasoning import ReasoningSplitter
+from kvproxy.model.reasoning import QWEN, ReasoningSplitter
 from kvproxy.protocol import (
     CalledFunction,
     ChatChunkChoice,
@@ -31,7 +31,16 @@ from kvproxy.protocol import (
     ToolCallDelta,
 )
 from kvproxy.serving.openai_format import backend_failure, usage
-from kvproxy.tool_calls import ToolFormat, ToolPlan, generic, hermes, new_call_id, tool_format
+from kvproxy.tool_calls import (
+    ToolFormat,
+    ToolPlan,
+    gemma4,
+    generic,
+    hermes,
+    new_call_id,
+    qwen_xml,
+    tool_format,
+)
 from kvproxy.tool_calls.formats import UnsupportedToolFormat
 
 Compile = Callable[[dict[str, Any]], Awaitable[str]]
@@ -45,6 +54,7 @@ def has_tool_history(messages: list[dict[str, Any]]) -> bool:
 class ToolTurn:
     format: ToolFormat
     plan: ToolPlan | None  # None: no tools in the request, only calls and results in its history
+    template: str = ""
 
     @classmethod
     def of(cls, req: ChatCompletionRequest, template: str) -> ToolTurn | None:
@@ -62,11 +72,14 @@ class ToolTurn:
                 "yet; serve it with llama-server and put kvproxy in front (kvproxy serve --primary URL)",
                 param="tools",
             ) from None
-        # unset parallel_tool_calls: several Hermes calls, unless a call is forced (a small model
-        # forced by a grammar that allows more keeps writing calls until the limit cuts it; the
-        # proxy forces one call by the same rule, kvproxy.serving.forced_tools)
+        # unset parallel_tool_calls: llama-server's default is the template's (true for the formats
+        # that write a list of calls), except when a call is forced: then one (a small model forced
+        # by a grammar that allows more keeps writing calls until the limit cuts it; the proxy
+        # forces one call by the same rule, kvproxy.serving.forced_tools)
         forced = req.tool_choice not in (None, "auto", "none")
-        return cls(fmt, req.tool_plan(parallel_default=fmt is ToolFormat.HERMES and not forced))
+        return cls(
+            fmt, req.tool_plan(parallel_default=fmt is not ToolFormat.GENERIC and not forced), template
+        )
 
     @property
     def active(self) -> bool:
@@ -75,6 +88,8 @@ class ToolTurn:
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.format is ToolFormat.GENERIC:
             return generic.history(messages, self.plan)
+        if self.format is ToolFormat.GEMMA4:
+            return gemma4.history(hermes.history(messages), self.template)
         return hermes.history(messages)
 
     def variables(self, variables: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -94,12 +109,17 @@ class ToolTurn:
         try:
             if self.format is ToolFormat.GENERIC:
                 return await compile_schema(generic.output_schema(plan, response_schema))
-            # compiled with ``auto`` too, and dropped: a schema that cannot be compiled is a 400 in
-            # every mode, as llama-server's lazy grammar makes it
-            call_grammar = await compile_schema(hermes.call_schema(plan))
             if not plan.choice.forced:
+                # compiled and dropped: a schema that cannot be compiled is a 400 with ``auto``
+                # too, as llama-server's lazy grammar makes it
+                await compile_schema(hermes.call_schema(plan))
                 return None
-            return hermes.wrap_grammar(call_grammar, plan.parallel)
+            if self.format is ToolFormat.GEMMA4:
+                return gemma4.grammar(plan)
+            if self.format is ToolFormat.QWEN_XML:
+                values = qwen_xml.values_schema(plan)
+                return qwen_xml.grammar(plan, None if values is None else await compile_schema(values))
+            return hermes.wrap_grammar(await compile_schema(hermes.call_schema(plan)), plan.parallel)
         except ValueError as exc:
             raise OpenAIError(400, f"Invalid schema for 'tools': {exc}", param="tools") from None
         except BackendError as exc:
@@ -110,7 +130,14 @@ class ToolTurn:
         another call has already: a client matches results to calls by id)."""
         if not self.active:
             return text, []
-        content, calls = (generic if self.format is ToolFormat.GENERIC else hermes).parse(text)
+        plan = self.plan
+        assert plan is not None
+        if self.format is ToolFormat.GEMMA4:
+            content, calls = gemma4.parse(text, plan)
+        elif self.format is ToolFormat.QWEN_XML:
+            content, calls = qwen_xml.parse(text, plan)
+        else:
+            content, calls = (generic if self.format is ToolFormat.GENERIC else hermes).parse(text)
         out: list[MessageToolCall] = []
         for c in calls:
             known = {m.id for m in out}
@@ -131,7 +158,13 @@ def split(text: str, splitter: ReasoningSplitter | None) -> tuple[str | None, st
         return None, text
     r1, c1 = splitter.push(text)
     r2, c2 = splitter.finish()
-    return (r1 + r2) or None, c1 + c2
+    reasoning, rest = r1 + r2, c1 + c2
+    # Qwen3.5's thinking also ends where a call starts (llama.cpp's thinking end tags include
+    # <tool_call>): a forced call is written straight after the generation prompt's <think>
+    cut = reasoning.find(qwen_xml.OPEN) if splitter.fmt is QWEN else -1
+    if cut >= 0:
+        reasoning, rest = reasoning[:cut], reasoning[cut:] + rest
+    return (reasoning if reasoning.strip() else None), rest
 
 
 async def tool_chunks(
