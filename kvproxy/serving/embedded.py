@@ -66,6 +66,7 @@ from kvproxy.serving.openai_format import (
     usage,
     wire_logprob,
 )
+from kvproxy.serving.responses_chat import responses_param
 from kvproxy.serving.responses_format import ResponsesRenderer, StreamBroke, render_stream
 from kvproxy.serving.tool_turns import ToolTurn, finish_reason, split, tool_chunks
 from kvproxy.shadow.ask import NO_ASK, ShadowAsk
@@ -122,18 +123,17 @@ class EmbeddedServing:
             raise OpenAIError(400, "This input cannot be served as a chat completion.", param="input")
         cap = responses_chat.output_cap(body, self.max_tokens_default)
         chat = responses_chat.chat_body(body, messages, 0)  # _budget applies the default
-        try:
-            chat_req = validated(ChatCompletionRequest, chat)
-        except OpenAIError as exc:  # named as the Responses request has it: its input, not messages
-            if exc.detail.param and exc.detail.param.startswith("messages"):
-                exc.detail.param = "input"
-            raise
         renderer = ResponsesRenderer(req, self.backend.model_name, cap)
         wants = responses_chat.wants_logprobs(body)
-        if req.stream:
-            chunks = await self.chat_stream(chat_req, shadow)
-            return _streaming(render_stream(renderer, _parsed(chunks, wants)))
-        data = (await self.chat(chat_req, shadow)).model_dump(mode="json")
+        try:  # errors named as the Responses request has them (input, text.format.schema, ...)
+            chat_req = validated(ChatCompletionRequest, chat)
+            if req.stream:
+                chunks = await self.chat_stream(chat_req, shadow)
+                return _streaming(render_stream(renderer, _parsed(chunks, wants)))
+            data = (await self.chat(chat_req, shadow)).model_dump(mode="json")
+        except OpenAIError as exc:
+            exc.detail.param = responses_param(exc.detail.param)
+            raise
         for choice in data["choices"]:
             strip_logprobs(choice, *wants)
         return _json_response(renderer.from_chat(data))
@@ -320,6 +320,7 @@ class EmbeddedServing:
         return gen, ReasoningSplitter(fmt, rendered.generation_prompt) if fmt is not None else None
 
     def _tool_turn(self, req: ChatCompletionRequest) -> ToolTurn | None:
+        self._check_ready()  # the template is the loaded model's: a 503 while it loads, not a 500
         return ToolTurn.of(req, with_tool_calls(self.backend.chat_template).template)
 
     async def _prepare_chat(

@@ -353,6 +353,9 @@ class RelayServing:
             return await self._responses_via_chat(body, messages, req.stream, shadow)
         except UpstreamFailure as failure:
             raise upstream_error(failure) from failure
+        except OpenAIError as exc:  # named as the Responses request has it (text.format.schema, ...)
+            exc.detail.param = responses_chat.responses_param(exc.detail.param)
+            raise
 
     async def _responses_via_chat(
         self,

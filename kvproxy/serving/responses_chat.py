@@ -129,6 +129,27 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     return messages
 
 
+# a chat completion's parameter names as the Responses request that became it has them
+_RESPONSES_PARAMS = (
+    ("messages", "input"),
+    ("response_format.json_schema.schema", "text.format.schema"),
+    ("response_format", "text.format"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+)
+
+
+def responses_param(param: str | None) -> str | None:
+    """The Responses request's name for a chat parameter an error names (a 400 must point at what
+    the client sent: ``text.format.schema``, not ``response_format.json_schema.schema``)."""
+    if param is None:
+        return None
+    for chat, responses in _RESPONSES_PARAMS:
+        if param == chat or param.startswith((chat + ".", chat + "[")):
+            return responses + param[len(chat) :]
+    return param
+
+
 def translatable(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The chat messages when the request can be served as a chat completion, else None (a 400)."""
     for stateful in ("previous_response_id", "conversation", "prompt", "background"):
