@@ -125,6 +125,14 @@ def test_calibrate_on_the_decode_path_by_default(tmp_path: Path) -> None:
     assert json.loads((out / "baseline.json").read_text())["score_path"] == "decode"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
     import os
     import signal
@@ -156,7 +164,11 @@ def test_ctrl_c_keeps_what_was_scored(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(20)  # model load and a few chunks
+    # model load and a few chunks: counted in the process's CPU seconds, not wall time, so a busy or
+    # pinned core (make test's workers) still lets it get that far before the interrupt
+    deadline = time.monotonic() + 180
+    while _cpu_seconds(proc.pid) < 20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
