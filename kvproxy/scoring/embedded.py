@@ -68,9 +68,10 @@ from kvproxy.backends.embedded import EmbeddedBackend
 from kvproxy.backends.row_capture import RowCapture
 from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
-from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.model.memory import llama_n_ubatch
 from kvproxy.priority import lower_thread_priority
 from kvproxy.scoring.captured import score_against_capture
+from kvproxy.scoring.contexts import scoring_context
 from kvproxy.scoring.prompt_fill import PromptFill
 
 log = logging.getLogger(__name__)
@@ -192,17 +193,16 @@ class EmbeddedScorer:
             self._prompt_call = batch if self.prompt_ubatch >= n_ubatch else self.prompt_ubatch
             n_outputs_max = max_sequences  # one row per sequence per step
         self._ctx_primary = self._context(
-            _internals, primary, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
+            primary, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
         )
         self._ctx_reference = self._context(
-            _internals, reference, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
+            reference, n_ctx, threads, flash_attn, n_batch, n_ubatch, n_outputs_max
         )
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._kld_worker: ThreadPoolExecutor | None = None  # score_captured's overlap (on first use)
 
     def _context(
         self,
-        internals: Any,
         kv: KVConfig,
         n_ctx: int,
         threads: int,
@@ -211,27 +211,17 @@ class EmbeddedScorer:
         n_ubatch: int,
         n_outputs_max: int,
     ) -> Any:
-        import llama_cpp
-
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx * self.max_sequences  # each sequence its own stream of n_ctx cells
-        params.n_batch = n_batch
-        params.n_ubatch = n_ubatch
-        params.n_seq_max = self.max_sequences
-        params.kv_unified = False
-        params.n_outputs_max = n_outputs_max
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.type_k = int(ggml_type(kv.cache_type_k))
-        params.type_v = int(ggml_type(kv.cache_type_v))
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        return scoring_context(
+            self._model,
+            kv,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_outputs_max=n_outputs_max,
+            threads=threads,
+            flash_attn=flash_attn,
+            n_seq_max=self.max_sequences,
         )
-        params.swa_full = False
-        params.no_perf = True
-        return internals.LlamaContext(model=self._model, params=params, verbose=False)
 
     def close(self) -> None:
         if self._kld_worker is not None:

@@ -23,7 +23,8 @@ import numpy as np
 
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores, exact_kld
-from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.model.memory import llama_n_ubatch
+from kvproxy.scoring.contexts import scoring_context
 from kvproxy.scoring.prompt_fill import PromptFill
 
 
@@ -63,33 +64,23 @@ class WhatIfReplay:
         self._batch: Any = None
         try:
             for kv in [reference, *self.candidates]:
-                self._contexts.append(self._context(llama_cpp, _internals, model, kv, threads, flash_attn))
+                self._contexts.append(self._context(model, kv, threads, flash_attn))
             self._batch = _internals.LlamaBatch(n_tokens=self.batch, embd=0, n_seq_max=1, verbose=False)
         except Exception:
             self.close()
             raise
 
-    def _context(
-        self, llama_cpp: Any, internals: Any, model: Any, kv: KVConfig, threads: int, flash_attn: bool
-    ) -> Any:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = self.batch
-        params.n_ubatch = self.ubatch
-        params.n_seq_max = 1
-        params.n_outputs_max = 1  # one row a call: llama.cpp's default reserves n_batch rows
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.type_k = int(ggml_type(kv.cache_type_k))
-        params.type_v = int(ggml_type(kv.cache_type_v))
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    def _context(self, model: Any, kv: KVConfig, threads: int, flash_attn: bool) -> Any:
+        return scoring_context(
+            model,
+            kv,
+            n_ctx=self.n_ctx,
+            n_batch=self.batch,
+            n_ubatch=self.ubatch,
+            n_outputs_max=1,  # one row a call: llama.cpp's default reserves n_batch rows
+            threads=threads,
+            flash_attn=flash_attn,
         )
-        params.swa_full = False
-        params.no_perf = True
-        return internals.LlamaContext(model=model, params=params, verbose=False)
 
     def close(self) -> None:
         for ctx in self._contexts:
