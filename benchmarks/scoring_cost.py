@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# llama.cpp's libraries load before numpy's (sorted first): numpy first crashed the H100 host's model
+# load (issue 25's finding 8; kvproxy.backends.native)
+import llama_cpp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kvproxy  # noqa: F401  (first: llama.cpp before numpy, see kvproxy/__init__.py)
 from kvproxy.backends.base import (
     Finished,
     GenerationEvent,
@@ -135,7 +137,6 @@ class _Vocab:
         self._vocab = vocab
 
     def is_end_of_generation(self, token: int) -> bool:
-        import llama_cpp
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
@@ -195,7 +196,6 @@ def floor_pass(scorer: EmbeddedScorer, request: ScoreRequest) -> None:
 
 
 def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    import llama_cpp
 
     primary = KVConfig(args.cache_type_k, args.cache_type_v)
     reference = KVConfig(KVCacheType.F16, KVCacheType.F16)
@@ -358,8 +358,6 @@ def main() -> None:
     ap.add_argument("--big-tokens", type=int, default=48)
     args = ap.parse_args()
     started = time.perf_counter()
-
-    import llama_cpp
 
     from kvproxy.backends.embedded import bundled_model_path
 
