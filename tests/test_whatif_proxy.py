@@ -214,6 +214,11 @@ def test_the_proxy_shows_its_scoring_servers_what_if(stack: Stack, scored: dict[
     assert live["what_if_reason"] is None and live["estimator"] == "exact"
     assert live["shadow"]["scored"] == 2
     rows = {row["config"]: row for row in w["configs"]}
+    print(  # exact, full-vocabulary KLD on the decode path (the scoring server's replay)
+        "proxy's what-if:",
+        {c: f"{r['kld']['mean']:.4f} ± {r['kld']['mean_error']:.4f}" for c, r in rows.items()},
+        f"{w['scored_tokens']} tokens, within budget: {w['within_budget']}",
+    )
     assert {c: r["role"] for c, r in rows.items()} == {
         "q8_0": "served",
         "q4_0": "candidate",
