@@ -10,7 +10,9 @@ its peer.
 the usage chunk only when asked, ``/apply-template``, ``/tokenize``, per-position ``/completion``)
 whose fault can be switched at run time and applies only to the routes named: the primary's chat
 route, or the reference's scoring route. It counts open connections and those it is still answering,
-for the leak checks.
+for the leak checks. With ``score_route`` it is a kvproxy scoring server too: ``/kvproxy/v1/info``,
+``/kvproxy/v1/score`` and a what-if (``/kvproxy/v1/what-if``: a body the test sets, or a fault of
+its own, ``what_if_fault``).
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def fault_server(mode: str, port: int = 0) -> Iterator[FaultServer]:
 CHAT_PATH = "/v1/chat/completions"
 SCORE_PATH = "/completion"  # what a plain llama-server reference is asked, once per position
 EXACT_SCORE_PATH = "/kvproxy/v1/score"  # what a kvproxy scoring server is asked, once per job
+WHAT_IF_PATH = "/kvproxy/v1/what-if"  # a kvproxy scoring server's live what-if (GET, polled)
+WHAT_IF_FAULTS = ("slow", "huge", "error401")
 SCORE_INFO = {
     "score": True,
     "model": "m",
@@ -215,6 +219,10 @@ class LlamaFake:
     fault_paths: frozenset[str] = frozenset({CHAT_PATH, SCORE_PATH, EXACT_SCORE_PATH})
     delay: float = 0.2
     score_route: bool = False  # also a kvproxy scoring server (GET /kvproxy/v1/info answers)
+    # with score_route, GET /kvproxy/v1/what-if answers this body, or the fault (WHAT_IF_FAULTS)
+    what_if_body: bytes = b'{"deployments":[]}'
+    what_if_fault: str | None = None
+    what_if_gets: int = 0
     newline: bytes = b"\n"  # SSE line end: LF as llama-server sends, CRLF as sse-starlette, or CR
     pace: float = 0.0  # seconds between streamed events (0: the whole stream in one write)
     huge: int = 64 << 20  # bytes a `huge` answer offers
@@ -404,6 +412,13 @@ async def _serve_llama(fake: LlamaFake, reader: asyncio.StreamReader, writer: as
                     writer.write(_json("200 OK", {"status": "ok"}))
                 elif path == "/kvproxy/v1/info" and fake.score_route:
                     writer.write(_json("200 OK", SCORE_INFO))
+                elif path == WHAT_IF_PATH and fake.score_route:
+                    try:
+                        if not await _what_if(fake, writer):
+                            return
+                    except ConnectionError:  # the proxy gave up on a slow or huge answer
+                        return
+                    continue
                 else:
                     writer.write(_json("404 Not Found", {"error": "no"}))
                 await writer.drain()
@@ -426,6 +441,24 @@ async def _serve_llama(fake: LlamaFake, reader: asyncio.StreamReader, writer: as
         fake.open -= 1
         fake.writers.discard(writer)
         writer.close()
+
+
+async def _what_if(fake: LlamaFake, writer: asyncio.StreamWriter) -> bool:
+    """A fake scoring server's what-if (its body, or its fault); False when the connection is done."""
+    fake.what_if_gets += 1
+    fault = fake.what_if_fault
+    assert fault is None or fault in WHAT_IF_FAULTS, fault
+    if fault == "slow":
+        await asyncio.sleep(fake.delay)
+    if fault == "huge":
+        await _huge(fake, writer, stream=False)
+        return False
+    if fault == "error401":
+        writer.write(_json("401 Unauthorized", {"error": {"code": 401, "message": "Incorrect admin token"}}))
+    else:
+        writer.write(_response("200 OK", fake.what_if_body))
+    await writer.drain()
+    return True
 
 
 async def _answer(

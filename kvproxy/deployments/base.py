@@ -151,6 +151,13 @@ class DeploymentBase:
         """What the status route says of this kind's backends (replicas, scoring server...)."""
         return {}
 
+    def what_if_status(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The live what-if (docs/what-if.md) as the status and what-if routes show it, or None and
+        why there is none."""
+        if self.whatif is not None:
+            return self.whatif.status(), None
+        return None, "no --what-if candidates: the what-if is off"
+
     def capture_status(self) -> dict[str, int] | None:
         """The served-row capture's budget and counts (embedded only; kvproxy.backends.row_capture)."""
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -19,8 +20,10 @@ from kvproxy.scoring.llama_server import LlamaServerReference
 from kvproxy.scoring.prompt_fill import PromptFill
 from kvproxy.scoring.score_client import ScoreRouteReference
 from kvproxy.scoring.scorers import HttpScorer, ReferenceResolver
+from kvproxy.scoring.whatif_client import WhatIfReading, read_what_if, unavailable
 from kvproxy.shadow.guard import Guard
 from kvproxy.shadow.pool import ShadowSampler
+from kvproxy.tasks import cancel_and_wait
 from kvproxy.telemetry.export import export_kv_memory
 from kvproxy.telemetry.metrics import Metrics
 from kvproxy.upstream.llama_server import LlamaServerPrimary
@@ -71,6 +74,11 @@ class HttpDeployment(DeploymentBase):
             if reference_pool
             else None
         )
+        # the scoring server's live what-if, read in the background (docs/what-if.md, proxy mode)
+        self.what_if_reading = unavailable(
+            "not read yet" if reference_pool else "no reference: nothing is scored, so nothing is replayed"
+        )
+        self._what_if_task: asyncio.Task[None] | None = None
         if self.resolver is None:  # nothing to score on: nothing is sampled
             self._start_shadow(dataclasses.replace(shadow, sampler=ShadowSampler(0.0)), _NoReference())
         else:
@@ -121,6 +129,46 @@ class HttpDeployment(DeploymentBase):
             with contextlib.suppress(*UpstreamError, UpstreamFailure):  # asked again before a job
                 await self.resolve_reference()
         self.shadow.pool.start()
+        if self.reference_pool is not None:
+            self._what_if_task = asyncio.create_task(self._poll_what_if(), name="kvproxy-what-if")
+
+    async def _poll_what_if(self) -> None:
+        """The scoring server's what-if every health interval, off the request path: the status
+        and what-if routes show the last reading, and never wait for a scoring server."""
+        assert self.reference_pool is not None
+        while True:
+            try:
+                await self.read_what_if()
+            except Exception:  # read_what_if says every failure in its reading; this keeps the loop
+                log.exception("deployment %s: reading the what-if failed", self.name)
+            await asyncio.sleep(self.reference_pool.health_interval)
+
+    async def read_what_if(self) -> None:
+        reading = await self._what_if_reading()
+        if reading.reason is not None and reading.reason != self.what_if_reading.reason:
+            log.info("deployment %s: no what-if: %s", self.name, reading.reason)
+        self.what_if_reading = reading
+
+    async def _what_if_reading(self) -> WhatIfReading:
+        """A `kvproxy backend` reference's what-if, from its first healthy replica (each replica
+        replays the share of jobs it scores: with several, the figures are that one's; the
+        reading's ``source`` names it)."""
+        reference = self.resolver.reference if self.resolver is not None else None
+        if isinstance(reference, ScoreRouteReference):
+            replicas = reference.pool.replicas
+            replica = next((r for r in replicas if r.healthy), replicas[0])
+            return await read_what_if(replica, reference.info.model)
+        if reference is None:
+            return unavailable(
+                "the reference's kind is not known yet (its /kvproxy/v1/info has not answered)"
+            )
+        return unavailable(
+            "the reference is a plain llama-server: the what-if runs in a `kvproxy backend --what-if "
+            "CONFIGS` as the reference (docs/what-if.md)"
+        )
+
+    def what_if_status(self) -> tuple[dict[str, Any] | None, str | None]:
+        return self.what_if_reading.what_if, self.what_if_reading.reason
 
     async def read_build(self) -> None:
         """The primary's llama.cpp build, for ``system_fingerprint`` (kvproxy.serving.base): the
@@ -197,6 +245,7 @@ class HttpDeployment(DeploymentBase):
 
     async def stop(self) -> None:
         await self.cancel_probes()
+        await cancel_and_wait([self._what_if_task])
         await self.shadow.pool.stop()
         await self.primary_pool.close()
         if self.reference_pool is not None:

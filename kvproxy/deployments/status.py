@@ -62,6 +62,13 @@ def deployment_status(d: DeploymentBase) -> dict[str, Any]:
         "memory": memory_status(d),
         "history": shadow.history.as_list(),
         "histogram": tracker.histogram(),
-        # null unless --what-if names candidates (docs/what-if.md)
-        "what_if": d.whatif.status() if d.whatif is not None else None,
+        # null unless --what-if names candidates, or a scoring server's (docs/what-if.md), with why
+        **what_if_keys(d),
     }
+
+
+def what_if_keys(d: DeploymentBase) -> dict[str, Any]:
+    """``what_if`` and ``what_if_reason`` (null when there is a what-if): the status route's keys and
+    the what-if route's."""
+    what_if, reason = d.what_if_status()
+    return {"what_if": what_if, "what_if_reason": reason}

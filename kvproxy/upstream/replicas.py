@@ -187,13 +187,20 @@ class Replica:
         async with self.session.post(self.url + path, data=body, headers=JSON_HEADERS, timeout=t) as r:
             return r.status, await self._read(r)
 
-    async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
+    async def get(
+        self, path: str, *, timeout: float | None = None, max_bytes: int | None = None
+    ) -> tuple[int, bytes]:
+        """``max_bytes``: a tighter cap than the replica's limits, for a small answer read often (a
+        scoring server's what-if): past it, :class:`UpstreamFailure` as with the limits."""
         async with self.session.get(self.url + path, timeout=self._exchange_timeout(timeout)) as r:
-            return r.status, await self._read(r)
+            return r.status, await self._read(r, max_bytes)
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, resp: aiohttp.ClientResponse, max_bytes: int | None = None) -> bytes:
+        limit = (
+            self.limits.max_body_bytes if max_bytes is None else min(max_bytes, self.limits.max_body_bytes)
+        )
         try:
-            return await read_capped(resp, self.url, self.limits.max_body_bytes)
+            return await read_capped(resp, self.url, limit)
         except UpstreamFailure:
             resp.close()  # the rest is not read: the connection cannot be reused
             raise
