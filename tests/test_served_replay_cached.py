@@ -210,3 +210,32 @@ def test_a_cached_prefix_no_guess_explains_is_counted_unreplayable(stack: Stack)
         rf'kvproxy_shadow_skipped_total{{deployment="{model}",reason="unreplayable"}} (\S+)', metrics
     )
     assert counted is not None and float(counted.group(1)) >= 1
+
+
+@pytest.mark.slow
+def test_a_streamed_second_turn_reads_cache_n_from_the_last_chunk(stack: Stack) -> None:
+    """Streamed, llama-server's ``timings`` come on the last chunk: the proxy reads ``cache_n`` there."""
+    proxy, model = stack.proxy, "q4_0-np4"
+    first = chat("Rewrite the notes below as a checklist.", words(2500, 50))
+    answer = ask(proxy, model, first, shadow=False)["choices"][0]["message"]["content"]
+    turn2 = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": words(2600, 20)}]
+    before, rc_before = settled(proxy, model)
+    client = openai.OpenAI(base_url=proxy.v1, api_key="unused", max_retries=0, timeout=300)
+    stream = client.chat.completions.create(
+        model=model,
+        messages=turn2,  # type: ignore[arg-type]
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
+        extra_headers=FORCE,  # type: ignore[arg-type]
+    )
+    timings = [c.model_extra["timings"] for c in stream if c.model_extra and "timings" in c.model_extra]
+    assert timings and timings[-1]["cache_n"] > 0, timings
+    after, rc = settled(proxy, model)
+    assert after["scored"] == before["scored"] + 1, (after, "".join(proxy.output)[-3000:])
+    n = rc["compared_positions"] - rc_before["compared_positions"]
+    total = (
+        rc["mean_divergence"] * rc["compared_positions"]
+        - (rc_before["mean_divergence"] or 0) * (rc_before["compared_positions"])
+    )
+    assert n > 0 and total / n < BOUND, (n, total / max(n, 1))
