@@ -15,7 +15,8 @@ with the served top-20 (mean coarse KL a token, as ``replica_consistency``):
 * ``cached``: the first ``cache_n`` tokens in the calls turn 1's prompt was cut into (its own
   ``PromptFill.calls``), then the rest of turn 2 from ``cache_n`` with the cuts llama-server makes
   there (the last user start, 4 + n_ubatch and 4 tokens before the end; an earlier user start only
-  without a checkpoint, and turn 1 left some);
+  without a checkpoint, and turn 1 left some): what the proxy now replays
+  (``kvproxy.scoring.cached_prefix.replay_calls``);
 * ``cached, no restore``: the same, but the prefix as long as the common prefix of the two prompts
   (what a slot without SWA checkpoints would reuse), to show which boundary matters.
 
@@ -41,7 +42,8 @@ import numpy as np
 from benchmarks.served_rows import Calls, Replay, exact_logprobs
 from kvproxy.backends.embedded import bundled_model_path
 from kvproxy.kld import coarse_kld_row
-from kvproxy.scoring.prompt_fill import PromptFill
+from kvproxy.scoring.cached_prefix import Prompt, replay_calls
+from kvproxy.scoring.prompt_fill import PromptFill, restored_prefix
 from tests.llama_servers import start_llama_server
 from tests.test_served_replay_jinja import chat, words
 
@@ -62,29 +64,6 @@ def user_starts(url: str, tokens: list[int]) -> list[int]:
     marker = httpx.post(f"{url}/tokenize", json=body, timeout=60).json()["tokens"]
     m = len(marker)
     return [i for i in range(len(tokens) - m + 1) if tokens[i : i + m] == marker]
-
-
-def continue_calls(fill: PromptFill, n: int, start: int, newest: int | None) -> Calls:
-    """llama-server's calls for a prompt of ``n`` tokens whose first ``start`` are cached, with the
-    newest surviving checkpoint at ``newest`` (PromptFill.calls' loop, begun at ``start``)."""
-    calls: Calls = []
-    while start < n:
-        end = fill._call_end(start, n, newest)
-        if fill._checkpoints_at(start, end, n, newest):
-            newest = start
-        calls.append((start, end))
-        start = end
-    return calls
-
-
-def checkpoints_of(fill: PromptFill, n: int) -> list[int]:
-    """Where llama-server saved checkpoints (their n_tokens) while prefilling ``n`` tokens."""
-    out, newest = [], None
-    for start, end in fill.calls(n, cuts_apply=True):
-        if start > 0 and fill._checkpoints_at(start, end, n, newest):
-            newest = start
-            out.append(start)
-    return out
 
 
 def served_rows(data: dict[str, Any]) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
@@ -149,25 +128,27 @@ def main() -> None:
     assert n2 == two["usage"]["prompt_tokens"], (n2, two["usage"])
     lcp = next((i for i, (a, b) in enumerate(zip(p1, p2, strict=False)) if a != b), min(n1, n2))
     toks, rows = served_rows(two)
-    fill1, fill2 = PromptFill(user_starts=tuple(u1)), PromptFill(user_starts=tuple(u2))
-    calls1 = fill1.calls(n1, cuts_apply=True)
-    cps = checkpoints_of(fill1, n1)
+    fill1, fill2 = PromptFill().for_prompt(u1), PromptFill().for_prompt(u2)
+    filled1 = fill1.fill(n1, cuts_apply=True)
     print(f"llama-server {args.server_args} -ngl {args.n_gpu_layers}, {args.warm} chats before")
     print(
-        f"KV {kv}, -t {t}: turn 1 {n1} prompt tokens, user starts {u1}, calls {calls1}, checkpoints at {cps}"
+        f"KV {kv}, -t {t}: turn 1 {n1} prompt tokens, user starts {u1}, calls {list(filled1.calls)}, "
+        f"checkpoints at {list(filled1.checkpoints)}"
     )
-    print(f"turn 2 {n2} prompt tokens, user starts {u2}, common prefix with turn 1 {lcp}, cache_n {cache_n}")
-
-    def cached(prefix: int) -> Calls:
-        head = [(a, min(b, prefix)) for a, b in calls1 if a < prefix]
-        survivors = [c for c in cps if c <= prefix]  # checkpoints past the restored point are erased
-        return head + continue_calls(fill2, n2, prefix, survivors[-1] if survivors else None)
-
-    variants = {
-        "scratch": fill2.calls(n2, cuts_apply=True),
-        "cached": cached(cache_n),
-        "cached, no restore": cached(lcp),
-    }
+    print(
+        f"turn 2 {n2} prompt tokens, user starts {u2}, common prefix with turn 1 {lcp}, cache_n {cache_n} "
+        f"(predicted {restored_prefix(filled1, lcp, n2)})"
+    )
+    # what the proxy replays (kvproxy.scoring.cached_prefix): turn 1's calls up to cache_n, then
+    # llama-server's loop from there; None when no guess predicts cache_n
+    cached = replay_calls(PromptFill(), [Prompt(tuple(p1), tuple(u1))], Prompt(tuple(p2), tuple(u2)), cache_n)
+    variants: dict[str, Calls] = {"scratch": fill2.calls(n2, cuts_apply=True)}
+    if cached is not None:
+        variants["cached"] = list(cached)
+    else:
+        print(f"cache_n {cache_n} is not the predicted one: not replayable")
+    if 0 < lcp < n2:  # turn 1's calls up to the whole common prefix, as if nothing was restored
+        variants["cached, no restore"] = list(fill2.after(filled1, n2, min(lcp, n1)).calls)
     import llama_cpp
     from llama_cpp import _internals, _logger
 

@@ -23,8 +23,10 @@ unused one):
 * ``turn 2, no cache``: the same prompt with ``cache_prompt: false``: computed from nothing (the
   slot's checkpoints go too: every one lies past position 0).
 
-The replay always prefills from scratch, with llama-server's cuts for an empty slot
-(``kvproxy.scoring.prompt_fill.PromptFill``): ``turn 2, cached`` shows what a reused prefix costs.
+The replay cuts each prompt as llama-server did: for an empty slot (``kvproxy.scoring.prompt_fill
+.PromptFill``), and for ``turn 2, cached`` (llama-server reports ``timings.cache_n`` > 0) turn 1's
+calls up to ``cache_n``, then llama-server's from there (``kvproxy.scoring.cached_prefix``); a cached
+prefix that no earlier turn explains is counted ``unreplayable`` and not scored (a row's column).
 Prints one JSON line per case and a markdown table; writes served_replay_chat.json to $OUT when set.
 Figures: docs/production.md.
 """
@@ -108,6 +110,7 @@ def one_chat(
         "seconds": round(seconds, 3),
         "failed": shadow["failed"] - shadow0["failed"],  # shadow jobs of this chat
         "dropped": shadow["dropped"] - shadow0["dropped"],
+        "unreplayable": shadow["skipped"].get("unreplayable", 0) - shadow0["skipped"].get("unreplayable", 0),
     }
     return row, out.choices[0].message.content or ""
 
@@ -204,13 +207,16 @@ reference = {{ urls = ["{b.base_url}"] }}
         f"\nGemma 3 270M, llama-server on its defaults (Jinja on) -np {args.slots} -fa on -ngl {ngl}, "
         f"kvproxy backend --score-path decode -ngl {ngl}, one stream, greedy, max_tokens {args.tokens}"
     )
-    print("| primary KV | chat | prompt tokens | cached (cache_n) | compared tokens | served vs replay |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| primary KV | chat | prompt tokens | cached (cache_n) | compared tokens | served vs replay "
+        "| unreplayable |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         svr = f"{r['served_vs_replay']:.1e}" if r["served_vs_replay"] is not None else "-"
         print(
             f"| {r['config']} | {r['case']} | {r['prompt_tokens']} | {r['cache_n']} | "
-            f"{r['compared']} of {r['completion_tokens']} | {svr} |"
+            f"{r['compared']} of {r['completion_tokens']} | {svr} | {r['unreplayable']} |"
         )
     out = os.environ.get("OUT")
     if out:

@@ -202,6 +202,20 @@ def test_score_route_takes_user_starts_inside_the_prompt_only(http: httpx.Client
     assert len(ok.json()["kld"]) == 2
 
 
+def test_score_route_takes_calls_that_cover_the_prompt_in_order(http: httpx.Client) -> None:
+    """A prompt that started from a cached prefix comes with the primary's calls
+    (kvproxy.scoring.cached_prefix): they must cover the prompt from 0, in order."""
+    good = {"prompt_tokens": [2, 651, 700], "token_ids": [1000, 1001]}
+    for calls in ([[0, 1], [1, 2]], [[0, 2], [1, 3]], [[0, 0], [0, 3]], [], [[1, 3]]):
+        resp = http.post("/kvproxy/v1/score", json={**good, "prompt_fill": {"calls": calls}})
+        assert_openai_error(resp, 400, param="prompt_fill.calls", contains="do not cover")
+    given = http.post("/kvproxy/v1/score", json={**good, "prompt_fill": {"calls": [[0, 1], [1, 3]]}})
+    derived = http.post("/kvproxy/v1/score", json={**good, "prompt_fill": {"user_starts": [1]}})
+    assert given.status_code == derived.status_code == 200, given.text
+    assert given.json()["kld"] == derived.json()["kld"]  # the same calls: (0, 1), (1, 3)
+    assert http.get("/kvproxy/v1/info").json()["memory"] == "swa"  # Gemma 3: sliding-window layers
+
+
 def test_health_answers_within_a_second_while_huge_prompts_arrive(server: RunningServer) -> None:
     """Issue 20, finding 2: one 3.9 MiB prompt kept /health waiting 7.7 to 10 s, five in a row made
     48 s of near-outage. Templates and tokenization now run off the loop, behind a length check.

@@ -21,6 +21,20 @@ def test_a_prompt_fill_crosses_the_wire_unchanged() -> None:
     assert fill.user_starts == (3, 9)
 
 
+def test_a_prompts_calls_cross_the_wire_unchanged() -> None:
+    fill = PromptFill().for_prompt([24]).with_calls([(0, 24), (24, 42), (42, 50)])
+    spec = ScoreBody.model_validate_json(
+        ScoreBody(
+            prompt_tokens=[1] * 50, token_ids=[3], prompt_fill=PromptFillSpec.of(fill)
+        ).model_dump_json(),
+    ).prompt_fill
+    assert spec is not None and spec.calls == [(0, 24), (24, 42), (42, 50)]
+    assert spec.fill() == fill and spec.fill().calls(50, cuts_apply=True) == [(0, 24), (24, 42), (42, 50)]
+    assert PromptFillSpec.of(PromptFill()).calls is None  # derived by the scorer
+    with pytest.raises(ValueError, match="do not cover"):
+        PromptFillSpec(calls=[(0, 4), (5, 8)]).fill()
+
+
 def test_the_request_is_strict_and_the_answers_are_lenient() -> None:
     with pytest.raises(ValidationError, match="extra"):
         ScoreBody.model_validate({"prompt_tokens": [1], "token_ids": [2], "temperature": 0})

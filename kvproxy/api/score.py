@@ -11,8 +11,10 @@ from fastapi import APIRouter, Request
 
 from kvproxy.deployments.embedded import EmbeddedDeployment
 from kvproxy.errors import OpenAIError, model_loading
+from kvproxy.scoring.contexts import memory_kind
 from kvproxy.scoring.contract import KVSpec, ScoreAnswer, ScoreBody, ScoreInfo
 from kvproxy.scoring.embedded import ScoreRequest
+from kvproxy.scoring.prompt_fill import check_calls
 
 router = APIRouter(prefix="/kvproxy/v1")
 
@@ -36,6 +38,7 @@ async def info(request: Request) -> ScoreInfo:
         n_ubatch=d.backend.n_ubatch,
         score_path=d.score_path,
         device=str(d.backend.offload),
+        memory=memory_kind(d.backend.llama_model) if d.ready else None,
     )
 
 
@@ -58,12 +61,17 @@ async def score(body: ScoreBody, request: Request) -> ScoreAnswer:
             param="token_ids",
             code="context_length_exceeded",
         )
-    if body.prompt_fill is not None and any(
-        p >= len(body.prompt_tokens) for p in body.prompt_fill.user_starts
-    ):
-        raise OpenAIError(400, "a user start lies outside the prompt", param="prompt_fill.user_starts")
+    fill = None
+    if body.prompt_fill is not None:
+        if any(p >= len(body.prompt_tokens) for p in body.prompt_fill.user_starts):
+            raise OpenAIError(400, "a user start lies outside the prompt", param="prompt_fill.user_starts")
+        try:
+            fill = body.prompt_fill.fill()
+            if fill.given is not None:
+                check_calls(fill.given, len(body.prompt_tokens))
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="prompt_fill.calls") from exc
     try:
-        fill = body.prompt_fill.fill() if body.prompt_fill is not None else None
         job = ScoreRequest(body.prompt_tokens, body.token_ids, body.check_ids, fill)
         s = await d.scorer.score_request(job)
     except ValueError as exc:

@@ -47,3 +47,15 @@ def scoring_context(
     params.swa_full = False
     params.no_perf = True
     return _internals.LlamaContext(model=model, params=params, verbose=False)
+
+
+def memory_kind(model: Any) -> str:
+    """What a model keeps of a prompt, as llama-server's context checkpoints see it: ``"swa"`` (some
+    layers keep only a sliding window, kvproxy keeps them windowed), ``"recurrent"`` (recurrent
+    state, alone or beside attention) or ``"full"`` (every layer keeps every token). llama-server
+    cuts prompts for checkpoints on all but ``"full"`` (kvproxy.scoring.prompt_fill)."""
+    import llama_cpp
+
+    if llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model):
+        return "recurrent"
+    return "swa" if llama_cpp.llama_model_n_swa(model.model) > 0 else "full"

@@ -34,6 +34,10 @@ class PromptFillSpec(BaseModel):
     # where the primary saw user messages start in this prompt (llama-server with Jinja templates
     # cuts there; kvproxy.model.message_spans): token positions inside the prompt
     user_starts: list[TokenId] = []
+    # the primary's llama_decode calls for this prompt, [start, end) in order from 0, when the proxy
+    # knows them: a prompt that started from a cached prefix (kvproxy.scoring.cached_prefix); else
+    # the scorer derives them from the rest, for a slot with nothing cached
+    calls: list[tuple[TokenId, TokenId]] | None = None
 
     @classmethod
     def of(cls, fill: PromptFill) -> PromptFillSpec:
@@ -43,15 +47,18 @@ class PromptFillSpec(BaseModel):
             checkpoints=fill.checkpoints,
             checkpoint_min_step=fill.checkpoint_min_step,
             user_starts=list(fill.user_starts),
+            calls=list(fill.given) if fill.given is not None else None,
         )
 
     def fill(self) -> PromptFill:
-        return PromptFill(
+        """The fill; a ValueError for calls that do not cover a prompt in order."""
+        fill = PromptFill(
             batch=self.batch,
             ubatch=self.ubatch,
             checkpoints=self.checkpoints,
             checkpoint_min_step=self.checkpoint_min_step,
         ).for_prompt(self.user_starts)
+        return fill.with_calls(self.calls) if self.calls is not None else fill
 
 
 class ScoreBody(BaseModel):
@@ -96,6 +103,10 @@ class ScoreInfo(BaseModel):
     n_ubatch: int | None = None
     score_path: str = "prefill"  # a server from before score paths replayed in chunks
     device: str | None = None
+    # what its model keeps of a prompt (kvproxy.scoring.contexts.memory_kind: "swa", "recurrent",
+    # "full"): how a llama-server primary reuses a cached prefix depends on it (None: a server from
+    # before the cached-prefix replay, which takes no explicit calls)
+    memory: str | None = None
 
 
 class ScoreAnswer(BaseModel):

@@ -71,7 +71,7 @@ from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.model.memory import llama_n_ubatch
 from kvproxy.priority import lower_thread_priority
 from kvproxy.scoring.captured import score_against_capture
-from kvproxy.scoring.contexts import scoring_context
+from kvproxy.scoring.contexts import memory_kind, scoring_context
 from kvproxy.scoring.prompt_fill import PromptFill
 
 log = logging.getLogger(__name__)
@@ -168,15 +168,8 @@ class EmbeddedScorer:
         self.path = path
         self.max_sequences = max_sequences
         self._model = model
-        # llama-server's checkpoint cuts apply to models with sliding-window layers (kvproxy keeps
-        # them windowed: swa_full off) or with recurrent state (kvproxy.scoring.prompt_fill)
-        import llama_cpp
-
-        self.cuts_apply = bool(
-            llama_cpp.llama_model_n_swa(model.model) > 0
-            or llama_cpp.llama_model_is_recurrent(model.model)
-            or llama_cpp.llama_model_is_hybrid(model.model)
-        )
+        # llama-server's checkpoint cuts apply to windowed or recurrent models (kvproxy.scoring.prompt_fill)
+        self.cuts_apply = memory_kind(model) != "full"
         self.n_vocab = int(model.n_vocab())
         if path == "prefill":
             self.batch_size = max(batch, chunk)

@@ -22,6 +22,9 @@ SKIP_REASONS = (
     "several_choices",  # n > 1: only one answer's text can be lined up with the generated count
     "no_token_count",  # neither usage nor timings said how many tokens were generated
     "retokenize_mismatch",  # the answer's text re-tokenized to another count than was generated
+    # the primary started from a cached prefix (timings.cache_n > 0) that no guess at what its slot
+    # held explains, so no replay computes its rows (kvproxy.scoring.cached_prefix)
+    "unreplayable",
 )
 # Where a scored job's generated token ids came from (a Prometheus label).
 ID_SOURCES = ("logprobs", "retokenized", "primary")
@@ -55,6 +58,8 @@ class PrimaryReport:
     text: list[str] = field(default_factory=list)
     unscorable: str | None = None  # a SKIP_REASONS entry: the text cannot stand for the tokens
     predicted_n: int | None = None  # llama-server's `timings.predicted_n` (sent without usage)
+    # llama-server's `timings.cache_n`: prompt tokens it took from the slot's cache, not computed
+    cache_n: int | None = None
     top_k: int = 0  # the top list each entry carries at most (what was asked of the primary)
     skip_hint: str = "logprobs_off"  # why no logprobs were asked, for a top-K scorer's skip
 
@@ -65,6 +70,8 @@ class PrimaryReport:
         timings = data.get("timings")
         if isinstance(timings, dict) and isinstance(timings.get("predicted_n"), int):
             self.predicted_n = int(timings["predicted_n"])
+        if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
+            self.cache_n = int(timings["cache_n"])
         for choice in data.get("choices") or []:
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])

@@ -39,6 +39,9 @@ class ScoreServerInfo:
     reference_kv: KVConfig
     score_path: str = "prefill"  # a server from before score paths replayed in chunks
     n_ubatch: int | None = None  # its contexts' micro-batch (None: a server from before issue 27)
+    # what its model keeps of a prompt ("swa", "recurrent", "full"; None: a server from before the
+    # cached-prefix replay): how a llama-server primary's cached prefixes can be replayed
+    memory: str | None = None
 
 
 async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
@@ -54,7 +57,12 @@ async def probe_score_route(pool: ReplicaPool) -> ScoreServerInfo | None:
     if not info.score:
         raise UpstreamFailure(503, f"the scoring server {replica.url} is still loading", code="model_loading")
     return ScoreServerInfo(
-        info.model, info.primary.config(), info.reference.config(), info.score_path, info.n_ubatch
+        info.model,
+        info.primary.config(),
+        info.reference.config(),
+        info.score_path,
+        info.n_ubatch,
+        info.memory,
     )
 
 
@@ -107,18 +115,35 @@ class ScoreRouteReference:
             "mean_divergence": (self._kl_sum / n) if n else None,
         }
 
+    @property
+    def replays_cached_prefixes(self) -> bool:
+        """Whether a prompt that started from a cached prefix can be replayed as the primary computed
+        it (kvproxy.scoring.cached_prefix models a sliding-window model's checkpoint restore): the
+        scoring server says its model is one, and takes explicit calls."""
+        return self.replays_prompt_cuts and self.info.memory == "swa"
+
     async def score(
-        self, prompt: list[int], report: PrimaryReport, *, user_starts: Sequence[int] = ()
+        self,
+        prompt: list[int],
+        report: PrimaryReport,
+        *,
+        user_starts: Sequence[int] = (),
+        calls: Sequence[tuple[int, int]] | None = None,
     ) -> PositionScores:
         """``user_starts``: where the primary (llama-server, Jinja templates) saw user messages start
-        in ``prompt``; it cut its prompt batches there, so the replay does too."""
+        in ``prompt``; it cut its prompt batches there, so the replay does too. ``calls``: the
+        primary's calls for ``prompt`` when it started from a cached prefix (else the scoring server
+        derives them for an empty slot)."""
         fill = self.prompt_fill if self.replays_prompt_cuts else None
+        if fill is not None:
+            fill = fill.for_prompt(user_starts)
+            fill = fill.with_calls(calls) if calls is not None else fill
         body = ScoreBody(
             prompt_tokens=prompt,
             token_ids=report.token_ids,
             # the primary's top K, where it reported them (its logprobs)
             check_ids=report.top_ids or None,
-            prompt_fill=PromptFillSpec.of(fill.for_prompt(user_starts)) if fill is not None else None,
+            prompt_fill=PromptFillSpec.of(fill) if fill is not None else None,
         )
         async with self.pool.acquire() as replica:
             try:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from kvproxy.backends.worker import close_on
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
+from kvproxy.scoring.cached_prefix import Prompt, replay_calls
 from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
 from kvproxy.scoring.job import PrimaryReport, ShadowJob, SkipJob
 from kvproxy.scoring.llama_server import (
@@ -30,6 +33,11 @@ from kvproxy.upstream.message_delimiters import DelimiterCache
 from kvproxy.upstream.replicas import ReplicaPool
 
 Reference = LlamaServerReference | ScoreRouteReference
+# a conversation with more earlier turns than this is not replayed from a cached prefix: each
+# earlier turn costs the primary a template render and a tokenization per job
+MAX_EARLIER_TURNS = 32
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceResolver:
@@ -110,10 +118,48 @@ class HttpScorer:
         else:
             prompt = await prompt_tokens_text(self.primary, template.get("prompt", ""))
         if isinstance(reference, ScoreRouteReference):
-            scores = await reference.score(prompt, report, user_starts=starts)
+            calls = None
+            if replays_cuts and (report.cache_n or 0) > 0:
+                calls = await self._cached_calls(
+                    reference, template, Prompt(tuple(prompt), tuple(starts)), report
+                )
+            scores = await reference.score(prompt, report, user_starts=starts, calls=calls)
         else:
             scores = await reference.score(prompt, report)
         return dataclasses.replace(scores, ids_source=source)
+
+    async def _cached_calls(
+        self, reference: ScoreRouteReference, template: dict[str, Any], prompt: Prompt, report: PrimaryReport
+    ) -> tuple[tuple[int, int], ...]:
+        """The primary's calls for a prompt it started from a cached prefix of ``report.cache_n``
+        tokens, from the conversation's earlier requests (kvproxy.scoring.cached_prefix); a skip
+        (``unreplayable``) when no guess at what its slot held predicts that prefix."""
+        cache_n = report.cache_n or 0
+        fill = reference.prompt_fill
+        if fill is None or not reference.replays_cached_prefixes:
+            raise SkipJob("unreplayable")
+        messages = template.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+        if len(turns) > MAX_EARLIER_TURNS:
+            raise SkipJob("unreplayable")
+        earlier = []
+        for i in turns:  # each earlier request: the conversation up to that answer, as it was sent
+            tokens, starts = await chat_prompt(
+                self.primary, {**template, "messages": messages[:i]}, self.delimiters
+            )
+            earlier.append(Prompt(tuple(tokens), tuple(starts)))
+        calls = replay_calls(fill, earlier, prompt, cache_n)
+        if calls is None:
+            log.debug(
+                "shadow job unreplayable: the primary reused %d of %d prompt tokens, which no earlier "
+                "request of this conversation (%d) explains",
+                cache_n,
+                prompt.n,
+                len(earlier),
+            )
+            raise SkipJob("unreplayable")
+        return calls
 
     async def _retokenized(self, report: PrimaryReport) -> PrimaryReport:
         """The answer's token ids from its text (the primary's tokenizer, no special tokens parsed:

@@ -24,7 +24,7 @@ import numpy as np
 from kvproxy.backends.base import KVConfig
 from kvproxy.kld import PositionScores, exact_kld
 from kvproxy.model.memory import llama_n_ubatch
-from kvproxy.scoring.contexts import scoring_context
+from kvproxy.scoring.contexts import memory_kind, scoring_context
 from kvproxy.scoring.prompt_fill import PromptFill
 
 
@@ -43,7 +43,6 @@ class WhatIfReplay:
         batch: int = 512,
         ubatch: int | None = None,
     ) -> None:
-        import llama_cpp
         from llama_cpp import _internals
 
         if not candidates:
@@ -55,11 +54,7 @@ class WhatIfReplay:
         self.ubatch = ubatch if ubatch is not None else llama_n_ubatch(self.batch, n_ctx)
         self.n_vocab = int(model.n_vocab())
         # llama-server's checkpoint cuts apply to windowed or recurrent models (kvproxy.scoring.prompt_fill)
-        self.cuts_apply = bool(
-            llama_cpp.llama_model_n_swa(model.model) > 0
-            or llama_cpp.llama_model_is_recurrent(model.model)
-            or llama_cpp.llama_model_is_hybrid(model.model)
-        )
+        self.cuts_apply = memory_kind(model) != "full"
         self._contexts: list[Any] = []
         self._batch: Any = None
         try:

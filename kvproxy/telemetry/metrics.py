@@ -124,7 +124,7 @@ class Metrics:
             "kvproxy_shadow_skipped",
             'Sampled jobs not scored although nothing failed, by reason (part of outcome="dropped"): '
             "logprobs_off, logprobs_refused, tool_calls, reasoning, several_choices, no_token_count, "
-            "retokenize_mismatch.",
+            "retokenize_mismatch, unreplayable (a cached prompt prefix no replay reproduces).",
             ("deployment", "reason"),
             registry=registry,
         )
