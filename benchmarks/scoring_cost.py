@@ -292,7 +292,7 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
                 j.capture.release()
     slots.close()
     capture_status = budget.status()
-    blocks_taken = budget.refilled_blocks + capture_status["fresh_blocks"]
+    blocks_taken = budget.taken_blocks
     n_scored = sum(len(j.tokens) for j in jobs)
     progress(f"{label}: generated {len(jobs)} jobs, {n_scored} tokens")
     result: dict[str, Any] = {

@@ -183,6 +183,7 @@ def test_reserve_blocks_are_faulted_in_before_a_capture_takes_them() -> None:
         for r in rows[1:]:
             cap.take(_ptr(r))
         assert np.array_equal(cap.rows(), rows) and budget.status()["fresh_blocks"] == 0
+        assert budget.taken_blocks == 3
         # the refill thread replaces what the capture took, within the limit
         _wait(lambda: budget.refilled_blocks == RESERVE_BLOCKS + 3)
         assert budget.held_bytes == 3 * block_bytes and budget.idle_bytes == RESERVE_BLOCKS * block_bytes

@@ -103,6 +103,7 @@ class CaptureBudget:
         self.fallback_jobs = 0  # jobs whose capture ran out of budget: scored by replay
         self.fresh_blocks = 0  # blocks the generation thread took not pre-faulted: it took the faults
         self.refilled_blocks = 0  # blocks the refill thread made
+        self.taken_blocks = 0  # blocks captures took, fresh or not
 
     @property
     def idle_bytes(self) -> int:
@@ -144,6 +145,7 @@ class CaptureBudget:
                 for i, block in enumerate(pool):
                     if block.shape == (rows, n_vocab):
                         self.held_bytes += size
+                        self.taken_blocks += 1
                         self.fresh_blocks += pool is self._returned
                         self._wake.notify()  # the refill thread makes another
                         return pool.pop(i)
@@ -154,6 +156,7 @@ class CaptureBudget:
             if self.held_bytes + size > self.limit_bytes:
                 return None
             self.held_bytes += size
+            self.taken_blocks += 1
             self.fresh_blocks += 1
             self._wake.notify()
         return np.empty((rows, n_vocab), dtype=np.float32)
