@@ -7,21 +7,31 @@ written at run time into /tmp with the ``gguf`` package; its outputs are noise, 
 
 1. generation: ``--jobs`` greedy requests of ``--tokens`` tokens through kvproxy's own slot scheduler
    (kvproxy.backends.slots, one slot) with the primary KV config, timed without and then with the
-   served rows captured (kvproxy.backends.row_capture): the capture's cost on the client's path;
+   served rows captured (kvproxy.backends.row_capture, with its reserve of pre-faulted blocks as
+   the embedded backend keeps it; ``--reserve-blocks 0``: every block fresh, as before the
+   reserve): the capture's cost on the client's path, and how many blocks the generation thread
+   took unfaulted;
 2. old path: ``EmbeddedScorer`` on the decode path replaying both the primary config and the f16
    reference, the KLD between steps (what scoring cost before);
-3. new path: ``EmbeddedScorer.score_captured``: the reference alone against the captured rows, the
-   KLD overlapping the next block's decode (kvproxy.scoring.captured);
-4. f16-decode floor: the same reference decodes (prompt prefill, then one token a call, a logits row
-   each) and nothing else: what exact scoring cannot go below.
+3. new path: ``EmbeddedScorer.score_captured_many``: the reference alone against the captured rows,
+   the KLD overlapping the next block's decode, the jobs as one pipeline (a job's last KLD
+   overlapping the next job), as the shadow worker hands queued jobs over
+   (kvproxy.scoring.captured); and ``score_captured`` one job a call;
+4. f16-decode floor: the same reference decodes (the same cache clear and prompt prefill, then one
+   token a call, a logits row read each) and nothing else: what exact scoring cannot go below.
 
 Each figure is milliseconds per scored token including the prompt's prefill (a job's whole cost over
 its tokens), the best of ``--repeats`` rounds. Printed: the ratios to generation and to the floor,
-and the mean KLD of the old and new paths with their relative difference (the issue's 0.5 % check).
+the mean KLD (exact, full vocabulary, decode path) of the old and new paths with their relative
+difference (the issue's 0.5 % check), and, unless ``--no-breakdown``, where the time goes: one more
+pass of the new path, of one job a call and of the floor with the clock read between the calls
+(prompt prefill, llama_decode calls, the wait for each row, the row copy, the KLD waits), in ms per
+scored token, and the new path minus the floor. ``--capture-only`` stops after generation.
 
     python3 benchmarks/scoring_cost.py --ngl 99                 # the GPU run (under 4 minutes)
-    python3 benchmarks/scoring_cost.py --tokens 8 --jobs 2 --big-layers 2 --big-jobs 1 --big-tokens 6
-                                                                # a CPU dry run
+    python3 benchmarks/scoring_cost.py --ngl 99 --capture-only  # the client's side alone
+    python3 benchmarks/scoring_cost.py --tokens 20 --jobs 2 --prompt-words 30 --repeats 1 \
+        --big-layers 2 --big-jobs 1 --big-tokens 6              # a CPU dry run
 """
 
 from __future__ import annotations
@@ -50,12 +60,13 @@ from kvproxy.backends.base import (
     KVConfig,
     SamplingParams,
 )
-from kvproxy.backends.row_capture import CaptureBudget, RowCapture
+from kvproxy.backends.row_capture import BLOCK_ROWS, RESERVE_BLOCKS, CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, SlotConfig, SlotScheduler
 from kvproxy.config import KVCacheType
 from kvproxy.corpus import english_text
 from kvproxy.model.memory import ggml_type, llama_n_ubatch
+from kvproxy.scoring.captured import Phases
 from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
 
 # Qwen3 1.7B (config.json of Qwen/Qwen3-1.7B)
@@ -182,17 +193,40 @@ def generate(
     return list(result[0].token_ids), seconds
 
 
-def floor_pass(scorer: EmbeddedScorer, request: ScoreRequest) -> None:
-    """The reference's decodes of the new path and nothing else (no copy, no KLD)."""
+def floor_pass(scorer: EmbeddedScorer, request: ScoreRequest, phases: Phases | None = None) -> None:
+    """The reference's decodes of the new path and nothing else (no copy, no KLD): the same cache
+    clear and prompt prefill (calls of the serving batch, the last row read), the same one-token
+    calls and one row read after each. ``phases``: the same split as the new path's."""
     ctx = scorer._ctx_reference
+    if phases is None:  # the timed pass: no clock reads
+        ctx.kv_cache_clear()
+        scorer._prefill_prompt(ctx, request.prompt, 0)
+        ctx.get_logits_ith(-1)
+        for j in range(1, len(request.completion)):
+            scorer._fill([request.completion[j - 1]], [len(request.prompt) + j - 1], [0], 1)
+            ctx.decode(scorer._batch)
+            ctx.get_logits_ith(-1)
+        ctx.kv_cache_clear()
+        return
+    clock = time.perf_counter
+    t = Phases(jobs=1, tokens=len(request.completion))
+    started = clock()
     ctx.kv_cache_clear()
     scorer._prefill_prompt(ctx, request.prompt, 0)
     ctx.get_logits_ith(-1)  # waits for the row, as every path does before reading it
+    t.prefill = clock() - started
     for j in range(1, len(request.completion)):
+        t0 = clock()
         scorer._fill([request.completion[j - 1]], [len(request.prompt) + j - 1], [0], 1)
         ctx.decode(scorer._batch)
+        t1 = clock()
         ctx.get_logits_ith(-1)
+        t2 = clock()
+        t.decode += t1 - t0
+        t.sync += t2 - t1
     ctx.kv_cache_clear()
+    t.other = clock() - started - t.prefill - t.decode - t.sync
+    phases.add(t)
 
 
 def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
@@ -232,7 +266,9 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
     vocab = _Vocab(llama_cpp.llama_model_get_vocab(llm.model))
     n = args_tokens(args, label)
     generate(slots, vocab, prompts[0], 4, None)  # warm-up
-    budget = CaptureBudget(1 << 40)  # no limit here: every job is captured
+    budget = CaptureBudget(1 << 40, args.reserve_blocks)  # no limit here: every job is captured
+    budget.prepare(BLOCK_ROWS, n_vocab)  # as the embedded backend does at load: a reserve of blocks
+    wait_for_reserve(budget)
     gen_plain: list[float] = []
     gen_capture: list[float] = []
     jobs: list[Job] = []
@@ -255,8 +291,31 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
                 assert j.capture is not None
                 j.capture.release()
     slots.close()
+    capture_status = budget.status()
+    blocks_taken = budget.taken_blocks
     n_scored = sum(len(j.tokens) for j in jobs)
     progress(f"{label}: generated {len(jobs)} jobs, {n_scored} tokens")
+    result: dict[str, Any] = {
+        "label": label,
+        "n_vocab": n_vocab,
+        "jobs": len(jobs),
+        "tokens": n_scored,
+        "prompts": (min(map(len, prompts)), max(map(len, prompts))),
+        "fresh_blocks": capture_status["fresh_blocks"],
+        "refilled_blocks": budget.refilled_blocks,
+        "blocks_taken": blocks_taken,
+    }
+    generation_ms = {
+        "generation": 1e3 * min(gen_plain) / n_scored,
+        "generation + capture": 1e3 * min(gen_capture) / n_scored,
+    }
+    if args.capture_only:
+        for j in jobs:
+            if j.capture is not None:
+                j.capture.release()
+        budget.close()
+        llm.close()
+        return {**result, "ms": generation_ms}
 
     scorer = EmbeddedScorer(
         llm._model,
@@ -271,55 +330,89 @@ def measure(label: str, model: str, prompts: list[list[int]], args: argparse.Nam
     )
     requests = [ScoreRequest(j.prompt, j.tokens) for j in jobs]
     scorer.score(requests[0].prompt, requests[0].completion[:4])  # warm-up
+    pairs = [(r, j.capture) for r, j in zip(requests, jobs, strict=True) if j.capture is not None]
+    assert len(pairs) == len(requests)
     old_s: list[float] = []
     new_s: list[float] = []
+    single_s: list[float] = []
     floor_s: list[float] = []
     old_scores: list[Any] = []
     new_scores: list[Any] = []
+    single_scores: list[Any] = []
     for _ in range(args.repeats):  # round robin: a burst of other load hits one round, not one path
         t = time.perf_counter()
         old_scores = [scorer.score(r.prompt, r.completion) for r in requests]
         old_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        new_scores = [scorer.score_captured(r, j.capture) for r, j in zip(requests, jobs, strict=True)]  # type: ignore[arg-type]
+        new_scores = scorer.score_captured_many(pairs)  # the jobs as one pipeline
         new_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        single_scores = [scorer.score_captured(r, c) for r, c in pairs]  # one call a job
+        single_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         for r in requests:
             floor_pass(scorer, r)
         floor_s.append(time.perf_counter() - t)
+    phases: dict[str, Phases] = {}
+    if args.breakdown:  # one more pass of each, with clock reads between the calls
+        phases["new path"] = Phases()
+        scorer.score_captured_many(pairs, phases=phases["new path"])
+        phases["one job a call"] = Phases()
+        for pair in pairs:
+            scorer.score_captured_many([pair], phases=phases["one job a call"])
+        phases["f16 floor"] = Phases()
+        for r in requests:
+            floor_pass(scorer, r, phases["f16 floor"])
     scorer.close()
     for j in jobs:
         if j.capture is not None:
             j.capture.release()
+    budget.close()
     llm.close()
     ms = {
-        "generation": 1e3 * min(gen_plain) / n_scored,
-        "generation + capture": 1e3 * min(gen_capture) / n_scored,
+        **generation_ms,
         "old path (replay both)": 1e3 * min(old_s) / n_scored,
         "new path (reference + captured rows)": 1e3 * min(new_s) / n_scored,
+        "new path, one job a call": 1e3 * min(single_s) / n_scored,
         "f16-decode floor": 1e3 * min(floor_s) / n_scored,
     }
-    old_kld = float(np.concatenate([s.kld for s in old_scores]).mean())
-    new_kld = float(np.concatenate([s.kld for s in new_scores]).mean())
-    return {
-        "label": label,
-        "n_vocab": n_vocab,
-        "jobs": len(jobs),
-        "tokens": n_scored,
-        "prompts": (min(map(len, prompts)), max(map(len, prompts))),
-        "ms": ms,
-        "old_kld": old_kld,
-        "new_kld": new_kld,
-    }
+    for scores in new_scores:
+        if isinstance(scores, ValueError):
+            raise scores
+    old_kld = float(np.concatenate([x.kld for x in old_scores]).mean())
+    new_kld = float(np.concatenate([x.kld for x in new_scores]).mean())
+    single_kld = np.concatenate([x.kld for x in single_scores])
+    if not np.array_equal(single_kld, np.concatenate([x.kld for x in new_scores])):
+        raise AssertionError("the pipelined jobs' KLD differs from one job a call's")
+    return {**result, "ms": ms, "old_kld": old_kld, "new_kld": new_kld, "phases": phases}
+
+
+def wait_for_reserve(budget: CaptureBudget, timeout: float = 30.0) -> None:
+    """Until the refill thread has made the reserve (the backend's is made while the server starts)."""
+    deadline = time.perf_counter() + timeout
+    while budget.refilled_blocks < budget.reserve_blocks and time.perf_counter() < deadline:
+        time.sleep(0.01)
 
 
 def args_tokens(args: argparse.Namespace, label: str) -> int:
     return int(args.big_tokens if label.startswith("random") else args.tokens)
 
 
+PHASE_LABELS = {
+    "prefill": "prompt prefill (its calls and the wait for its row)",
+    "decode": "llama_decode calls (one token each)",
+    "sync": "row wait (llama_get_logits_ith: the device finishing)",
+    "copy": "row copy (memmove into a block buffer)",
+    "kld_wait": "KLD wait before reusing a block buffer",
+    "tail": "last blocks' KLD after the last decode",
+    "other": "other (Python between the calls)",
+}
+
+
 def report(r: dict[str, Any]) -> None:
     ms = r["ms"]
-    gen, floor = ms["generation"], ms["f16-decode floor"]
+    gen = ms["generation"]
+    floor = ms.get("f16-decode floor")
     print(
         f"\n### {r['label']} (vocabulary {r['n_vocab']:,}): {r['jobs']} jobs, prompts {r['prompts'][0]}-"
         f"{r['prompts'][1]} tokens, {r['tokens']} scored tokens\n"
@@ -327,14 +420,39 @@ def report(r: dict[str, Any]) -> None:
     print("| per scored token | ms | x generation | x f16-decode floor |")
     print("|---|---|---|---|")
     for name, v in ms.items():
-        print(f"| {name} | {v:.3f} | {v / gen:.2f}x | {v / floor:.2f}x |")
+        vs_floor = f"{v / floor:.2f}x" if floor else "-"
+        print(f"| {name} | {v:.3f} | {v / gen:.2f}x | {vs_floor} |")
+    print(
+        f"\ncapture cost on generation {100 * (ms['generation + capture'] / gen - 1):+.1f} %; capture "
+        f"blocks taken not pre-faulted on the generation thread: {r['fresh_blocks']} of "
+        f"{r['blocks_taken']} (the refill thread made {r['refilled_blocks']})"
+    )
+    if "old_kld" not in r:
+        return
     rel = abs(r["new_kld"] - r["old_kld"]) / r["old_kld"] if r["old_kld"] else 0.0
     ok = "ok" if rel <= 0.005 else "FAILED"
     print(
-        f"\nmean KLD old path {r['old_kld']:.6g}, new path {r['new_kld']:.6g}: relative difference "
-        f"{rel:.2e} ({ok}: at most 0.5 %); capture cost on generation "
-        f"{100 * (ms['generation + capture'] / gen - 1):+.1f} %"
+        f"mean KLD (exact, full vocabulary, decode path) old path {r['old_kld']:.6g}, new path "
+        f"{r['new_kld']:.6g}: relative difference {rel:.2e} ({ok}: at most 0.5 %); pipelined and one "
+        "job a call: equal"
     )
+    phases: dict[str, Phases] = r["phases"]
+    if not phases:
+        return
+    columns = list(phases)
+    table = {name: p.ms_per_token() for name, p in phases.items()}
+    print(
+        "\nWhere the time goes (one more pass of each, clock read between the calls), ms per scored token:\n"
+    )
+    print("| phase | " + " | ".join(columns) + " | new path - floor |")
+    print("|---" * (len(columns) + 2) + "|")
+    for key, label in PHASE_LABELS.items():
+        cells = " | ".join(f"{table[c][key]:.3f}" for c in columns)
+        diff = table["new path"][key] - table["f16 floor"][key]
+        print(f"| {label} | {cells} | {diff:+.3f} |")
+    totals = {c: sum(table[c].values()) for c in columns}
+    cells = " | ".join(f"{totals[c]:.3f}" for c in columns)
+    print(f"| **total** | {cells} | {totals['new path'] - totals['f16 floor']:+.3f} |")
 
 
 def main() -> None:
@@ -356,6 +474,23 @@ def main() -> None:
     ap.add_argument("--big-vocab", type=int, default=QWEN3_VOCAB)
     ap.add_argument("--big-jobs", type=int, default=4)
     ap.add_argument("--big-tokens", type=int, default=48)
+    ap.add_argument(
+        "--reserve-blocks",
+        type=int,
+        default=RESERVE_BLOCKS,
+        help="pre-faulted capture blocks kept ready (0: every block fresh, as before the reserve)",
+    )
+    ap.add_argument(
+        "--capture-only",
+        action="store_true",
+        help="generation with and without capture only (the client's side; no scoring passes)",
+    )
+    ap.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-phase passes (where the new path's time goes beside the floor's)",
+    )
     args = ap.parse_args()
     started = time.perf_counter()
 

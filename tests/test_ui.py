@@ -248,6 +248,7 @@ def test_status_additions_before_traffic(unloaded_app: TestClient, gemma_path: P
         "idle_bytes": 0,
         "captured_jobs": 0,
         "fallback_jobs": 0,
+        "fresh_blocks": 0,
     }
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from kvproxy.backends.base import BackendError, Finished, GenerationEvent, GenerationRequest, KVConfig
 from kvproxy.backends.devices import Offload, offload, resolve_gpu_layers
 from kvproxy.backends.grammar_compiler import GrammarCompiler
-from kvproxy.backends.row_capture import CaptureBudget, RowCapture
+from kvproxy.backends.row_capture import BLOCK_ROWS, CaptureBudget, RowCapture
 from kvproxy.backends.sequence import SequenceOutput
 from kvproxy.backends.slots import Entry, QueueTimeout, SlotConfig, SlotScheduler
 from kvproxy.backends.worker import close_on
@@ -158,6 +158,8 @@ class EmbeddedBackend:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_blocking)
         await loop.run_in_executor(self._executor, self._start_slots)
+        if self.captures and self.capture_budget is not None:  # blocks ready before the first capture
+            self.capture_budget.prepare(BLOCK_ROWS, self._n_vocab)
 
     def _load_blocking(self) -> None:
         import llama_cpp
@@ -225,6 +227,8 @@ class EmbeddedBackend:
 
     def close(self) -> None:
         self._grammars.close()
+        if self.capture_budget is not None:  # its refill thread
+            self.capture_budget.close()
         if self._slots is not None:  # the generation context goes before the model it uses
             self._slots.close()
             self._slots = None

@@ -70,7 +70,7 @@ from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores, exact_kld, logprobs_at
 from kvproxy.model.memory import llama_n_ubatch
 from kvproxy.priority import lower_thread_priority
-from kvproxy.scoring.captured import score_against_capture
+from kvproxy.scoring.captured import BlockBuffers, CapturedJob, Phases, score_captured_jobs
 from kvproxy.scoring.contexts import memory_kind, scoring_context
 from kvproxy.scoring.prompt_fill import PromptFill
 
@@ -193,6 +193,7 @@ class EmbeddedScorer:
         )
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._kld_worker: ThreadPoolExecutor | None = None  # score_captured's overlap (on first use)
+        self._block_buffers: BlockBuffers | None = None  # score_captured's reference blocks (first use)
 
     def _context(
         self,
@@ -225,33 +226,68 @@ class EmbeddedScorer:
     def score_captured(self, request: ScoreRequest, capture: RowCapture) -> PositionScores:
         """Decode path against the primary's captured rows: the reference alone is decoded and the
         KLD of each block overlaps the next block's decode (kvproxy.scoring.captured)."""
-        self._check(request)
-        if self.path is not ScorePath.DECODE or request.check_ids is not None:
-            raise ValueError("captured rows are scored on the decode path, without check_ids")
-        if self._kld_worker is None:
-            self._kld_worker = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="kvproxy-kld-overlap", initializer=lower_thread_priority
-            )
-        ctx = self._ctx_reference
-        ctx.kv_cache_clear()
+        result = self.score_captured_many([(request, capture)])[0]
+        if isinstance(result, ValueError):
+            raise result
+        return result
 
-        def step(token: int, pos: int) -> None:
-            self._fill([token], [pos], [0], 1)
-            ctx.decode(self._batch)
+    def score_captured_many(
+        self, items: Sequence[tuple[ScoreRequest, RowCapture]], phases: Phases | None = None
+    ) -> list[PositionScores | ValueError]:
+        """:meth:`score_captured` for several jobs as one pipeline: a job's last blocks' KLD overlaps
+        the next job's prefill and decode (kvproxy.scoring.captured.score_captured_jobs). A job that
+        cannot be scored gets its ValueError in its place; a llama.cpp failure raises for all.
+        ``phases`` (benchmarks) adds where the time went."""
+        results: list[PositionScores | ValueError | None] = [None] * len(items)
+        jobs: list[CapturedJob] = []
+        taken: list[int] = []
+        for i, (request, capture) in enumerate(items):
+            try:
+                self._check(request)
+                if self.path is not ScorePath.DECODE or request.check_ids is not None:
+                    raise ValueError("captured rows are scored on the decode path, without check_ids")
+                if not capture.usable(len(request.completion)):
+                    raise ValueError(
+                        f"{capture.n_rows} captured rows for {len(request.completion)} completion tokens"
+                    )
+            except ValueError as exc:
+                results[i] = exc
+                continue
+            jobs.append(CapturedJob(len(request.prompt), request.completion, capture))
+            taken.append(i)
+        if jobs:
+            if self._kld_worker is None:
+                self._kld_worker = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="kvproxy-kld-overlap", initializer=lower_thread_priority
+                )
+            if self._block_buffers is None:
+                self._block_buffers = BlockBuffers(self.n_vocab)
+            ctx = self._ctx_reference
 
-        try:
-            if request.completion:
+            def prefill(k: int) -> None:
+                request = items[taken[k]][0]
+                ctx.kv_cache_clear()
                 self._prefill_prompt(ctx, request.prompt, 0, request.prompt_fill)
-            return score_against_capture(
-                len(request.prompt),
-                request.completion,
-                capture,
-                step=step,
-                row=lambda: ctx.get_logits_ith(-1),
-                executor=self._kld_worker,
-            )
-        finally:
-            ctx.kv_cache_clear()
+
+            def step(token: int, pos: int) -> None:
+                self._fill([token], [pos], [0], 1)
+                ctx.decode(self._batch)
+
+            try:
+                scores = score_captured_jobs(
+                    jobs,
+                    prefill=prefill,
+                    step=step,
+                    row=lambda: ctx.get_logits_ith(-1),
+                    executor=self._kld_worker,
+                    buffers=self._block_buffers,
+                    phases=phases,
+                )
+            finally:
+                ctx.kv_cache_clear()
+            for i, score in zip(taken, scores, strict=True):
+                results[i] = score
+        return [r if r is not None else ValueError("not scored") for r in results]
 
     def _decode(self, ctx: Any, tokens: Sequence[int], n_past: int, with_logits: bool) -> None:
         self._batch.set_batch(batch=list(tokens), n_past=n_past, logits_all=with_logits)

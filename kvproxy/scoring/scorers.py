@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kvproxy.backends.row_capture import RowCapture
 from kvproxy.backends.worker import close_on
+from kvproxy.config import ScorePath
 from kvproxy.kld import PositionScores
 from kvproxy.priority import lower_thread_priority
 from kvproxy.scoring.cached_prefix import Prompt, replay_calls
+from kvproxy.scoring.captured import PIPELINE_JOBS
 from kvproxy.scoring.embedded import EmbeddedScorer, ScoreRequest
 from kvproxy.scoring.job import PrimaryReport, ShadowJob, SkipJob
 from kvproxy.scoring.llama_server import (
@@ -199,8 +202,16 @@ class ThreadedScorer:
 
     @property
     def max_jobs(self) -> int:
-        """How many queued jobs one :meth:`score_many` call takes (the shadow pool asks)."""
-        return self._scorer.max_sequences if self._scorer is not None else 1
+        """How many queued jobs one :meth:`score_many` call takes (the shadow pool asks): the lockstep
+        sequences of the batched decode path, or with one sequence on the decode path
+        :data:`PIPELINE_JOBS`, so that each captured job's last KLD overlaps the next one's decode
+        (kvproxy.scoring.captured) instead of the scorer waiting for it between jobs."""
+        scorer = self._scorer
+        if scorer is None:
+            return 1
+        if scorer.max_sequences == 1 and scorer.path is ScorePath.DECODE:
+            return PIPELINE_JOBS
+        return scorer.max_sequences
 
     async def score(self, job: ShadowJob) -> PositionScores:
         result = (await self.score_many([job]))[0]
@@ -217,23 +228,27 @@ class ThreadedScorer:
             scorer = self._get()
             out: list[PositionScores | ValueError | None] = [None] * len(jobs)
             replay: list[int] = []
+            captured: list[int] = []
+            items: list[tuple[ScoreRequest, RowCapture]] = []
             for i, job in enumerate(jobs):
-                request = ScoreRequest(job.prompt_tokens, job.token_ids)
                 capture = job.captured
                 if capture is None:
                     replay.append(i)
                     continue
-                try:
-                    usable = capture.usable(len(job.token_ids))
-                    capture.budget.count(usable)
-                    if not usable:  # out of capture budget: today's replay of the primary config
-                        replay.append(i)
-                        continue
-                    try:
-                        out[i] = scorer.score_captured(request, capture)
-                    except ValueError as exc:
-                        out[i] = exc
-                finally:
+                usable = capture.usable(len(job.token_ids))
+                capture.budget.count(usable)
+                if usable:
+                    captured.append(i)
+                    items.append((ScoreRequest(job.prompt_tokens, job.token_ids), capture))
+                else:  # out of capture budget: today's replay of the primary config
+                    capture.release()
+                    replay.append(i)
+            try:
+                if items:  # one pipeline (kvproxy.scoring.captured)
+                    for i, r in zip(captured, scorer.score_captured_many(items), strict=True):
+                        out[i] = r
+            finally:  # after the pipeline: no KLD reads the captured blocks any more
+                for _request, capture in items:
                     capture.release()
             if replay:
                 done = scorer.score_batch(
