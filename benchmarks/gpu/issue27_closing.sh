@@ -9,6 +9,7 @@
 #   3. served_replay_chat: the production path (llama-server -np 4 on its defaults, Jinja on) with a
 #      chat's second turn on the cached prefix, replayed with the cached-prefix calls
 # Each step runs under its own deadline and never stops the sequence.
+#   STEPS="whatif_live served_replay_chat": only these steps (a call of 10 minutes at most each)
 #   QUICK=1: small settings, every layer on the CPU (-ngl 0): the dry run here.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -23,6 +24,7 @@ t_start=$(date +%s)
 step() {  # step NAME SECONDS COMMAND...: run with a deadline, tee into $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    case " ${STEPS:-scoring_cost whatif_live served_replay_chat} " in *" $name "*) ;; *) return 0;; esac
     echo "=== $name ($(date +%T), limit ${limit}s): $*"
     local t0
     t0=$(date +%s)
@@ -31,21 +33,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a deadline, tee into $OUT/NAM
 }
 
 # llama.cpp's libraries before numpy (a SIGSEGV on the H100 host otherwise: docs/deploy.md)
-run_py() { "$py" -c "import llama_cpp, sys, runpy; sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$@"; }
+runpy_first="import llama_cpp, sys, runpy; sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 {
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 echo "issue27_closing.sh: QUICK=$quick -ngl $ngl, $(nproc) cores, $($py --version 2>&1), $(git rev-parse --short HEAD 2>/dev/null)"
 if [ "$quick" = 1 ]; then
-    step scoring_cost 900 run_py benchmarks/scoring_cost.py --tokens 20 --jobs 2 --prompt-words 30 \
+    step scoring_cost 900 "$py" -c "$runpy_first" benchmarks/scoring_cost.py --tokens 20 --jobs 2 --prompt-words 30 \
         --repeats 1 --big-layers 2 --big-jobs 1 --big-tokens 6
-    step whatif_live 600 run_py benchmarks/whatif_live.py --requests 1 --tokens 16 --ctx 1024 --threads 1
-    step served_replay_chat 900 run_py benchmarks/served_replay_chat.py --n-gpu-layers 0 --tokens 4 \
+    step whatif_live 600 "$py" -c "$runpy_first" benchmarks/whatif_live.py --requests 1 --tokens 16 --ctx 1024 --threads 1
+    step served_replay_chat 900 "$py" -c "$runpy_first" benchmarks/served_replay_chat.py --n-gpu-layers 0 --tokens 4 \
         --threads 2 --no-long
 else
-    step scoring_cost 240 run_py benchmarks/scoring_cost.py --ngl "$ngl"
-    step whatif_live 100 run_py benchmarks/whatif_live.py --ngl "$ngl" --requests 8 --tokens 128
-    step served_replay_chat 170 run_py benchmarks/served_replay_chat.py --n-gpu-layers "$ngl" --tokens 64
+    step scoring_cost 240 "$py" -c "$runpy_first" benchmarks/scoring_cost.py --ngl "$ngl"
+    step whatif_live 100 "$py" -c "$runpy_first" benchmarks/whatif_live.py --ngl "$ngl" --requests 8 --tokens 128
+    step served_replay_chat 170 "$py" -c "$runpy_first" benchmarks/served_replay_chat.py --n-gpu-layers "$ngl" --tokens 64
 fi
 echo "issue27_closing.sh: done in $(( $(date +%s) - t_start )) s"
 } 2>&1 | tee "$out/issue27_closing.log"
