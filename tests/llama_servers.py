@@ -58,6 +58,9 @@ def start_llama_server(
             # is read as a template whose whole text is "gemma"
             *template,
             "--no-webui",
+            # no memory fitting: on the CPU it changes nothing ("no changes needed") but loads the
+            # model's metadata and vocabulary once more first, about half of a start-up
+            *(() if "-fit" in args or "--fit" in args else ("-fit", "off")),
             *args,
         ],
         stdout=log.open("wb"),

@@ -122,7 +122,9 @@ def _chats() -> dict[str, list[dict[str, str]]]:
     """Three user turns (the middle one is no cut once a checkpoint exists), with and without a
     system message (a chat that opens with a user message is cut right after the BOS)."""
     words = english_text().split()
-    turns = [" ".join(words[100 * i : 100 * i + 15 + 5 * i]) for i in range(5)]
+    # short turns (4 to 12 words): the cuts are set by where messages start, not by their length;
+    # the templates' own text keeps some prompts past 516 tokens (the ``ubatch + 4`` cut)
+    turns = [" ".join(words[100 * i : 100 * i + 4 + 2 * i]) for i in range(5)]
     roles = ("user", "assistant")
     alternating = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
     return {

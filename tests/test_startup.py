@@ -118,6 +118,7 @@ def test_a_connection_cap_past_the_open_file_limit_exits_2_with_one_line() -> No
     assert_startup_failure(result, "open-file limit")
 
 
+@pytest.mark.fast  # in process, no model
 def test_a_port_in_use_is_named(tmp_path: Path) -> None:
     """Issue 20, finding 6: a second instance on a port exited 3 with an AttributeError; a taken
     --metrics-port exited 1 with an OSError traceback. Both are refused before the model loads."""
@@ -126,11 +127,11 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         start = time.monotonic()
-        result = run_cli("serve", "--port", port)
+        result = run_cli_in_process("serve", "--port", port)
         assert_startup_failure(
             result, f"cannot listen on 127.0.0.1:{port} (--host/--port): the address is already in use"
         )
-        result = run_cli("serve", "--port", "0", "--metrics-port", port)
+        result = run_cli_in_process("serve", "--port", "0", "--metrics-port", port)
         assert_startup_failure(result, f"127.0.0.1:{port} (--metrics-port): the address is already in use")
         assert time.monotonic() - start < 30  # before any model is loaded
         assert "model " not in result.stdout  # nor its banner printed
@@ -148,6 +149,8 @@ def test_gguf_files_that_are_not_models_exit_2_with_the_reason(tmp_path: Path) -
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
     bogus = tmp_path / "model.gguf"
     bogus.write_bytes(b"not a gguf file at all" * 10)
+    # a subprocess: in process, this refusal left the test process's next in-process generation
+    # (test_503_while_loading_then_200) too slow for its client's 5 s timeout
     result = run_cli("serve", "--model", str(bogus))
     assert result.returncode == 2
     assert "not a readable GGUF" in result.stderr
