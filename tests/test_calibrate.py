@@ -81,7 +81,7 @@ def test_calibrate_on_gemma(tmp_path: Path) -> None:
     """The sweep on the (cheaper) prefill path; the decode path is the next test's. Two chunks of
     256 tokens (2 x 127 scored): half the positions of 2 x 512 at the same per-config margins (the
     figures in the comments below); 512-token chunks, cut as llama-perplexity cuts them, are
-    tests/test_perplexity_agreement.py's."""
+    tests/test_score_paths_agreement.py's."""
     out = tmp_path / "calib"
     result = run_cli(
         "calibrate",
