@@ -17,8 +17,8 @@ from kvproxy.shadow.baseline import read_baseline
 from tests.cli_runner import run_cli_in_process
 from tests.test_startup import run_cli
 
-# a hang guard, not a speed target: the 5-config sweep takes about 40 s on a quiet 2-core machine and
-# ran past run_cli's default 60 s once while other work shared the cores
+# a hang guard, not a speed target: the 5-config sweep takes about 23 s on a quiet 2-core machine
+# (2026-12-07) and ran past run_cli's default 60 s once while other work shared the cores
 SWEEP_TIMEOUT = 600
 
 
