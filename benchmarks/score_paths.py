@@ -33,7 +33,7 @@ from kvproxy.backends.base import KVConfig
 from kvproxy.calibrate import parse_config
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
-from tests.test_perplexity_agreement import read_base_tokens
+from tests.llama_tools import read_base_tokens
 
 N_CTX = 512
 UB = {"prefill": "512", "decode": "1"}

@@ -10,12 +10,16 @@ per-config statistics are running sums plus a fixed histogram (kvproxy.shadow.qu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -249,6 +253,50 @@ def plot(results: list[ConfigResult], front: set[str], path: Path, meta: dict[st
     plt.close(fig)
 
 
+class CtrlC:
+    """SIGINT during a sweep: always a request to stop, an exception only while a chunk is scored.
+
+    Why: a KeyboardInterrupt raised at an arbitrary point was unreliable. Sent while the model and the
+    scoring contexts were being created, it was lost (measured: the sweep ran on, chunk after chunk;
+    llama-cpp-python runs Python inside ctypes callbacks during set-up, and ctypes drops an
+    exception raised there), and one escaping the set-up left llama.cpp objects to the interpreter's
+    teardown (a SIGSEGV at exit was reported from test runs). Here the handler records the request
+    first, so the sweep stops at the next chunk whatever happens to the exception, and raises only
+    inside :meth:`scoring` (the chunk in progress is then dropped for every config, as before)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._raise = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self._raise:
+            self._raise = False
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self)
+            self._installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """The one span where a Ctrl-C raises KeyboardInterrupt (unless one came already)."""
+        self._raise = not self.requested
+        try:
+            yield
+        finally:
+            self._raise = False
+
+
 @dataclass
 class Sweep:
     results: list[ConfigResult]
@@ -275,54 +323,22 @@ def sweep(
     ``decode``: each chunk's first half is the prompt, prefilled as generation prefills one, and the
     second half is decoded one token a step (what serving computes); ``prefill``: the second half
     in calls of 128 positions (llama-perplexity's batched numerics; cheaper)."""
-    import llama_cpp
-
-    from kvproxy.scoring.embedded import EmbeddedScorer
-
-    llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, n_gpu_layers=n_gpu_layers, verbose=False)
-    scored = [c for c in configs if c != reference]
-    scorers = [
-        EmbeddedScorer(
-            llm._model,
-            primary=c,
-            reference=reference,
-            n_ctx=ctx_size,
+    with CtrlC() as ctrl_c:
+        trackers, chunk_means, spreads, n = _score_chunks(
+            model_path,
+            configs,
+            reference,
+            blocks,
+            ctx_size=ctx_size,
             threads=threads,
-            flash_attn=True,
-            path=score_path,
-            chunk=PREFILL_CHUNK,
+            score_path=score_path,
+            n_gpu_layers=n_gpu_layers,
+            max_chunks=max_chunks,
+            on_chunk=on_chunk,
+            ctrl_c=ctrl_c,
         )
-        for c in scored
-    ]
-    trackers = [QualityTracker(window=16) for _ in scored]
-    chunk_means: list[list[float]] = [[] for _ in scored]
-    spreads = [LogSpread() for _ in scored]
-    first = ctx_size // 2
-    n, interrupted = 0, False
-
-    def tokenize(text: str) -> list[int]:
-        return list(llm.tokenize(text.encode(), add_bos=False, special=False))
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and llm.token_bos() >= 0
-    try:
-        for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos() if adds_bos else None):
-            if max_chunks is not None and n >= max_chunks:
-                break
-            for scorer, tracker, means, spread in zip(scorers, trackers, chunk_means, spreads, strict=True):
-                s = scorer.score(chunk[: first + 1], chunk[first + 1 :])
-                tracker.add(s)
-                means.append(float(np.mean(s.kld)))
-                spread.add_spans(s.kld)
-            n += 1
-            if on_chunk is not None:
-                on_chunk(n)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        for scorer in scorers:
-            scorer.close()
-        llm.close()
+        interrupted = ctrl_c.requested
+    scored = [c for c in configs if c != reference]
     results = [
         result_for(c, t, m, sp, info, ctx_size)
         for c, t, m, sp in zip(scored, trackers, chunk_means, spreads, strict=True)
@@ -351,3 +367,74 @@ def sweep(
             ),
         )
     return Sweep(results, interrupted, n)
+
+
+def _score_chunks(
+    model_path: Path,
+    configs: list[KVConfig],
+    reference: KVConfig,
+    blocks: Iterable[str],
+    *,
+    ctx_size: int,
+    threads: int,
+    score_path: ScorePath,
+    n_gpu_layers: int,
+    max_chunks: int | None,
+    on_chunk: Callable[[int], None] | None,
+    ctrl_c: CtrlC,
+) -> tuple[list[QualityTracker], list[list[float]], list[LogSpread], int]:
+    """The sweep's loop: every chunk scored under every config, or none of its figures counted."""
+    import llama_cpp
+
+    from kvproxy.scoring.embedded import EmbeddedScorer
+
+    scored = [c for c in configs if c != reference]
+    trackers = [QualityTracker(window=16) for _ in scored]
+    chunk_means: list[list[float]] = [[] for _ in scored]
+    spreads = [LogSpread() for _ in scored]
+    first = ctx_size // 2
+    n = 0
+    llm = llama_cpp.Llama(str(model_path), n_ctx=64, n_batch=64, n_gpu_layers=n_gpu_layers, verbose=False)
+    scorers: list[EmbeddedScorer] = []
+    try:
+        for c in scored:
+            if ctrl_c.requested:
+                return trackers, chunk_means, spreads, n
+            scorers.append(
+                EmbeddedScorer(
+                    llm._model,
+                    primary=c,
+                    reference=reference,
+                    n_ctx=ctx_size,
+                    threads=threads,
+                    flash_attn=True,
+                    path=score_path,
+                    chunk=PREFILL_CHUNK,
+                )
+            )
+
+        def tokenize(text: str) -> list[int]:
+            return list(llm.tokenize(text.encode(), add_bos=False, special=False))
+
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and llm.token_bos() >= 0
+        for chunk in text_chunks(blocks, tokenize, ctx_size, llm.token_bos() if adds_bos else None):
+            if ctrl_c.requested or (max_chunks is not None and n >= max_chunks):
+                break
+            try:
+                with ctrl_c.scoring():
+                    scores = [scorer.score(chunk[: first + 1], chunk[first + 1 :]) for scorer in scorers]
+            except KeyboardInterrupt:
+                break  # the chunk in progress is dropped: every config keeps the same positions
+            for s, tracker, means, spread in zip(scores, trackers, chunk_means, spreads, strict=True):
+                tracker.add(s)
+                means.append(float(np.mean(s.kld)))
+                spread.add_spans(s.kld)
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+    finally:
+        for scorer in scorers:
+            scorer.close()
+        llm.close()
+    return trackers, chunk_means, spreads, n

@@ -46,7 +46,6 @@ FAST_MODULES = frozenset(
 # are handed out first, so no worker is left with one of them while the other has finished.
 LONG_MODULES = (
     "test_client_matrix", "test_score_paths_agreement", "test_schema_fuzz", "test_calibrate",
-    "test_perplexity_agreement",
     "test_drift_scenario", "test_shadow_e2e", "test_decode_path", "test_prometheus", "test_connections",
     "test_embedded_load", "test_served_replay_jinja", "test_served_replay_cached", "test_gguf_info",
     "test_shadow_unchanged",

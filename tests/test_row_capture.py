@@ -408,7 +408,7 @@ def _serve(
 def test_captured_rows_score_as_the_replay_does(gemma_path: Path, kv: T) -> None:
     backend = EmbeddedBackend(_settings(gemma_path, kv), read_model_info(gemma_path))
     try:
-        prompt, tokens, cap = _serve(backend, 40)
+        prompt, tokens, cap = _serve(backend, 24)  # two blocks of rows: 16 and 8
         assert cap is not None and cap.usable(len(tokens)) and len(tokens) > BLOCK_ROWS
         assert backend.capture_budget is not None
         assert backend.capture_budget.status()["fresh_blocks"] == 0  # the reserve's blocks only

@@ -92,6 +92,9 @@ def calibrate(
             max_chunks=max_chunks,
             on_chunk=advance,
         )
+    if not result.chunks and result.interrupted:
+        typer.echo("interrupted before the first chunk was scored: nothing written", err=True)
+        raise typer.Exit(code=130)
     if not result.chunks:
         raise fail(f"the text has fewer than {ctx_size} tokens: nothing to score")
     rec = recommend(result.results, budget)
