@@ -204,3 +204,15 @@ def test_given_calls_are_the_calls() -> None:
         with pytest.raises(ValueError, match="do not cover"):
             PromptFill().with_calls(bad)
     assert fill.for_prompt([3]).given is None  # another prompt: its own calls
+
+
+@pytest.mark.parametrize("value", [True, -3, "42", 4.0, None])
+def test_a_cache_n_that_is_not_a_count_is_ignored(value: object) -> None:
+    """``timings.cache_n`` is upstream bytes: only a non-negative integer is read as a count."""
+    from kvproxy.scoring.job import PrimaryReport
+
+    report = PrimaryReport()
+    report.note_end({"timings": {"cache_n": value, "predicted_n": 3}})
+    assert report.cache_n is None and report.predicted_n == 3
+    report.note_end({"timings": {"cache_n": 42}})
+    assert report.cache_n == 42

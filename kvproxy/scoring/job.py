@@ -70,8 +70,9 @@ class PrimaryReport:
         timings = data.get("timings")
         if isinstance(timings, dict) and isinstance(timings.get("predicted_n"), int):
             self.predicted_n = int(timings["predicted_n"])
-        if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
-            self.cache_n = int(timings["cache_n"])
+        cache_n = timings.get("cache_n") if isinstance(timings, dict) else None
+        if isinstance(cache_n, int) and not isinstance(cache_n, bool) and cache_n >= 0:
+            self.cache_n = cache_n  # upstream bytes: a bool or a negative count is not a count
         for choice in data.get("choices") or []:
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
