@@ -12,25 +12,9 @@
 #   QUICK=1   small settings, every layer on the CPU (-ngl 0): the dry run on a machine without a GPU
 #   NGL=99  PYTHON=python3  BUDGET=530 (seconds for all steps; scoring_cost gets what is left)
 set -uo pipefail
-cd "$(dirname "$0")/../.." || exit 1
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-export OUT=$out PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-quick=${QUICK:-0}
+. "$(dirname "$0")/steps.sh"
 if [ "$quick" = 1 ]; then ngl=${NGL:-0}; else ngl=${NGL:-99}; fi
 budget=${BUDGET:-530}
-t_start=$(date +%s)
-
-step() {  # step NAME SECONDS COMMAND...: run with a deadline, tee into $OUT/NAME.log
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name ($(date +%T), limit ${limit}s): $*"
-    local t0
-    t0=$(date +%s)
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
-}
 
 {
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader

@@ -12,25 +12,8 @@
 #   STEPS="whatif_live served_replay_chat": only these steps (a call of 10 minutes at most each)
 #   QUICK=1: small settings, every layer on the CPU (-ngl 0): the dry run here.
 set -uo pipefail
-cd "$(dirname "$0")/../.." || exit 1
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-export OUT=$out PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-quick=${QUICK:-0}
+. "$(dirname "$0")/steps.sh"
 if [ "$quick" = 1 ]; then ngl=0; else ngl=${NGL:-99}; fi
-t_start=$(date +%s)
-
-step() {  # step NAME SECONDS COMMAND...: run with a deadline, tee into $OUT/NAME.log
-    local name=$1 limit=$2
-    shift 2
-    case " ${STEPS:-scoring_cost whatif_live served_replay_chat} " in *" $name "*) ;; *) return 0;; esac
-    echo "=== $name ($(date +%T), limit ${limit}s): $*"
-    local t0
-    t0=$(date +%s)
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
-}
 
 # llama.cpp's libraries before numpy (a SIGSEGV on the H100 host otherwise: docs/deploy.md)
 runpy_first="import llama_cpp, sys, runpy; sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
