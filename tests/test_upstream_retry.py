@@ -9,7 +9,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from kvproxy.upstream.replicas import Replica, Timeouts
+from kvproxy.upstream.llama_server import LlamaServerPrimary
+from kvproxy.upstream.replicas import Replica, ReplicaPool, Timeouts, UpstreamFailure
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -59,6 +60,35 @@ def test_one_retry_on_a_dropped_connection(drops: int, answered: bool) -> None:
                 assert seen[0] == 2  # once more, not forever
         finally:
             await replica.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("drops", "answered"), [(0, True), (1, True), (2, False)])
+def test_a_client_request_survives_one_dropped_connection(drops: int, answered: bool) -> None:
+    """The client's own request (the relay's send) gets the same one retry: a fresh-clone CI run saw
+    llama-server drop a pooled connection under a chat request, and the client got a 502 for it. A
+    second drop is the client's 502 and ejects the replica; one that the retry covered does neither."""
+
+    async def main() -> None:
+        server, seen = await _server(drops)
+        port = server.sockets[0].getsockname()[1]
+        pool = ReplicaPool([f"http://127.0.0.1:{port}"], Timeouts(1, 2, 5))
+        primary = LlamaServerPrimary(pool, top_k=0)
+        try:
+            if answered:
+                assert await primary.post_json("/v1/chat/completions", b"{}") == b"{}"
+                assert seen[0] == drops + 1 and pool.replicas[0].healthy
+            else:
+                with pytest.raises(UpstreamFailure) as info:
+                    await primary.post_json("/v1/chat/completions", b"{}")
+                assert info.value.status == 502 and info.value.code == "upstream_unavailable"
+                assert seen[0] == 2 and not pool.replicas[0].healthy  # once more, not forever
+            assert pool.replicas[0].outstanding == 0
+        finally:
+            await pool.close()
             server.close()
             await server.wait_closed()
 

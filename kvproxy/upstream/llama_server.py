@@ -27,6 +27,7 @@ from kvproxy.upstream.replicas import (
     ReplicaPool,
     UpstreamError,
     UpstreamFailure,
+    dropped,
     is_timeout,
     map_transport_error,
     map_upstream_status,
@@ -80,9 +81,19 @@ class LlamaServerPrimary:
     ) -> tuple[Replica, aiohttp.ClientResponse]:
         """Send to the least busy replica; a refused connection (the request never reached it) ejects
         that replica and tries the next one. Returns with the replica's outstanding count held and
-        the response's headers read (its body not yet)."""
+        the response's headers read (its body not yet).
+
+        A connection dropped before any answer came (a pooled keep-alive socket llama-server closed
+        just as it was reused: ``ServerDisconnectedError``, "Can not write request body") is sent
+        once more (to the least busy replica), as :meth:`Replica.post` does for the shadow's
+        exchanges, and neither ejects the replica nor counts as an error unless that second try fails too. A
+        generation request is not idempotent, but llama-server cancels a task whose connection
+        closed, and a client would otherwise get a 502 for a race it cannot see (the official
+        clients retry connection errors themselves; kvproxy retries once so they need not)."""
         attempts = len(self.pool.replicas)
-        for attempt in range(attempts):
+        redo_drop = True
+        attempt = 0
+        while attempt < attempts:
             replica = self.pool.pick()
             replica.outstanding += 1
             try:
@@ -100,9 +111,14 @@ class LlamaServerPrimary:
                 return replica, resp
             except UpstreamError as exc:
                 replica.outstanding -= 1
+                if redo_drop and dropped(exc):
+                    redo_drop = False
+                    log.info("upstream %s dropped a pooled connection (%s); sent once more", replica.url, exc)
+                    continue
                 err = self._failure(replica, exc)
                 if not refused(exc) or attempt + 1 == attempts:
                     raise err from exc
+                attempt += 1
             except BaseException:
                 replica.outstanding -= 1
                 raise

@@ -178,7 +178,7 @@ class Replica:
         try:
             return await self._post_once(path, body, timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
+            if not dropped(exc):
                 raise
         return await self._post_once(path, body, timeout)
 
@@ -293,6 +293,14 @@ class ReplicaPool:
 def refused(exc: BaseException) -> bool:
     """The request never reached the replica (connection refused or failed): safe to try another."""
     return isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def dropped(exc: BaseException) -> bool:
+    """The connection closed under a request before any answer: a pooled keep-alive socket the
+    server closed as it was reused (a refused connection is :func:`refused`, not this)."""
+    return isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and not isinstance(
+        exc, aiohttp.ClientConnectorError
+    )
 
 
 def is_timeout(exc: BaseException) -> bool:
