@@ -386,7 +386,7 @@ def _score_chunks(
     """The sweep's loop: every chunk scored under every config, or none of its figures counted."""
     import llama_cpp
 
-    from kvproxy.scoring.embedded import EmbeddedScorer
+    from kvproxy.scoring.embedded import EmbeddedScorer, score_against_one_reference
 
     scored = [c for c in configs if c != reference]
     trackers = [QualityTracker(window=16) for _ in scored]
@@ -423,7 +423,7 @@ def _score_chunks(
                 break
             try:
                 with ctrl_c.scoring():
-                    scores = [scorer.score(chunk[: first + 1], chunk[first + 1 :]) for scorer in scorers]
+                    scores = score_against_one_reference(scorers, chunk[: first + 1], chunk[first + 1 :])
             except KeyboardInterrupt:
                 break  # the chunk in progress is dropped: every config keeps the same positions
             for s, tracker, means, spread in zip(scores, trackers, chunk_means, spreads, strict=True):

@@ -269,3 +269,47 @@ def assert_a_deployment_arms_its_drift_detector_from(baseline: Path, kld: dict[s
         read_baseline(baseline, parse_config("q5_1"), default_log_sigma=0.5)
     with pytest.raises(ValueError, match="is the calibration's reference"):
         read_baseline(baseline, parse_config("f16"), default_log_sigma=0.5)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_one_reference_pass_gives_every_config_its_own_figures(gemma_path: Path, path: str) -> None:
+    """The sweep computes the f16 reference once a chunk for all configs
+    (kvproxy.scoring.embedded.score_against_one_reference); each config's per-position figures are
+    exactly those its own scorer computes with a reference of its own."""
+    import llama_cpp
+    import numpy as np
+
+    from kvproxy.scoring.embedded import EmbeddedScorer, score_against_one_reference
+
+    llm = llama_cpp.Llama(str(gemma_path), n_ctx=64, verbose=False)
+    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. It was a sunny day in the park, and")
+    prompt, completion = toks[:12], toks[12:]
+    scorers = [
+        EmbeddedScorer(
+            llm._model,
+            primary=parse_config(c),
+            reference=parse_config("f16"),
+            n_ctx=64,
+            threads=1,
+            flash_attn=True,
+            path=path,
+            chunk=4,  # the completion in several calls
+        )
+        for c in ("q8_0", "q4_0", "q4_0/q8_0")
+    ]
+    try:
+        shared = score_against_one_reference(scorers, prompt, completion)
+        own = [s.score(prompt, completion) for s in scorers]
+        scorers[1].chunk += 1  # calls of another shape would not be the same reference
+        with pytest.raises(ValueError, match="share"):
+            score_against_one_reference(scorers, prompt, completion)
+    finally:
+        for s in scorers:
+            s.close()
+        llm.close()
+    assert len(completion) > 8 and [len(s) for s in shared] == [len(completion)] * 3
+    for a, b in zip(shared, own, strict=True):
+        assert a.first_position == b.first_position == len(prompt)
+        for field in ("kld", "same_top", "p_ref", "p_primary"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert shared[1].kld.mean() > shared[0].kld.mean() > 0  # three configs, three different figures

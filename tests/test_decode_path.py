@@ -35,6 +35,9 @@ from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.pool import ShadowJob, ShadowPool
 from kvproxy.shadow.quality import QualityTracker
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 F16 = KVConfig(T.F16, T.F16)
 Q4 = KVConfig(T.Q4_0, T.Q4_0)
@@ -70,7 +73,7 @@ def test_decode_replay_reproduces_the_served_logprobs(
         model=gemma_path,
         ctx_size=1024,
         batch_size=batch,
-        threads=2,
+        threads=THREADS_N,
         shadow_rate=0,
         cache_type_k=kv,
         cache_type_v=kv,
@@ -134,7 +137,7 @@ def llm_and_jobs(gemma_path: Path) -> tuple[Any, list[ScoreRequest]]:
     llm = llama_cpp.Llama(
         str(gemma_path),
         n_ctx=256,
-        n_threads=2,
+        n_threads=THREADS_N,
         type_k=int(ggml_type(T.Q4_0)),
         type_v=int(ggml_type(T.Q4_0)),
         flash_attn=True,
@@ -162,7 +165,7 @@ def _scorer(llm: Any, sequences: int) -> EmbeddedScorer:
         primary=Q4,
         reference=F16,
         n_ctx=256,
-        threads=2,
+        threads=THREADS_N,
         flash_attn=True,
         path="decode",
         max_sequences=sequences,

@@ -26,6 +26,9 @@ from kvproxy.config import Settings
 from kvproxy.model.gguf_info import read_model_info
 from tests.burst import rss_mib, run_burst
 from tests.conftest import RunningServer, start_server, stop_server, wait_for
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 BURST = int(os.environ.get("KVPROXY_BURST_REQUESTS", "300"))
 # a story prompt a base model goes on with for thousands of tokens
@@ -88,7 +91,7 @@ class LongStream:
 def test_sampler_chains_are_freed_without_a_garbage_collection(gemma_path: Path) -> None:
     """The per-request 3 MiB candidate buffer (Gemma's 262,144 tokens) is freed when the request
     ends, not at the next full collection: 60 requests with the collector off leave RSS flat."""
-    settings = Settings(model=gemma_path, ctx_size=256, threads=2, shadow_rate=0)
+    settings = Settings(model=gemma_path, ctx_size=256, threads=THREADS_N, shadow_rate=0)
     backend = EmbeddedBackend(settings, read_model_info(gemma_path))
 
     async def one(prompt: list[int], i: int) -> Finished:

@@ -28,9 +28,12 @@ import pytest
 from kvproxy.cli.llama_args import template_file
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import llama_servers
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 FORCE = {"X-KVProxy-Shadow": "force"}
-THREADS = ("-t", "2")
+THREADS = ("-t", str(THREADS_N))
 CITY = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 16}},
@@ -57,7 +60,7 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     args = ("-np", "1", "-fa", "on", "-ctk", "q4_0", "-ctv", "q4_0", *THREADS)
     with llama_servers(gemma_path, tmp, (*args, "--chat-template-file", str(template)), jinja=True) as (q4,):
         backend = start_server(
-            "--score-path", "decode", "--ctx-size", "2048", "--threads", "2",
+            "--score-path", "decode", "--ctx-size", "2048", "--threads", str(THREADS_N),
             "-ctk", "q4_0", "-ctv", "q4_0", "--reference-cache-type", "f16",
             command="backend",
         )  # fmt: skip

@@ -40,6 +40,9 @@ from kvproxy.serving.openai_format import collect
 from kvproxy.upstream.replicas import ReplicaPool, Timeouts
 from tests.arch_models import tiny_model
 from tests.llama_servers import start_llama_server
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 F16 = KVConfig(T.F16, T.F16)
 
@@ -57,7 +60,7 @@ async def _generate(
 def test_embedded_generation_and_scoring_start_every_job_from_a_zero_state() -> None:
     path = tiny_model("qwen35moe")
     settings = Settings(
-        model=path, ctx_size=256, threads=2, shadow_rate=0, cache_type_k=T.Q4_0, cache_type_v=T.Q4_0
+        model=path, ctx_size=256, threads=THREADS_N, shadow_rate=0, cache_type_k=T.Q4_0, cache_type_v=T.Q4_0
     )
     backend = EmbeddedBackend(settings, read_model_info(path))
     rng = random.Random(1)

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kvproxy import kld
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 
 def brute_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -78,7 +81,7 @@ def real_logits(gemma_path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
         primary=KVConfig(T.Q4_0, T.Q4_0),
         reference=KVConfig(T.F16, T.F16),
         n_ctx=256,
-        threads=2,
+        threads=THREADS_N,
         flash_attn=True,
         chunk=64,
     )

@@ -48,6 +48,9 @@ from kvproxy.scoring.job import ShadowJob
 from kvproxy.scoring.scorers import ThreadedScorer
 from kvproxy.serving.openai_format import collect
 from kvproxy.shadow.capacity import ScoringCapacity, sustainable_rate
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 F16 = KVConfig(T.F16, T.F16)
 
@@ -371,7 +374,7 @@ def _settings(gemma_path: Path, kv: T, **kw: Any) -> Settings:
         model=gemma_path,
         ctx_size=512,
         batch_size=64,
-        threads=2,
+        threads=THREADS_N,
         shadow_rate=0,
         cache_type_k=kv,
         cache_type_v=kv,

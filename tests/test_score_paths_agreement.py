@@ -49,6 +49,9 @@ from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
 from kvproxy.scoring.embedded import EmbeddedScorer
 from tests.llama_tools import llama_bin, read_base_tokens
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 N_CTX = 512
 N_CHUNKS = 2
@@ -60,8 +63,8 @@ F16 = KVConfig(T.F16, T.F16)
 
 def perplexity(*args: str) -> str:
     result = subprocess.run(
-        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", "2",
-         "-fa", "on", *args],
+        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(N_CHUNKS),
+         "-t", str(THREADS_N), "-fa", "on", *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -142,7 +145,7 @@ def kvproxy_scores(
         primary=primary,
         reference=F16,
         n_ctx=N_CTX,
-        threads=2,
+        threads=THREADS_N,
         flash_attn=True,
         path=path,
         chunk=chunk,
@@ -195,7 +198,12 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     run; then `kvproxy calibrate` on the text file itself cuts it as llama-perplexity does."""
     gold_mean, gold_same = gold(ScorePath.PREFILL, T.Q4_0)
     scorer = EmbeddedScorer(
-        llm._model, primary=KVConfig(T.Q4_0, T.Q4_0), reference=F16, n_ctx=N_CTX, threads=2, flash_attn=True
+        llm._model,
+        primary=KVConfig(T.Q4_0, T.Q4_0),
+        reference=F16,
+        n_ctx=N_CTX,
+        threads=THREADS_N,
+        flash_attn=True,
     )
     first = N_CTX // 2
     try:
@@ -227,7 +235,7 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
         parse_config("f16"),
         read_blocks(text),
         ctx_size=N_CTX,
-        threads=2,
+        threads=THREADS_N,
         score_path=ScorePath.PREFILL,
         max_chunks=N_CHUNKS,
     )

@@ -19,6 +19,9 @@ from kvproxy.config import Settings
 from kvproxy.deployments.build import embedded_deployment
 from kvproxy.model.gguf_info import read_model_info
 from kvproxy.scoring.embedded import ScoreRequest
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
 
@@ -32,7 +35,7 @@ def _policies() -> dict[int, int]:
 
 
 def test_scoring_threads_are_idle_class_and_serving_threads_are_not(gemma_path: Path) -> None:
-    settings = Settings(model=gemma_path, ctx_size=256, shadow_rate=0, threads=2)
+    settings = Settings(model=gemma_path, ctx_size=256, shadow_rate=0, threads=THREADS_N)
     deployment = embedded_deployment(settings, read_model_info(gemma_path))
 
     async def run() -> tuple[int, int, dict[int, int], dict[int, int]]:

@@ -21,6 +21,9 @@ from kvproxy.corpus import english_text
 from kvproxy.scoring.embedded import EmbeddedScorer
 from kvproxy.scoring.prompt_fill import PromptFill
 from tests.llama_servers import llama_servers
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 F16 = KVConfig(T.F16, T.F16)
 
@@ -46,12 +49,18 @@ def served(url: str, text: str, n: int) -> tuple[list[int], list[int], list[list
 @pytest.mark.slow
 def test_the_replay_with_llama_servers_cuts_is_the_served_rows(gemma_path: Path, tmp_path: Path) -> None:
     text = " ".join(english_text().split()[:70])
-    with llama_servers(gemma_path, tmp_path, ("-np", "1", "-fa", "on", "-t", "2")) as (server,):
+    with llama_servers(gemma_path, tmp_path, ("-np", "1", "-fa", "on", "-t", str(THREADS_N))) as (server,):
         prompt, tokens, top_ids, want = served(server.url, text, 16)
     assert PromptFill().calls(len(prompt), cuts_apply=True)[-1] == (len(prompt) - 4, len(prompt))
     llm = llama_cpp.Llama(str(gemma_path), n_ctx=64, verbose=False)
     scorer = EmbeddedScorer(
-        llm._model, primary=F16, reference=F16, n_ctx=2048, threads=2, flash_attn=True, path=ScorePath.DECODE
+        llm._model,
+        primary=F16,
+        reference=F16,
+        n_ctx=2048,
+        threads=THREADS_N,
+        flash_attn=True,
+        path=ScorePath.DECODE,
     )
     assert scorer.cuts_apply  # Gemma 3 has sliding-window layers
     try:

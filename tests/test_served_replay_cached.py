@@ -30,6 +30,9 @@ from kvproxy.kld import coarse_kld_row
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import LlamaServer, llama_servers
 from tests.test_served_replay_jinja import FORCE, THREADS, chat, consistency, words
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 TOKENS = 8
 BOUND = 1e-4  # the float32 rounding floor is about 2e-6 (docs/production.md)
@@ -56,7 +59,7 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         for kv, slots in DEPLOYMENTS.values()
     ]
     with llama_servers(gemma_path, tmp, *configs, jinja=True) as servers:
-        common = ("--score-path", "decode", "--ctx-size", "2048", "--threads", "2")
+        common = ("--score-path", "decode", "--ctx-size", "2048", "--threads", str(THREADS_N))
         backends = {
             kv: start_server(
                 *common, "-ctk", kv, "-ctv", kv, "--reference-cache-type", "f16", command="backend"

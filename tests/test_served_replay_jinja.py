@@ -25,9 +25,15 @@ import pytest
 from kvproxy.corpus import english_text
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.llama_servers import llama_servers
+from tests.workers import llama_threads
+
+THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 FORCE = {"X-KVProxy-Shadow": "force"}
-THREADS = ("-t", "2")  # the scoring servers get the same: CPU decode rows past 512 cells depend on it
+THREADS = (
+    "-t",
+    str(THREADS_N),
+)  # the scoring servers get the same: CPU decode rows past 512 cells depend on it
 
 
 def words(start: int, n: int) -> str:
@@ -73,7 +79,7 @@ def stack(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ("-np", "1", "-fa", "on", "-b", "64", "-ub", "16", *THREADS),  # calls cut by the batch too
         jinja=True,
     ) as (f16, q4_primary, small):
-        common = ("--score-path", "decode", "--ctx-size", "2048", "--threads", "2")
+        common = ("--score-path", "decode", "--ctx-size", "2048", "--threads", str(THREADS_N))
         # the scoring server's micro-batch must be the primary's: it sizes the sliding-window cache
         # (pad(512 + 16) = 768 cells against 1024), and that alone moved f16 rows by 1.2e-3 nats
         backends = [

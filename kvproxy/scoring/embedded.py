@@ -513,3 +513,59 @@ def make_scorer(
         ubatch=backend.n_ubatch,
         max_sequences=sequences,
     )
+
+
+def score_against_one_reference(
+    scorers: Sequence[EmbeddedScorer], prompt: Sequence[int], completion: Sequence[int]
+) -> list[PositionScores]:
+    """One job scored for several primary configs against one reference computation (``kvproxy
+    calibrate``'s sweep): the first scorer's reference context is fed the job once, instead of every
+    scorer feeding its own. Every context gets exactly the calls :meth:`EmbeddedScorer.score` makes
+    on the scorers' path, so each config's figures are those its own scorer gives (the reference's
+    rows do not depend on which scorer computed them); a 5-config sweep computes 5 passes a chunk
+    instead of 8. The scorers must share the path, context shape and reference config."""
+    if not scorers:
+        return []
+    lead = scorers[0]
+    for s in scorers:
+        if (s.path, s.n_ctx, s.chunk, s.batch_size, s.reference_kv, s.max_sequences) != (
+            lead.path, lead.n_ctx, lead.chunk, lead.batch_size, lead.reference_kv, 1,
+        ):  # fmt: skip
+            raise ValueError("scorers sharing a reference must share its path, shape and config")
+        s._check(ScoreRequest(prompt, completion))
+    if not completion:
+        return [PositionScores.concat([]).at(len(prompt)) for _ in scorers]
+    contexts = [(lead, lead._ctx_reference), *((s, s._ctx_primary) for s in scorers)]
+    parts: list[list[PositionScores]] = [[] for _ in scorers]
+    if lead.path == "prefill":
+        seq = list(prompt) + list(completion[:-1])
+        start = len(prompt) - 1  # the position whose logits predict completion[0]
+        for s, ctx in contexts:
+            ctx.kv_cache_clear()
+            for i in range(0, start, s.batch_size):
+                s._decode(ctx, seq[i : min(i + s.batch_size, start)], i, with_logits=False)
+        for c in range(start, len(seq), lead.chunk):
+            part = seq[c : c + lead.chunk]
+            lead._decode(lead._ctx_reference, part, c, with_logits=True)
+            ref = lead._logits(lead._ctx_reference, len(part)).copy()
+            targets = completion[c - start : c - start + len(part)]
+            for k, s in enumerate(scorers):
+                s._decode(s._ctx_primary, part, c, with_logits=True)
+                parts[k].append(exact_kld(ref, s._logits(s._ctx_primary, len(part)), targets))
+        return [PositionScores.concat(p).at(len(prompt)) for p in parts]
+    try:
+        for s, ctx in contexts:
+            ctx.kv_cache_clear()
+            s._prefill_prompt(ctx, prompt, 0)
+        for step, target in enumerate(completion):
+            if step:  # the completion token before the one this step's row predicts
+                for s, ctx in contexts:
+                    s._fill([completion[step - 1]], [len(prompt) + step - 1], [0], 1)
+                    ctx.decode(s._batch)
+            ref = lead._rows(lead._ctx_reference, 1)  # read in place: its context is not decoded again
+            for k, s in enumerate(scorers):
+                parts[k].append(exact_kld(ref, s._rows(s._ctx_primary, 1), [target]))
+    finally:
+        for _, ctx in contexts:
+            ctx.kv_cache_clear()
+    return [PositionScores.concat(p).at(len(prompt)) for p in parts]
