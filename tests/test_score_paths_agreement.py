@@ -19,7 +19,9 @@ sequences of one batch (its n_ctx becomes 2048), so its micro-batches would mix 
 kvproxy scores the very same token ids (read back from llama-perplexity's base file) at the very
 same positions, the second half of each chunk, whose first token llama-perplexity replaces by BOS:
 the decode path with the prompt prefilled in micro-batches of 1 (``prompt_ubatch=1``), the prefill
-path in chunks of 128 positions after the prefix. llama-perplexity keeps the base's
+path in chunks of 128 positions after the prefix. On the decode path the q4_0, q8_0 and f16 primaries
+are scored in one pass against one f16 reference computation, as `kvproxy calibrate` scores its
+configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers both chunks. llama-perplexity keeps the base's
 log-probabilities as 16-bit integers, so its figure carries a small rounding of its own.
 
 Why 128 and not the shadow scorer's default of 8: llama.cpp's CPU flash attention over an f16 (or
@@ -47,7 +49,7 @@ from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
-from kvproxy.scoring.embedded import EmbeddedScorer
+from kvproxy.scoring.embedded import EmbeddedScorer, score_against_one_reference
 from tests.llama_tools import llama_bin, read_base_tokens
 from tests.workers import llama_threads
 
@@ -158,15 +160,49 @@ def kvproxy_scores(
         scorer.close()
 
 
+@pytest.fixture(scope="module")
+def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
+    """The decode path's scores of q4_0, q8_0 and f16 primaries on both chunks, their f16 reference
+    computed once (kvproxy.scoring.embedded.score_against_one_reference, as `kvproxy calibrate`
+    does): each config's figures are exactly its own scorer's (tests/test_calibrate.py)."""
+    kvs = (T.Q4_0, T.Q8_0, T.F16)
+    scorers = [
+        EmbeddedScorer(
+            llm._model,
+            primary=KVConfig(kv, kv),
+            reference=F16,
+            n_ctx=N_CTX,
+            threads=THREADS_N,
+            flash_attn=True,
+            path=ScorePath.DECODE,
+            prompt_ubatch=1,
+        )
+        for kv in kvs
+    ]
+    first = N_CTX // 2
+    try:
+        per_chunk = [
+            score_against_one_reference(scorers, s[: first + 1], s[first + 1 :])
+            for s in chunks(bases["decode"], llm.token_bos())
+        ]
+    finally:
+        for scorer in scorers:
+            scorer.close()
+    return {kv: PositionScores.concat([c[k] for c in per_chunk]) for k, kv in enumerate(kvs)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", [T.Q4_0, T.Q8_0])
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_mean_kld_matches_llama_perplexity_on_the_same_path(
-    bases: dict[str, Path], gold: Gold, llm: Any, kv: T, path: ScorePath
+    request: pytest.FixtureRequest, bases: dict[str, Path], gold: Gold, llm: Any, kv: T, path: ScorePath
 ) -> None:
     gold_mean, gold_same = gold(path, kv)
     seqs = chunks(bases[path], llm.token_bos())
-    mine = summarize(kvproxy_scores(llm, KVConfig(kv, kv), path, seqs))
+    if path == "decode":
+        mine = summarize(request.getfixturevalue("decode_scores")[kv])
+    else:
+        mine = summarize(kvproxy_scores(llm, KVConfig(kv, kv), path, seqs))
     assert mine.tokens == N_CHUNKS * (N_CTX - 1 - N_CTX // 2)
     print(
         f"\n{kv.value} {path} path: llama-perplexity -ub {UBATCH[path]} mean KLD {gold_mean:.6f}, "
@@ -182,11 +218,16 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["decode", "prefill"])
-def test_an_f16_primary_reads_exactly_zero(bases: dict[str, Path], llm: Any, path: ScorePath) -> None:
-    seqs = chunks(bases[path], llm.token_bos())[:1]
-    scores = kvproxy_scores(llm, F16, path, seqs, chunk=8)  # the shadow scorer's default
+def test_an_f16_primary_reads_exactly_zero(
+    request: pytest.FixtureRequest, bases: dict[str, Path], llm: Any, path: ScorePath
+) -> None:
+    if path == "decode":  # both chunks, from the pass the configs share (the chunk size plays no part)
+        scores, chunks_scored = request.getfixturevalue("decode_scores")[T.F16], N_CHUNKS
+    else:
+        seqs = chunks(bases[path], llm.token_bos())[:1]
+        scores, chunks_scored = kvproxy_scores(llm, F16, path, seqs, chunk=8), 1  # the shadow's default
     print(f"\nf16 primary, {path} path: {len(scores)} positions, max KLD {float(scores.kld.max())}")
-    assert len(scores) == N_CTX - 1 - N_CTX // 2
+    assert len(scores) == chunks_scored * (N_CTX - 1 - N_CTX // 2)
     assert np.all(scores.kld == 0.0) and np.all(scores.same_top)
 
 

@@ -528,9 +528,7 @@ def score_against_one_reference(
         return []
     lead = scorers[0]
     for s in scorers:
-        if (s.path, s.n_ctx, s.chunk, s.batch_size, s.reference_kv, s.max_sequences) != (
-            lead.path, lead.n_ctx, lead.chunk, lead.batch_size, lead.reference_kv, 1,
-        ):  # fmt: skip
+        if _call_shape(s) != _call_shape(lead) or s.max_sequences != 1:
             raise ValueError("scorers sharing a reference must share its path, shape and config")
         s._check(ScoreRequest(prompt, completion))
     if not completion:
@@ -569,3 +567,9 @@ def score_against_one_reference(
         for _, ctx in contexts:
             ctx.kv_cache_clear()
     return [PositionScores.concat(p).at(len(prompt)) for p in parts]
+
+
+def _call_shape(s: EmbeddedScorer) -> tuple[object, ...]:
+    """What decides the calls a scorer's contexts get (the chunk only shapes the prefill path's)."""
+    chunk = s.chunk if s.path == "prefill" else None
+    return (s.path, s.n_ctx, s.batch_size, s.prompt_ubatch, s._prompt_call, chunk, s.reference_kv)
