@@ -21,8 +21,9 @@ same positions, the second half of each chunk, whose first token llama-perplexit
 the decode path with the prompt prefilled in micro-batches of 1 (``prompt_ubatch=1``), the prefill
 path in chunks of 128 positions after the prefix. On the decode path the q4_0, q8_0 and f16 primaries
 are scored in one pass against one f16 reference computation, as `kvproxy calibrate` scores its
-configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers both chunks. llama-perplexity keeps the base's
-log-probabilities as 16-bit integers, so its figure carries a small rounding of its own.
+configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers both chunks.
+llama-perplexity keeps the base's log-probabilities as 16-bit integers, so its figure carries a
+small rounding of its own.
 
 Why 128 and not the shadow scorer's default of 8: llama.cpp's CPU flash attention over an f16 (or
 f32) cache runs a tiled kernel for calls of 64 query rows or more and a vector kernel below that
