@@ -300,9 +300,19 @@ def test_one_reference_pass_gives_every_config_its_own_figures(gemma_path: Path,
     try:
         shared = score_against_one_reference(scorers, prompt, completion)
         own = [s.score(prompt, completion) for s in scorers]
-        scorers[1].chunk += 1  # calls of another shape would not be the same reference
+        scorers[1].n_ctx += 1  # a context of another shape: its reference would not be the same
         with pytest.raises(ValueError, match="share"):
             score_against_one_reference(scorers, prompt, completion)
+        scorers[1].n_ctx -= 1
+        scorers[1].chunk += 1  # the prefill path's calls; the decode path makes none of that size
+        if path == "prefill":
+            with pytest.raises(ValueError, match="share"):
+                score_against_one_reference(scorers, prompt, completion)
+        else:
+            assert (
+                score_against_one_reference(scorers, prompt, completion)[1].kld.tolist()
+                == own[1].kld.tolist()
+            )
     finally:
         for s in scorers:
             s.close()
