@@ -351,31 +351,7 @@ class EmbeddedScorer:
     # ---- prefill path ---------------------------------------------------------------------------
 
     def _score_prefill(self, request: ScoreRequest) -> PositionScores:
-        prompt, completion, check_ids = request.prompt, request.completion, request.check_ids
-        if not completion:
-            return PositionScores.concat([]).at(len(prompt))
-        seq = list(prompt) + list(completion[:-1])
-        start = len(prompt) - 1  # the position whose logits predict completion[0]
-        for ctx in (self._ctx_primary, self._ctx_reference):
-            ctx.kv_cache_clear()
-            for i in range(0, start, self.batch_size):
-                part = seq[i : min(i + self.batch_size, start)]
-                self._decode(ctx, part, i, with_logits=False)
-        parts = []
-        checks: list[list[float]] = []
-        for c in range(start, len(seq), self.chunk):
-            part = seq[c : c + self.chunk]
-            self._decode(self._ctx_reference, part, c, with_logits=True)
-            ref = self._logits(self._ctx_reference, len(part)).copy()
-            self._decode(self._ctx_primary, part, c, with_logits=True)
-            primary = self._logits(self._ctx_primary, len(part))
-            targets = completion[c - start : c - start + len(part)]
-            parts.append(exact_kld(ref, primary, targets))
-            if check_ids is not None:
-                for row, ids in zip(primary, check_ids[c - start : c - start + len(part)], strict=False):
-                    checks.append(logprobs_at(row, ids))
-        scores = PositionScores.concat(parts).at(len(prompt))
-        return scores if check_ids is None else scores.with_checks(checks)
+        return _prefill_scores(self, [self], request)[0]
 
     # ---- decode path ----------------------------------------------------------------------------
 
@@ -533,24 +509,10 @@ def score_against_one_reference(
         s._check(ScoreRequest(prompt, completion))
     if not completion:
         return [PositionScores.concat([]).at(len(prompt)) for _ in scorers]
+    if lead.path == "prefill":
+        return _prefill_scores(lead, scorers, ScoreRequest(prompt, completion))
     contexts = [(lead, lead._ctx_reference), *((s, s._ctx_primary) for s in scorers)]
     parts: list[list[PositionScores]] = [[] for _ in scorers]
-    if lead.path == "prefill":
-        seq = list(prompt) + list(completion[:-1])
-        start = len(prompt) - 1  # the position whose logits predict completion[0]
-        for s, ctx in contexts:
-            ctx.kv_cache_clear()
-            for i in range(0, start, s.batch_size):
-                s._decode(ctx, seq[i : min(i + s.batch_size, start)], i, with_logits=False)
-        for c in range(start, len(seq), lead.chunk):
-            part = seq[c : c + lead.chunk]
-            lead._decode(lead._ctx_reference, part, c, with_logits=True)
-            ref = lead._logits(lead._ctx_reference, len(part)).copy()
-            targets = completion[c - start : c - start + len(part)]
-            for k, s in enumerate(scorers):
-                s._decode(s._ctx_primary, part, c, with_logits=True)
-                parts[k].append(exact_kld(ref, s._logits(s._ctx_primary, len(part)), targets))
-        return [PositionScores.concat(p).at(len(prompt)) for p in parts]
     try:
         for s, ctx in contexts:
             ctx.kv_cache_clear()
@@ -573,3 +535,36 @@ def _call_shape(s: EmbeddedScorer) -> tuple[object, ...]:
     """What decides the calls a scorer's contexts get (the chunk only shapes the prefill path's)."""
     chunk = s.chunk if s.path == "prefill" else None
     return (s.path, s.n_ctx, s.batch_size, s.prompt_ubatch, s._prompt_call, chunk, s.reference_kv)
+
+
+def _prefill_scores(
+    lead: EmbeddedScorer, scorers: Sequence[EmbeddedScorer], request: ScoreRequest
+) -> list[PositionScores]:
+    """The prefill path for one or more primaries against ``lead``'s reference context: the prompt
+    prefix without logits in each context, then ``chunk`` positions per call, the reference's rows
+    copied once a call and read by every primary. ``check_ids`` are read from each primary's rows."""
+    prompt, completion, check_ids = request.prompt, request.completion, request.check_ids
+    if not completion:
+        return [PositionScores.concat([]).at(len(prompt)) for _ in scorers]
+    seq = list(prompt) + list(completion[:-1])
+    start = len(prompt) - 1  # the position whose logits predict completion[0]
+    for s, ctx in [(lead, lead._ctx_reference), *((s, s._ctx_primary) for s in scorers)]:
+        ctx.kv_cache_clear()
+        for i in range(0, start, s.batch_size):
+            s._decode(ctx, seq[i : min(i + s.batch_size, start)], i, with_logits=False)
+    parts: list[list[PositionScores]] = [[] for _ in scorers]
+    checks: list[list[list[float]]] = [[] for _ in scorers]
+    for c in range(start, len(seq), lead.chunk):
+        part = seq[c : c + lead.chunk]
+        lead._decode(lead._ctx_reference, part, c, with_logits=True)
+        ref = lead._logits(lead._ctx_reference, len(part)).copy()
+        targets = completion[c - start : c - start + len(part)]
+        for k, s in enumerate(scorers):
+            s._decode(s._ctx_primary, part, c, with_logits=True)
+            primary = s._logits(s._ctx_primary, len(part))
+            parts[k].append(exact_kld(ref, primary, targets))
+            if check_ids is not None:
+                for row, ids in zip(primary, check_ids[c - start : c - start + len(part)], strict=False):
+                    checks[k].append(logprobs_at(row, ids))
+    out = [PositionScores.concat(p).at(len(prompt)) for p in parts]
+    return out if check_ids is None else [o.with_checks(c) for o, c in zip(out, checks, strict=True)]
