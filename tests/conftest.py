@@ -70,6 +70,23 @@ def gemma_path() -> Path:
     return bundled_model_path()
 
 
+def kvproxy_cache() -> Path:
+    """Where `make` keeps what it builds once (wheels, llama.cpp tools): ``$KVPROXY_CACHE``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvproxy"
+    return Path(os.environ.get("KVPROXY_CACHE") or default)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_path(gemma_path: Path) -> Path:
+    """tests/tiny_gemma3.py: the bundled tokenizer with small random weights, for tests whose
+    model's weights do not matter. Written once (about 18 s) into the cache and reused."""
+    from tests.tiny_gemma3 import write_tiny_gemma3
+
+    out = kvproxy_cache() / "tiny-models" / f"tiny-gemma3-v1-{gemma_path.stem}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_tiny_gemma3(gemma_path, out)
+
+
 @dataclass
 class RunningServer:
     base_url: str

@@ -90,7 +90,7 @@ def settled(proxy: RunningServer, timeout: float = 120) -> dict[str, Any]:
         if sh["queued"] == 0 and sh["in_flight"] == 0 and st["guard"]["probes_in_flight"] == 0:
             return st
         assert time.monotonic() < deadline, st
-        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polling would slow it (tests/conftest.py wait_for)
+        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polls slow it (tests/conftest.py wait_for)
 
 
 class Traffic:

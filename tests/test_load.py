@@ -111,7 +111,7 @@ def settle(url: str, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while (s := shadow(url))["queued"] or s["in_flight"]:
         assert time.monotonic() < deadline, f"shadow jobs still pending: {s}"
-        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polling would slow it (tests/conftest.py wait_for)
+        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polls slow it (tests/conftest.py wait_for)
     return s
 
 

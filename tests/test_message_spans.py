@@ -189,12 +189,12 @@ def _server_args(case: str, tmp: Path) -> tuple[tuple[str, ...], bool]:
 
 
 @contextlib.contextmanager
-def traced_server(gemma_path: Path, tmp: Path, case: str) -> Iterator[LlamaServer]:
+def traced_server(model: Path, tmp: Path, case: str) -> Iterator[LlamaServer]:
     """llama-server logging every prompt call; no prompt cache in RAM, so each chat starts afresh:
     the calls of a prompt with nothing cached, as PromptFill models."""
     args, jinja = _server_args(case, tmp)
     flags = ("-np", "1", "-lv", "4", "--cache-ram", "0", "--slot-save-path", str(tmp))  # slots can be erased
-    srv = start_llama_server(gemma_path, tmp, *flags, *args, jinja=jinja)
+    srv = start_llama_server(model, tmp, *flags, *args, jinja=jinja)
     try:
         yield srv
     finally:
@@ -217,16 +217,22 @@ def served_calls(srv: LlamaServer, messages: list[dict[str, str]]) -> list[int] 
     seen = len(srv.log.read_text(errors="replace"))
     body = {"messages": messages, "max_tokens": 1}
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120)
-    if r.status_code != 200:
+    # the tiny model's one random token may not parse in the template's own output format (gpt-oss's
+    # channels): that 500 comes after the prompt's calls were made and logged
+    unparsed = r.status_code == 500 and "does not match the expected" in r.text
+    if r.status_code != 200 and not unparsed:
         return None
     return [int(m.group(1)) for m in CALL.finditer(srv.log.read_text(errors="replace")[seen:])]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_kvproxy_cuts_a_chat_where_llama_server_did(gemma_path: Path, tmp_path: Path, case: str) -> None:
+def test_kvproxy_cuts_a_chat_where_llama_server_did(tiny_gemma_path: Path, tmp_path: Path, case: str) -> None:
+    """The bundled Gemma's tokenizer with tiny random weights (tests/tiny_gemma3.py): where llama-server
+    cuts depends on the template and the token ids, not on the weights, and the real ones made each
+    chat's prefill cost seconds."""
     compared = 0
-    with traced_server(gemma_path, tmp_path, case) as srv:
+    with traced_server(tiny_gemma_path, tmp_path, case) as srv:
         for name, messages in CHATS.items():
             served = served_calls(srv, messages)
             if served is None:

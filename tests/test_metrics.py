@@ -34,7 +34,7 @@ def wait_scored(http: httpx.Client, n: int) -> dict[str, Any]:
         if s["scored"] + s["failed"] + s["dropped"] >= n and s["in_flight"] == 0:
             return d
         assert time.monotonic() < deadline
-        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polling would slow it (tests/conftest.py wait_for)
+        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polls slow it (tests/conftest.py wait_for)
 
 
 def test_position_buckets() -> None:

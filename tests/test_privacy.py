@@ -53,7 +53,7 @@ def wait_settled(client: httpx.Client, timeout: float = 60) -> dict[str, Any]:
         if shadow["sampled"] and not shadow["queued"] and not shadow["in_flight"] and settled:
             return shadow
         assert time.monotonic() < deadline, shadow
-        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polling would slow it (tests/conftest.py wait_for)
+        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polls slow it (tests/conftest.py wait_for)
 
 
 def test_the_scan_finds_a_held_marker() -> None:

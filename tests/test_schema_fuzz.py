@@ -1,6 +1,10 @@
 """Schemathesis against the proxy's own OpenAPI schema: at least 1,000 generated requests, no 5xx.
 
-The server is the real embedded default (Gemma 3 270M, q4_0 KV, shadow scoring on). Generated
+The server is the embedded default (q4_0 KV, shadow scoring on) serving tests/tiny_gemma3.py: the
+bundled Gemma 3 270M's own tokenizer and chat template, so every generated body is tokenized and
+rendered exactly as the real model's would be, with small random weights (what is fuzzed is the
+request handling, not the model; the real weights cost 100-150 s of this run's 1,250 prefills and
+decodes, the tiny ones a few). Generated
 bodies are fuzzed everywhere except two places, so the run stays minutes, not hours: a valid
 ``max_tokens`` (or ``max_completion_tokens``) is capped at 1 and one is added where none was
 generated (an invalid value is left as generated, to be refused), and nine requests in ten name
@@ -11,6 +15,7 @@ is fuzzed the same way, its limit being ``max_output_tokens``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,8 +29,8 @@ MIN_CASES = 1000
 
 
 @pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[RunningServer]:
-    srv = start_server("--ctx-size", "256", "--shadow-rate", "0.2")
+def fuzz_server(tiny_gemma_path: Path) -> Iterator[RunningServer]:
+    srv = start_server("--model", str(tiny_gemma_path), "--ctx-size", "256", "--shadow-rate", "0.2")
     yield srv
     stop_server(srv)
 

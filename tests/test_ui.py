@@ -422,7 +422,7 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> An
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polling would slow it (tests/conftest.py wait_for)
+        time.sleep(0.25)  # scoring runs at SCHED_IDLE: fast polls slow it (tests/conftest.py wait_for)
 
 
 def quiet_status(http: httpx.Client) -> dict[str, Any]:
