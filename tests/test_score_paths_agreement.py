@@ -5,9 +5,12 @@ llama-perplexity is built from the llama.cpp source the pinned llama-cpp-python 
 (scripts/build-llama-tools.sh). It saves the f16-KV reference's log-probabilities of a real English
 text (``--kl-divergence-base``), then scores a KV config's run against them. One base file per path
 and one llama-perplexity run per (path, config) serve every test of the module (module fixtures):
-2 chunks of 512 tokens, 510 scored positions. The agreement is one of numerics, not of sampling (the
-same token ids at the same positions: the gap is llama-perplexity's 16-bit rounding, about 0.1 %), so
-2 chunks hold the same bounds as the 3 these tests used to run.
+chunks of 512 tokens, 2 on the prefill path (510 scored positions) and 1 on the decode path (255,
+every one of them a one-token decode, which costs twice a prefilled one here). The agreement is one
+of numerics, not of sampling (the same token ids at the same positions: the gap is llama-perplexity's
+16-bit rounding, about 0.1 %), so one chunk holds the same bounds as the 3 these tests used to run:
+on 2 decode chunks kvproxy read -0.11 % (q4_0) and +0.16 % (q8_0) from llama-perplexity with the
+same-top rates equal, against bounds of 2 % and 0.01.
 
 llama-perplexity's micro-batch picks the numerics (docs/reference-design.md, "Which numerics served the
 tokens"):
@@ -21,7 +24,11 @@ same positions, the second half of each chunk, whose first token llama-perplexit
 the decode path with the prompt prefilled in micro-batches of 1 (``prompt_ubatch=1``), the prefill
 path in chunks of 128 positions after the prefix. On the decode path the q4_0, q8_0 and f16 primaries
 are scored in one pass against one f16 reference computation, as `kvproxy calibrate` scores its
-configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers both chunks.
+configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers every position.
+The prefill path's q4_0 and q8_0 figures are `kvproxy calibrate --score-path prefill` on the text file
+itself (the scorer's prefill path, its configs sharing one reference: 3 passes a chunk, not 4 for
+the two configs and 2 more for a separate calibrate run), and its chunks are checked to be the base
+file's tokens, one for one.
 llama-perplexity keeps the base's log-probabilities as 16-bit integers, so its figure carries a
 small rounding of its own.
 
@@ -39,6 +46,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +54,12 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
+from kvproxy.calibrate import ConfigResult, read_blocks, sweep, text_chunks
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
+from kvproxy.model.gguf_info import read_model_info
 from kvproxy.scoring.embedded import EmbeddedScorer, score_against_one_reference
 from tests.llama_tools import llama_bin, read_base_tokens
 from tests.workers import llama_threads
@@ -57,16 +67,16 @@ from tests.workers import llama_threads
 THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
 N_CTX = 512
-N_CHUNKS = 2
+CHUNKS = {"decode": 1, "prefill": 2}
 
 UBATCH = {"decode": "1", "prefill": "512"}
 PREFILL_CHUNK = 128  # 255 scored positions: calls of 128 and 127 rows, both on the tiled kernel
 F16 = KVConfig(T.F16, T.F16)
 
 
-def perplexity(*args: str) -> str:
+def perplexity(path: str, *args: str) -> str:
     result = subprocess.run(
-        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(N_CHUNKS),
+        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(CHUNKS[path]),
          "-t", str(THREADS_N), "-fa", "on", *args],
         capture_output=True,
         text=True,
@@ -91,7 +101,7 @@ def bases(gemma_path: Path, text: Path, tmp_path_factory: pytest.TempPathFactory
     for path, ub in UBATCH.items():
         out[path] = tmp / f"base-ub{ub}.kld"
         perplexity(
-            "-m", str(gemma_path), "-f", str(text), "-b", "512", "-ub", ub,
+            path, "-m", str(gemma_path), "-f", str(text), "-b", "512", "-ub", ub,
             "-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(out[path]),
         )  # fmt: skip
     return out
@@ -108,7 +118,8 @@ def gold(gemma_path: Path, bases: dict[str, Path]) -> Gold:
     def get(path: ScorePath, kv: T) -> tuple[float, float]:
         if (path, kv) not in runs:
             out = perplexity(
-                "-m", str(gemma_path), "-b", "512", "-ub", UBATCH[path], "-ctk", kv.value, "-ctv", kv.value,
+                path, "-m", str(gemma_path), "-b", "512", "-ub", UBATCH[path],
+                "-ctk", kv.value, "-ctv", kv.value,
                 "--kl-divergence-base", str(bases[path]), "--kl-divergence",
             )  # fmt: skip
             mean = re.search(r"Mean\s+KLD:\s+([0-9.]+)\s+±\s+([0-9.]+)", out)
@@ -131,7 +142,7 @@ def llm(gemma_path: Path) -> Iterator[Any]:
 
 def chunks(base: Path, bos: int) -> list[list[int]]:
     n_ctx, n_chunk, tokens = read_base_tokens(base)
-    assert (n_ctx, n_chunk) == (N_CTX, N_CHUNKS)
+    assert n_ctx == N_CTX and n_chunk in CHUNKS.values()
     out = []
     for c in range(n_chunk):
         seq = [int(t) for t in tokens[c * n_ctx : (c + 1) * n_ctx]]
@@ -163,7 +174,7 @@ def kvproxy_scores(
 
 @pytest.fixture(scope="module")
 def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
-    """The decode path's scores of q4_0, q8_0 and f16 primaries on both chunks, their f16 reference
+    """The decode path's scores of q4_0, q8_0 and f16 primaries on the decode chunk, their f16 reference
     computed once (kvproxy.scoring.embedded.score_against_one_reference, as `kvproxy calibrate`
     does): each config's figures are exactly its own scorer's (tests/test_calibrate.py)."""
     kvs = (T.Q4_0, T.Q8_0, T.F16)
@@ -192,6 +203,24 @@ def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
     return {kv: PositionScores.concat([c[k] for c in per_chunk]) for k, kv in enumerate(kvs)}
 
 
+@pytest.fixture(scope="module")
+def prefill_calibrate(gemma_path: Path, text: Path) -> dict[T, ConfigResult]:
+    """`kvproxy calibrate --score-path prefill` of q4_0 and q8_0 against f16 on the text file, cut as
+    llama-perplexity cuts it (test_mean_kld_and_same_top_match_llama_perplexity checks the tokens)."""
+    calib = sweep(
+        gemma_path,
+        read_model_info(gemma_path),
+        [KVConfig(T.Q4_0, T.Q4_0), KVConfig(T.Q8_0, T.Q8_0)],
+        F16,
+        read_blocks(text),
+        ctx_size=N_CTX,
+        threads=THREADS_N,
+        score_path=ScorePath.PREFILL,
+        max_chunks=CHUNKS["prefill"],
+    )
+    return {T(r.config): r for r in calib.results}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", [T.Q4_0, T.Q8_0])
 @pytest.mark.parametrize("path", ["decode", "prefill"])
@@ -199,22 +228,24 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
     request: pytest.FixtureRequest, bases: dict[str, Path], gold: Gold, llm: Any, kv: T, path: ScorePath
 ) -> None:
     gold_mean, gold_same = gold(path, kv)
-    seqs = chunks(bases[path], llm.token_bos())
     if path == "decode":
-        mine = summarize(request.getfixturevalue("decode_scores")[kv])
+        d = summarize(request.getfixturevalue("decode_scores")[kv])
+        tokens, mean, error, same_top = d.tokens, d.mean, d.mean_error, d.same_top
     else:
-        mine = summarize(kvproxy_scores(llm, KVConfig(kv, kv), path, seqs))
-    assert mine.tokens == N_CHUNKS * (N_CTX - 1 - N_CTX // 2)
+        r = request.getfixturevalue("prefill_calibrate")[kv]
+        tokens, mean, error, same_top = r.tokens, r.mean_kld, r.mean_kld_error, r.same_top
+    assert tokens == CHUNKS[path] * (N_CTX - 1 - N_CTX // 2)
     print(
         f"\n{kv.value} {path} path: llama-perplexity -ub {UBATCH[path]} mean KLD {gold_mean:.6f}, "
-        f"same top {gold_same:.4f}; kvproxy mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f} "
-        f"({100 * (mine.mean / gold_mean - 1):+.2f} %), same top {mine.same_top:.4f}"
+        f"same top {gold_same:.4f}; kvproxy mean KLD {mean:.6f} ± {error:.6f} "
+        f"({100 * (mean / gold_mean - 1):+.2f} %), same top {same_top:.4f}"
     )
     if path == "prefill" and os.environ.get("KVPROXY_SMALL_CHUNKS") == "1":
+        seqs = chunks(bases[path], llm.token_bos())
         small = summarize(kvproxy_scores(llm, KVConfig(kv, kv), path, seqs, chunk=8)).mean
         print(f"{kv.value} prefill path in chunks of 8: {small:.6f} ({100 * (small / gold_mean - 1):+.2f} %)")
-    assert mine.mean == pytest.approx(gold_mean, rel=0.02)
-    assert abs(mine.same_top - gold_same) <= 0.01
+    assert mean == pytest.approx(gold_mean, rel=0.02)
+    assert abs(same_top - gold_same) <= 0.01
 
 
 @pytest.mark.slow
@@ -222,8 +253,8 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
 def test_an_f16_primary_reads_exactly_zero(
     request: pytest.FixtureRequest, bases: dict[str, Path], llm: Any, path: ScorePath
 ) -> None:
-    if path == "decode":  # both chunks, from the pass the configs share (the chunk size plays no part)
-        scores, chunks_scored = request.getfixturevalue("decode_scores")[T.F16], N_CHUNKS
+    if path == "decode":  # every position, from the pass the configs share (the chunk size plays no part)
+        scores, chunks_scored = request.getfixturevalue("decode_scores")[T.F16], CHUNKS["decode"]
     else:
         seqs = chunks(bases[path], llm.token_bos())[:1]
         scores, chunks_scored = kvproxy_scores(llm, F16, path, seqs, chunk=8), 1  # the shadow's default
@@ -237,7 +268,9 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     gemma_path: Path, text: Path, bases: dict[str, Path], gold: Gold, llm: Any
 ) -> None:
     """The shadow scorer's defaults (the prefill path in chunks of 8) against llama-perplexity's q4_0
-    run; then `kvproxy calibrate` on the text file itself cuts it as llama-perplexity does."""
+    run; then `kvproxy calibrate`'s cut of the text file is llama-perplexity's."""
+    import llama_cpp
+
     gold_mean, gold_same = gold(ScorePath.PREFILL, T.Q4_0)
     scorer = EmbeddedScorer(
         llm._model,
@@ -254,7 +287,7 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     finally:
         scorer.close()
     mine = summarize(PositionScores.concat(parts))
-    assert mine.tokens == N_CHUNKS * (N_CTX - 1 - first)
+    assert mine.tokens == CHUNKS["prefill"] * (N_CTX - 1 - first)
     print(
         f"\nllama-perplexity: mean KLD {gold_mean:.6f}, same top {gold_same:.4f}; "
         f"kvproxy: mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f}, same top {mine.same_top:.4f}"
@@ -265,23 +298,13 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     # q4_0 K/V on Gemma 3 270M really loses this much (docs/reference-design.md: 0.13)
     assert 0.05 < mine.mean < 0.5
 
-    # `kvproxy calibrate` reads the text file and cuts it the way llama-perplexity does: the same
-    # positions, and on the prefill path the same figure
-    from kvproxy.calibrate import parse_config, read_blocks, sweep
-    from kvproxy.model.gguf_info import read_model_info
-
-    calib = sweep(
-        gemma_path,
-        read_model_info(gemma_path),
-        [parse_config("f16"), parse_config("q4_0")],
-        parse_config("f16"),
-        read_blocks(text),
-        ctx_size=N_CTX,
-        threads=THREADS_N,
-        score_path=ScorePath.PREFILL,
-        max_chunks=N_CHUNKS,
-    )
-    q4 = next(r for r in calib.results if r.config == "q4_0")
-    print(f"kvproxy calibrate (prefill path): mean KLD {q4.mean_kld:.6f}, same top {q4.same_top:.4f}")
-    assert q4.tokens == mine.tokens
-    assert q4.mean_kld == pytest.approx(gold_mean, rel=0.02)
+    # `kvproxy calibrate` reads the text file and cuts it the way llama-perplexity does: its chunks
+    # are the base file's tokens, one for one (so prefill_calibrate scores the very same positions)
+    vocab = llama_cpp.Llama(str(gemma_path), vocab_only=True, verbose=False)
+    try:
+        tokenize = lambda t: list(vocab.tokenize(t.encode(), add_bos=False, special=False))  # noqa: E731
+        cut = text_chunks(read_blocks(text), tokenize, N_CTX, vocab.token_bos())
+        cut_chunks = list(islice(cut, CHUNKS["prefill"]))
+    finally:
+        vocab.close()
+    assert cut_chunks == seqs
