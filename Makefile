@@ -16,7 +16,9 @@ PIP := $(VENV)/bin/python -m pip
 PIP_INSTALL := $(PIP) install --quiet --find-links $(KVPROXY_CACHE)/wheels
 
 # `make test`'s pytest workers (pytest-xdist): one a core, each pinned to its core (tests/workers.py);
-# every module's tests run on one worker, so its module fixtures start once. TEST_WORKERS=0: one process.
+# every module's tests run on one worker, so its module fixtures start once, and modules are handed
+# out longest first (tests/conftest.py LONG_MODULES; --no-loadscope-reorder keeps that order instead
+# of xdist's most-tests-first). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= $(shell nproc)
 
 .PHONY: serve test test-fast llama-tools node-clients install install-test clean
@@ -40,7 +42,7 @@ test: $(VENV)/.installed-test llama-tools node-clients
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) \
-		$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+		$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit loop's tier: lint, types and the tests that start no llama-server and load the model at
 # most once (tests/conftest.py FAST_MODULES, and tests marked fast); no llama.cpp tools are built for it. `make test` runs these and everything else.

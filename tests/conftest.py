@@ -41,14 +41,21 @@ FAST_MODULES = frozenset(
 )  # fmt: skip
 
 
-# The longest modules, longest first (the 20 slowest of a one-process run; test_client_matrix took
-# 310 to 547 s alone on 2 shared cores): under pytest-xdist they
-# are handed out first, so no worker is left with one of them while the other has finished.
+# Every module of 8 s or more, longest first (test-seconds of a `make test` run, 2026-12-07): under
+# pytest-xdist they are handed out in this order, so the last modules a worker takes are short ones
+# and neither worker is left running a long module while the other has finished. The Makefile passes
+# --no-loadscope-reorder: xdist's default hands out modules by their number of tests, most first,
+# which sent one-test modules such as the 45 s drift scenario and the 40 s schema fuzz out last.
 LONG_MODULES = (
-    "test_client_matrix", "test_score_paths_agreement", "test_schema_fuzz", "test_calibrate",
-    "test_drift_scenario", "test_shadow_e2e", "test_decode_path", "test_prometheus", "test_connections",
-    "test_embedded_load", "test_served_replay_jinja", "test_served_replay_cached", "test_gguf_info",
-    "test_shadow_unchanged",
+    "test_score_paths_agreement", "test_client_matrix", "test_served_replay_jinja", "test_whatif",
+    "test_calibrate", "test_decode_path", "test_tools_side_by_side_native", "test_embedded_load",
+    "test_drift_scenario", "test_shadow_e2e", "test_tools_embedded", "test_llama_server",
+    "test_prometheus", "test_architectures", "test_faults_matrix", "test_schema_fuzz",
+    "test_served_replay_cached", "test_shadow_unchanged", "test_connections", "test_row_capture",
+    "test_shutdown", "test_message_spans", "test_clients", "test_untrusted_schemas",
+    "test_whatif_proxy", "test_tools_side_by_side", "test_privacy", "test_ui", "test_gguf_info",
+    "test_openai_client", "test_startup", "test_forced_tools_replay", "test_arch_memory",
+    "test_slots", "test_compat_proxy", "test_access", "test_metrics", "test_errors",
 )  # fmt: skip
 
 
