@@ -546,9 +546,11 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
     cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
     assert make_dry_run(tmp_path, "test")[-1] == (  # one pytest-xdist worker a core, a module on one
         f"KVPROXY_LLAMA_BIN=$(scripts/build-llama-tools.sh {venv}/bin/python) "
-        f"{venv}/bin/pytest -n {cores} --dist loadfile"
+        f"{venv}/bin/pytest -n {cores} --dist loadfile --no-loadscope-reorder"
     )
-    assert make_dry_run(tmp_path, "test", "TEST_WORKERS=0")[-1].endswith("/bin/pytest -n 0 --dist loadfile")
+    assert make_dry_run(tmp_path, "test", "TEST_WORKERS=0")[-1].endswith(
+        "/bin/pytest -n 0 --dist loadfile --no-loadscope-reorder"
+    )
 
 
 def k8s_gpu_files() -> list[dict[str, Any]]:
