@@ -46,7 +46,7 @@ def cache_dir() -> Path:
     return d
 
 
-def _atomic(dest: Path, write: Callable[[Path], object]) -> Path:
+def atomic(dest: Path, write: Callable[[Path], object]) -> Path:
     if dest.exists():
         return dest
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
@@ -76,11 +76,11 @@ def tiny_model(arch: str) -> Path:
     """The cached tiny model of ``arch`` (one of :data:`ARCHS`, or "llama-dense"), made on first use."""
     dest = cache_dir() / f"{arch}-seed{SEED}.gguf"
     if arch in _SAVED_BY_LLAMA_CPP:
-        return _atomic(dest, lambda tmp: _saved_by_llama_cpp(arch, tmp))
+        return atomic(dest, lambda tmp: _saved_by_llama_cpp(arch, tmp))
     if arch == "gemma4":
-        return _atomic(dest, write_tiny_gemma4)
+        return atomic(dest, write_tiny_gemma4)
     if arch == "llama":
-        return _atomic(dest, write_tiny_llama)
+        return atomic(dest, write_tiny_llama)
     raise ValueError(f"no tiny model for {arch}")
 
 

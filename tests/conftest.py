@@ -89,7 +89,7 @@ def tiny_gemma_path(gemma_path: Path) -> Path:
     model's weights do not matter. Written once (about 18 s) into the cache and reused."""
     from tests.tiny_gemma3 import write_tiny_gemma3
 
-    out = kvproxy_cache() / "tiny-models" / f"tiny-gemma3-v1-{gemma_path.stem}.gguf"
+    out = kvproxy_cache() / "tiny-models" / f"tiny-gemma3-v2-{gemma_path.stem}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_tiny_gemma3(gemma_path, out)
 

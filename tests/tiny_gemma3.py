@@ -12,12 +12,13 @@ noise, but not uniform noise.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
+
+from tests.arch_models import atomic
+from tests.tiny_gguf import add_shape
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_LAYER, N_FF = 64, 2, 1, 64, 6, 128
 LOGIT_STD = 3.0
@@ -29,71 +30,59 @@ _COPIED_BOOL = ("add_bos_token", "add_eos_token", "add_space_prefix", "add_sep_t
 def write_tiny_gemma3(source: Path, path: Path) -> Path:
     """Write the tiny model to ``path`` (atomically: written aside, then renamed) from the real
     model's tokenizer at ``source``; an existing file is kept."""
-    if path.exists():
-        return path
+    return atomic(path, lambda tmp: _write(source, tmp))
+
+
+def _write(source: Path, tmp: Path) -> None:
     src = GGUFReader(str(source))
 
     def field(key: str) -> object:
         return src.fields[key].contents()
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, "gemma3")
-        w.add_name("tiny gemma3 (the bundled tokenizer, random weights)")
-        w.add_context_length(32768)
-        w.add_embedding_length(N_EMBD)
-        w.add_block_count(N_LAYER)
-        w.add_feed_forward_length(N_FF)
-        w.add_head_count(N_HEAD)
-        w.add_head_count_kv(N_HEAD_KV)
-        w.add_key_length(HEAD_DIM)
-        w.add_value_length(HEAD_DIM)
-        w.add_layer_norm_rms_eps(1e-6)
-        w.add_rope_freq_base(float(field("gemma3.rope.freq_base")))  # type: ignore[arg-type]
-        w.add_sliding_window(int(field("gemma3.attention.sliding_window")))  # type: ignore[call-overload]
-        w.add_file_type(1)  # mostly f16
-        w.add_tokenizer_model(str(field("tokenizer.ggml.model")))
-        w.add_tokenizer_pre(str(field("tokenizer.ggml.pre")))
-        tokens = list(field("tokenizer.ggml.tokens"))  # type: ignore[call-overload]
-        w.add_token_list(tokens)
-        w.add_token_scores(list(field("tokenizer.ggml.scores")))  # type: ignore[call-overload]
-        w.add_token_types(list(field("tokenizer.ggml.token_type")))  # type: ignore[call-overload]
-        for key in _COPIED_U32:
-            w.add_uint32(f"tokenizer.ggml.{key}", int(field(f"tokenizer.ggml.{key}")))  # type: ignore[call-overload]
-        for key in _COPIED_BOOL:
-            w.add_bool(f"tokenizer.ggml.{key}", bool(field(f"tokenizer.ggml.{key}")))
+    w = GGUFWriter(str(tmp), "gemma3")
+    w.add_name("tiny gemma3 (the bundled tokenizer, random weights)")
+    add_shape(w, n_embd=N_EMBD, n_layer=N_LAYER, n_ff=N_FF, n_head=N_HEAD, n_head_kv=N_HEAD_KV, eps=1e-6)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_rope_freq_base(float(field("gemma3.rope.freq_base")))  # type: ignore[arg-type]
+    w.add_sliding_window(int(field("gemma3.attention.sliding_window")))  # type: ignore[call-overload]
+    w.add_file_type(1)  # mostly f16
+    w.add_tokenizer_model(str(field("tokenizer.ggml.model")))
+    w.add_tokenizer_pre(str(field("tokenizer.ggml.pre")))
+    tokens = list(field("tokenizer.ggml.tokens"))  # type: ignore[call-overload]
+    w.add_token_list(tokens)
+    w.add_token_scores(list(field("tokenizer.ggml.scores")))  # type: ignore[call-overload]
+    w.add_token_types(list(field("tokenizer.ggml.token_type")))  # type: ignore[call-overload]
+    for key in _COPIED_U32:
+        w.add_uint32(f"tokenizer.ggml.{key}", int(field(f"tokenizer.ggml.{key}")))  # type: ignore[call-overload]
+    for key in _COPIED_BOOL:
+        w.add_bool(f"tokenizer.ggml.{key}", bool(field(f"tokenizer.ggml.{key}")))
 
-        rng = np.random.default_rng(3)
+    rng = np.random.default_rng(3)
 
-        def matrix(name: str, rows: int, cols: int, std: float) -> None:
-            w.add_tensor(name, (rng.standard_normal((rows, cols)) * std).astype(np.float16))
+    def matrix(name: str, rows: int, cols: int, std: float) -> None:
+        w.add_tensor(name, (rng.standard_normal((rows, cols)) * std).astype(np.float16))
 
-        def ones(name: str, n: int) -> None:
-            w.add_tensor(name, np.ones(n, np.float32))
+    def ones(name: str, n: int) -> None:
+        w.add_tensor(name, np.ones(n, np.float32))
 
-        # tied output head: a final-normed state has unit RMS, so logits have std LOGIT_STD
-        matrix("token_embd.weight", len(tokens), N_EMBD, LOGIT_STD / np.sqrt(N_EMBD))
-        ones("output_norm.weight", N_EMBD)
-        for i in range(N_LAYER):
-            b = f"blk.{i}"
-            for norm, n in (("attn_norm", N_EMBD), ("attn_q_norm", HEAD_DIM), ("attn_k_norm", HEAD_DIM)):
-                ones(f"{b}.{norm}.weight", n)
-            for norm in ("post_attention_norm", "ffn_norm", "post_ffw_norm"):
-                ones(f"{b}.{norm}.weight", N_EMBD)
-            matrix(f"{b}.attn_q.weight", N_HEAD * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
-            matrix(f"{b}.attn_k.weight", N_HEAD_KV * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
-            matrix(f"{b}.attn_v.weight", N_HEAD_KV * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
-            matrix(f"{b}.attn_output.weight", N_EMBD, N_HEAD * HEAD_DIM, (N_HEAD * HEAD_DIM) ** -0.5)
-            matrix(f"{b}.ffn_gate.weight", N_FF, N_EMBD, N_EMBD**-0.5)
-            matrix(f"{b}.ffn_up.weight", N_FF, N_EMBD, N_EMBD**-0.5)
-            matrix(f"{b}.ffn_down.weight", N_EMBD, N_FF, N_FF**-0.5)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # tied output head: a final-normed state has unit RMS, so logits have std LOGIT_STD
+    matrix("token_embd.weight", len(tokens), N_EMBD, LOGIT_STD / np.sqrt(N_EMBD))
+    ones("output_norm.weight", N_EMBD)
+    for i in range(N_LAYER):
+        b = f"blk.{i}"
+        for norm, n in (("attn_norm", N_EMBD), ("attn_q_norm", HEAD_DIM), ("attn_k_norm", HEAD_DIM)):
+            ones(f"{b}.{norm}.weight", n)
+        for norm in ("post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            ones(f"{b}.{norm}.weight", N_EMBD)
+        matrix(f"{b}.attn_q.weight", N_HEAD * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
+        matrix(f"{b}.attn_k.weight", N_HEAD_KV * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
+        matrix(f"{b}.attn_v.weight", N_HEAD_KV * HEAD_DIM, N_EMBD, N_EMBD**-0.5)
+        matrix(f"{b}.attn_output.weight", N_EMBD, N_HEAD * HEAD_DIM, (N_HEAD * HEAD_DIM) ** -0.5)
+        matrix(f"{b}.ffn_gate.weight", N_FF, N_EMBD, N_EMBD**-0.5)
+        matrix(f"{b}.ffn_up.weight", N_FF, N_EMBD, N_EMBD**-0.5)
+        matrix(f"{b}.ffn_down.weight", N_EMBD, N_FF, N_FF**-0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

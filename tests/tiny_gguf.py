@@ -11,16 +11,23 @@ from gguf import GGUFWriter, TokenType
 N_EMBD, N_HEAD, N_HEAD_KV, N_LAYER, N_FF = 256, 8, 2, 4, 512
 
 
+def add_shape(
+    w: GGUFWriter, *, n_embd: int, n_layer: int, n_ff: int, n_head: int, n_head_kv: int, eps: float
+) -> None:
+    """The hyper-parameters every tiny model states (context 32,768)."""
+    w.add_context_length(32768)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(eps)
+
+
 def write_tiny_llama(path: Path) -> Path:
     w = GGUFWriter(str(path), "llama")
     w.add_name("tiny llama")
-    w.add_context_length(32768)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_shape(w, n_embd=N_EMBD, n_layer=N_LAYER, n_ff=N_FF, n_head=N_HEAD, n_head_kv=N_HEAD_KV, eps=1e-5)
     w.add_rope_dimension_count(N_EMBD // N_HEAD)
     w.add_file_type(0)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁the", "▁a", "▁of"]
