@@ -14,10 +14,16 @@ KVPROXY_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kvproxy
 export KVPROXY_CACHE
 PIP := $(VENV)/bin/python -m pip
 # The venv's packages are installed by uv (pinned, installed into the venv by pip first): with its
-# cache warm (~/.cache/uv) a fresh clone's `make test` installs in about 7 s where pip took 42 s
-# (docs/benchmarks.md). uv resolves the same pins and, like pip's --no-compile, byte-compiles nothing
-# up front (Python compiles what it imports, once). pip stays for building the llama-cpp-python wheel
+# cache warm (~/.cache/uv) a fresh clone's `make test` installs in about 20 s where pip took 49 s.
+# uv resolves the same pins. pip stays for building the llama-cpp-python wheel
 # (scripts/ensure-llama-wheel.sh).
+#
+# Byte code: kvproxy's own dependencies are compiled when installed (--compile-bytecode) and kvproxy
+# itself before the tests run (compileall). Where PYTHONDONTWRITEBYTECODE is set (CI sandboxes set
+# it) Python never keeps what it compiles, so every process would compile fastapi, pydantic, numpy,
+# ... again: `kvproxy serve --help` took 2.8 s of CPU without byte code and 1.5 s with it, and the
+# tests start some 175 kvproxy processes. The test extras (litellm, langchain, ...) are imported by
+# the two pytest workers only and are left to compile on import.
 UV_VERSION := 0.13.8
 UV := $(VENV)/bin/uv
 UV_PIP := $(UV) pip install --quiet --python $(VENV)/bin/python
@@ -52,6 +58,7 @@ test: $(VENV)/.installed-test llama-tools node-clients
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(MYPY)
+	$(VENV)/bin/python -m compileall -q kvproxy >/dev/null
 	KVPROXY_LLAMA_BIN=$$(scripts/build-llama-tools.sh $(VENV)/bin/python) \
 		$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
@@ -62,6 +69,7 @@ test-fast: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(MYPY)
+	$(VENV)/bin/python -m compileall -q kvproxy >/dev/null
 	$(VENV)/bin/pytest -m fast
 
 # llama-server and llama-perplexity from the pinned llama.cpp source, cached in $(KVPROXY_CACHE)
@@ -86,7 +94,7 @@ $(VENV)/.venv-ok:
 
 $(VENV)/.installed: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh scripts/llama-cpu.sh
 	scripts/ensure-llama-wheel.sh $(VENV)/bin/python
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) --compile-bytecode -e .
 	touch $@
 
 # The script installs the CUDA wheel into the venv in place of any CPU one (same version and file
@@ -94,7 +102,7 @@ $(VENV)/.installed: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.s
 # Marking .installed too keeps a later plain `make serve` from building a CPU wheel it would not install.
 $(VENV)/.installed-cuda: $(VENV)/.venv-ok pyproject.toml scripts/ensure-llama-wheel.sh scripts/llama-cpu.sh
 	scripts/ensure-llama-wheel.sh --cuda $(VENV)/bin/python
-	$(UV_PIP) --find-links $(KVPROXY_CACHE)/wheels-cuda -e .
+	$(UV_PIP) --find-links $(KVPROXY_CACHE)/wheels-cuda --compile-bytecode -e .
 	touch $@ $(VENV)/.installed
 
 # instructor pins jiter<0.15, which the openai SDK outgrew: installed without its pins (pyproject.toml)

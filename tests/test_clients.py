@@ -201,7 +201,11 @@ def test_langchain(srv: RunningServer) -> None:
         embeddings.embed_query("Hi")
 
 
-def test_litellm(srv: RunningServer) -> None:
+def test_litellm(srv: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # on import litellm fetches its model price map from GitHub, retrying for about 7 s where it
+    # cannot (CI has no internet); its bundled copy is the documented offline setting, and prices
+    # play no part in what is served
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     model, base = f"openai/{srv.model}", {"api_base": srv.v1, "api_key": "unused"}

@@ -529,7 +529,7 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
     steps = cuda[cuda.index(f"touch {venv}/.venv-ok") + 1 :]
     assert steps == [
         f"scripts/ensure-llama-wheel.sh --cuda {venv}/bin/python",  # installs the CUDA wheel too
-        f"{pip} --find-links {cache}/wheels-cuda -e .",
+        f"{pip} --find-links {cache}/wheels-cuda --compile-bytecode -e .",
         f"touch {venv}/.installed-cuda {venv}/.installed",
         f"scripts/ensure-llama-wheel.sh --installed {venv}/bin/python",  # fits this CPU, every run
         f"{venv}/bin/kvproxy serve",
@@ -541,7 +541,7 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
         assert cpu == make_dry_run(tmp_path, target, "CUDA=0")
         assert not any(w in line for line in cpu for w in ("--cuda", "wheels-cuda", ".installed-cuda")), cpu
         assert f"scripts/ensure-llama-wheel.sh {venv}/bin/python" in cpu
-        assert f"{pip} --find-links {cache}/wheels -e ." in cpu
+        assert f"{pip} --find-links {cache}/wheels --compile-bytecode -e ." in cpu
         # uv is pinned and installed into the venv by its own pip, which uv then upgrades
         assert any(
             re.fullmatch(rf"{re.escape(str(venv))}/bin/python -m pip install --quiet 'uv==[0-9.]+'", line)
@@ -549,7 +549,10 @@ def test_make_cuda_installs_the_cuda_wheel_and_leaves_the_cpu_path_alone(tmp_pat
         )
         assert f"{pip} --upgrade pip" in cpu
     # mypy's cache is kept beside the other caches: a fresh clone does not check everything again
-    assert f"{venv}/bin/mypy --cache-dir {cache}/mypy" in make_dry_run(tmp_path, "test")
+    test = make_dry_run(tmp_path, "test")
+    assert f"{venv}/bin/mypy --cache-dir {cache}/mypy" in test
+    # byte code kept even where PYTHONDONTWRITEBYTECODE is set: kvproxy's own, before the tests
+    assert f"{venv}/bin/python -m compileall -q kvproxy >/dev/null" in test
     assert make_dry_run(tmp_path, "serve")[-1] == f"{venv}/bin/kvproxy serve"
     cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
     assert make_dry_run(tmp_path, "test")[-1] == (  # one pytest-xdist worker a core, a module on one
