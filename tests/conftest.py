@@ -48,10 +48,11 @@ FAST_MODULES = frozenset(
 # which sent one-test modules such as the 45 s drift scenario and the 40 s schema fuzz out last.
 LONG_MODULES = (
     "test_score_paths_agreement", "test_client_matrix", "test_served_replay_jinja", "test_whatif",
-    "test_calibrate", "test_decode_path", "test_tools_side_by_side_native", "test_embedded_load",
+    "test_decode_path", "test_tools_side_by_side_native", "test_embedded_load",
     "test_drift_scenario", "test_shadow_e2e", "test_tools_embedded", "test_llama_server",
     "test_prometheus", "test_architectures", "test_faults_matrix", "test_schema_fuzz",
-    "test_served_replay_cached", "test_shadow_unchanged", "test_connections", "test_row_capture",
+    "test_served_replay_cached", "test_shadow_unchanged", "test_connections", "test_calibrate",
+    "test_row_capture",
     "test_shutdown", "test_message_spans", "test_clients", "test_untrusted_schemas",
     "test_whatif_proxy", "test_tools_side_by_side", "test_privacy", "test_ui", "test_gguf_info",
     "test_openai_client", "test_startup", "test_forced_tools_replay", "test_arch_memory",

@@ -25,10 +25,11 @@ the decode path with the prompt prefilled in micro-batches of 1 (``prompt_ubatch
 path in chunks of 128 positions after the prefix. On the decode path the q4_0, q8_0 and f16 primaries
 are scored in one pass against one f16 reference computation, as `kvproxy calibrate` scores its
 configs: 8 one-token passes over a chunk instead of 10, and the f16 check covers every position.
-The prefill path's q4_0 and q8_0 figures are `kvproxy calibrate --score-path prefill` on the text file
-itself (the scorer's prefill path, its configs sharing one reference: 3 passes a chunk, not 4 for
-the two configs and 2 more for a separate calibrate run), and its chunks are checked to be the base
-file's tokens, one for one.
+The prefill path's q4_0 and q8_0 figures are those of `kvproxy calibrate --score-path prefill`, run
+as a user runs it on its default text (the bundled English, the text file llama-perplexity reads)
+with five configs sharing one f16 reference pass a chunk: the module's one sweep serves both the
+agreement and test_calibrate_on_gemma (it was two sweeps, 63 and 33 CPU-s), and its chunks are
+checked to be the base file's tokens, one for one.
 llama-perplexity keeps the base's log-probabilities as 16-bit integers, so its figure carries a
 small rounding of its own.
 
@@ -42,6 +43,9 @@ pass); every call of 64 rows or more agrees.
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 import re
 import subprocess
@@ -54,14 +58,15 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.calibrate import ConfigResult, read_blocks, sweep, text_chunks
+from kvproxy.calibrate import ConfigResult, text_chunks
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
 from kvproxy.kld import PositionScores, summarize
-from kvproxy.model.gguf_info import read_model_info
 from kvproxy.scoring.embedded import EmbeddedScorer, score_against_one_reference
 from tests.llama_tools import llama_bin, read_base_tokens
+from tests.test_calibrate import assert_a_deployment_arms_its_drift_detector_from
+from tests.test_startup import run_cli
 from tests.workers import llama_threads
 
 THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
@@ -203,22 +208,36 @@ def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
     return {kv: PositionScores.concat([c[k] for c in per_chunk]) for k, kv in enumerate(kvs)}
 
 
+# a hang guard, not a speed target: the 5-config sweep takes about 60 s on a 2-core machine
+SWEEP_TIMEOUT = 600
+SWEEP_CONFIGS = "f16,q8_0,q8_0/q4_0,q4_0/q8_0,q4_0"
+
+
 @pytest.fixture(scope="module")
-def prefill_calibrate(gemma_path: Path, text: Path) -> dict[T, ConfigResult]:
-    """`kvproxy calibrate --score-path prefill` of q4_0 and q8_0 against f16 on the text file, cut as
-    llama-perplexity cuts it (test_mean_kld_and_same_top_match_llama_perplexity checks the tokens)."""
-    calib = sweep(
-        gemma_path,
-        read_model_info(gemma_path),
-        [KVConfig(T.Q4_0, T.Q4_0), KVConfig(T.Q8_0, T.Q8_0)],
-        F16,
-        read_blocks(text),
-        ctx_size=N_CTX,
-        threads=THREADS_N,
-        score_path=ScorePath.PREFILL,
-        max_chunks=CHUNKS["prefill"],
-    )
-    return {T(r.config): r for r in calib.results}
+def calibrate_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`kvproxy calibrate --score-path prefill` as a user runs it, on its default text (the bundled
+    English, which `text` holds for llama-perplexity): five configs against f16, two chunks of 512.
+    test_calibrate_on_gemma checks the command; the prefill agreements read its q4_0 and q8_0 rows
+    (one sweep for both: they were two, 63 and 33 CPU-s)."""
+    out = tmp_path_factory.mktemp("calibrate") / "calib"
+    result = run_cli(
+        "calibrate", "--configs", SWEEP_CONFIGS, "--max-chunks", str(CHUNKS["prefill"]), "--out", str(out),
+        "--budget", "0.05", "--score-path", "prefill", "--threads", str(THREADS_N),
+        timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def prefill_calibrate(calibrate_cli: tuple[subprocess.CompletedProcess[str], Path]) -> dict[T, ConfigResult]:
+    """The sweep's q4_0 and q8_0 rows from calibration.json (test_mean_kld_and_same_top_match_llama_perplexity
+    checks that its chunks are llama-perplexity's tokens)."""
+    result, out = calibrate_cli
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "calibration.json").read_text())["results"]
+    nan = lambda v: math.nan if v is None else v  # noqa: E731 - calibration.json writes NaN as null
+    results = {r["config"]: ConfigResult(**{k: nan(v) for k, v in r.items()}) for r in rows}
+    return {kv: results[kv.value] for kv in (T.Q4_0, T.Q8_0)}
 
 
 @pytest.mark.slow
@@ -265,10 +284,11 @@ def test_an_f16_primary_reads_exactly_zero(
 
 @pytest.mark.slow
 def test_mean_kld_and_same_top_match_llama_perplexity(
-    gemma_path: Path, text: Path, bases: dict[str, Path], gold: Gold, llm: Any
+    gemma_path: Path, bases: dict[str, Path], gold: Gold, llm: Any
 ) -> None:
     """The shadow scorer's defaults (the prefill path in chunks of 8) against llama-perplexity's q4_0
-    run; then `kvproxy calibrate`'s cut of the text file is llama-perplexity's."""
+    run; then `kvproxy calibrate`'s cut of its default text (the bundled English, the text file
+    llama-perplexity reads) is llama-perplexity's."""
     import llama_cpp
 
     gold_mean, gold_same = gold(ScorePath.PREFILL, T.Q4_0)
@@ -303,8 +323,33 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     vocab = llama_cpp.Llama(str(gemma_path), vocab_only=True, verbose=False)
     try:
         tokenize = lambda t: list(vocab.tokenize(t.encode(), add_bos=False, special=False))  # noqa: E731
-        cut = text_chunks(read_blocks(text), tokenize, N_CTX, vocab.token_bos())
+        cut = text_chunks(iter([english_text()]), tokenize, N_CTX, vocab.token_bos())  # calibrate's default
         cut_chunks = list(islice(cut, CHUNKS["prefill"]))
     finally:
         vocab.close()
     assert cut_chunks == seqs
+
+
+@pytest.mark.slow
+def test_calibrate_on_gemma(calibrate_cli: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """The sweep on the (cheaper) prefill path; the decode path is
+    tests/test_calibrate.py::test_calibrate_on_the_decode_path_by_default. Two chunks of 512 tokens
+    (2 x 255 scored): enough 64-token spans for the drift baseline's spread to be bounded from below
+    (two chunks of 256 left 2 spans, whose spread read 0.016)."""
+    result, out = calibrate_cli
+    assert result.returncode == 0, result.stderr
+    assert "recommendation for a mean KLD budget of 0.05: q8_0/q4_0" in result.stdout
+    rows = {row["config"]: row for row in csv.DictReader((out / "calibration.csv").open())}
+    kld = {c: float(row["mean_kld"]) for c, row in rows.items()}
+    assert kld["f16"] == 0
+    assert kld["q8_0"] < kld["q4_0"] / 5  # q8_0 far below q4_0
+    assert kld["q8_0/q4_0"] < kld["q4_0/q8_0"] / 3  # quantizing K costs far more than V
+    assert int(rows["q4_0"]["tokens"]) == 2 * 255
+    assert float(rows["q4_0"]["bits_per_value"]) == 4.5
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["recommendation"] == "q8_0/q4_0" and "q4_0" in doc["pareto_front"] and not doc["interrupted"]
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert baseline["configs"]["q4_0"]["mean_kld"] == pytest.approx(kld["q4_0"])
+    assert baseline["score_path"] == doc["score_path"] == "prefill"
+    assert_a_deployment_arms_its_drift_detector_from(out / "baseline.json", kld)
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
