@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,15 @@ import httpx
 import pytest
 
 from tests.cli_runner import run_cli_in_process
-from tests.conftest import start_server, stop_server
+from tests.conftest import start_server, stop_server, wait_for
 from tests.llama_servers import llama_servers
 
 PRIMARY_KEY, BACKEND_KEY = "sk-llama-primary-1", "sk-kvproxy-backend-2"
+
+
+def ended(shadow: dict[str, int]) -> int:
+    """Shadow jobs that came to an end: scored, dropped or failed."""
+    return shadow["scored"] + shadow["dropped"] + shadow["failed"]
 
 
 def test_keyed_primary_and_keyed_scoring_backend(gemma_path: Path, tmp_path: Path) -> None:
@@ -56,15 +60,28 @@ reference = {{ urls = ["{backend.base_url}"] }}
                 )  # the upstream's 401 is its answer to the proxy, not the client's fault
                 assert refused.status_code == 502, refused.text
                 assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
-                deadline = time.monotonic() + 120
-                while True:
-                    st = {d["name"]: d for d in http.get("/kvproxy/v1/status").json()["deployments"]}
-                    if st["keyed"]["shadow"]["scored"] == 1:
+
+                def keyed() -> dict[str, Any]:
+                    deployments = http.get("/kvproxy/v1/status").json()["deployments"]
+                    return next(d for d in deployments if d["name"] == "keyed")
+
+                # the forced job is scored through the keyed backend. A forced job may still be dropped,
+                # and counted, when the proxy's loop stays saturated past the shadow's deferral (2 s;
+                # kvproxy.shadow.pool): on a starved CI core that happened once in a full run, and
+                # the test then waited out its deadline. A drop is not the keys' fault: chat again.
+                before = 0  # the deployment shadows nothing but forced requests, and this was the first
+                for attempt in range(3):
+                    assert wait_for(lambda b=before: ended(keyed()["shadow"]) > b, 120), keyed()["shadow"]
+                    now = keyed()
+                    assert now["shadow"]["failed"] == 0, now["shadow"]  # both keys reached their upstreams
+                    if now["shadow"]["scored"] == 1:
                         break
-                    assert st["keyed"]["shadow"]["failed"] == 0, st["keyed"]["shadow"]
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
-                assert st["keyed"]["estimator"] == "exact"
+                    print(f"shadow job dropped (attempt {attempt + 1}): {now['shadow']}")
+                    before = ended(now["shadow"])
+                    assert chat("keyed").status_code == 200
+                else:
+                    raise AssertionError(f"3 forced jobs dropped: {now['shadow']}")
+                assert now["estimator"] == "exact"
         finally:
             stop_server(proxy)
             stop_server(backend)
