@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import subprocess
@@ -58,7 +57,7 @@ import numpy as np
 import pytest
 
 from kvproxy.backends.base import KVConfig
-from kvproxy.calibrate import ConfigResult, text_chunks
+from kvproxy.calibrate import text_chunks
 from kvproxy.config import KVCacheType as T
 from kvproxy.config import ScorePath
 from kvproxy.corpus import english_text
@@ -211,10 +210,11 @@ def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
 # a hang guard, not a speed target: the 5-config sweep takes about 60 s on a 2-core machine
 SWEEP_TIMEOUT = 600
 SWEEP_CONFIGS = "f16,q8_0,q8_0/q4_0,q4_0/q8_0,q4_0"
+CalibrateRun = tuple[subprocess.CompletedProcess[str], Path]  # the command's result and its --out
 
 
 @pytest.fixture(scope="module")
-def calibrate_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+def calibrate_cli(tmp_path_factory: pytest.TempPathFactory) -> CalibrateRun:
     """`kvproxy calibrate --score-path prefill` as a user runs it, on its default text (the bundled
     English, which `text` holds for llama-perplexity): five configs against f16, two chunks of 512.
     test_calibrate_on_gemma checks the command; the prefill agreements read its q4_0 and q8_0 rows
@@ -229,15 +229,12 @@ def calibrate_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.
 
 
 @pytest.fixture(scope="module")
-def prefill_calibrate(calibrate_cli: tuple[subprocess.CompletedProcess[str], Path]) -> dict[T, ConfigResult]:
-    """The sweep's q4_0 and q8_0 rows from calibration.json (test_mean_kld_and_same_top_match_llama_perplexity
+def prefill_calibrate(calibrate_cli: CalibrateRun) -> dict[str, dict[str, Any]]:
+    """The sweep's rows from calibration.json, by config (test_mean_kld_and_same_top_match_llama_perplexity
     checks that its chunks are llama-perplexity's tokens)."""
     result, out = calibrate_cli
     assert result.returncode == 0, result.stderr
-    rows = json.loads((out / "calibration.json").read_text())["results"]
-    nan = lambda v: math.nan if v is None else v  # noqa: E731 - calibration.json writes NaN as null
-    results = {r["config"]: ConfigResult(**{k: nan(v) for k, v in r.items()}) for r in rows}
-    return {kv: results[kv.value] for kv in (T.Q4_0, T.Q8_0)}
+    return {row["config"]: row for row in json.loads((out / "calibration.json").read_text())["results"]}
 
 
 @pytest.mark.slow
@@ -251,8 +248,8 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
         d = summarize(request.getfixturevalue("decode_scores")[kv])
         tokens, mean, error, same_top = d.tokens, d.mean, d.mean_error, d.same_top
     else:
-        r = request.getfixturevalue("prefill_calibrate")[kv]
-        tokens, mean, error, same_top = r.tokens, r.mean_kld, r.mean_kld_error, r.same_top
+        r = request.getfixturevalue("prefill_calibrate")[kv.value]
+        tokens, mean, error, same_top = r["tokens"], r["mean_kld"], r["mean_kld_error"], r["same_top"]
     assert tokens == CHUNKS[path] * (N_CTX - 1 - N_CTX // 2)
     print(
         f"\n{kv.value} {path} path: llama-perplexity -ub {UBATCH[path]} mean KLD {gold_mean:.6f}, "
@@ -331,7 +328,7 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
 
 
 @pytest.mark.slow
-def test_calibrate_on_gemma(calibrate_cli: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_calibrate_on_gemma(calibrate_cli: CalibrateRun) -> None:
     """The sweep on the (cheaper) prefill path; the decode path is
     tests/test_calibrate.py::test_calibrate_on_the_decode_path_by_default. Two chunks of 512 tokens
     (2 x 255 scored): enough 64-token spans for the drift baseline's spread to be bounded from below
