@@ -5,19 +5,21 @@ llama-perplexity is built from the llama.cpp source the pinned llama-cpp-python 
 (scripts/build-llama-tools.sh). It saves the f16-KV reference's log-probabilities of a real English
 text (``--kl-divergence-base``), then scores a KV config's run against them. One base file per path
 and one llama-perplexity run per (path, config) serve every test of the module (module fixtures):
-chunks of 512 tokens, 2 on the prefill path (510 scored positions) and 1 on the decode path (255,
-every one of them a one-token decode, which costs twice a prefilled one here). The agreement is one
-of numerics, not of sampling (the same token ids at the same positions: the gap is llama-perplexity's
-16-bit rounding, about 0.1 %), so one chunk holds the same bounds as the 3 these tests used to run:
-on 2 decode chunks kvproxy read -0.11 % (q4_0) and +0.16 % (q8_0) from llama-perplexity with the
-same-top rates equal, against bounds of 2 % and 0.01.
+2 chunks of 512 tokens on the prefill path (510 scored positions) and 1 chunk of 256 on the decode
+path (127, every one of them a one-token decode, as is every token of its prompt: a decode costs
+twice a prefilled position here). The agreement is one of numerics, not of sampling (the same token
+ids at the same positions: the gap is llama-perplexity's 16-bit rounding, about 0.1 %), so one short
+chunk holds the same bounds as the 3 of 512 these tests used to run: on 2 decode chunks of 512
+kvproxy read -0.11 % (q4_0) and +0.16 % (q8_0) from llama-perplexity, on 1 of 256 -0.19 % and
+-0.05 %, the same-top rates equal, against bounds of 2 % and 0.01 (docs/kld.md).
 
 llama-perplexity's micro-batch picks the numerics (docs/reference-design.md, "Which numerics served the
 tokens"):
 ``-ub 1`` on both the f16 base run and the config run computes every position as a one-token
 decode, the way generation does, and ``-ub 512`` computes each 512-token chunk as one prefill.
-Both runs use ``-b 512``: with the default ``-b 2048`` llama-perplexity packs four chunks as four
-sequences of one batch (its n_ctx becomes 2048), so its micro-batches would mix sequences.
+Both runs use a batch of one chunk (``-b`` = ``-c``): with the default ``-b 2048`` llama-perplexity
+packs four chunks as four sequences of one batch (its n_ctx becomes 2048), so its micro-batches
+would mix sequences.
 
 kvproxy scores the very same token ids (read back from llama-perplexity's base file) at the very
 same positions, the second half of each chunk, whose first token llama-perplexity replaces by BOS:
@@ -70,7 +72,9 @@ from tests.workers import llama_threads
 
 THREADS_N = llama_threads()  # tests/workers.py: one on a pinned worker
 
-N_CTX = 512
+# the context (and llama-perplexity batch) per path: a decode chunk of 256 is 127 one-token decodes
+# scored, a prefill chunk of 512 is what `kvproxy calibrate` cuts by default
+CTX = {"decode": 256, "prefill": 512}
 CHUNKS = {"decode": 1, "prefill": 2}
 
 UBATCH = {"decode": "1", "prefill": "512"}
@@ -80,7 +84,8 @@ F16 = KVConfig(T.F16, T.F16)
 
 def perplexity(path: str, *args: str) -> str:
     result = subprocess.run(
-        [str(llama_bin() / "llama-perplexity"), "-c", str(N_CTX), "--chunks", str(CHUNKS[path]),
+        [str(llama_bin() / "llama-perplexity"), "-c", str(CTX[path]), "-b", str(CTX[path]),
+         "--chunks", str(CHUNKS[path]),
          "-t", str(THREADS_N), "-fa", "on", *args],
         capture_output=True,
         text=True,
@@ -105,7 +110,7 @@ def bases(gemma_path: Path, text: Path, tmp_path_factory: pytest.TempPathFactory
     for path, ub in UBATCH.items():
         out[path] = tmp / f"base-ub{ub}.kld"
         perplexity(
-            path, "-m", str(gemma_path), "-f", str(text), "-b", "512", "-ub", ub,
+            path, "-m", str(gemma_path), "-f", str(text), "-ub", ub,
             "-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", str(out[path]),
         )  # fmt: skip
     return out
@@ -122,7 +127,7 @@ def gold(gemma_path: Path, bases: dict[str, Path]) -> Gold:
     def get(path: ScorePath, kv: T) -> tuple[float, float]:
         if (path, kv) not in runs:
             out = perplexity(
-                path, "-m", str(gemma_path), "-b", "512", "-ub", UBATCH[path],
+                path, "-m", str(gemma_path), "-ub", UBATCH[path],
                 "-ctk", kv.value, "-ctv", kv.value,
                 "--kl-divergence-base", str(bases[path]), "--kl-divergence",
             )  # fmt: skip
@@ -146,13 +151,18 @@ def llm(gemma_path: Path) -> Iterator[Any]:
 
 def chunks(base: Path, bos: int) -> list[list[int]]:
     n_ctx, n_chunk, tokens = read_base_tokens(base)
-    assert n_ctx == N_CTX and n_chunk in CHUNKS.values()
+    assert n_ctx in CTX.values() and n_chunk in CHUNKS.values()
     out = []
     for c in range(n_chunk):
         seq = [int(t) for t in tokens[c * n_ctx : (c + 1) * n_ctx]]
         seq[0] = bos  # llama-perplexity starts every chunk with BOS
         out.append(seq)
     return out
+
+
+def scored_positions(path: str) -> int:
+    """The second half of each chunk, less its last token (nothing follows it)."""
+    return CHUNKS[path] * (CTX[path] - 1 - CTX[path] // 2)
 
 
 def kvproxy_scores(
@@ -162,14 +172,14 @@ def kvproxy_scores(
         llm._model,
         primary=primary,
         reference=F16,
-        n_ctx=N_CTX,
+        n_ctx=CTX[path],
         threads=THREADS_N,
         flash_attn=True,
         path=path,
         chunk=chunk,
         prompt_ubatch=1 if path == "decode" else None,
     )
-    first = N_CTX // 2
+    first = CTX[path] // 2
     try:
         return PositionScores.concat([scorer.score(s[: first + 1], s[first + 1 :]) for s in seqs])
     finally:
@@ -187,7 +197,7 @@ def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
             llm._model,
             primary=KVConfig(kv, kv),
             reference=F16,
-            n_ctx=N_CTX,
+            n_ctx=CTX["decode"],
             threads=THREADS_N,
             flash_attn=True,
             path=ScorePath.DECODE,
@@ -195,7 +205,7 @@ def decode_scores(llm: Any, bases: dict[str, Path]) -> dict[T, PositionScores]:
         )
         for kv in kvs
     ]
-    first = N_CTX // 2
+    first = CTX["decode"] // 2
     try:
         per_chunk = [
             score_against_one_reference(scorers, s[: first + 1], s[first + 1 :])
@@ -250,7 +260,7 @@ def test_mean_kld_matches_llama_perplexity_on_the_same_path(
     else:
         r = request.getfixturevalue("prefill_calibrate")[kv.value]
         tokens, mean, error, same_top = r["tokens"], r["mean_kld"], r["mean_kld_error"], r["same_top"]
-    assert tokens == CHUNKS[path] * (N_CTX - 1 - N_CTX // 2)
+    assert tokens == scored_positions(path)
     print(
         f"\n{kv.value} {path} path: llama-perplexity -ub {UBATCH[path]} mean KLD {gold_mean:.6f}, "
         f"same top {gold_same:.4f}; kvproxy mean KLD {mean:.6f} ± {error:.6f} "
@@ -275,7 +285,7 @@ def test_an_f16_primary_reads_exactly_zero(
         seqs = chunks(bases[path], llm.token_bos())[:1]
         scores, chunks_scored = kvproxy_scores(llm, F16, path, seqs, chunk=8), 1  # the shadow's default
     print(f"\nf16 primary, {path} path: {len(scores)} positions, max KLD {float(scores.kld.max())}")
-    assert len(scores) == chunks_scored * (N_CTX - 1 - N_CTX // 2)
+    assert len(scores) == chunks_scored * (CTX[path] - 1 - CTX[path] // 2)
     assert np.all(scores.kld == 0.0) and np.all(scores.same_top)
 
 
@@ -293,18 +303,18 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
         llm._model,
         primary=KVConfig(T.Q4_0, T.Q4_0),
         reference=F16,
-        n_ctx=N_CTX,
+        n_ctx=CTX["prefill"],
         threads=THREADS_N,
         flash_attn=True,
     )
-    first = N_CTX // 2
+    first = CTX["prefill"] // 2
     try:
         seqs = chunks(bases["prefill"], llm.token_bos())
         parts = [scorer.score(s[: first + 1], s[first + 1 :]) for s in seqs]
     finally:
         scorer.close()
     mine = summarize(PositionScores.concat(parts))
-    assert mine.tokens == CHUNKS["prefill"] * (N_CTX - 1 - first)
+    assert mine.tokens == scored_positions(ScorePath.PREFILL)
     print(
         f"\nllama-perplexity: mean KLD {gold_mean:.6f}, same top {gold_same:.4f}; "
         f"kvproxy: mean KLD {mine.mean:.6f} ± {mine.mean_error:.6f}, same top {mine.same_top:.4f}"
@@ -320,7 +330,8 @@ def test_mean_kld_and_same_top_match_llama_perplexity(
     vocab = llama_cpp.Llama(str(gemma_path), vocab_only=True, verbose=False)
     try:
         tokenize = lambda t: list(vocab.tokenize(t.encode(), add_bos=False, special=False))  # noqa: E731
-        cut = text_chunks(iter([english_text()]), tokenize, N_CTX, vocab.token_bos())  # calibrate's default
+        # calibrate's default cut
+        cut = text_chunks(iter([english_text()]), tokenize, CTX["prefill"], vocab.token_bos())
         cut_chunks = list(islice(cut, CHUNKS["prefill"]))
     finally:
         vocab.close()
