@@ -9,6 +9,11 @@ Gemma 3 270M has no template, so ChatML) serve multi-turn chats through the prox
 ``-np 1``, and ``kvproxy backend --score-path decode`` holding each primary's KV config replays them:
 the served divergence (the coarse KL between the primary's top-20 and the replay's logprobs of the
 same tokens, ``replica_consistency`` in the status) must read about 0, as it does with --no-jinja.
+
+The real weights, not tests/tiny_gemma3.py: on the tiny model (2026-12-07) the module took 16 s
+instead of 85, but a replay with the wrong micro-batch (the f16-b64 scoring server without
+``--batch-size 16``, 1.2e-3 on Gemma 3 270M) read 1.3e-5 there, under the 1e-4 bound: the test
+would no longer tell a wrong replay from a right one.
 """
 
 from __future__ import annotations
