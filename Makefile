@@ -22,8 +22,9 @@ PIP := $(VENV)/bin/python -m pip
 # itself before the tests run (compileall). Where PYTHONDONTWRITEBYTECODE is set (CI sandboxes set
 # it) Python never keeps what it compiles, so every process would compile fastapi, pydantic, numpy,
 # ... again: a `kvproxy serve --help` start takes about 3.5 s of CPU that way and 1.9 s with byte
-# code (benchmarks/start_bytecode.py), and the tests start some 175 kvproxy processes. The test extras (litellm, langchain, ...) are imported by
-# the two pytest workers only and are left to compile on import.
+# code (benchmarks/start_bytecode.py), and the tests start some 175 kvproxy processes. The test
+# extras (litellm, langchain, ...) are imported by the two pytest workers only and are left to
+# compile on import.
 UV_VERSION := 0.13.8
 UV := $(VENV)/bin/uv
 UV_PIP := $(UV) pip install --quiet --python $(VENV)/bin/python

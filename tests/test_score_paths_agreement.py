@@ -160,9 +160,10 @@ def chunks(base: Path, bos: int) -> list[list[int]]:
     return out
 
 
-def scored_positions(path: str) -> int:
-    """The second half of each chunk, less its last token (nothing follows it)."""
-    return CHUNKS[path] * (CTX[path] - 1 - CTX[path] // 2)
+def scored_positions(path: str, chunks_scored: int | None = None) -> int:
+    """The second half of each chunk, less its last token (nothing follows it); all the path's
+    chunks unless ``chunks_scored`` says fewer."""
+    return (CHUNKS[path] if chunks_scored is None else chunks_scored) * (CTX[path] - 1 - CTX[path] // 2)
 
 
 def kvproxy_scores(
@@ -285,7 +286,7 @@ def test_an_f16_primary_reads_exactly_zero(
         seqs = chunks(bases[path], llm.token_bos())[:1]
         scores, chunks_scored = kvproxy_scores(llm, F16, path, seqs, chunk=8), 1  # the shadow's default
     print(f"\nf16 primary, {path} path: {len(scores)} positions, max KLD {float(scores.kld.max())}")
-    assert len(scores) == chunks_scored * (CTX[path] - 1 - CTX[path] // 2)
+    assert len(scores) == scored_positions(path, chunks_scored)
     assert np.all(scores.kld == 0.0) and np.all(scores.same_top)
 
 

@@ -12,7 +12,8 @@ same tokens, ``replica_consistency`` in the status) must read about 0, as it doe
 
 The real weights, not tests/tiny_gemma3.py: on the tiny model (2026-12-07) the module took 16 s
 instead of 85, but a replay with the wrong micro-batch (the f16-b64 scoring server without
-``--batch-size 16``, 1.2e-3 on Gemma 3 270M) read 1.3e-5 there, under the 1e-4 bound: the test
+``--batch-size 16``, 1.2e-3 on Gemma 3 270M) read 1.3e-5 there (the same served-vs-replay coarse
+top-20 divergence, decode-path replay), under the 1e-4 bound: the test
 would no longer tell a wrong replay from a right one.
 """
 
